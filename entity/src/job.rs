@@ -1,0 +1,50 @@
+//! A job: one producer request, split into tasks, moving through stages
+//! `formation` → `running` → `done` | `failed` | `cancelled`.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "jobs")]
+pub struct Model {
+    /// Producer-chosen (idempotency key) or generated.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    #[sea_orm(column_name = "type")]
+    pub job_type: String,
+    /// The worker pool (work queue) its tasks go to.
+    pub queue: String,
+    pub stage: String,
+    pub params: Json,
+    pub max_retries: i32,
+    pub retry_delay_ms: i64,
+    /// `fail_fast` (the first failed task fails the job) or `continue`.
+    pub on_failure: String,
+    pub task_count: i64,
+    pub first_task_id: Option<i64>,
+    pub done_count: i64,
+    pub failed_count: i64,
+    pub cancelled_count: i64,
+    pub first_error: Option<String>,
+    /// Where the job event also goes: `{"exchange": .., "routing_key": ..}`.
+    pub on_complete: Option<Json>,
+    /// Every task message has been published and confirmed at least once.
+    pub tasks_published: bool,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+    pub started_at: Option<DateTimeUtc>,
+    pub finished_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {
+    #[sea_orm(has_many = "super::task::Entity")]
+    Task,
+}
+
+impl Related<super::task::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Task.def()
+    }
+}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,14 @@
+//! SeaORM entities for taskmill's tables: `jobs`, `tasks` and the `job_events` outbox.
+//!
+//! Only the shape of the rows lives here; every query and state change lives in
+//! `taskmill::store`, so that the dangerous parts are written once.
+
+pub mod job;
+pub mod job_event;
+pub mod task;
+
+pub mod prelude {
+    pub use super::job::Entity as Job;
+    pub use super::job_event::Entity as JobEvent;
+    pub use super::task::Entity as Task;
+}

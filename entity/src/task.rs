@@ -1,0 +1,55 @@
+//! A task: one unit of work of a job, with statuses
+//! `pending` → `running` → `done` | `failed` (or `retrying` → `running` again, or `cancelled`).
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "tasks")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub job_id: String,
+    /// Position in the request's `tasks` array, unique within the job.
+    pub ordinal: i32,
+    #[sea_orm(column_name = "type")]
+    pub task_type: String,
+    pub payload: Json,
+    pub status: String,
+    /// Attempts started; a redelivery of the same attempt does not bump it.
+    pub attempts: i32,
+    /// Claims of the current attempt; bumped by redeliveries, so a task that
+    /// kills its worker cannot loop forever.
+    pub deliveries: i32,
+    /// The last error.
+    pub info: Option<String>,
+    pub result: Option<Json>,
+    /// Bumped by every state change: lets readers ignore stale snapshots.
+    pub version: i64,
+    /// The completion consumer has counted this task's terminal status in its job.
+    pub counted: bool,
+    /// Token of the claim that holds the task: a retried claim whose first write
+    /// landed recognises itself by it.
+    pub claimed_by: Option<String>,
+    pub lease_until: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+    pub finished_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {
+    #[sea_orm(
+        belongs_to = "super::job::Entity",
+        from = "Column::JobId",
+        to = "super::job::Column::Id"
+    )]
+    Job,
+}
+
+impl Related<super::job::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Job.def()
+    }
+}
+
+impl ActiveModelBehavior for ActiveModel {}

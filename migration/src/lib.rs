@@ -1,0 +1,15 @@
+//! Numbered schema migrations for taskmill's tables. Run by `taskmill migrate`, at
+//! worker start, or standalone with `cargo run -p migration`.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_create_jobs_and_tasks;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_create_jobs_and_tasks::Migration)]
+    }
+}

@@ -1,0 +1,102 @@
+//! `taskmill demo`: migrate, start every role in this process, submit one job of
+//! `--tasks` tasks (every `--fail-every`th fails its first attempt and succeeds on
+//! retry), wait for its event, and print a summary.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+use taskmill::builtin;
+use taskmill::store::Store;
+use taskmill::{CancellationToken, Client, Config, JobRequest, Worker};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub tasks: usize,
+    /// Every Kth task fails once (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub fail_every: usize,
+    #[arg(long, default_value_t = 500)]
+    pub retry_delay_ms: u64,
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+pub async fn run(
+    mut config: Config,
+    args: DemoArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<i32> {
+    config.concurrency = args.concurrency;
+    let store = Store::connect(&config.database_url, config.db_pool_size).await?;
+    store.migrate().await?;
+    let pod_token = shutdown.child_token();
+    let pod = tokio::spawn(
+        Worker::builder()
+            .config(config.clone())
+            .store(store.clone())
+            .build()
+            .run(pod_token.clone()),
+    );
+    let client = Client::connect(&config).await?.with_store(store.clone());
+    let tasks = (1..=args.tasks)
+        .map(|n| {
+            let fails = args.fail_every > 0 && n % args.fail_every == 0;
+            json!({ "n": n, "times": u8::from(fails) })
+        })
+        .collect();
+    let mut request = JobRequest::new(builtin::FAIL, tasks);
+    request.retry_delay_ms = args.retry_delay_ms;
+    let job_id = uuid::Uuid::new_v4().to_string();
+    request.job_id = Some(job_id.clone());
+
+    let started = Instant::now();
+    let watch = client.watch(&job_id).await?;
+    client.submit(request).await?;
+    println!("submitted job {job_id} with {} tasks", args.tasks);
+    let progress = tokio::spawn(report_progress(store.clone(), job_id.clone()));
+    let event = tokio::select! {
+        event = watch.event() => event?,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
+    };
+    let wall = started.elapsed();
+    progress.abort();
+
+    let attempts = store.total_attempts(&job_id).await?;
+    println!();
+    println!("job        {}", event.job_id);
+    println!("stage      {}", event.stage);
+    println!(
+        "tasks      {} (done {}, failed {}, cancelled {})",
+        event.task_count, event.done, event.failed, event.cancelled
+    );
+    println!("retries    {}", attempts - event.task_count);
+    println!("wall time  {:.2} s", wall.as_secs_f64());
+    println!(
+        "throughput {:.0} tasks/s",
+        event.task_count as f64 / wall.as_secs_f64()
+    );
+    println!("database   {}", config.database_url);
+
+    pod_token.cancel();
+    pod.await??;
+    client.close().await?;
+    Ok(if event.is_done() { 0 } else { 1 })
+}
+
+async fn report_progress(store: Store, job_id: String) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Ok(Some(status)) = store.job_status(&job_id).await {
+            let counts: Vec<String> = status
+                .tasks_by_status
+                .iter()
+                .map(|(status, count)| format!("{status} {count}"))
+                .collect();
+            println!("  {} · {}", status.job.stage, counts.join(", "));
+        }
+    }
+}

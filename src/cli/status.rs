@@ -1,0 +1,52 @@
+//! `taskmill status JOB_ID`: a job's stage, task counts and first error.
+
+use clap::Args;
+use serde_json::json;
+use taskmill::store::Store;
+use taskmill::Config;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub job_id: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Returns the process exit code: 0 if the job exists, 2 if not.
+pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
+    let store = Store::connect(&config.database_url, 1).await?;
+    let Some(status) = store.job_status(&args.job_id).await? else {
+        eprintln!("no job {:?}", args.job_id);
+        return Ok(2);
+    };
+    let job = &status.job;
+    if args.json {
+        let doc = json!({
+            "job_id": job.id,
+            "job_type": job.job_type,
+            "queue": job.queue,
+            "stage": job.stage,
+            "task_count": job.task_count,
+            "tasks_by_status": status.tasks_by_status,
+            "first_error": job.first_error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(0);
+    }
+    println!("job      {}", job.id);
+    println!("type     {}", job.job_type);
+    println!("queue    {}", job.queue);
+    println!("stage    {}", job.stage);
+    println!("tasks    {}", job.task_count);
+    for (status, count) in &status.tasks_by_status {
+        println!("  {status:<10} {count}");
+    }
+    if let Some(error) = &job.first_error {
+        println!("error    {error}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,103 @@
+//! `taskmill submit`: publish a job request, optionally waiting for its event.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::Value;
+use taskmill::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
+use taskmill::{Client, Config, FailurePolicy, JobRequest};
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Job type (and task type, unless --task-type is given).
+    #[arg(long = "type")]
+    pub job_type: String,
+    /// Handler of the tasks, when it differs from the job type.
+    #[arg(long)]
+    pub task_type: Option<String>,
+    /// A file with one JSON task payload per line.
+    #[arg(long, conflicts_with = "task")]
+    pub tasks_file: Option<PathBuf>,
+    /// A task payload as JSON (repeatable).
+    #[arg(long)]
+    pub task: Vec<String>,
+    /// Job parameters as JSON (for splitters).
+    #[arg(long)]
+    pub params: Option<String>,
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    #[arg(long, default_value_t = DEFAULT_MAX_RETRIES)]
+    pub max_retries: u32,
+    #[arg(long, default_value_t = DEFAULT_RETRY_DELAY_MS)]
+    pub retry_delay_ms: u64,
+    /// Keep running the other tasks when one fails, instead of failing the job at once.
+    #[arg(long)]
+    pub continue_on_failure: bool,
+    /// Idempotency key: a second submit with the same id creates no second job.
+    #[arg(long)]
+    pub job_id: Option<String>,
+    /// Wait for the job event; exit 0 when done, 1 when failed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+fn parse_json(text: &str, what: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON: {text}"))
+}
+
+pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
+    let tasks = match &args.tasks_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| parse_json(line, "a task line"))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => args
+            .task
+            .iter()
+            .map(|task| parse_json(task, "--task"))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    let mut request = JobRequest::new(&args.job_type, tasks);
+    if args.tasks_file.is_none() && args.task.is_empty() && args.params.is_some() {
+        request.tasks = None;
+    }
+    request.task_type = args.task_type.clone();
+    request.job_id = args.job_id.clone();
+    request.queue = args.queue.clone();
+    request.max_retries = args.max_retries;
+    request.retry_delay_ms = args.retry_delay_ms;
+    if args.continue_on_failure {
+        request.on_failure = FailurePolicy::Continue;
+    }
+    if let Some(params) = &args.params {
+        request.params = parse_json(params, "--params")?;
+    }
+    Ok(request)
+}
+
+/// Returns the process exit code.
+pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
+    let mut request = request(&args)?;
+    let client = Client::connect(config).await?;
+    let job_id = request
+        .job_id
+        .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
+        .clone();
+    let watch = if args.wait {
+        Some(client.watch(&job_id).await?)
+    } else {
+        None
+    };
+    client.submit(request).await?;
+    println!("{job_id}");
+    let Some(watch) = watch else {
+        return Ok(0);
+    };
+    let event = watch.event().await?;
+    println!("{}", serde_json::to_string_pretty(&event)?);
+    client.close().await?;
+    Ok(if event.is_done() { 0 } else { 1 })
+}

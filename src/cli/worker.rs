@@ -1,0 +1,68 @@
+//! `taskmill worker`: run the chosen roles until SIGINT/SIGTERM.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use taskmill::{CancellationToken, Config, Roles, Worker};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Intake,
+    Worker,
+    Completion,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Roles to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub roles: Vec<Role>,
+    /// Worker pools to serve (repeatable; default `default`).
+    #[arg(long = "queue")]
+    pub queues: Vec<String>,
+    /// Handlers running at once per pool.
+    #[arg(long, env = "TASKMILL_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds in-flight handlers get to finish on shutdown.
+    #[arg(long, env = "TASKMILL_GRACE_SECS", default_value_t = 30)]
+    pub grace_secs: u64,
+    /// Seconds a claim lasts without renewal.
+    #[arg(long, env = "TASKMILL_LEASE_SECS", default_value_t = 300)]
+    pub lease_secs: u64,
+    /// Job requests over this many bytes are parked.
+    #[arg(long, env = "TASKMILL_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Do not run migrations at start.
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+pub fn roles(selected: &[Role]) -> Roles {
+    if selected.is_empty() {
+        return Roles::ALL;
+    }
+    Roles {
+        intake: selected.contains(&Role::Intake),
+        worker: selected.contains(&Role::Worker),
+        completion: selected.contains(&Role::Completion),
+    }
+}
+
+pub async fn run(
+    mut config: Config,
+    args: WorkerArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.concurrency = args.concurrency;
+    config.grace_period = Duration::from_secs(args.grace_secs);
+    config.lease = Duration::from_secs(args.lease_secs);
+    config.max_request_bytes = args.max_request_bytes;
+    config.migrate_on_start = !args.no_migrate;
+    let mut builder = Worker::builder().config(config).roles(roles(&args.roles));
+    for queue in args.queues {
+        builder = builder.queue(queue);
+    }
+    builder.build().run(shutdown).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

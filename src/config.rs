@@ -1,0 +1,84 @@
+//! Configuration: one typed struct, read once from the environment (and overridden by
+//! CLI flags in the binary).
+
+use std::time::Duration;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://taskmill.db?mode=rwc";
+pub const DEFAULT_PREFIX: &str = "taskmill";
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Classic queues suit one node; quorum queues replicate across a RabbitMQ cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub amqp_url: String,
+    pub database_url: String,
+    /// Every exchange and queue name starts with it, so several deployments can share
+    /// a broker.
+    pub prefix: String,
+    pub queue_type: QueueType,
+    /// Job requests larger than this are parked unread.
+    pub max_request_bytes: usize,
+    /// Handlers running at once per worker pod and queue.
+    pub concurrency: usize,
+    /// A running task's claim lasts this long unless renewed; past it, another worker
+    /// may take the task over.
+    pub lease: Duration,
+    /// Claims of one attempt before the task is failed as a crash loop.
+    pub max_deliveries: i32,
+    /// How long shutdown waits for in-flight handlers.
+    pub grace_period: Duration,
+    /// Run migrations when a pod starts.
+    pub migrate_on_start: bool,
+    /// Database connection pool size.
+    pub db_pool_size: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            queue_type: QueueType::Classic,
+            max_request_bytes: 16 * 1024 * 1024,
+            concurrency: 32,
+            lease: Duration::from_secs(300),
+            max_deliveries: 5,
+            grace_period: Duration::from_secs(30),
+            migrate_on_start: true,
+            db_pool_size: 16,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults overridden by `AMQP_URL`, `DATABASE_URL`, `TASKMILL_PREFIX` and
+    /// `TASKMILL_QUEUE_TYPE` (`classic` or `quorum`).
+    pub fn from_env() -> Self {
+        let mut config = Self::default();
+        if let Ok(url) = std::env::var("AMQP_URL") {
+            config.amqp_url = url;
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            config.database_url = url;
+        }
+        if let Ok(prefix) = std::env::var("TASKMILL_PREFIX") {
+            config.prefix = prefix;
+        }
+        if let Ok(kind) = std::env::var("TASKMILL_QUEUE_TYPE") {
+            config.queue_type = match kind.as_str() {
+                "quorum" => QueueType::Quorum,
+                _ => QueueType::Classic,
+            };
+        }
+        config
+    }
+}

@@ -1,0 +1,25 @@
+//! The library's top-level error: what a role or the client can fail with.
+
+use crate::broker::BrokerError;
+use crate::protocol::DecodeError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<lapin::Error> for Error {
+    fn from(err: lapin::Error) -> Self {
+        Self::Broker(BrokerError::Amqp(err))
+    }
+}

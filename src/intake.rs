@@ -1,0 +1,359 @@
+//! Intake: turns job requests into a job row, task rows and task messages.
+//!
+//! Per request: decode and check it (or park it), create the job in `formation`
+//! (idempotent on the job id), insert its task rows in adaptive batches, move it to
+//! `running` with its task count in one transaction, publish one task message per
+//! task with confirms, and only then ack. A redelivered request for an existing job
+//! resumes where the last attempt stopped instead of duplicating anything.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Outgoing, Publisher};
+use crate::error::Error;
+use crate::events::EventPublisher;
+use crate::parking::park;
+use crate::pod::Shared;
+use crate::protocol::{self, DecodeError, JobRequest, TaskMessage, SCHEMA_VERSION};
+use crate::retry::Delays;
+use crate::state::JobStage;
+use crate::store::{job, NewJob, NewTask, StartOutcome};
+
+/// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4).
+const FIRST_BATCH: usize = 64;
+const MIN_BATCH_TO_HALVE: usize = 5;
+/// Task messages published before waiting for their confirms.
+const PUBLISH_WINDOW: u64 = 1_000;
+/// Job requests handled at once by one intake.
+const CONCURRENT_REQUESTS: usize = 8;
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(CONCURRENT_REQUESTS as u16, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(&connection).await?;
+    let events = EventPublisher::new(
+        publisher.clone(),
+        shared.topology.clone(),
+        shared.store.clone(),
+    );
+    let queue = shared.topology.intake_queue();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "taskmill-intake".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue, "intake consuming");
+    let slots = Arc::new(Semaphore::new(CONCURRENT_REQUESTS));
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => return Err(Error::Other("intake consumer ended".into())),
+            },
+        };
+        let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+        let intake = Intake {
+            shared: shared.clone(),
+            publisher: publisher.clone(),
+            events: events.clone(),
+        };
+        tokio::spawn(async move {
+            intake.handle(delivery).await;
+            drop(slot);
+        });
+    }
+    // Let requests in flight finish; unacked ones go back to the broker with the channel.
+    let _ = slots.acquire_many(CONCURRENT_REQUESTS as u32).await;
+    let _ = channel.close(200, "shutdown".into()).await;
+    publisher.close().await;
+    Ok(())
+}
+
+async fn ack(delivery: &Delivery) -> Result<(), Error> {
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+struct Intake {
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    events: EventPublisher,
+}
+
+/// Why a request was not turned into a job.
+enum Rejection {
+    /// The request itself is bad: park it.
+    Park(String),
+    /// Something else failed: return it to the queue to try again.
+    Retry(Error),
+}
+
+impl From<Error> for Rejection {
+    fn from(err: Error) -> Self {
+        Self::Retry(err)
+    }
+}
+
+impl From<crate::store::StoreError> for Rejection {
+    fn from(err: crate::store::StoreError) -> Self {
+        Self::Retry(err.into())
+    }
+}
+
+impl From<crate::broker::BrokerError> for Rejection {
+    fn from(err: crate::broker::BrokerError) -> Self {
+        Self::Retry(err.into())
+    }
+}
+
+impl From<DecodeError> for Rejection {
+    fn from(err: DecodeError) -> Self {
+        Self::Park(err.to_string())
+    }
+}
+
+impl Intake {
+    async fn handle(&self, delivery: Delivery) {
+        let queue = self.shared.topology.intake_queue();
+        let outcome = match self.accept(&delivery).await {
+            Ok(()) => ack(&delivery).await,
+            Err(Rejection::Park(reason)) => {
+                match park(
+                    &self.publisher,
+                    &self.shared.topology,
+                    &delivery,
+                    &queue,
+                    &reason,
+                )
+                .await
+                {
+                    Ok(()) => ack(&delivery).await,
+                    Err(err) => Err(Error::from(err)),
+                }
+            }
+            Err(Rejection::Retry(err)) => {
+                tracing::error!(%err, "job request failed; returning it to the queue");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(Error::from)
+            }
+        };
+        if let Err(err) = outcome {
+            // The broker will redeliver it; the resume path makes that harmless.
+            tracing::warn!(%err, "could not settle job request");
+        }
+    }
+
+    async fn accept(&self, delivery: &Delivery) -> Result<(), Rejection> {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str());
+        let request: JobRequest = protocol::decode(
+            &delivery.data,
+            content_type,
+            self.shared.config.max_request_bytes,
+        )?;
+        request.validate()?;
+        let job_id = match &request.job_id {
+            Some(id) => id.clone(),
+            // Without a producer id, the AMQP message id (if valid) keeps a redelivered
+            // request from becoming a second job.
+            None => delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .filter(|id| protocol::check_id("message_id", id).is_ok())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        };
+        let task_type = request.task_type().to_owned();
+        if !self.shared.registry.knows_task_type(&task_type) {
+            return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
+        }
+        let payloads = match request.tasks.clone() {
+            Some(tasks) => tasks,
+            None => match self
+                .shared
+                .registry
+                .split(&request.job_type, &request.params)
+            {
+                Some(Ok(tasks)) => tasks,
+                Some(Err(err)) => {
+                    return Err(Rejection::Park(format!(
+                        "splitter for {:?} failed: {err}",
+                        request.job_type
+                    )))
+                }
+                None => {
+                    return Err(Rejection::Park(format!(
+                        "unknown job type {:?}: no tasks given and no splitter registered",
+                        request.job_type
+                    )))
+                }
+            },
+        };
+        let new_job = NewJob {
+            id: job_id.clone(),
+            job_type: request.job_type.clone(),
+            queue: request.queue.clone(),
+            params: request.params.clone(),
+            max_retries: request.max_retries as i32,
+            retry_delay_ms: request.retry_delay_ms as i64,
+            on_failure: request.on_failure,
+            on_complete: request.on_complete.clone(),
+        };
+        let job = match self.shared.store.create_job(&new_job).await? {
+            None => {
+                tracing::info!(job_id, job_type = %request.job_type, tasks = payloads.len(), "job created");
+                None
+            }
+            Some(existing) => Some(existing),
+        };
+        let stage = job.as_ref().map(|j| j.stage.parse::<JobStage>());
+        let job = match (job, stage) {
+            (None, _) | (Some(_), Some(Ok(JobStage::Formation))) => {
+                self.form(&job_id, &task_type, payloads).await?
+            }
+            (Some(job), Some(Ok(JobStage::Running))) if !job.tasks_published => {
+                tracing::info!(job_id, "resuming the publishing of an existing job");
+                Some(job)
+            }
+            (Some(_), _) => {
+                tracing::info!(job_id, "duplicate job request; the job exists already");
+                None
+            }
+        };
+        if let Some(job) = job {
+            self.publish_tasks(&job).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts the task rows and starts the job; `None` if it ended at once.
+    async fn form(
+        &self,
+        job_id: &str,
+        task_type: &str,
+        payloads: Vec<serde_json::Value>,
+    ) -> Result<Option<job::Model>, Rejection> {
+        let count = payloads.len() as i64;
+        let tasks: Vec<NewTask> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(ordinal, payload)| NewTask {
+                ordinal: ordinal as i32,
+                task_type: task_type.to_owned(),
+                payload,
+            })
+            .collect();
+        self.insert_adaptively(job_id, &tasks).await?;
+        match self.shared.store.start_job(job_id, count).await? {
+            StartOutcome::Running(job) => Ok(Some(job)),
+            StartOutcome::Ended(event) => {
+                self.events.publish_or_defer(&event).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Inserts rows `FIRST_BATCH` at a time; on an error, halves the batch (while it
+    /// is above 5) and waits with exponential backoff before going on.
+    async fn insert_adaptively(&self, job_id: &str, tasks: &[NewTask]) -> Result<(), Rejection> {
+        let mut batch = FIRST_BATCH;
+        let mut delays = Delays::transient();
+        let mut done = 0;
+        while done < tasks.len() {
+            let end = (done + batch).min(tasks.len());
+            match self
+                .shared
+                .store
+                .insert_tasks(job_id, &tasks[done..end])
+                .await
+            {
+                Ok(()) => done = end,
+                Err(err) if err.is_transient() => {
+                    let Some(delay) = delays.next() else {
+                        return Err(err.into());
+                    };
+                    if batch > MIN_BATCH_TO_HALVE {
+                        batch /= 2;
+                    }
+                    tracing::warn!(job_id, %err, batch, ?delay, "task insert failed; retrying smaller");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a message for every task never claimed, pipelining confirms, then
+    /// marks the job's tasks published.
+    async fn publish_tasks(&self, job: &job::Model) -> Result<(), Rejection> {
+        let queue = self.shared.topology.work_queue(&job.queue);
+        self.shared
+            .topology
+            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .await
+            .map_err(Error::from)?;
+        let mut after = 0;
+        loop {
+            let page = self
+                .shared
+                .store
+                .unpublished_tasks(&job.id, after, PUBLISH_WINDOW)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let mut pending = Vec::with_capacity(page.len());
+            for task in page {
+                let message = TaskMessage {
+                    version: SCHEMA_VERSION,
+                    job_id: job.id.clone(),
+                    task_id: task.id,
+                    task_type: task.task_type,
+                    attempt: 1,
+                    max_retries: job.max_retries,
+                    retry_delay_ms: job.retry_delay_ms,
+                    payload: task.payload,
+                };
+                let body = serde_json::to_vec(&message).expect("a task message serializes");
+                pending.push(
+                    self.publisher
+                        .send(Outgoing::to_queue(&queue, &body))
+                        .await?,
+                );
+            }
+            crate::broker::all_confirmed(pending).await?;
+        }
+        self.shared.store.mark_tasks_published(&job.id).await?;
+        tracing::info!(job_id = %job.id, tasks = job.task_count, queue, "job tasks published");
+        Ok(())
+    }
+}

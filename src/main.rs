@@ -1,0 +1,52 @@
+//! The `taskmill` binary: parses the command line, sets up logging and the shutdown
+//! token, and hands over to the subcommand.
+
+mod cli;
+
+use clap::Parser;
+use taskmill::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,taskmill=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = cli.global.config();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let code = match cli.command {
+        Command::Migrate => cli::migrate::run(&config).await.map(|()| 0),
+        Command::Worker(args) => cli::worker::run(config, args, shutdown).await.map(|()| 0),
+        Command::Submit(args) => cli::submit::run(&config, args).await,
+        Command::Status(args) => cli::status::run(&config, args).await,
+        Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
+    }?;
+    std::process::exit(code);
+}
+
+/// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    for round in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("shutting down gracefully; signal again to exit at once");
+            shutdown.cancel();
+        } else {
+            std::process::exit(130);
+        }
+    }
+}

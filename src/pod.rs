@@ -1,0 +1,226 @@
+//! A pod: every role of taskmill in one process, sharing one broker connection and one
+//! database pool. [`Worker::builder`] registers handlers and chooses roles; `run`
+//! serves until the shutdown token is cancelled.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), taskmill::Error> {
+//! use taskmill::{CancellationToken, Config, TaskContext, Worker};
+//! let worker = Worker::builder()
+//!     .config(Config::from_env())
+//!     .handler("resize", |ctx: TaskContext| async move { Ok(ctx.payload) })
+//!     .build();
+//! worker.run(CancellationToken::new()).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Publisher};
+use crate::config::{Config, DEFAULT_QUEUE};
+use crate::error::Error;
+use crate::registry::{HandlerResult, Registry, TaskContext};
+use crate::store::Store;
+use crate::topology::Topology;
+
+/// Which roles a pod runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub intake: bool,
+    pub worker: bool,
+    pub completion: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        intake: true,
+        worker: true,
+        completion: true,
+    };
+
+    pub const NONE: Roles = Roles {
+        intake: false,
+        worker: false,
+        completion: false,
+    };
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+/// What every role of a pod shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub topology: Topology,
+    pub registry: Registry,
+}
+
+pub struct WorkerBuilder {
+    config: Config,
+    registry: Registry,
+    roles: Roles,
+    queues: Vec<String>,
+    store: Option<Store>,
+}
+
+impl WorkerBuilder {
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Registers the handler for a task type.
+    pub fn handler<F, Fut>(mut self, task_type: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.registry.add_handler(task_type, handler);
+        self
+    }
+
+    /// Registers a splitter: it makes the task payloads of a job type from `params`
+    /// when a request carries no `tasks`.
+    pub fn splitter<F>(mut self, job_type: impl Into<String>, splitter: F) -> Self
+    where
+        F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
+    {
+        self.registry.add_splitter(job_type, splitter);
+        self
+    }
+
+    pub fn roles(mut self, roles: Roles) -> Self {
+        self.roles = roles;
+        self
+    }
+
+    /// Adds a worker pool to serve (`default` when none is given).
+    pub fn queue(mut self, pool: impl Into<String>) -> Self {
+        self.queues.push(pool.into());
+        self
+    }
+
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.config.concurrency = concurrency;
+        self
+    }
+
+    /// Uses an existing store instead of connecting to `config.database_url`.
+    pub fn store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    pub fn build(self) -> Worker {
+        let queues = if self.queues.is_empty() {
+            vec![DEFAULT_QUEUE.to_owned()]
+        } else {
+            self.queues
+        };
+        Worker {
+            config: self.config,
+            registry: self.registry,
+            roles: self.roles,
+            queues,
+            store: self.store,
+        }
+    }
+}
+
+/// A pod running taskmill's roles. See the module docs.
+pub struct Worker {
+    config: Config,
+    registry: Registry,
+    roles: Roles,
+    queues: Vec<String>,
+    store: Option<Store>,
+}
+
+impl Worker {
+    /// A builder with the built-in task types registered and configuration from the
+    /// environment.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder {
+            config: Config::from_env(),
+            registry: Registry::with_builtins(),
+            roles: Roles::ALL,
+            queues: Vec::new(),
+            store: None,
+        }
+    }
+
+    /// Connects, migrates (if configured), declares the topology and runs the roles
+    /// until `shutdown` is cancelled or one of them fails; a failing role stops the
+    /// others.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let store = match self.store {
+            Some(store) => store,
+            None => Store::connect(&self.config.database_url, self.config.db_pool_size).await?,
+        };
+        if self.config.migrate_on_start {
+            store.migrate().await?;
+        }
+        let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
+        let connection = Arc::new(broker::connect(&self.config.amqp_url).await?);
+        {
+            let setup = Publisher::open(&connection).await?;
+            topology.declare_core(setup.channel()).await?;
+            let _ = setup.channel().close(200, "declared".into()).await;
+        }
+        let shared = Arc::new(Shared {
+            config: self.config,
+            store,
+            topology,
+            registry: self.registry,
+        });
+        let roles_token = shutdown.child_token();
+        let mut roles = JoinSet::new();
+        if self.roles.intake {
+            roles.spawn(crate::intake::run(
+                shared.clone(),
+                connection.clone(),
+                roles_token.clone(),
+            ));
+        }
+        if self.roles.worker {
+            for pool in &self.queues {
+                roles.spawn(crate::worker::run(
+                    shared.clone(),
+                    connection.clone(),
+                    pool.clone(),
+                    roles_token.clone(),
+                ));
+            }
+        }
+        if self.roles.completion {
+            roles.spawn(crate::completion::run(
+                shared.clone(),
+                connection.clone(),
+                roles_token.clone(),
+            ));
+        }
+        let mut first_error = None;
+        while let Some(joined) = roles.join_next().await {
+            let result =
+                joined.unwrap_or_else(|err| Err(Error::Other(format!("role panicked: {err}"))));
+            if let Err(err) = result {
+                tracing::error!(%err, "role failed; stopping the pod");
+                first_error.get_or_insert(err);
+                roles_token.cancel();
+            }
+        }
+        let _ = connection.close(200, "shutdown".into()).await;
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The wire protocol: every message taskmill reads or writes, as serde types, and the
+//! checks a message must pass before anything acts on it. The README documents these
+//! shapes for producers in other languages; change both together.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::DEFAULT_QUEUE;
+use crate::state::{JobStage, TaskStatus};
+
+/// The schema version every message carries; a message of another version is parked.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const CONTENT_TYPE: &str = "application/json";
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+pub const DEFAULT_RETRY_DELAY_MS: u64 = 5_000;
+const MAX_ID_LEN: usize = 128;
+const MAX_NAME_LEN: usize = 200;
+const MAX_RETRIES_LIMIT: u32 = 100;
+const MAX_RETRY_DELAY_MS: u64 = 24 * 3600 * 1000;
+
+/// What happens to a job when one of its tasks fails for good.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// The job fails at once and its remaining tasks are cancelled.
+    #[default]
+    FailFast,
+    /// The job ends when every task is terminal; failures are counted and listed.
+    Continue,
+}
+
+impl FailurePolicy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FailFast => "fail_fast",
+            Self::Continue => "continue",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        if s == "continue" {
+            Self::Continue
+        } else {
+            Self::FailFast
+        }
+    }
+}
+
+/// An exchange and routing key to publish to (`""` is the default exchange, so a
+/// routing key alone names a queue).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    #[serde(default)]
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// A job request, published to the jobs exchange with the job type as routing key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub version: u32,
+    /// Idempotency key: a second request with the same id creates nothing new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    pub job_type: String,
+    /// The handler that runs each task; the job type when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
+    /// The worker pool whose queue the tasks go to.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    #[serde(default)]
+    pub params: Value,
+    /// One payload per task; when absent, a splitter registered for the job type makes
+    /// them from `params`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<Value>>,
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_retry_delay_ms")]
+    pub retry_delay_ms: u64,
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_complete: Option<Target>,
+}
+
+fn default_queue() -> String {
+    DEFAULT_QUEUE.to_owned()
+}
+fn default_max_retries() -> u32 {
+    DEFAULT_MAX_RETRIES
+}
+fn default_retry_delay_ms() -> u64 {
+    DEFAULT_RETRY_DELAY_MS
+}
+
+impl JobRequest {
+    /// A request for `job_type` tasks with the given payloads and default settings.
+    pub fn new(job_type: impl Into<String>, tasks: Vec<Value>) -> Self {
+        Self {
+            version: SCHEMA_VERSION,
+            job_id: None,
+            job_type: job_type.into(),
+            task_type: None,
+            queue: default_queue(),
+            params: Value::Null,
+            tasks: Some(tasks),
+            max_retries: DEFAULT_MAX_RETRIES,
+            retry_delay_ms: DEFAULT_RETRY_DELAY_MS,
+            on_failure: FailurePolicy::FailFast,
+            on_complete: None,
+        }
+    }
+
+    pub fn task_type(&self) -> &str {
+        self.task_type.as_deref().unwrap_or(&self.job_type)
+    }
+
+    /// Checks what serde cannot: version, id and name shapes, limits.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        check_version(self.version)?;
+        if let Some(id) = &self.job_id {
+            check_id("job_id", id)?;
+        }
+        check_name("job_type", &self.job_type)?;
+        check_name("task_type", self.task_type())?;
+        check_name("queue", &self.queue)?;
+        if self.max_retries > MAX_RETRIES_LIMIT {
+            return Err(DecodeError::Invalid(format!(
+                "max_retries {} is above the limit of {MAX_RETRIES_LIMIT}",
+                self.max_retries
+            )));
+        }
+        if self.retry_delay_ms == 0 || self.retry_delay_ms > MAX_RETRY_DELAY_MS {
+            return Err(DecodeError::Invalid(format!(
+                "retry_delay_ms {} is outside 1..={MAX_RETRY_DELAY_MS}",
+                self.retry_delay_ms
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One task, sent to the work queue of its job's pool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskMessage {
+    pub version: u32,
+    pub job_id: String,
+    pub task_id: i64,
+    pub task_type: String,
+    /// 1 for the first run; a retry carries the next number.
+    pub attempt: i32,
+    pub max_retries: i32,
+    pub retry_delay_ms: i64,
+    pub payload: Value,
+}
+
+/// Sent to the completion queue when a task reaches a terminal status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskFinished {
+    pub version: u32,
+    pub job_id: String,
+    pub task_id: i64,
+    pub status: String,
+    pub attempt: i32,
+}
+
+/// Published once per job when it ends: to the events exchange with routing key
+/// `job.<done|failed|cancelled>.<job_id>`, and to the request's `on_complete` target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub version: u32,
+    /// `job.done`, `job.failed` or `job.cancelled`.
+    pub event: String,
+    pub job_id: String,
+    pub job_type: String,
+    pub stage: String,
+    pub task_count: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub first_error: Option<String>,
+    /// Ids of failed tasks (at most 100).
+    pub failed_task_ids: Vec<i64>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl JobEvent {
+    pub fn stage(&self) -> Option<JobStage> {
+        self.stage.parse().ok()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.stage() == Some(JobStage::Done)
+    }
+}
+
+impl TaskFinished {
+    pub fn status(&self) -> Option<TaskStatus> {
+        self.status.parse().ok()
+    }
+}
+
+/// Why a message cannot be acted on; the text goes into the parking lot's reason header.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("content type {0:?} is not application/json")]
+    ContentType(String),
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported schema version {0} (this build speaks {SCHEMA_VERSION})")]
+    Version(u32),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Decodes a JSON message body after checking its size and content type (an absent
+/// content type is accepted: not every AMQP client sets one).
+pub fn decode<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    content_type: Option<&str>,
+    limit: usize,
+) -> Result<T, DecodeError> {
+    if body.len() > limit {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            limit,
+        });
+    }
+    if let Some(kind) = content_type {
+        if !kind.starts_with(CONTENT_TYPE) {
+            return Err(DecodeError::ContentType(kind.to_owned()));
+        }
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
+fn check_version(version: u32) -> Result<(), DecodeError> {
+    if version == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(DecodeError::Version(version))
+    }
+}
+
+/// Job ids end up in routing keys and URLs: keep them to a safe alphabet.
+pub fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid(format!(
+            "{field} {id:?} must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 - _ :"
+        )))
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid(format!(
+            "{field} {name:?} must be 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 - _ . :"
+        )))
+    }
+}
+
+/// Checks a decoded task message or finished event for the fields serde cannot check.
+pub fn check_message_version(version: u32) -> Result<(), DecodeError> {
+    check_version(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_defaults_apply() {
+        let req: JobRequest =
+            decode(br#"{"version":1,"job_type":"x","tasks":[1,2]}"#, None, 1024).unwrap();
+        req.validate().unwrap();
+        assert_eq!(req.queue, "default");
+        assert_eq!(req.max_retries, 3);
+        assert_eq!(req.retry_delay_ms, 5000);
+        assert_eq!(req.on_failure, FailurePolicy::FailFast);
+        assert_eq!(req.task_type(), "x");
+    }
+
+    #[test]
+    fn bad_requests_are_rejected_with_reasons() {
+        let limit = 64;
+        let cases: [(&[u8], Option<&str>); 6] = [
+            (b"{not json", None),
+            (br#"{"version":1}"#, None),
+            (br#"{"version":2,"job_type":"x"}"#, None),
+            (br#"{"version":1,"job_type":"x","job_id":"a b"}"#, None),
+            (br#"{"version":1,"job_type":"x"}"#, Some("text/plain")),
+            (&[b' '; 65], None),
+        ];
+        for (body, content_type) in cases {
+            let result = decode::<JobRequest>(body, content_type, limit)
+                .and_then(|req| req.validate().map(|()| req));
+            assert!(
+                result.is_err(),
+                "{:?} was accepted",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The completion check: counting finished tasks into their job and ending the job,
+//! in one transaction per job.
+//!
+//! Counting is idempotent: a task is counted by flipping its `counted` flag, and only
+//! the rows whose flag this transaction flipped add to the job's counters, so a
+//! duplicate finished event counts nothing. Cost is O(events), not O(tasks): the full
+//! aggregate over the job's tasks runs once, when the job ends.
+
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, TransactionTrait,
+};
+
+use super::jobs::{count_by_status, lock_job};
+use super::{job, job_event, task, Store, StoreError, EVENT_CLAIM};
+use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION};
+use crate::state::{JobStage, TaskStatus};
+
+const FAILED_IDS_IN_EVENT: u64 = 100;
+
+/// What a completion check did to a job.
+#[derive(Debug)]
+pub enum Progress {
+    /// The job is not running (already ended, or still forming): nothing to count.
+    NotRunning,
+    /// Newly finished tasks were counted; the job goes on.
+    Counted { newly: usize },
+    /// This check ended the job; the event is in the outbox, claimed by the caller.
+    Ended(Box<job_event::Model>),
+}
+
+impl Store {
+    /// Counts the given finished tasks into their job and, if that finishes the job
+    /// (every task terminal, or a failure under `fail_fast`), ends it. The stage change
+    /// is a compare-and-set on `running` under the job's row lock, so of any number
+    /// of racing consumers exactly one ends the job.
+    pub async fn record_finished(
+        &self,
+        job_id: &str,
+        task_ids: &[i64],
+    ) -> Result<Progress, StoreError> {
+        self.retrying("record finished tasks", || async {
+            let job_id = job_id.to_owned();
+            let task_ids = task_ids.to_vec();
+            Ok(self
+                .db
+                .transaction::<_, Progress, StoreError>(move |txn| {
+                    Box::pin(async move { record_in(txn, &job_id, &task_ids).await })
+                })
+                .await?)
+        })
+        .await
+    }
+
+    /// Ends a running job as `cancelled`, cancelling its unfinished tasks. `None`: the
+    /// job was not running.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
+        self.retrying("cancel job", || async {
+            let job_id = job_id.to_owned();
+            Ok(self
+                .db
+                .transaction::<_, Option<job_event::Model>, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        let Some(job) = lock_job(txn, &job_id, JobStage::Running).await? else {
+                            return Ok(None);
+                        };
+                        let first_error = Some("cancelled".to_owned());
+                        let event = end_job_with(
+                            txn,
+                            &job,
+                            JobStage::Running,
+                            JobStage::Cancelled,
+                            first_error,
+                        )
+                        .await?;
+                        Ok(Some(event))
+                    })
+                })
+                .await?)
+        })
+        .await
+    }
+}
+
+async fn record_in<C: ConnectionTrait>(
+    txn: &C,
+    job_id: &str,
+    task_ids: &[i64],
+) -> Result<Progress, StoreError> {
+    let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
+        return Ok(Progress::NotRunning);
+    };
+    let mut count = task::Entity::update_many()
+        .col_expr(task::Column::Counted, Expr::value(true))
+        .filter(task::Column::JobId.eq(job_id))
+        .filter(task::Column::Id.is_in(task_ids.iter().copied()))
+        .filter(task::Column::Counted.eq(false))
+        .filter(
+            task::Column::Status.is_in([TaskStatus::Done.as_str(), TaskStatus::Failed.as_str()]),
+        )
+        .into_query();
+    count.returning(Query::returning().columns([
+        task::Column::Id,
+        task::Column::Status,
+        task::Column::Info,
+    ]));
+    let rows = txn.query_all(&count).await?;
+    let mut done = 0;
+    let mut failed = 0;
+    let mut first_failure: Option<(i64, Option<String>)> = None;
+    for row in &rows {
+        let id: i64 = row.try_get("", "id")?;
+        let status: String = row.try_get("", "status")?;
+        if status == TaskStatus::Failed.as_str() {
+            failed += 1;
+            if first_failure.as_ref().is_none_or(|(first, _)| id < *first) {
+                first_failure = Some((id, row.try_get("", "info")?));
+            }
+        } else {
+            done += 1;
+        }
+    }
+    if rows.is_empty() {
+        return Ok(Progress::Counted { newly: 0 });
+    }
+    let done_count = job.done_count + done;
+    let failed_count = job.failed_count + failed;
+    let first_error = job.first_error.clone().or_else(|| {
+        first_failure.map(|(id, info)| info.unwrap_or_else(|| format!("task {id} failed")))
+    });
+    let policy = FailurePolicy::parse(&job.on_failure);
+    let all_terminal = done_count + failed_count + job.cancelled_count >= job.task_count;
+    let ending = if failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
+        Some(JobStage::Failed)
+    } else if all_terminal {
+        Some(JobStage::Done)
+    } else {
+        None
+    };
+    if let Some(stage) = ending {
+        let event = end_job_with(txn, &job, JobStage::Running, stage, first_error).await?;
+        return Ok(Progress::Ended(Box::new(event)));
+    }
+    job::Entity::update_many()
+        .col_expr(job::Column::DoneCount, Expr::value(done_count))
+        .col_expr(job::Column::FailedCount, Expr::value(failed_count))
+        .col_expr(job::Column::FirstError, Expr::value(first_error))
+        .filter(job::Column::Id.eq(job_id))
+        .exec(txn)
+        .await?;
+    Ok(Progress::Counted { newly: rows.len() })
+}
+
+/// Ends a job that is not yet terminal: used when a job has no tasks at all.
+pub(super) async fn end_job<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    from: JobStage,
+    to: JobStage,
+) -> Result<job_event::Model, StoreError> {
+    end_job_with(txn, job, from, to, job.first_error.clone()).await
+}
+
+/// Moves a locked job from `from` to the terminal stage `to` (compare-and-set),
+/// cancels what is left of it if it failed fast or was cancelled, sets its final
+/// counts from one aggregate, and writes its event to the outbox, claimed by the
+/// caller for [`EVENT_CLAIM`].
+async fn end_job_with<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    from: JobStage,
+    to: JobStage,
+    first_error: Option<String>,
+) -> Result<job_event::Model, StoreError> {
+    let now = Utc::now();
+    let policy = FailurePolicy::parse(&job.on_failure);
+    if to == JobStage::Cancelled || (to == JobStage::Failed && policy == FailurePolicy::FailFast) {
+        task::Entity::update_many()
+            .col_expr(
+                task::Column::Status,
+                Expr::value(TaskStatus::Cancelled.as_str()),
+            )
+            .col_expr(task::Column::Counted, Expr::value(true))
+            .col_expr(
+                task::Column::LeaseUntil,
+                Expr::value(Option::<chrono::DateTime<Utc>>::None),
+            )
+            .col_expr(task::Column::FinishedAt, Expr::value(now))
+            .col_expr(
+                task::Column::Version,
+                Expr::col(task::Column::Version).add(1),
+            )
+            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            .filter(task::Column::JobId.eq(job.id.as_str()))
+            .filter(task::Column::Status.is_in([
+                TaskStatus::Pending.as_str(),
+                TaskStatus::Running.as_str(),
+                TaskStatus::Retrying.as_str(),
+            ]))
+            .exec(txn)
+            .await?;
+    }
+    let counts = count_by_status(txn, &job.id).await?;
+    let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
+    let failed_task_ids: Vec<i64> = task::Entity::find()
+        .select_only()
+        .column(task::Column::Id)
+        .filter(task::Column::JobId.eq(job.id.as_str()))
+        .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
+        .order_by_asc(task::Column::Id)
+        .limit(FAILED_IDS_IN_EVENT)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let ended = job::Entity::update_many()
+        .col_expr(job::Column::Stage, Expr::value(to.as_str()))
+        .col_expr(
+            job::Column::DoneCount,
+            Expr::value(count_of(TaskStatus::Done)),
+        )
+        .col_expr(
+            job::Column::FailedCount,
+            Expr::value(count_of(TaskStatus::Failed)),
+        )
+        .col_expr(
+            job::Column::CancelledCount,
+            Expr::value(count_of(TaskStatus::Cancelled)),
+        )
+        .col_expr(job::Column::FirstError, Expr::value(first_error.clone()))
+        .col_expr(job::Column::FinishedAt, Expr::value(now))
+        .col_expr(job::Column::UpdatedAt, Expr::value(now))
+        .filter(job::Column::Id.eq(job.id.as_str()))
+        .filter(job::Column::Stage.eq(from.as_str()))
+        .exec(txn)
+        .await?;
+    if ended.rows_affected != 1 {
+        return Err(StoreError::Corrupt(format!(
+            "job {} left {from} while its row was locked",
+            job.id
+        )));
+    }
+    let event = JobEvent {
+        version: SCHEMA_VERSION,
+        event: to.event_kind().to_owned(),
+        job_id: job.id.clone(),
+        job_type: job.job_type.clone(),
+        stage: to.as_str().to_owned(),
+        task_count: job.task_count,
+        done: count_of(TaskStatus::Done),
+        failed: count_of(TaskStatus::Failed),
+        cancelled: count_of(TaskStatus::Cancelled),
+        first_error,
+        failed_task_ids,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: Some(now),
+    };
+    let claim = chrono::Duration::from_std(EVENT_CLAIM).expect("claim fits");
+    let row = job_event::ActiveModel {
+        job_id: Set(job.id.clone()),
+        kind: Set(event.event.clone()),
+        body: Set(serde_json::to_value(&event).expect("an event serializes")),
+        on_complete: Set(job.on_complete.clone()),
+        claimed_until: Set(Some(now + claim)),
+        published_at: Set(None),
+        created_at: Set(now),
+        ..Default::default()
+    };
+    job_event::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(job_event::Column::JobId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    job_event::Entity::find()
+        .filter(job_event::Column::JobId.eq(job.id.as_str()))
+        .one(txn)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+}

@@ -1,0 +1,353 @@
+//! Job rows: creation (idempotent on the job id), task-row insertion, the move from
+//! `formation` to `running`, and read-only views for status and tests.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde_json::Value;
+
+use super::{completion, job, job_event, task, Store, StoreError};
+use crate::protocol::{FailurePolicy, Target};
+use crate::state::{JobStage, TaskStatus};
+
+/// A job as the intake creates it.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub params: Value,
+    pub max_retries: i32,
+    pub retry_delay_ms: i64,
+    pub on_failure: FailurePolicy,
+    pub on_complete: Option<Target>,
+}
+
+/// One task row to insert.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub ordinal: i32,
+    pub task_type: String,
+    pub payload: Value,
+}
+
+/// What [`Store::start_job`] did.
+#[derive(Debug)]
+pub enum StartOutcome {
+    /// The job is `running`: its tasks can be published.
+    Running(job::Model),
+    /// The job had no tasks and ended at once; its event is in the outbox.
+    Ended(job_event::Model),
+}
+
+/// A job and how many of its tasks are in each status.
+#[derive(Clone, Debug)]
+pub struct JobStatus {
+    pub job: job::Model,
+    pub tasks_by_status: BTreeMap<String, i64>,
+}
+
+#[derive(FromQueryResult)]
+struct StatusCount {
+    status: String,
+    count: i64,
+}
+
+#[derive(FromQueryResult)]
+struct CountAndFirst {
+    count: i64,
+    first: Option<i64>,
+}
+
+impl Store {
+    /// Inserts the job in `formation`. Returns `None` when it was created, or the
+    /// existing row when a job with this id exists (a duplicate request).
+    pub async fn create_job(&self, new: &NewJob) -> Result<Option<job::Model>, StoreError> {
+        let on_complete = new
+            .on_complete
+            .as_ref()
+            .map(|target| serde_json::to_value(target).expect("a target serializes"));
+        self.retrying("create job", || async {
+            let now = Utc::now();
+            let row = job::ActiveModel {
+                id: Set(new.id.clone()),
+                job_type: Set(new.job_type.clone()),
+                queue: Set(new.queue.clone()),
+                stage: Set(JobStage::Formation.as_str().to_owned()),
+                params: Set(new.params.clone()),
+                max_retries: Set(new.max_retries),
+                retry_delay_ms: Set(new.retry_delay_ms),
+                on_failure: Set(new.on_failure.as_str().to_owned()),
+                task_count: Set(0),
+                first_task_id: Set(None),
+                done_count: Set(0),
+                failed_count: Set(0),
+                cancelled_count: Set(0),
+                first_error: Set(None),
+                on_complete: Set(on_complete.clone()),
+                tasks_published: Set(false),
+                created_at: Set(now),
+                updated_at: Set(now),
+                started_at: Set(None),
+                finished_at: Set(None),
+            };
+            let inserted = job::Entity::insert(row)
+                .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
+                .exec_without_returning(&self.db)
+                .await?;
+            if inserted == 1 {
+                return Ok(None);
+            }
+            let existing = job::Entity::find_by_id(new.id.clone())
+                .one(&self.db)
+                .await?
+                .ok_or_else(|| StoreError::JobNotFound(new.id.clone()))?;
+            Ok(Some(existing))
+        })
+        .await
+    }
+
+    /// Inserts task rows; rows whose ordinal already exists are skipped, so a resumed
+    /// intake can insert the same batch again.
+    pub async fn insert_tasks(&self, job_id: &str, tasks: &[NewTask]) -> Result<(), StoreError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let rows = tasks.iter().map(|new| task::ActiveModel {
+            job_id: Set(job_id.to_owned()),
+            ordinal: Set(new.ordinal),
+            task_type: Set(new.task_type.clone()),
+            payload: Set(new.payload.clone()),
+            status: Set(TaskStatus::Pending.as_str().to_owned()),
+            attempts: Set(0),
+            deliveries: Set(0),
+            info: Set(None),
+            result: Set(None),
+            version: Set(0),
+            counted: Set(false),
+            claimed_by: Set(None),
+            lease_until: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+            finished_at: Set(None),
+            ..Default::default()
+        });
+        task::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([task::Column::JobId, task::Column::Ordinal])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves a job from `formation` to `running` with its task count, in one
+    /// transaction that first checks every task row is there. A job without tasks
+    /// ends at once (`done`) instead.
+    pub async fn start_job(
+        &self,
+        job_id: &str,
+        expected_tasks: i64,
+    ) -> Result<StartOutcome, StoreError> {
+        self.retrying("start job", || async {
+            let job_id = job_id.to_owned();
+            Ok(self
+                .db
+                .transaction::<_, StartOutcome, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        let found = task::Entity::find()
+                            .select_only()
+                            .column_as(Expr::col(task::Column::Id).count(), "count")
+                            .column_as(Expr::col(task::Column::Id).min(), "first")
+                            .filter(task::Column::JobId.eq(job_id.as_str()))
+                            .into_model::<CountAndFirst>()
+                            .one(txn)
+                            .await?
+                            .unwrap_or(CountAndFirst {
+                                count: 0,
+                                first: None,
+                            });
+                        if found.count != expected_tasks {
+                            return Err(StoreError::TaskCountMismatch {
+                                job_id,
+                                expected: expected_tasks,
+                                found: found.count,
+                            });
+                        }
+                        let job = lock_job(txn, &job_id, JobStage::Formation).await?;
+                        let Some(job) = job else {
+                            // Already started (a retried write that landed, or another
+                            // intake): report the job as it is.
+                            let job = job::Entity::find_by_id(job_id.clone())
+                                .one(txn)
+                                .await?
+                                .ok_or_else(|| StoreError::JobNotFound(job_id.clone()))?;
+                            return Ok(StartOutcome::Running(job));
+                        };
+                        if expected_tasks == 0 {
+                            let event =
+                                completion::end_job(txn, &job, JobStage::Formation, JobStage::Done)
+                                    .await?;
+                            return Ok(StartOutcome::Ended(event));
+                        }
+                        let now = Utc::now();
+                        let started = job::Entity::update_many()
+                            .col_expr(job::Column::Stage, Expr::value(JobStage::Running.as_str()))
+                            .col_expr(job::Column::TaskCount, Expr::value(expected_tasks))
+                            .col_expr(job::Column::FirstTaskId, Expr::value(found.first))
+                            .col_expr(job::Column::StartedAt, Expr::value(now))
+                            .col_expr(job::Column::UpdatedAt, Expr::value(now))
+                            .filter(job::Column::Id.eq(job_id.as_str()))
+                            .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
+                            .exec_with_returning(txn)
+                            .await?;
+                        let job = started.into_iter().next().ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "job {job_id} left formation mid-transaction"
+                            ))
+                        })?;
+                        Ok(StartOutcome::Running(job))
+                    })
+                })
+                .await?)
+        })
+        .await
+    }
+
+    /// Tasks that have never been claimed, in id order after `after_id`: what the
+    /// intake publishes (again, when it resumes).
+    pub async fn unpublished_tasks(
+        &self,
+        job_id: &str,
+        after_id: i64,
+        limit: u64,
+    ) -> Result<Vec<task::Model>, StoreError> {
+        self.retrying("list tasks to publish", || async {
+            Ok(task::Entity::find()
+                .filter(task::Column::JobId.eq(job_id))
+                .filter(task::Column::Id.gt(after_id))
+                .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
+                .filter(task::Column::Attempts.eq(0))
+                .order_by_asc(task::Column::Id)
+                .limit(limit)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    pub async fn mark_tasks_published(&self, job_id: &str) -> Result<(), StoreError> {
+        self.retrying("mark tasks published", || async {
+            job::Entity::update_many()
+                .col_expr(job::Column::TasksPublished, Expr::value(true))
+                .filter(job::Column::Id.eq(job_id))
+                .exec(&self.db)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn job(&self, job_id: &str) -> Result<Option<job::Model>, StoreError> {
+        self.retrying("read job", || async {
+            Ok(job::Entity::find_by_id(job_id.to_owned())
+                .one(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// The job and its task counts by status (one aggregate query).
+    pub async fn job_status(&self, job_id: &str) -> Result<Option<JobStatus>, StoreError> {
+        let Some(job) = self.job(job_id).await? else {
+            return Ok(None);
+        };
+        let tasks_by_status = self
+            .retrying("count tasks", || async {
+                Ok(count_by_status(&self.db, job_id).await?)
+            })
+            .await?;
+        Ok(Some(JobStatus {
+            job,
+            tasks_by_status,
+        }))
+    }
+
+    /// All task rows of a job, in id order.
+    pub async fn tasks_of_job(&self, job_id: &str) -> Result<Vec<task::Model>, StoreError> {
+        self.retrying("list tasks", || async {
+            Ok(task::Entity::find()
+                .filter(task::Column::JobId.eq(job_id))
+                .order_by_asc(task::Column::Id)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Attempts started over all of a job's tasks.
+    pub async fn total_attempts(&self, job_id: &str) -> Result<i64, StoreError> {
+        self.retrying("sum attempts", || async {
+            let sum: Option<Option<i64>> = task::Entity::find()
+                .select_only()
+                .column_as(
+                    Expr::col(task::Column::Attempts).sum().cast_as("bigint"),
+                    "sum",
+                )
+                .filter(task::Column::JobId.eq(job_id))
+                .into_tuple()
+                .one(&self.db)
+                .await?;
+            Ok(sum.flatten().unwrap_or(0))
+        })
+        .await
+    }
+
+    pub async fn count_jobs(&self) -> Result<u64, StoreError> {
+        self.retrying("count jobs", || async {
+            Ok(job::Entity::find().count(&self.db).await?)
+        })
+        .await
+    }
+}
+
+/// Takes the job's row lock (a no-op UPDATE) if it is at `stage`, and returns it.
+/// Every transaction that changes a job locks the job row first, so transactions on
+/// one job serialise and cannot deadlock on its task rows.
+pub(super) async fn lock_job<C: ConnectionTrait>(
+    txn: &C,
+    job_id: &str,
+    stage: JobStage,
+) -> Result<Option<job::Model>, StoreError> {
+    let rows = job::Entity::update_many()
+        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(job::Column::Id.eq(job_id))
+        .filter(job::Column::Stage.eq(stage.as_str()))
+        .exec_with_returning(txn)
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+pub(super) async fn count_by_status<C: ConnectionTrait>(
+    db: &C,
+    job_id: &str,
+) -> Result<BTreeMap<String, i64>, sea_orm::DbErr> {
+    let counts = task::Entity::find()
+        .select_only()
+        .column(task::Column::Status)
+        .column_as(Expr::col(task::Column::Id).count(), "count")
+        .filter(task::Column::JobId.eq(job_id))
+        .group_by(task::Column::Status)
+        .into_model::<StatusCount>()
+        .all(db)
+        .await?;
+    Ok(counts.into_iter().map(|c| (c.status, c.count)).collect())
+}

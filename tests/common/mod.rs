@@ -1,0 +1,413 @@
+//! Test harness: every test gets its own RabbitMQ vhost and its own database (a SQLite
+//! file or a PostgreSQL database), runs the real roles in-process, and removes both
+//! when it ends, even when it fails.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use sea_orm::{ConnectionTrait, Database};
+use taskmill::broker::{self, Outgoing, Publisher};
+use taskmill::store::Store;
+use taskmill::topology::Topology;
+use taskmill::{CancellationToken, Client, Config, JobEvent, Worker, WorkerBuilder};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs a scenario `async fn name(backend: Backend)` once per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$scenario($crate::common::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+fn rabbit_api() -> String {
+    env_or("TEST_RABBITMQ_API", "http://127.0.0.1:15672/api")
+}
+
+fn rabbit_auth() -> String {
+    // guest:guest, the broker's default local account.
+    env_or("TEST_RABBITMQ_AUTH", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+}
+
+fn postgres_admin_url() -> String {
+    env_or(
+        "TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
+}
+
+fn postgres_url_for(database: &str) -> String {
+    let admin = postgres_admin_url();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&admin);
+    format!("{base}/{database}")
+}
+
+/// One test's private broker vhost and database.
+pub struct TestEnv {
+    pub backend: Backend,
+    pub config: Config,
+    pub store: Store,
+    pub name: String,
+    sqlite_path: Option<std::path::PathBuf>,
+}
+
+impl TestEnv {
+    pub async fn new(backend: Backend) -> Self {
+        let name = format!("tm_{}", uuid::Uuid::new_v4().simple());
+        let vhost = name.clone();
+        tokio::task::spawn_blocking({
+            let vhost = vhost.clone();
+            move || create_vhost(&vhost)
+        })
+        .await
+        .unwrap();
+        let (database_url, sqlite_path) = match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
+            }
+            Backend::Postgres => {
+                let admin = Database::connect(postgres_admin_url())
+                    .await
+                    .expect("PostgreSQL reachable");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
+                admin.close().await.unwrap();
+                (postgres_url_for(&name), None)
+            }
+        };
+        let config = Config {
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+            database_url,
+            prefix: "tm".to_owned(),
+            grace_period: Duration::from_secs(5),
+            ..Config::default()
+        };
+        let store = Store::connect(&config.database_url, 8)
+            .await
+            .expect("database reachable");
+        store.migrate().await.expect("migrations apply");
+        Self {
+            backend,
+            config,
+            store,
+            name,
+            sqlite_path,
+        }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.config.prefix.clone(), self.config.queue_type)
+    }
+
+    /// A pod builder wired to this test's broker and database.
+    pub fn worker(&self) -> WorkerBuilder {
+        Worker::builder()
+            .config(self.config.clone())
+            .store(self.store.clone())
+    }
+
+    pub fn start(&self, builder: WorkerBuilder) -> Pod {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(builder.build().run(token.clone()));
+        Pod { token, handle }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.config)
+            .await
+            .expect("client connects")
+            .with_store(self.store.clone())
+    }
+
+    pub async fn connection(&self) -> Connection {
+        broker::connect(&self.config.amqp_url)
+            .await
+            .expect("broker reachable")
+    }
+
+    /// Collects every job event published from now on.
+    pub async fn event_log(&self) -> EventLog {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let topology = self.topology();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        topology.declare_core(publisher.channel()).await.unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                topology.events_exchange().as_str().into(),
+                "job.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        tokio::spawn(async move {
+            let _keep = connection;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let event: JobEvent =
+                    serde_json::from_slice(&delivery.data).expect("events are JobEvents");
+                sink.lock().unwrap().push(event);
+            }
+        });
+        EventLog { events }
+    }
+
+    /// Publishes raw bytes (confirmed) with the given content type.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) {
+        let connection = self.connection().await;
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let topology = self.topology();
+        topology.declare_core(publisher.channel()).await.unwrap();
+        topology
+            .declare_work_queue(publisher.channel(), "default")
+            .await
+            .unwrap();
+        let mut properties = lapin::BasicProperties::default();
+        if let Some(kind) = content_type {
+            properties = properties.with_content_type(kind.into());
+        }
+        publisher
+            .send_with(
+                Outgoing {
+                    exchange,
+                    routing_key,
+                    body,
+                    mandatory: true,
+                    headers: None,
+                },
+                properties,
+            )
+            .await
+            .unwrap()
+            .confirmed()
+            .await
+            .unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+    }
+
+    /// Takes every message from a queue: (body, reason header).
+    pub async fn drain_queue(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let mut messages = Vec::new();
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let reason = message
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|headers| {
+                    headers
+                        .inner()
+                        .get(taskmill::parking::REASON_HEADER)
+                        .cloned()
+                })
+                .and_then(|value| match value {
+                    lapin::types::AMQPValue::LongString(text) => Some(text.to_string()),
+                    _ => None,
+                });
+            messages.push((message.delivery.data.clone(), reason));
+        }
+        connection.close(200, "done".into()).await.unwrap();
+        messages
+    }
+
+    /// Polls the store until the job has left `running`/`formation`.
+    pub async fn wait_for_end(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+    ) -> taskmill::store::job::Model {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(job) = self.store.job(job_id).await.unwrap() {
+                if job
+                    .stage
+                    .parse::<taskmill::JobStage>()
+                    .unwrap()
+                    .is_terminal()
+                {
+                    return job;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {job_id} did not end within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let backend = self.backend;
+        let sqlite_path = self.sqlite_path.take();
+        // Async cleanup cannot run in drop; a plain thread with its own runtime can.
+        std::thread::spawn(move || {
+            delete_vhost(&name);
+            match backend {
+                Backend::Sqlite => {
+                    if let Some(path) = sqlite_path {
+                        for suffix in ["", "-wal", "-shm"] {
+                            let mut file = path.clone().into_os_string();
+                            file.push(suffix);
+                            let _ = std::fs::remove_file(file);
+                        }
+                    }
+                }
+                Backend::Postgres => {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        if let Ok(admin) = Database::connect(postgres_admin_url()).await {
+                            let _ = admin
+                                .execute_unprepared(&format!(
+                                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                                ))
+                                .await;
+                            let _ = admin.close().await;
+                        }
+                    });
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+fn create_vhost(vhost: &str) {
+    let api = rabbit_api();
+    ureq::put(&format!("{api}/vhosts/{vhost}"))
+        .header("Authorization", &rabbit_auth())
+        .send_empty()
+        .expect("create vhost (is the management plugin enabled?)");
+    ureq::put(&format!("{api}/permissions/{vhost}/guest"))
+        .header("Authorization", &rabbit_auth())
+        .send_json(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .expect("grant vhost permissions");
+}
+
+fn delete_vhost(vhost: &str) {
+    let _ = ureq::delete(&format!("{}/vhosts/{vhost}", rabbit_api()))
+        .header("Authorization", &rabbit_auth())
+        .call();
+}
+
+/// A pod running in this process.
+pub struct Pod {
+    pub token: CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), taskmill::Error>>,
+}
+
+impl Pod {
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.unwrap().expect("pod stops cleanly");
+    }
+}
+
+#[derive(Clone)]
+pub struct EventLog {
+    events: Arc<Mutex<Vec<JobEvent>>>,
+}
+
+impl EventLog {
+    pub fn all(&self) -> Vec<JobEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn for_job(&self, job_id: &str) -> Vec<JobEvent> {
+        self.all()
+            .into_iter()
+            .filter(|e| e.job_id == job_id)
+            .collect()
+    }
+
+    /// Waits until `count` events arrived, then a little longer so that a duplicate
+    /// would have time to show up.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<JobEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.events.lock().unwrap().len() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {count} events within {timeout:?}",
+                self.all().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        self.all()
+    }
+}

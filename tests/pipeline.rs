@@ -1,0 +1,546 @@
+//! The core pipeline against real RabbitMQ and a real database, on SQLite and
+//! PostgreSQL: submit → split → work → retry → complete.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use taskmill::protocol::{TaskFinished, TaskMessage, SCHEMA_VERSION};
+use taskmill::{builtin, JobRequest, Roles, TaskContext, TaskError};
+
+use common::{Backend, TestEnv};
+
+const LONG: Duration = Duration::from_secs(60);
+
+on_both_backends!(
+    thousand_task_job_completes,
+    failing_twice_then_succeeding_waits_linearly,
+    always_failing_task_fails_the_job,
+    continue_policy_finishes_every_task,
+    duplicate_task_messages_count_once,
+    racing_completion_consumers_send_one_event_per_job,
+    resubmitting_a_job_id_makes_one_job,
+    bad_input_is_parked_and_the_pod_keeps_serving,
+    panicking_handler_is_a_failed_attempt,
+    job_without_tasks_completes_at_once,
+    splitter_makes_tasks_from_params,
+);
+
+async fn thousand_task_job_completes(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let tasks = (0..1000).map(|n| json!({ "n": n })).collect();
+    let job_id = client
+        .submit(JobRequest::new(builtin::ECHO, tasks))
+        .await
+        .unwrap();
+
+    let event = client.wait(&job_id).await.unwrap();
+    assert_eq!(event.event, "job.done");
+    assert_eq!(
+        (event.task_count, event.done, event.failed),
+        (1000, 1000, 0)
+    );
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.stage, "done");
+    assert_eq!(job.task_count, 1000);
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert_eq!(rows.len(), 1000);
+    for row in &rows {
+        assert_eq!(row.status, "done");
+        assert_eq!(row.attempts, 1);
+        assert_eq!(
+            row.result.as_ref(),
+            Some(&row.payload),
+            "echo returns the payload"
+        );
+    }
+    assert_eq!(
+        events.wait_for(1, LONG).await.len(),
+        1,
+        "exactly one job event"
+    );
+    pod.stop().await;
+}
+
+async fn failing_twice_then_succeeding_waits_linearly(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let seen: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let log = seen.clone();
+    let pod = env.start(env.worker().handler("flaky", move |ctx: TaskContext| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(Instant::now());
+            if ctx.attempt <= 2 {
+                Err(TaskError::retryable(format!(
+                    "flaky attempt {}",
+                    ctx.attempt
+                )))
+            } else {
+                Ok(json!("finally"))
+            }
+        }
+    }));
+    let client = env.client().await;
+    let mut request = JobRequest::new("flaky", vec![json!({})]);
+    request.retry_delay_ms = 400;
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+
+    assert_eq!(event.event, "job.done");
+    let task = &env.store.tasks_of_job(&job_id).await.unwrap()[0];
+    assert_eq!((task.status.as_str(), task.attempts), ("done", 3));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    let first_wait = seen[1] - seen[0];
+    let second_wait = seen[2] - seen[1];
+    assert!(
+        first_wait >= Duration::from_millis(350),
+        "first wait {first_wait:?} is about 1 × 400 ms"
+    );
+    let ratio = second_wait.as_secs_f64() / first_wait.as_secs_f64();
+    assert!(
+        (1.4..=3.0).contains(&ratio),
+        "second wait {second_wait:?} is about twice the first {first_wait:?}"
+    );
+    pod.stop().await;
+}
+
+async fn always_failing_task_fails_the_job(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let mut request = JobRequest::new(builtin::FAIL, vec![json!({ "times": 1000 })]);
+    request.max_retries = 2;
+    request.retry_delay_ms = 50;
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+
+    assert_eq!(event.event, "job.failed");
+    assert_eq!(event.stage, "failed");
+    let error = event.first_error.clone().unwrap();
+    assert!(
+        error.contains("planned failures"),
+        "the job carries the task's error: {error}"
+    );
+    let task = &env.store.tasks_of_job(&job_id).await.unwrap()[0];
+    assert_eq!(task.status, "failed");
+    assert_eq!(task.attempts, 3, "max_retries + 1 attempts");
+    assert_eq!(task.info.as_deref(), Some(error.as_str()));
+    assert_eq!(event.failed_task_ids, vec![task.id]);
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.first_error.as_deref(), Some(error.as_str()));
+    let all = events.wait_for(1, LONG).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].event, "job.failed");
+    pod.stop().await;
+}
+
+async fn continue_policy_finishes_every_task(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let tasks = (0..20)
+        .map(|n| json!({ "times": if n % 5 == 0 { 100 } else { 0 }, "permanent": true }))
+        .collect();
+    let mut request = JobRequest::new(builtin::FAIL, tasks);
+    request.on_failure = taskmill::FailurePolicy::Continue;
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+
+    assert_eq!(event.event, "job.failed");
+    assert_eq!((event.done, event.failed, event.cancelled), (16, 4, 0));
+    assert_eq!(event.failed_task_ids.len(), 4);
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(rows
+        .iter()
+        .all(|row| row.status == "done" || row.status == "failed"));
+    assert!(
+        rows.iter().all(|row| row.attempts == 1),
+        "permanent errors are not retried"
+    );
+    pod.stop().await;
+}
+
+async fn duplicate_task_messages_count_once(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    // Intake only (it must know the task type): the task messages wait in the queue.
+    let intake = env.start(
+        env.worker()
+            .roles(Roles {
+                intake: true,
+                ..Roles::NONE
+            })
+            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
+    );
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            "count",
+            (0..50).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    let topology = env.topology();
+    let rows = wait_for_rows(&env, &job_id, 50).await;
+    // A second copy of every task message, as a sweeper or a retried publish would send.
+    for row in &rows {
+        let message = TaskMessage {
+            version: SCHEMA_VERSION,
+            job_id: job_id.clone(),
+            task_id: row.id,
+            task_type: "count".into(),
+            attempt: 1,
+            max_retries: 3,
+            retry_delay_ms: 100,
+            payload: row.payload.clone(),
+        };
+        let body = serde_json::to_vec(&message).unwrap();
+        env.publish_raw(
+            "",
+            &topology.work_queue("default"),
+            &body,
+            Some("application/json"),
+        )
+        .await;
+    }
+    let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let counter = runs.clone();
+    let worker = env.start(
+        env.worker()
+            .roles(Roles {
+                worker: true,
+                completion: true,
+                ..Roles::NONE
+            })
+            .handler("count", move |ctx: TaskContext| {
+                let counter = counter.clone();
+                async move {
+                    *counter.lock().unwrap().entry(ctx.task_id).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(json!(null))
+                }
+            }),
+    );
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 50));
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|row| row.attempts == 1 && row.status == "done"),
+        "attempts not double-counted"
+    );
+    // A finished event sent twice is counted once too.
+    for row in &rows {
+        let finished = TaskFinished {
+            version: SCHEMA_VERSION,
+            job_id: job_id.clone(),
+            task_id: row.id,
+            status: "done".into(),
+            attempt: 1,
+        };
+        env.publish_raw(
+            "",
+            &topology.completion_queue(),
+            &serde_json::to_vec(&finished).unwrap(),
+            None,
+        )
+        .await;
+    }
+    assert_eq!(
+        events.wait_for(1, LONG).await.len(),
+        1,
+        "exactly one job event"
+    );
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.done_count, 50);
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 50);
+    // The claim of attempt 1 succeeds once; a copy finds the task running or done.
+    assert!(
+        runs.values().all(|&n| n == 1),
+        "each task ran once: {runs:?}"
+    );
+    intake.stop().await;
+    worker.stop().await;
+}
+
+async fn racing_completion_consumers_send_one_event_per_job(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let producer_side = env.start(env.worker().roles(Roles {
+        intake: true,
+        worker: true,
+        ..Roles::NONE
+    }));
+    let completions: Vec<_> = (0..3)
+        .map(|_| {
+            env.start(env.worker().roles(Roles {
+                completion: true,
+                ..Roles::NONE
+            }))
+        })
+        .collect();
+    let client = env.client().await;
+    let mut job_ids = Vec::new();
+    for j in 0..20 {
+        let tasks = (0..40)
+            .map(|n| json!({ "times": u8::from(j % 4 == 0 && n == 7) }))
+            .collect();
+        let mut request = JobRequest::new(builtin::FAIL, tasks);
+        request.retry_delay_ms = 20;
+        request.max_retries = if j % 8 == 0 { 0 } else { 3 };
+        job_ids.push(client.submit(request).await.unwrap());
+    }
+    for job_id in &job_ids {
+        env.wait_for_end(job_id, LONG).await;
+    }
+    // Replay every finished event to all consumers at once: more racing, no new events.
+    let topology = env.topology();
+    for job_id in &job_ids {
+        for row in env.store.tasks_of_job(job_id).await.unwrap() {
+            if row.status == "done" || row.status == "failed" {
+                let finished = TaskFinished {
+                    version: SCHEMA_VERSION,
+                    job_id: job_id.clone(),
+                    task_id: row.id,
+                    status: row.status.clone(),
+                    attempt: row.attempts,
+                };
+                env.publish_raw(
+                    "",
+                    &topology.completion_queue(),
+                    &serde_json::to_vec(&finished).unwrap(),
+                    None,
+                )
+                .await;
+            }
+        }
+    }
+    let all = events.wait_for(job_ids.len(), LONG).await;
+    for job_id in &job_ids {
+        let mine: Vec<_> = all.iter().filter(|e| &e.job_id == job_id).collect();
+        assert_eq!(mine.len(), 1, "job {job_id} has exactly one event");
+        let job = env.store.job(job_id).await.unwrap().unwrap();
+        assert_eq!(mine[0].stage, job.stage);
+        assert_eq!(job.done_count + job.failed_count + job.cancelled_count, 40);
+    }
+    assert_eq!(all.len(), job_ids.len());
+    for pod in completions {
+        pod.stop().await;
+    }
+    producer_side.stop().await;
+}
+
+async fn resubmitting_a_job_id_makes_one_job(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let mut request = JobRequest::new(builtin::ECHO, (0..30).map(|n| json!(n)).collect());
+    request.job_id = Some("order-42".into());
+    client.submit(request.clone()).await.unwrap();
+    client.submit(request.clone()).await.unwrap();
+    let event = client.wait("order-42").await.unwrap();
+    assert_eq!(event.task_count, 30);
+    // Once more after it ended: still nothing new.
+    client.submit(request).await.unwrap();
+    assert_eq!(events.wait_for(1, LONG).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.store.count_jobs().await.unwrap(), 1);
+    assert_eq!(env.store.tasks_of_job("order-42").await.unwrap().len(), 30);
+    assert_eq!(events.all().len(), 1);
+    pod.stop().await;
+}
+
+async fn bad_input_is_parked_and_the_pod_keeps_serving(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut config = env.config.clone();
+    config.max_request_bytes = 2048;
+    let pod = env.start(env.worker().config(config));
+    let client = env.client().await;
+    let topology = env.topology();
+    let jobs = topology.jobs_exchange();
+    let json = Some("application/json");
+    let oversize = format!(
+        r#"{{"version":1,"job_type":"taskmill.echo","tasks":["{}"]}}"#,
+        "x".repeat(4096)
+    );
+    let bad: Vec<(&str, Vec<u8>, Option<&str>, &str)> = vec![
+        (jobs.as_str(), b"{not json".to_vec(), json, "malformed JSON"),
+        (
+            jobs.as_str(),
+            br#"{"version":1,"tasks":[]}"#.to_vec(),
+            json,
+            "malformed JSON: missing field `job_type`",
+        ),
+        (
+            jobs.as_str(),
+            br#"{"version":1,"job_type":"no.such.type","tasks":[1]}"#.to_vec(),
+            json,
+            "unknown task type",
+        ),
+        (
+            jobs.as_str(),
+            br#"{"version":1,"job_type":"no.splitter"}"#.to_vec(),
+            json,
+            "unknown task type",
+        ),
+        (jobs.as_str(), oversize.into_bytes(), json, "over the limit"),
+        (
+            jobs.as_str(),
+            br#"{"version":1,"job_type":"taskmill.echo","tasks":[1]}"#.to_vec(),
+            Some("text/plain"),
+            "content type",
+        ),
+        ("", b"\x00\x01garbage".to_vec(), None, "malformed JSON"),
+    ];
+    let work_queue = topology.work_queue("default");
+    for (exchange, body, content_type, _) in &bad {
+        let routing_key = if exchange.is_empty() {
+            work_queue.as_str()
+        } else {
+            "bad"
+        };
+        env.publish_raw(exchange, routing_key, body, *content_type)
+            .await;
+    }
+    let job_id = client
+        .submit(JobRequest::new(builtin::ECHO, vec![json!(1), json!(2)]))
+        .await
+        .unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+    assert_eq!(event.event, "job.done", "other jobs are unaffected");
+
+    let mut parked = Vec::new();
+    let deadline = Instant::now() + LONG;
+    while parked.len() < bad.len() && Instant::now() < deadline {
+        parked.extend(env.drain_queue(&topology.parking_queue()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        parked.len(),
+        bad.len(),
+        "every bad message is parked: {parked:?}"
+    );
+    let mut reasons: Vec<String> = parked
+        .iter()
+        .map(|(_, reason)| reason.clone().expect("a reason header"))
+        .collect();
+    for (_, body, _, expected) in &bad {
+        let position = parked
+            .iter()
+            .position(|(parked_body, _)| parked_body == body)
+            .expect("original body kept");
+        let reason = &parked[position].1.clone().unwrap();
+        assert!(
+            reason.contains(expected),
+            "reason {reason:?} mentions {expected:?}"
+        );
+        reasons.retain(|r| r != reason);
+    }
+    assert!(!pod.handle.is_finished(), "the pod keeps serving");
+    pod.stop().await;
+}
+
+async fn panicking_handler_is_a_failed_attempt(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(
+        env.worker()
+            .handler("explosive", |ctx: TaskContext| async move {
+                if ctx.attempt == 1 {
+                    panic!("boom on attempt {}", ctx.attempt);
+                }
+                Ok(json!("survived"))
+            }),
+    );
+    let client = env.client().await;
+    let mut request = JobRequest::new("explosive", vec![json!(1), json!(2), json!(3)]);
+    request.retry_delay_ms = 50;
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+    assert_eq!(event.event, "job.done");
+    for row in env.store.tasks_of_job(&job_id).await.unwrap() {
+        assert_eq!((row.status.as_str(), row.attempts), ("done", 2));
+        assert!(row
+            .info
+            .unwrap()
+            .contains("handler panicked: boom on attempt 1"));
+    }
+    // The pod still serves a second job.
+    let second = client
+        .submit(JobRequest::new(builtin::ECHO, vec![json!(1)]))
+        .await
+        .unwrap();
+    assert_eq!(client.wait(&second).await.unwrap().event, "job.done");
+    pod.stop().await;
+}
+
+async fn job_without_tasks_completes_at_once(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(builtin::ECHO, vec![]))
+        .await
+        .unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+    assert_eq!((event.event.as_str(), event.task_count), ("job.done", 0));
+    pod.stop().await;
+}
+
+async fn splitter_makes_tasks_from_params(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let pod = env.start(
+        env.worker()
+            .splitter("range", |params| {
+                let n = params
+                    .get("n")
+                    .and_then(|v| v.as_u64())
+                    .ok_or("params need n")?;
+                Ok((0..n).map(|i| json!(i)).collect())
+            })
+            .handler("range", move |_ctx: TaskContext| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { Ok(json!(null)) }
+            }),
+    );
+    let client = env.client().await;
+    let mut request = JobRequest::new("range", vec![]);
+    request.tasks = None;
+    request.params = json!({ "n": 7 });
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+    assert_eq!((event.event.as_str(), event.done), ("job.done", 7));
+    assert_eq!(runs.load(Ordering::SeqCst), 7);
+    pod.stop().await;
+}
+
+async fn wait_for_rows(
+    env: &TestEnv,
+    job_id: &str,
+    count: usize,
+) -> Vec<taskmill::store::task::Model> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Some(job) = env.store.job(job_id).await.unwrap() {
+            if job.tasks_published {
+                let rows = env.store.tasks_of_job(job_id).await.unwrap();
+                assert_eq!(rows.len(), count);
+                return rows;
+            }
+        }
+        assert!(Instant::now() < deadline, "job {job_id} was not formed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
