@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Publisher};
+use crate::broker::{Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::protocol::Target;
 use crate::store::{job_event, Store};
@@ -50,27 +50,35 @@ impl EventPublisher {
                 })
                 .await?,
         ];
-        let target = event
-            .on_complete
-            .as_ref()
-            .and_then(|value| serde_json::from_value::<Target>(value.clone()).ok());
-        if let Some(target) = &target {
-            pending.push(
-                self.publisher
-                    .send(Outgoing {
-                        exchange: &target.exchange,
-                        routing_key: &target.routing_key,
-                        body: &body,
-                        mandatory: false,
-                        headers: None,
-                    })
-                    .await?,
-            );
+        if let Some(target) = event_target(event) {
+            pending.push(self.send_to(&target, &body).await?);
         }
         crate::broker::all_confirmed(pending).await?;
         self.store.mark_event_published(event.id).await?;
         tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
         Ok(())
+    }
+
+    /// Publishes a stored event to one target only (confirmed).
+    pub async fn publish_to(&self, target: &Target, event: &job_event::Model) -> Result<(), Error> {
+        let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
+        self.send_to(target, &body).await?.confirmed().await?;
+        Ok(())
+    }
+
+    /// Not mandatory: a producer's reply queue may be gone, and that must not block
+    /// the event from going anywhere else.
+    async fn send_to(&self, target: &Target, body: &[u8]) -> Result<Pending, Error> {
+        Ok(self
+            .publisher
+            .send(Outgoing {
+                exchange: &target.exchange,
+                routing_key: &target.routing_key,
+                body,
+                mandatory: false,
+                headers: None,
+            })
+            .await?)
     }
 
     /// Publishes a freshly written event, leaving it to the relay on failure.
@@ -107,4 +115,9 @@ impl EventPublisher {
             }
         }
     }
+}
+
+fn event_target(event: &job_event::Model) -> Option<Target> {
+    let value = event.on_complete.clone()?;
+    serde_json::from_value(value).ok()
 }

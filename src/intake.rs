@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
 use crate::pod::Shared;
-use crate::protocol::{self, DecodeError, JobRequest, TaskMessage, SCHEMA_VERSION};
+use crate::protocol::{self, DecodeError, JobRequest, Target, TaskMessage, SCHEMA_VERSION};
 use crate::retry::Delays;
 use crate::state::JobStage;
 use crate::store::{job, NewJob, NewTask, StartOutcome};
@@ -244,14 +244,34 @@ impl Intake {
                 tracing::info!(job_id, "resuming the publishing of an existing job");
                 Some(job)
             }
-            (Some(_), _) => {
+            (Some(job), stage) => {
                 tracing::info!(job_id, "duplicate job request; the job exists already");
+                if matches!(stage, Some(Ok(stage)) if stage.is_terminal()) {
+                    self.answer_duplicate(&job.id, request.on_complete.as_ref())
+                        .await?;
+                }
                 None
             }
         };
         if let Some(job) = job {
             self.publish_tasks(&job).await?;
         }
+        Ok(())
+    }
+
+    /// A producer that resubmits an ended job (after a lost confirm, say) still gets an
+    /// answer: the stored event goes to the resubmission's own `on_complete` target.
+    /// Not to the events exchange, which carries exactly one event per job.
+    async fn answer_duplicate(
+        &self,
+        job_id: &str,
+        target: Option<&Target>,
+    ) -> Result<(), Rejection> {
+        let Some(target) = target else { return Ok(()) };
+        let Some(event) = self.shared.store.job_event(job_id).await? else {
+            return Ok(());
+        };
+        self.events.publish_to(target, &event).await?;
         Ok(())
     }
 

@@ -351,10 +351,18 @@ async fn resubmitting_a_job_id_makes_one_job(backend: Backend) {
     client.submit(request.clone()).await.unwrap();
     let event = client.wait("order-42").await.unwrap();
     assert_eq!(event.task_count, 30);
-    // Once more after it ended: still nothing new.
+    // Once more after it ended: nothing new, but the resubmission's own on_complete
+    // target gets the stored event, so a producer that lost its confirm still hears back.
+    let reply = env.declare_queue("reply").await;
+    request.on_complete = Some(taskmill::Target {
+        exchange: String::new(),
+        routing_key: reply.clone(),
+    });
     client.submit(request).await.unwrap();
     assert_eq!(events.wait_for(1, LONG).await.len(), 1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = wait_for_messages(&env, &reply, 1).await;
+    let answer: taskmill::JobEvent = serde_json::from_slice(&answered[0].0).unwrap();
+    assert_eq!(answer, event);
     assert_eq!(env.store.count_jobs().await.unwrap(), 1);
     assert_eq!(env.store.tasks_of_job("order-42").await.unwrap().len(), 30);
     assert_eq!(events.all().len(), 1);
@@ -524,6 +532,25 @@ async fn splitter_makes_tasks_from_params(backend: Backend) {
     assert_eq!((event.event.as_str(), event.done), ("job.done", 7));
     assert_eq!(runs.load(Ordering::SeqCst), 7);
     pod.stop().await;
+}
+
+async fn wait_for_messages(
+    env: &TestEnv,
+    queue: &str,
+    count: usize,
+) -> Vec<(Vec<u8>, Option<String>)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + LONG;
+    while got.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} messages in {queue}",
+            got.len()
+        );
+        got.extend(env.drain_queue(queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got
 }
 
 async fn wait_for_rows(

@@ -248,6 +248,25 @@ impl TestEnv {
         connection.close(200, "done".into()).await.unwrap();
     }
 
+    /// Declares a durable queue in this test's vhost and returns its name.
+    pub async fn declare_queue(&self, name: &str) -> String {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+        name.to_owned()
+    }
+
     /// Takes every message from a queue: (body, reason header).
     pub async fn drain_queue(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
         let connection = self.connection().await;
