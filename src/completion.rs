@@ -47,7 +47,10 @@ pub(crate) async fn run(
         shared.topology.clone(),
         shared.store.clone(),
     );
-    let relay = tokio::spawn(events.clone().run_relay(RELAY_INTERVAL, shutdown.clone()));
+    // The relay lives as long as this run: a restarted run starts its own.
+    let relay_token = shutdown.child_token();
+    let _stop_relay = relay_token.clone().drop_guard();
+    let relay = tokio::spawn(events.clone().run_relay(RELAY_INTERVAL, relay_token));
     let queue = shared.topology.completion_queue();
     let mut consumer = channel
         .basic_consume(

@@ -39,6 +39,14 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// Database connection pool size.
     pub db_pool_size: u32,
+    /// How often the sweeper looks for stuck work.
+    pub sweep_interval: Duration,
+    /// A task that should be moving but has not changed for this long is stuck.
+    pub stuck_after: Duration,
+    /// Shards the sweeper scans in parallel (task id modulo).
+    pub sweeper_shards: u32,
+    /// A job still forming after this long lost its request: it is failed.
+    pub formation_timeout: Duration,
 }
 
 impl Default for Config {
@@ -55,6 +63,10 @@ impl Default for Config {
             grace_period: Duration::from_secs(30),
             migrate_on_start: true,
             db_pool_size: 16,
+            sweep_interval: Duration::from_secs(30),
+            stuck_after: Duration::from_secs(300),
+            sweeper_shards: 4,
+            formation_timeout: Duration::from_secs(1800),
         }
     }
 }

@@ -18,6 +18,15 @@ pub enum Error {
     Other(String),
 }
 
+impl Error {
+    /// A failure of the broker connection or channel (as opposed to a nack, an
+    /// unroutable message, or a database or data problem): reported once per outage
+    /// by the broker link rather than once per message.
+    pub fn is_broker_connection(&self) -> bool {
+        matches!(self, Self::Broker(BrokerError::Amqp(_)))
+    }
+}
+
 impl From<lapin::Error> for Error {
     fn from(err: lapin::Error) -> Self {
         Self::Broker(BrokerError::Amqp(err))

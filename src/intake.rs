@@ -32,11 +32,14 @@ const MIN_BATCH_TO_HALVE: usize = 5;
 /// Task messages published before waiting for their confirms.
 const PUBLISH_WINDOW: u64 = 1_000;
 /// Job requests handled at once by one intake.
-const CONCURRENT_REQUESTS: usize = 8;
+pub(crate) const CONCURRENT_REQUESTS: usize = 8;
 
+/// Requests in flight hold `slots`, which outlive one connection: requests started
+/// before a reconnect still count against the limit.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
+    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let channel = connection.create_channel().await?;
@@ -59,7 +62,6 @@ pub(crate) async fn run(
         )
         .await?;
     tracing::info!(queue, "intake consuming");
-    let slots = Arc::new(Semaphore::new(CONCURRENT_REQUESTS));
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -80,7 +82,16 @@ pub(crate) async fn run(
         });
     }
     // Let requests in flight finish; unacked ones go back to the broker with the channel.
-    let _ = slots.acquire_many(CONCURRENT_REQUESTS as u32).await;
+    let grace = shared.config.grace_period;
+    if tokio::time::timeout(grace, slots.acquire_many(CONCURRENT_REQUESTS as u32))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "job requests still in flight after the grace period; the broker will redeliver them"
+        );
+    }
     let _ = channel.close(200, "shutdown".into()).await;
     publisher.close().await;
     Ok(())

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod intake;
+pub mod link;
 pub mod parking;
 pub mod pod;
 pub mod protocol;
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod retry;
 pub mod state;
 pub mod store;
+pub mod sweeper;
 pub mod topology;
 pub mod worker;
 

@@ -28,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Submit(args) => cli::submit::run(&config, args).await,
         Command::Status(args) => cli::status::run(&config, args).await,
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
+        Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
     }?;
     std::process::exit(code);
 }

@@ -5,7 +5,10 @@
 
 use chrono::Utc;
 use lapin::message::Delivery;
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Connection;
+use serde::Serialize;
 
 use crate::broker::{string_header, BrokerError, Outgoing, Publisher};
 use crate::topology::Topology;
@@ -15,6 +18,8 @@ pub const SOURCE_HEADER: &str = "x-taskmill-source-queue";
 pub const PARKED_AT_HEADER: &str = "x-taskmill-parked-at";
 pub const EXCHANGE_HEADER: &str = "x-taskmill-original-exchange";
 pub const ROUTING_KEY_HEADER: &str = "x-taskmill-original-routing-key";
+pub const PARKED_ID_HEADER: &str = "x-taskmill-parked-id";
+const OUR_HEADER_PREFIX: &str = "x-taskmill-";
 
 /// Copies the delivery to the parking lot with the reason (confirmed). The caller acks
 /// the original afterwards.
@@ -43,6 +48,10 @@ pub async fn park(
         }
     }
     let reason: String = reason.chars().take(1000).collect();
+    headers.insert(
+        PARKED_ID_HEADER.into(),
+        string_header(uuid::Uuid::new_v4().to_string()),
+    );
     headers.insert(REASON_HEADER.into(), string_header(reason));
     headers.insert(SOURCE_HEADER.into(), string_header(source_queue));
     headers.insert(
@@ -65,4 +74,139 @@ pub async fn park(
         .confirmed()
         .await?;
     Ok(())
+}
+
+/// A parked message as an operator sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Parked {
+    pub id: String,
+    pub reason: String,
+    pub source_queue: String,
+    pub parked_at: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub content_type: Option<String>,
+    pub bytes: usize,
+    /// The body as text when it is UTF-8 (lossy otherwise), cut at 2,000 characters.
+    pub body_preview: String,
+}
+
+impl Parked {
+    fn from_delivery(delivery: &Delivery) -> Self {
+        let header = |name: &str| {
+            delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|headers| headers.inner().get(name).cloned())
+                .and_then(|value| match value {
+                    AMQPValue::LongString(text) => Some(text.to_string()),
+                    AMQPValue::ShortString(text) => Some(text.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        Self {
+            id: header(PARKED_ID_HEADER),
+            reason: header(REASON_HEADER),
+            source_queue: header(SOURCE_HEADER),
+            parked_at: header(PARKED_AT_HEADER),
+            exchange: header(EXCHANGE_HEADER),
+            routing_key: header(ROUTING_KEY_HEADER),
+            content_type: delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|s| s.to_string()),
+            bytes: delivery.data.len(),
+            body_preview: String::from_utf8_lossy(&delivery.data)
+                .chars()
+                .take(2000)
+                .collect(),
+        }
+    }
+}
+
+/// Lists the parking lot without removing anything: every message is fetched
+/// unacked and returns to the queue when the channel closes.
+pub async fn list(
+    connection: &Connection,
+    topology: &Topology,
+) -> Result<Vec<Parked>, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let queue = topology.parking_queue();
+    let mut parked = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await?
+    {
+        parked.push(Parked::from_delivery(&message.delivery));
+    }
+    channel.close(200, "listed".into()).await?;
+    Ok(parked)
+}
+
+/// Sends parked messages back where they were first published (the `ids` given, or
+/// all), without the parking headers; each is removed from the parking lot only after
+/// its replay was confirmed. Returns how many were replayed.
+pub async fn replay(
+    connection: &Connection,
+    topology: &Topology,
+    ids: Option<&[String]>,
+) -> Result<usize, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let publisher = Publisher::open(connection).await?;
+    let queue = topology.parking_queue();
+    let mut replayed = 0;
+    while let Some(message) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await?
+    {
+        let delivery = &message.delivery;
+        let parked = Parked::from_delivery(delivery);
+        if ids.is_some_and(|ids| !ids.contains(&parked.id)) {
+            continue;
+        }
+        let mut headers = FieldTable::default();
+        if let Some(original) = delivery.properties.headers() {
+            for (key, value) in original.inner() {
+                if !key.as_str().starts_with(OUR_HEADER_PREFIX) {
+                    headers.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        let properties = delivery.properties.clone().with_headers(headers);
+        publisher
+            .send_with(
+                Outgoing {
+                    exchange: &parked.exchange,
+                    routing_key: &parked.routing_key,
+                    body: &delivery.data,
+                    mandatory: true,
+                    headers: None,
+                },
+                properties,
+            )
+            .await?
+            .confirmed()
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        replayed += 1;
+    }
+    publisher.close().await;
+    channel.close(200, "replayed".into()).await?;
+    Ok(replayed)
+}
+
+/// Empties the parking lot; returns how many messages were removed.
+pub async fn purge(connection: &Connection, topology: &Topology) -> Result<u32, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let count = channel
+        .queue_purge(
+            topology.parking_queue().as_str().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await?;
+    channel.close(200, "purged".into()).await?;
+    Ok(count)
 }

@@ -17,12 +17,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Publisher};
+use crate::broker::Publisher;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
+use crate::link::{supervise, BrokerLink};
 use crate::registry::{HandlerResult, Registry, TaskContext};
 use crate::store::Store;
 use crate::topology::Topology;
@@ -33,6 +35,7 @@ pub struct Roles {
     pub intake: bool,
     pub worker: bool,
     pub completion: bool,
+    pub sweeper: bool,
 }
 
 impl Roles {
@@ -40,12 +43,14 @@ impl Roles {
         intake: true,
         worker: true,
         completion: true,
+        sweeper: true,
     };
 
     pub const NONE: Roles = Roles {
         intake: false,
         worker: false,
         completion: false,
+        sweeper: false,
     };
 }
 
@@ -169,12 +174,16 @@ impl Worker {
             store.migrate().await?;
         }
         let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
-        let connection = Arc::new(broker::connect(&self.config.amqp_url).await?);
+        let link = Arc::new(BrokerLink::new(self.config.amqp_url.clone()));
+        let Some(connection) = link.connection(&shutdown).await else {
+            return Ok(());
+        };
         {
             let setup = Publisher::open(&connection).await?;
             topology.declare_core(setup.channel()).await?;
-            let _ = setup.channel().close(200, "declared".into()).await;
+            setup.close().await;
         }
+        let concurrency = self.config.concurrency.max(1);
         let shared = Arc::new(Shared {
             config: self.config,
             store,
@@ -184,27 +193,53 @@ impl Worker {
         let roles_token = shutdown.child_token();
         let mut roles = JoinSet::new();
         if self.roles.intake {
-            roles.spawn(crate::intake::run(
-                shared.clone(),
-                connection.clone(),
+            let slots = Arc::new(Semaphore::new(crate::intake::CONCURRENT_REQUESTS));
+            let (shared, token) = (shared.clone(), roles_token.clone());
+            roles.spawn(supervise(
+                "intake",
+                link.clone(),
                 roles_token.clone(),
+                move |connection| {
+                    crate::intake::run(shared.clone(), connection, slots.clone(), token.clone())
+                },
             ));
         }
         if self.roles.worker {
             for pool in &self.queues {
-                roles.spawn(crate::worker::run(
-                    shared.clone(),
-                    connection.clone(),
-                    pool.clone(),
+                let slots = Arc::new(Semaphore::new(concurrency));
+                let (shared, token, pool) = (shared.clone(), roles_token.clone(), pool.clone());
+                roles.spawn(supervise(
+                    "worker",
+                    link.clone(),
                     roles_token.clone(),
+                    move |connection| {
+                        crate::worker::run(
+                            shared.clone(),
+                            connection,
+                            pool.clone(),
+                            slots.clone(),
+                            token.clone(),
+                        )
+                    },
                 ));
             }
         }
         if self.roles.completion {
-            roles.spawn(crate::completion::run(
-                shared.clone(),
-                connection.clone(),
+            let (shared, token) = (shared.clone(), roles_token.clone());
+            roles.spawn(supervise(
+                "completion",
+                link.clone(),
                 roles_token.clone(),
+                move |connection| crate::completion::run(shared.clone(), connection, token.clone()),
+            ));
+        }
+        if self.roles.sweeper {
+            let (shared, token) = (shared.clone(), roles_token.clone());
+            roles.spawn(supervise(
+                "sweeper",
+                link.clone(),
+                roles_token.clone(),
+                move |connection| crate::sweeper::run(shared.clone(), connection, token.clone()),
             ));
         }
         let mut first_error = None;
@@ -217,7 +252,7 @@ impl Worker {
                 roles_token.cancel();
             }
         }
-        let _ = connection.close(200, "shutdown".into()).await;
+        link.close().await;
         match first_error {
             Some(err) => Err(err),
             None => Ok(()),

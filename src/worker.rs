@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio::sync::Semaphore;
@@ -32,10 +34,13 @@ use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
 use crate::store::TaskOutcome;
 
+/// Handlers in flight hold `slots` (sized `config.concurrency`), which outlive one
+/// connection: handlers started before a reconnect still count against the limit.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     pool: String,
+    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let concurrency = shared.config.concurrency.max(1);
@@ -59,7 +64,6 @@ pub(crate) async fn run(
         )
         .await?;
     tracing::info!(queue, concurrency, "worker consuming");
-    let slots = Arc::new(Semaphore::new(concurrency));
     let runner = Arc::new(Runner {
         shared: shared.clone(),
         publisher,
@@ -115,11 +119,23 @@ impl Runner {
         if let Err(err) = self.process(&delivery).await {
             // Unacked, the message returns to the queue when the channel closes, and
             // the conditional transitions make its second run harmless.
-            tracing::error!(%err, "task message not settled");
+            if err.is_broker_connection() {
+                tracing::debug!(%err, "task message not settled: broker connection lost");
+            } else {
+                tracing::error!(%err, "task message not settled; returning it to the queue");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                if let Err(err) = delivery.acker.nack(requeue).await {
+                    tracing::debug!(%err, "nack failed; the broker will redeliver");
+                }
+            }
             return;
         }
         if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-            tracing::warn!(%err, "ack failed; the broker will redeliver");
+            tracing::debug!(%err, "ack failed; the broker will redeliver");
         }
     }
 

@@ -1,5 +1,6 @@
 //! The `taskmill` command line: one file per subcommand.
 
+pub mod dead;
 pub mod demo;
 pub mod migrate;
 pub mod status;
@@ -63,4 +64,6 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Run every role in-process, submit a demo job, wait, and print a summary.
     Demo(demo::DemoArgs),
+    /// The parking lot: list, replay or purge messages that could not be processed.
+    Dead(dead::DeadArgs),
 }

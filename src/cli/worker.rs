@@ -10,6 +10,7 @@ pub enum Role {
     Intake,
     Worker,
     Completion,
+    Sweeper,
 }
 
 #[derive(Args, Debug)]
@@ -32,6 +33,15 @@ pub struct WorkerArgs {
     /// Job requests over this many bytes are parked.
     #[arg(long, env = "TASKMILL_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_request_bytes: usize,
+    /// Seconds between sweeps for stuck work.
+    #[arg(long, env = "TASKMILL_SWEEP_SECS", default_value_t = 30)]
+    pub sweep_secs: u64,
+    /// Seconds without progress after which a task that should be moving is stuck.
+    #[arg(long, env = "TASKMILL_STUCK_SECS", default_value_t = 300)]
+    pub stuck_secs: u64,
+    /// Shards the sweeper scans in parallel.
+    #[arg(long, env = "TASKMILL_SWEEPER_SHARDS", default_value_t = 4)]
+    pub sweeper_shards: u32,
     /// Do not run migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
@@ -45,6 +55,7 @@ pub fn roles(selected: &[Role]) -> Roles {
         intake: selected.contains(&Role::Intake),
         worker: selected.contains(&Role::Worker),
         completion: selected.contains(&Role::Completion),
+        sweeper: selected.contains(&Role::Sweeper),
     }
 }
 
@@ -58,6 +69,9 @@ pub async fn run(
     config.lease = Duration::from_secs(args.lease_secs);
     config.max_request_bytes = args.max_request_bytes;
     config.migrate_on_start = !args.no_migrate;
+    config.sweep_interval = Duration::from_secs(args.sweep_secs.max(1));
+    config.stuck_after = Duration::from_secs(args.stuck_secs);
+    config.sweeper_shards = args.sweeper_shards.max(1);
     let mut builder = Worker::builder().config(config).roles(roles(&args.roles));
     for queue in args.queues {
         builder = builder.queue(queue);

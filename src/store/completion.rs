@@ -167,7 +167,7 @@ pub(super) async fn end_job<C: ConnectionTrait>(
 /// cancels what is left of it if it failed fast or was cancelled, sets its final
 /// counts from one aggregate, and writes its event to the outbox, claimed by the
 /// caller for [`EVENT_CLAIM`].
-async fn end_job_with<C: ConnectionTrait>(
+pub(super) async fn end_job_with<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
     from: JobStage,
@@ -176,7 +176,10 @@ async fn end_job_with<C: ConnectionTrait>(
 ) -> Result<job_event::Model, StoreError> {
     let now = Utc::now();
     let policy = FailurePolicy::parse(&job.on_failure);
-    if to == JobStage::Cancelled || (to == JobStage::Failed && policy == FailurePolicy::FailFast) {
+    let cancel_rest = to == JobStage::Cancelled
+        || (to == JobStage::Failed
+            && (policy == FailurePolicy::FailFast || from == JobStage::Formation));
+    if cancel_rest {
         task::Entity::update_many()
             .col_expr(
                 task::Column::Status,

@@ -11,6 +11,7 @@ mod completion;
 mod error;
 mod events;
 mod jobs;
+mod sweeper;
 mod tasks;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use sea_orm::{
 pub use completion::Progress;
 pub use error::StoreError;
 pub use jobs::{JobStatus, NewJob, NewTask, StartOutcome};
+pub use sweeper::SWEEP_WRITE_BATCH;
 pub use tasks::{Claim, TaskOutcome};
 
 pub use entity::{job, job_event, task};

@@ -1,0 +1,134 @@
+//! The pod's broker link: one shared connection, re-established with capped, jittered
+//! backoff when it dies, and a supervisor that puts each role back to work on it.
+//!
+//! A role's consumer stream ending, a channel closed by the broker, a lost socket: all
+//! end the role's run with an error, and [`supervise`] starts it again on a live
+//! connection. Messages the dead channel had not acked return to their queues; the
+//! conditional transitions of the store make their second run harmless. While the
+//! broker is away the log says so once per outage, at warn level.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker;
+use crate::error::Error;
+use crate::retry::Delays;
+
+/// Longest wait between reconnect attempts.
+const RECONNECT_CAP: Duration = Duration::from_secs(10);
+
+pub struct BrokerLink {
+    url: String,
+    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// When the current outage began, if the broker is away.
+    outage: Mutex<Option<Instant>>,
+}
+
+impl BrokerLink {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            current: tokio::sync::Mutex::new(None),
+            outage: Mutex::new(None),
+        }
+    }
+
+    /// The live connection, reconnecting first if needed. `None` once `shutdown` is
+    /// cancelled while waiting.
+    pub async fn connection(&self, shutdown: &CancellationToken) -> Option<Arc<Connection>> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = current.as_ref() {
+            if connection.status().connected() {
+                return Some(connection.clone());
+            }
+        }
+        let mut delays = Delays::reconnect(RECONNECT_CAP);
+        loop {
+            match broker::connect(&self.url).await {
+                Ok(connection) => {
+                    let connection = Arc::new(connection);
+                    *current = Some(connection.clone());
+                    if let Some(began) = self.outage.lock().expect("outage lock").take() {
+                        tracing::warn!(after = ?began.elapsed(), "broker connection restored");
+                    }
+                    return Some(connection);
+                }
+                Err(err) => self.report(&Error::from(err)),
+            }
+            let delay = delays.next().unwrap_or(RECONNECT_CAP);
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Logs a broker failure: at warn for the first of an outage, at debug after.
+    pub fn report(&self, err: &Error) {
+        let mut outage = self.outage.lock().expect("outage lock");
+        if outage.is_none() {
+            *outage = Some(Instant::now());
+            tracing::warn!(%err, "broker connection lost; reconnecting");
+        } else {
+            tracing::debug!(%err, "broker still away");
+        }
+    }
+
+    /// Whether an outage is being reported right now.
+    pub fn in_outage(&self) -> bool {
+        self.outage.lock().expect("outage lock").is_some()
+    }
+
+    pub async fn close(&self) {
+        if let Some(connection) = self.current.lock().await.take() {
+            if connection.status().connected() {
+                let _ = connection.close(200, "shutdown".into()).await;
+            }
+        }
+    }
+}
+
+/// Runs `role` on the link's connection until it returns `Ok` (a clean shutdown) or
+/// `shutdown` is cancelled; any error restarts it on a live connection after a
+/// backoff wait.
+pub async fn supervise<F, Fut>(
+    name: &'static str,
+    link: Arc<BrokerLink>,
+    shutdown: CancellationToken,
+    mut role: F,
+) -> Result<(), Error>
+where
+    F: FnMut(Arc<Connection>) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let mut delays = Delays::reconnect(RECONNECT_CAP);
+    loop {
+        let Some(connection) = link.connection(&shutdown).await else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        match role(connection.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(err) => {
+                if connection.status().connected() {
+                    tracing::error!(role = name, %err, "role failed; restarting it");
+                } else {
+                    link.report(&err);
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            delays.reset();
+        }
+        let delay = delays.next().unwrap_or(RECONNECT_CAP);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! What the sweeper reads and writes: stuck tasks in shards, compare-and-set touches
+//! on their version, stale formations, and the lease that keeps one sweeper active.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+
+use super::jobs::lock_job;
+use super::{completion, job, job_event, task, Store, StoreError};
+use crate::state::{JobStage, TaskStatus};
+use entity::lease;
+
+/// Rows per write transaction of the sweeper.
+pub const SWEEP_WRITE_BATCH: usize = 25;
+
+fn chrono_of(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Store {
+    /// Takes or renews the lease `name` for `holder` for `ttl`; `false` while another
+    /// holder's lease is live.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.retrying("acquire lease", || async {
+            let now = Utc::now();
+            let until = now + chrono_of(ttl);
+            let inserted = lease::Entity::insert(lease::ActiveModel {
+                name: Set(name.to_owned()),
+                holder: Set(holder.to_owned()),
+                until: Set(until),
+            })
+            .on_conflict(
+                OnConflict::column(lease::Column::Name)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+            if inserted == 1 {
+                return Ok(true);
+            }
+            let taken = lease::Entity::update_many()
+                .col_expr(lease::Column::Holder, Expr::value(holder))
+                .col_expr(lease::Column::Until, Expr::value(until))
+                .filter(lease::Column::Name.eq(name))
+                .filter(
+                    Condition::any()
+                        .add(lease::Column::Holder.eq(holder))
+                        .add(lease::Column::Until.lt(now)),
+                )
+                .exec(&self.db)
+                .await?;
+            Ok(taken.rows_affected == 1)
+        })
+        .await
+    }
+
+    /// Tasks of shard `shard` (of `shards`, by id modulo) after `after_id` that have
+    /// not changed since `quiet_since` although they should be moving: pending or
+    /// retrying (their message may be lost), running past their lease (their worker
+    /// died), or finished but not counted (their finished event may be lost).
+    pub async fn stuck_tasks(
+        &self,
+        shard: u32,
+        shards: u32,
+        after_id: i64,
+        limit: u64,
+        quiet_since: DateTime<Utc>,
+    ) -> Result<Vec<task::Model>, StoreError> {
+        self.retrying("scan stuck tasks", || async {
+            let now = Utc::now();
+            let stuck = Condition::any()
+                .add(
+                    task::Column::Status
+                        .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
+                )
+                .add(
+                    Condition::all()
+                        .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
+                        .add(task::Column::LeaseUntil.lt(now)),
+                )
+                .add(
+                    Condition::all()
+                        .add(
+                            task::Column::Status
+                                .is_in([TaskStatus::Done.as_str(), TaskStatus::Failed.as_str()]),
+                        )
+                        .add(task::Column::Counted.eq(false)),
+                );
+            Ok(task::Entity::find()
+                .filter(task::Column::UpdatedAt.lt(quiet_since))
+                .filter(stuck)
+                .filter(
+                    Expr::col(task::Column::Id)
+                        .modulo(i64::from(shards))
+                        .eq(i64::from(shard)),
+                )
+                .filter(task::Column::Id.gt(after_id))
+                .order_by_asc(task::Column::Id)
+                .limit(limit)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Marks the given tasks as swept now (`updated_at`, `version + 1`), each only if
+    /// its version is still the one the sweeper read: a task that moved since is
+    /// stale and skipped. At most [`SWEEP_WRITE_BATCH`] rows per transaction. Returns
+    /// the ids touched.
+    pub async fn touch_tasks(&self, seen: &[(i64, i64)]) -> Result<Vec<i64>, StoreError> {
+        let mut touched = Vec::with_capacity(seen.len());
+        for batch in seen.chunks(SWEEP_WRITE_BATCH) {
+            let batch = batch.to_vec();
+            let ids = self
+                .retrying("touch swept tasks", || async {
+                    let batch = batch.clone();
+                    Ok(self
+                        .db
+                        .transaction::<_, Vec<i64>, StoreError>(move |txn| {
+                            Box::pin(async move {
+                                let now = Utc::now();
+                                let mut ids = Vec::new();
+                                for (id, version) in batch {
+                                    let result = task::Entity::update_many()
+                                        .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                                        .col_expr(
+                                            task::Column::Version,
+                                            Expr::col(task::Column::Version).add(1),
+                                        )
+                                        .filter(task::Column::Id.eq(id))
+                                        .filter(task::Column::Version.eq(version))
+                                        .exec(txn)
+                                        .await?;
+                                    if result.rows_affected == 1 {
+                                        ids.push(id);
+                                    }
+                                }
+                                Ok(ids)
+                            })
+                        })
+                        .await?)
+                })
+                .await?;
+            touched.extend(ids);
+        }
+        Ok(touched)
+    }
+
+    pub async fn jobs_by_id(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, job::Model>, StoreError> {
+        self.retrying("read jobs", || async {
+            let jobs = job::Entity::find()
+                .filter(job::Column::Id.is_in(ids.iter().cloned()))
+                .all(&self.db)
+                .await?;
+            Ok(jobs.into_iter().map(|job| (job.id.clone(), job)).collect())
+        })
+        .await
+    }
+
+    /// The pools (queues) of running jobs.
+    pub async fn running_pools(&self) -> Result<Vec<String>, StoreError> {
+        self.retrying("list running pools", || async {
+            Ok(job::Entity::find()
+                .select_only()
+                .column(job::Column::Queue)
+                .distinct()
+                .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+                .into_tuple()
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Jobs still in `formation` that were created before `created_before`.
+    pub async fn stale_formations(
+        &self,
+        created_before: DateTime<Utc>,
+    ) -> Result<Vec<job::Model>, StoreError> {
+        self.retrying("scan stale formations", || async {
+            Ok(job::Entity::find()
+                .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
+                .filter(job::Column::CreatedAt.lt(created_before))
+                .order_by_asc(job::Column::CreatedAt)
+                .limit(1000)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Fails a job stuck in `formation` (its request was lost mid-way), so that its
+    /// producer hears back instead of waiting forever. `None`: it left formation.
+    pub async fn fail_formation(
+        &self,
+        job_id: &str,
+        reason: &str,
+    ) -> Result<Option<job_event::Model>, StoreError> {
+        self.retrying("fail stale formation", || async {
+            let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
+            Ok(self
+                .db
+                .transaction::<_, Option<job_event::Model>, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        let Some(job) = lock_job(txn, &job_id, JobStage::Formation).await? else {
+                            return Ok(None);
+                        };
+                        let event = completion::end_job_with(
+                            txn,
+                            &job,
+                            JobStage::Formation,
+                            JobStage::Failed,
+                            Some(reason),
+                        )
+                        .await?;
+                        Ok(Some(event))
+                    })
+                })
+                .await?)
+        })
+        .await
+    }
+}

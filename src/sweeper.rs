@@ -1,0 +1,310 @@
+//! The sweeper: the safety net for work that should be moving but is not.
+//!
+//! After the build system's sync cron: every `sweep_interval`, the one pod holding the
+//! `sweeper` lease scans the tasks table in `sweeper_shards` shards (task id modulo)
+//! in parallel, 1,000 keys at a time, for tasks that have not changed for
+//! `stuck_after`:
+//!
+//! - pending or retrying: the task message was lost (a crash between commit and
+//!   publish, an operator's purge): publish it again — but only for pools whose work
+//!   queue is empty, since a task in a backlog is waiting, not lost, and re-publishing a
+//!   backlog would double it;
+//! - running past its lease: the worker died and the message did not come back:
+//!   publish the same attempt again (the claim takes over an expired lease);
+//! - finished but not counted: the finished event was lost: send it again, which also
+//!   re-runs the job's completion check.
+//!
+//! Each re-publish first bumps the task's version with a compare-and-set (transactions
+//! of at most 25 rows), so a task that moved since it was read is left alone, and a
+//! swept task is not swept again for `stuck_after`. Duplicates the sweeper causes are
+//! harmless: every transition is conditional. It also fails jobs stuck in formation and
+//! relays job events whose publisher died.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{all_confirmed, Outgoing, Publisher};
+use crate::error::Error;
+use crate::events::EventPublisher;
+use crate::pod::Shared;
+use crate::protocol::{TaskFinished, TaskMessage, SCHEMA_VERSION};
+use crate::state::{JobStage, TaskStatus};
+use crate::store::{job, task};
+
+const LEASE_NAME: &str = "sweeper";
+const SCAN_BATCH: u64 = 1_000;
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub republished: usize,
+    pub taken_over: usize,
+    pub reported: usize,
+    pub formations_failed: usize,
+    pub events_relayed: usize,
+}
+
+impl SweepReport {
+    fn add(&mut self, other: SweepReport) {
+        self.republished += other.republished;
+        self.taken_over += other.taken_over;
+        self.reported += other.reported;
+        self.formations_failed += other.formations_failed;
+        self.events_relayed += other.events_relayed;
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let publisher = Publisher::open(&connection).await?;
+    let sweeper = Sweeper {
+        events: EventPublisher::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            shared.store.clone(),
+        ),
+        shared,
+        connection,
+        publisher,
+        holder: uuid::Uuid::new_v4().to_string(),
+    };
+    let interval = sweeper.shared.config.sweep_interval;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(?interval, "sweeper running");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let store = &sweeper.shared.store;
+        // The lease outlives a few missed sweeps, so one slow sweep does not let a
+        // second sweeper start beside it.
+        match store
+            .acquire_lease(LEASE_NAME, &sweeper.holder, interval * 3)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(err) => {
+                tracing::warn!(%err, "sweeper lease unavailable; skipping this sweep");
+                continue;
+            }
+        }
+        match sweeper.sweep().await {
+            Ok(report) if report.is_empty() => tracing::debug!("sweep found nothing stuck"),
+            Ok(report) => tracing::info!(?report, "sweep moved stuck work"),
+            Err(err) if err.is_broker_connection() => return Err(err),
+            Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
+        }
+    }
+    sweeper.publisher.close().await;
+    Ok(())
+}
+
+struct Sweeper {
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    publisher: Publisher,
+    events: EventPublisher,
+    holder: String,
+}
+
+impl Sweeper {
+    /// One full sweep: every shard in parallel, then formations and the outbox.
+    async fn sweep(&self) -> Result<SweepReport, Error> {
+        let config = &self.shared.config;
+        let shards = config.sweeper_shards.max(1);
+        let idle_pools = self.idle_pools().await?;
+        let reports = futures::future::try_join_all(
+            (0..shards).map(|shard| self.sweep_shard(shard, shards, &idle_pools)),
+        )
+        .await?;
+        let mut total = SweepReport::default();
+        for report in reports {
+            total.add(report);
+        }
+        let formation_deadline = Utc::now()
+            - chrono::Duration::from_std(config.formation_timeout).unwrap_or(chrono::Duration::MAX);
+        for job in self
+            .shared
+            .store
+            .stale_formations(formation_deadline)
+            .await?
+        {
+            let reason = format!(
+                "the job did not finish forming within {:?}: its request was lost",
+                config.formation_timeout
+            );
+            if let Some(event) = self.shared.store.fail_formation(&job.id, &reason).await? {
+                total.formations_failed += 1;
+                self.events.publish_or_defer(&event).await;
+            }
+        }
+        total.events_relayed = self.events.relay_strays().await?;
+        Ok(total)
+    }
+
+    /// Pools whose work queue holds no ready message: there a pending task with no
+    /// progress cannot be waiting in a backlog, so its message is lost.
+    async fn idle_pools(&self) -> Result<HashMap<String, bool>, Error> {
+        let pools = self.shared.store.running_pools().await?;
+        let mut idle = HashMap::new();
+        for pool in pools {
+            // A passive declare of a missing queue closes the channel: one per check.
+            let channel = self.connection.create_channel().await?;
+            let depth = channel
+                .queue_declare(
+                    self.shared.topology.work_queue(&pool).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|queue| queue.message_count());
+            if channel.status().connected() {
+                let _ = channel.close(200, "checked".into()).await;
+            }
+            idle.insert(pool, matches!(depth, Ok(0) | Err(_)));
+        }
+        Ok(idle)
+    }
+
+    async fn sweep_shard(
+        &self,
+        shard: u32,
+        shards: u32,
+        idle_pools: &HashMap<String, bool>,
+    ) -> Result<SweepReport, Error> {
+        let store = &self.shared.store;
+        let stuck_after = self.shared.config.stuck_after;
+        let quiet_since =
+            Utc::now() - chrono::Duration::from_std(stuck_after).unwrap_or(chrono::Duration::MAX);
+        let mut report = SweepReport::default();
+        let mut after = 0;
+        loop {
+            let page = store
+                .stuck_tasks(shard, shards, after, SCAN_BATCH, quiet_since)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let mut job_ids: Vec<String> = page.iter().map(|t| t.job_id.clone()).collect();
+            job_ids.sort();
+            job_ids.dedup();
+            let jobs = store.jobs_by_id(&job_ids).await?;
+            let candidates: Vec<(&task::Model, &job::Model)> = page
+                .iter()
+                .filter_map(|task| jobs.get(&task.job_id).map(|job| (task, job)))
+                .filter(|(task, job)| self.needs_sweep(task, job, idle_pools))
+                .collect();
+            for batch in candidates.chunks(crate::store::SWEEP_WRITE_BATCH) {
+                let seen: Vec<(i64, i64)> = batch
+                    .iter()
+                    .map(|(task, _)| (task.id, task.version))
+                    .collect();
+                let touched = store.touch_tasks(&seen).await?;
+                let mut pending = Vec::with_capacity(touched.len());
+                for (task, job) in batch.iter().filter(|(task, _)| touched.contains(&task.id)) {
+                    pending.push(self.resend(task, job, &mut report).await?);
+                }
+                all_confirmed(pending).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn needs_sweep(
+        &self,
+        task: &task::Model,
+        job: &job::Model,
+        idle_pools: &HashMap<String, bool>,
+    ) -> bool {
+        if job.stage.parse::<JobStage>().ok() != Some(JobStage::Running) {
+            return false;
+        }
+        match task.status.parse::<TaskStatus>() {
+            Ok(TaskStatus::Pending) => idle_pools.get(&job.queue).copied().unwrap_or(true),
+            Ok(TaskStatus::Retrying) => {
+                // Its retry is due n × delay after it failed; only later is it late.
+                let wait =
+                    chrono::Duration::milliseconds(i64::from(task.attempts) * job.retry_delay_ms);
+                let stuck_after = chrono::Duration::from_std(self.shared.config.stuck_after)
+                    .unwrap_or(chrono::Duration::MAX);
+                task.updated_at + wait + stuck_after < Utc::now()
+                    && idle_pools.get(&job.queue).copied().unwrap_or(true)
+            }
+            Ok(TaskStatus::Running | TaskStatus::Done | TaskStatus::Failed) => true,
+            _ => false,
+        }
+    }
+
+    /// Sends what a stuck task is missing; returns the pending confirm.
+    async fn resend(
+        &self,
+        task: &task::Model,
+        job: &job::Model,
+        report: &mut SweepReport,
+    ) -> Result<crate::broker::Pending, Error> {
+        let status = task.status.parse::<TaskStatus>().ok();
+        if let Some(status @ (TaskStatus::Done | TaskStatus::Failed)) = status {
+            report.reported += 1;
+            let event = TaskFinished {
+                version: SCHEMA_VERSION,
+                job_id: task.job_id.clone(),
+                task_id: task.id,
+                status: status.as_str().to_owned(),
+                attempt: task.attempts,
+            };
+            let body = serde_json::to_vec(&event).expect("a finished event serializes");
+            let queue = self.shared.topology.completion_queue();
+            return Ok(self
+                .publisher
+                .send(Outgoing::to_queue(&queue, &body))
+                .await?);
+        }
+        // A running task's attempt is taken over as the same attempt; a pending or
+        // retrying one gets its next attempt.
+        let attempt = if status == Some(TaskStatus::Running) {
+            report.taken_over += 1;
+            task.attempts
+        } else {
+            report.republished += 1;
+            task.attempts + 1
+        };
+        let message = TaskMessage {
+            version: SCHEMA_VERSION,
+            job_id: task.job_id.clone(),
+            task_id: task.id,
+            task_type: task.task_type.clone(),
+            attempt,
+            max_retries: job.max_retries,
+            retry_delay_ms: job.retry_delay_ms,
+            payload: task.payload.clone(),
+        };
+        let body = serde_json::to_vec(&message).expect("a task message serializes");
+        self.shared
+            .topology
+            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .await?;
+        let queue = self.shared.topology.work_queue(&job.queue);
+        Ok(self
+            .publisher
+            .send(Outgoing::to_queue(&queue, &body))
+            .await?)
+    }
+}

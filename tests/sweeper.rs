@@ -1,0 +1,227 @@
+//! The sweeper and the parking-lot tools, in-process, on SQLite and PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use lapin::options::QueuePurgeOptions;
+use serde_json::json;
+use taskmill::store::NewJob;
+use taskmill::{builtin, parking, FailurePolicy, JobRequest, Roles, TaskContext};
+
+use common::{Backend, TestEnv};
+
+const LONG: Duration = Duration::from_secs(60);
+
+on_both_backends!(
+    purged_task_messages_are_swept_back,
+    lost_finished_events_are_swept_back,
+    stale_formation_fails_the_job,
+    parking_lot_lists_replays_and_purges,
+);
+
+/// A config whose sweeper runs often and calls work stuck quickly.
+fn eager_sweeper(env: &TestEnv) -> taskmill::Config {
+    let mut config = env.config.clone();
+    config.sweep_interval = Duration::from_millis(300);
+    config.stuck_after = Duration::from_secs(1);
+    config
+}
+
+async fn purge(env: &TestEnv, queue: &str) -> u32 {
+    let connection = env.connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let purged = channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    purged
+}
+
+async fn purged_task_messages_are_swept_back(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let intake = env.start(env.worker().roles(Roles {
+        intake: true,
+        ..Roles::NONE
+    }));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            builtin::ECHO,
+            (0..200).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    common::wait_until(LONG, || async {
+        env.store
+            .job(&job_id)
+            .await
+            .unwrap()
+            .is_some_and(|j| j.tasks_published)
+    })
+    .await;
+    // An operator's purge: every task message is gone, the rows say pending.
+    let purged = purge(&env, &env.topology().work_queue("default")).await;
+    assert_eq!(purged, 200);
+    let rest = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+        worker: true,
+        completion: true,
+        sweeper: true,
+        ..Roles::NONE
+    }));
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 200));
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(
+        rows.iter().all(|row| row.attempts == 1),
+        "a re-published task is still attempt 1"
+    );
+    intake.stop().await;
+    rest.stop().await;
+}
+
+async fn lost_finished_events_are_swept_back(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let first = env.start(env.worker().roles(Roles {
+        intake: true,
+        worker: true,
+        ..Roles::NONE
+    }));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            builtin::ECHO,
+            (0..50).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    common::wait_until(LONG, || async {
+        env.store
+            .job_status(&job_id)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.tasks_by_status.get("done") == Some(&50))
+    })
+    .await;
+    let purged = purge(&env, &env.topology().completion_queue()).await;
+    assert_eq!(
+        purged, 50,
+        "every finished event was waiting for a completion consumer"
+    );
+    let rest = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+        completion: true,
+        sweeper: true,
+        ..Roles::NONE
+    }));
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 50));
+    assert_eq!(events.wait_for(1, LONG).await.len(), 1);
+    first.stop().await;
+    rest.stop().await;
+}
+
+async fn stale_formation_fails_the_job(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    // An intake that died mid-formation, its request lost: a job row and no more.
+    let new = NewJob {
+        id: "half-formed".into(),
+        job_type: builtin::ECHO.into(),
+        queue: "default".into(),
+        params: json!(null),
+        max_retries: 3,
+        retry_delay_ms: 100,
+        on_failure: FailurePolicy::Continue,
+        on_complete: None,
+    };
+    assert!(env.store.create_job(&new).await.unwrap().is_none());
+    let mut config = eager_sweeper(&env);
+    config.formation_timeout = Duration::from_millis(500);
+    let pod = env.start(env.worker().config(config).roles(Roles {
+        sweeper: true,
+        ..Roles::NONE
+    }));
+    let job = env.wait_for_end("half-formed", LONG).await;
+    assert_eq!(job.stage, "failed");
+    assert!(job.first_error.unwrap().contains("did not finish forming"));
+    let all = events.wait_for(1, LONG).await;
+    assert_eq!((all.len(), all[0].event.as_str()), (1, "job.failed"));
+    pod.stop().await;
+}
+
+async fn parking_lot_lists_replays_and_purges(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let topology = env.topology();
+    // A pod that does not know task type "late" yet: both requests are parked.
+    let early = env.start(env.worker());
+    let client = env.client().await;
+    let first = client
+        .submit(JobRequest::new("late", vec![json!(1)]))
+        .await
+        .unwrap();
+    let second = client
+        .submit(JobRequest::new("late", vec![json!(2)]))
+        .await
+        .unwrap();
+    let connection = env.connection().await;
+    let parked = common::wait_for_value(LONG, || async {
+        let parked = parking::list(&connection, &topology).await.unwrap();
+        (parked.len() == 2).then_some(parked)
+    })
+    .await;
+    assert!(parked
+        .iter()
+        .all(|p| p.reason.contains("unknown task type \"late\"") && p.source_queue == "tm.intake"));
+    // Listing removed nothing.
+    assert_eq!(
+        parking::list(&connection, &topology).await.unwrap().len(),
+        2
+    );
+    early.stop().await;
+
+    // Deploy a pod that knows "late", replay one by id, then the rest.
+    let late = env.start(
+        env.worker()
+            .handler("late", |ctx: TaskContext| async move { Ok(ctx.payload) }),
+    );
+    let first_id = parked
+        .iter()
+        .find(|p| p.body_preview.contains(&first))
+        .unwrap()
+        .id
+        .clone();
+    assert_eq!(
+        parking::replay(&connection, &topology, Some(&[first_id]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(client.wait(&first).await.unwrap().event, "job.done");
+    assert_eq!(
+        parking::list(&connection, &topology).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        parking::replay(&connection, &topology, None).await.unwrap(),
+        1
+    );
+    assert_eq!(client.wait(&second).await.unwrap().event, "job.done");
+
+    // Purge empties it.
+    client
+        .submit(JobRequest::new("never.known", vec![json!(1)]))
+        .await
+        .unwrap();
+    common::wait_for_value(LONG, || async {
+        (parking::list(&connection, &topology).await.unwrap().len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(parking::purge(&connection, &topology).await.unwrap(), 1);
+    assert!(parking::list(&connection, &topology)
+        .await
+        .unwrap()
+        .is_empty());
+    late.stop().await;
+}
