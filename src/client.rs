@@ -2,22 +2,35 @@
 //!
 //! Needs only the broker (any AMQP client can do the same, see the README); given a
 //! store too, [`Client::wait`] also answers for jobs that ended before it was called.
+//! A lost broker connection is re-established on the next call; a submit that fails
+//! on a dead connection is retried on a new one for up to a minute, which is safe
+//! because the job id is fixed before the first try.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 
-use crate::broker::{self, Outgoing, Publisher};
+use crate::broker::{Outgoing, Publisher};
 use crate::config::Config;
 use crate::error::Error;
+use crate::link::BrokerLink;
 use crate::protocol::{JobEvent, JobRequest};
+use crate::retry::Delays;
 use crate::store::Store;
 use crate::topology::Topology;
 
+/// How long `connect` and `submit` keep trying while the broker is away.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 pub struct Client {
-    connection: Connection,
-    publisher: Publisher,
+    link: Arc<BrokerLink>,
+    publisher: tokio::sync::Mutex<Option<Publisher>>,
     topology: Topology,
     store: Option<Store>,
 }
@@ -34,16 +47,46 @@ impl Client {
     /// Connects to the broker and declares the exchanges and the intake queue, so
     /// that a request submitted before any pod starts waits for one.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
-        let connection = broker::connect(&config.amqp_url).await?;
-        let publisher = Publisher::open(&connection).await?;
-        let topology = Topology::new(config.prefix.clone(), config.queue_type);
-        topology.declare_core(publisher.channel()).await?;
-        Ok(Self {
-            connection,
-            publisher,
-            topology,
+        let client = Self {
+            link: Arc::new(BrokerLink::new(config.amqp_url.clone())),
+            publisher: tokio::sync::Mutex::new(None),
+            topology: Topology::new(config.prefix.clone(), config.queue_type),
             store: None,
-        })
+        };
+        client.publisher().await?;
+        Ok(client)
+    }
+
+    /// The live connection, waiting up to [`PATIENCE`] for the broker.
+    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+        let gave_up = CancellationToken::new();
+        let timer = {
+            let gave_up = gave_up.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(PATIENCE).await;
+                gave_up.cancel();
+            })
+        };
+        let connection = self.link.connection(&gave_up).await;
+        timer.abort();
+        connection
+            .ok_or_else(|| Error::Other(format!("the broker was unreachable for {PATIENCE:?}")))
+    }
+
+    /// A publisher on a live connection, with the topology declared on it.
+    async fn publisher(&self) -> Result<Publisher, Error> {
+        let mut current = self.publisher.lock().await;
+        if let Some(publisher) = current.as_ref() {
+            if publisher.channel().status().connected() {
+                return Ok(publisher.clone());
+            }
+        }
+        let connection = self.connection().await?;
+        let publisher = Publisher::open(&connection).await?;
+        self.topology.forget_declared();
+        self.topology.declare_core(publisher.channel()).await?;
+        *current = Some(publisher.clone());
+        Ok(publisher)
     }
 
     /// Lets [`Client::wait`] read the outcome of jobs that already ended.
@@ -66,22 +109,40 @@ impl Client {
         request.validate()?;
         let body = serde_json::to_vec(&request).expect("a request serializes");
         let exchange = self.topology.jobs_exchange();
-        self.publisher
-            .publish(Outgoing {
-                exchange: &exchange,
-                routing_key: &request.job_type,
-                body: &body,
-                mandatory: true,
-                headers: None,
-            })
-            .await?;
-        Ok(job_id)
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut delays = Delays::reconnect(Duration::from_secs(5));
+        loop {
+            let sent = match self.publisher().await {
+                Ok(publisher) => publisher
+                    .publish(Outgoing {
+                        exchange: &exchange,
+                        routing_key: &request.job_type,
+                        body: &body,
+                        mandatory: true,
+                        headers: None,
+                    })
+                    .await
+                    .map_err(Error::from),
+                Err(err) => Err(err),
+            };
+            match sent {
+                Ok(()) => return Ok(job_id),
+                // Resending is safe: the job id makes a second copy create nothing.
+                Err(err)
+                    if err.is_broker_connection() && tokio::time::Instant::now() < deadline =>
+                {
+                    self.link.report(&err);
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// Subscribes to the event of `job_id`. Call before [`Client::submit`] to wait
     /// without a store.
     pub async fn watch(&self, job_id: &str) -> Result<Watch, Error> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.connection().await?.create_channel().await?;
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -136,8 +197,10 @@ impl Client {
     }
 
     pub async fn close(self) -> Result<(), Error> {
-        self.publisher.close().await;
-        self.connection.close(200, "bye".into()).await?;
+        if let Some(publisher) = self.publisher.lock().await.take() {
+            publisher.close().await;
+        }
+        self.link.close().await;
         Ok(())
     }
 }

@@ -47,6 +47,9 @@ pub struct Config {
     pub sweeper_shards: u32,
     /// A job still forming after this long lost its request: it is failed.
     pub formation_timeout: Duration,
+    /// The broker's `consumer_timeout`: a delivery unacked for longer gets its channel
+    /// closed. Handlers nearing it are logged, so the setting can be raised in time.
+    pub consumer_timeout: Duration,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             stuck_after: Duration::from_secs(300),
             sweeper_shards: 4,
             formation_timeout: Duration::from_secs(1800),
+            consumer_timeout: Duration::from_secs(1800),
         }
     }
 }

@@ -218,6 +218,11 @@ impl Runner {
         let lease = self.shared.config.lease;
         let mut renew =
             tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+        let started = std::time::Instant::now();
+        // RabbitMQ closes the channel of a delivery unacked past consumer_timeout; the
+        // task then comes back as a redelivery and runs a second time. Say so early.
+        let warn_after = self.shared.config.consumer_timeout.mul_f64(0.8);
+        let mut warned = false;
         loop {
             tokio::select! {
                 joined = &mut handle => {
@@ -231,6 +236,15 @@ impl Runner {
                     };
                 }
                 _ = renew.tick() => {
+                    if !warned && started.elapsed() > warn_after {
+                        warned = true;
+                        tracing::warn!(
+                            task_id = message.task_id,
+                            running = ?started.elapsed(),
+                            consumer_timeout = ?self.shared.config.consumer_timeout,
+                            "handler is nearing the broker's consumer_timeout; raise it in rabbitmq.conf for tasks this long"
+                        );
+                    }
                     match self.shared.store.renew_lease(message.task_id, message.attempt, token, lease).await {
                         Ok(true) => {}
                         Ok(false) => tracing::warn!(task_id = message.task_id, "lease lost while the handler runs"),
@@ -249,7 +263,7 @@ impl Runner {
     ) -> Result<(), Error> {
         let store = &self.shared.store;
         let (task_id, attempt) = (message.task_id, message.attempt);
-        let final_outcome = match outcome {
+        let mut final_outcome = match outcome {
             Ok(result) => TaskOutcome::Done(result),
             Err(err) if !err.is_permanent() && attempt <= message.max_retries => {
                 tracing::debug!(task_id, attempt, error = %err, "attempt failed; will retry");
@@ -263,7 +277,17 @@ impl Runner {
                 TaskOutcome::Failed(err.message().to_owned())
             }
         };
-        if store.finish_task(task_id, attempt, &final_outcome).await? {
+        let recorded = match store.finish_task(task_id, attempt, &final_outcome).await {
+            // A result the database refuses for good (not a passing outage) would
+            // fail the same way on every redelivery: fail the task with the reason.
+            Err(err) if !err.is_transient() && matches!(final_outcome, TaskOutcome::Done(_)) => {
+                tracing::error!(task_id, %err, "could not record the task's result");
+                final_outcome = TaskOutcome::Failed(format!("could not record the result: {err}"));
+                store.finish_task(task_id, attempt, &final_outcome).await?
+            }
+            recorded => recorded?,
+        };
+        if recorded {
             let status = match final_outcome {
                 TaskOutcome::Done(_) => TaskStatus::Done,
                 TaskOutcome::Failed(_) => TaskStatus::Failed,

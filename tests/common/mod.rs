@@ -267,6 +267,68 @@ impl TestEnv {
         name.to_owned()
     }
 
+    /// A durable queue bound to every job event: an audit log that survives broker
+    /// restarts, read at the end with [`Self::drain_queue`].
+    pub async fn audit_events(&self) -> String {
+        let name = self.declare_queue("audit.events").await;
+        let connection = self.connection().await;
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let topology = self.topology();
+        topology.declare_core(publisher.channel()).await.unwrap();
+        publisher
+            .channel()
+            .queue_bind(
+                name.as_str().into(),
+                topology.events_exchange().as_str().into(),
+                "job.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+        name
+    }
+
+    /// Names of every queue in this test's vhost (from the management API).
+    pub fn queue_names(&self) -> Vec<String> {
+        let body: serde_json::Value = ureq::get(&format!(
+            "{}/queues/{}?columns=name",
+            rabbit_api(),
+            self.name
+        ))
+        .header("Authorization", &rabbit_auth())
+        .call()
+        .expect("list queues")
+        .body_mut()
+        .read_json()
+        .expect("queue list is JSON");
+        body.as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|queue| queue["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Ready messages in a queue, exactly (a passive declare, not the API's sampled stats).
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        connection.close(200, "done".into()).await.unwrap();
+        declared.message_count()
+    }
+
     /// Takes every message from a queue: (body, reason header).
     pub async fn drain_queue(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
         let connection = self.connection().await;

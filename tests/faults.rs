@@ -1,0 +1,662 @@
+//! The fault-injection suite: real `taskmill worker` processes against the real broker
+//! and database, faults injected for real (kill -9, broker restart, database restart,
+//! rolling SIGTERM, a purged queue, a flood of bad input), then the same invariants
+//! checked every time:
+//!
+//! - every job ends in the expected stage, and every task row is terminal;
+//! - per-job counts match the rows;
+//! - exactly one job event per job reached the events exchange;
+//! - the parking lot holds exactly what was sent there on purpose;
+//! - no queue is left with messages.
+//!
+//! The scenarios share the machine's RabbitMQ and PostgreSQL and restart them, so they
+//! run one at a time (a lock below), and every service a test stops is started again by
+//! a guard, even when the test fails.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::seq::IndexedRandom;
+use rand::{Rng, RngCore};
+use serde_json::json;
+use taskmill::{builtin, JobRequest};
+use tokio::process::{Child, Command};
+
+use common::{Backend, TestEnv};
+
+/// Fault scenarios restart shared services: never two at once.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(180);
+
+on_both_backends!(
+    kill_9_workers_during_a_job,
+    rabbitmq_restart_during_a_job,
+    rolling_sigterm_runs_nothing_twice,
+    purged_work_queue_is_swept_back,
+    bad_input_flood_is_parked,
+);
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_restart_during_a_job() {
+        super::postgres_restart_during_a_job(super::Backend::Postgres).await
+    }
+}
+
+// ---------------------------------------------------------------- scenarios
+
+async fn kill_9_workers_during_a_job(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let job_id = submit(
+        &env,
+        builtin::SLEEP,
+        (0..3000).map(|_| json!({ "ms": 40 })).collect(),
+    )
+    .await;
+
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    while !job_ended(&env, &job_id).await {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..2000))).await;
+        let victim = rng.random_range(0..fleet.len());
+        fleet.kill_9(victim).await;
+        fleet.restart(victim);
+        kills += 1;
+    }
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    fleet.stop_all().await;
+    eprintln!("kill -9: 3000 tasks, {kills} kills, {report}");
+    assert!(kills >= 2, "the job ended before the faults could matter");
+}
+
+async fn rabbitmq_restart_during_a_job(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let client = env.client().await;
+    let first = client
+        .submit(JobRequest::new(
+            builtin::SLEEP,
+            (0..3000).map(|_| json!({ "ms": 10 })).collect(),
+        ))
+        .await
+        .unwrap();
+    wait_for_progress(&env, &first, 600).await;
+
+    let broker = RabbitGuard::stop().await;
+    // A producer connected before the outage submits during it: it must get through.
+    let second = tokio::spawn(async move {
+        let id = client
+            .submit(JobRequest::new(
+                builtin::ECHO,
+                (0..500).map(|n| json!(n)).collect(),
+            ))
+            .await
+            .expect("submit retries until the broker is back");
+        (client, id)
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.start().await;
+    let (client, second) = second.await.unwrap();
+
+    let report = check_invariants(
+        &env,
+        &[(first.as_str(), "done"), (second.as_str(), "done")],
+        &audit,
+        0,
+    )
+    .await;
+    assert_eq!(fleet.alive(), 3, "every worker rode out the outage");
+    fleet.stop_all().await;
+    client.close().await.unwrap();
+    eprintln!("RabbitMQ restart: jobs of 3000 + 500 tasks, {report}");
+}
+
+async fn postgres_restart_during_a_job(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let job_id = submit(
+        &env,
+        builtin::SLEEP,
+        (0..3000).map(|_| json!({ "ms": 10 })).collect(),
+    )
+    .await;
+    wait_for_progress(&env, &job_id, 600).await;
+
+    let database = PostgresGuard::stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    database.start().await;
+
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    assert_eq!(fleet.alive(), 3, "every worker rode out the outage");
+    fleet.stop_all().await;
+    eprintln!("PostgreSQL restart: 3000 tasks, {report}");
+}
+
+async fn rolling_sigterm_runs_nothing_twice(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let job_id = submit(
+        &env,
+        builtin::SLEEP,
+        (0..2000).map(|_| json!({ "ms": 20 })).collect(),
+    )
+    .await;
+    wait_for_progress(&env, &job_id, 100).await;
+
+    for pod in 0..fleet.len() {
+        let status = fleet.sigterm(pod).await;
+        assert!(status.success(), "pod {pod} exits 0 on SIGTERM: {status}");
+        fleet.restart(pod);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    // Every handler run is preceded by exactly one successful claim, and each claim
+    // bumps `deliveries`: their sum counts handler executions.
+    let executions: i64 = rows.iter().map(|row| i64::from(row.deliveries)).sum();
+    assert_eq!(executions, 2000, "a rolling deploy ran no task twice");
+    assert!(rows.iter().all(|row| row.attempts == 1));
+    fleet.stop_all().await;
+    eprintln!(
+        "rolling SIGTERM: 2000 tasks, 3 pods replaced, {executions} handler executions, {report}"
+    );
+}
+
+async fn purged_work_queue_is_swept_back(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let job_id = submit(
+        &env,
+        builtin::SLEEP,
+        (0..2000).map(|_| json!({ "ms": 5 })).collect(),
+    )
+    .await;
+    wait_for_progress(&env, &job_id, 300).await;
+
+    let connection = env.connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let purged = channel
+        .queue_purge(
+            env.topology().work_queue("default").as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    fleet.stop_all().await;
+    eprintln!("purge: 2000 tasks, {purged} task messages purged mid-job, {report}");
+    assert!(purged > 0, "the purge hit queued task messages");
+}
+
+async fn bad_input_flood_is_parked(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::start(&env, 3, &["--max-request-bytes", "65536"]).await;
+    let job_id = submit(
+        &env,
+        builtin::ECHO,
+        (0..1000).map(|n| json!({ "n": n })).collect(),
+    )
+    .await;
+
+    let topology = env.topology();
+    // The workers may not have declared the work queue yet.
+    env.declare_queue(&topology.work_queue("default")).await;
+    let targets = [
+        (topology.jobs_exchange(), "bad.request".to_owned()),
+        (String::new(), topology.work_queue("default")),
+        (String::new(), topology.completion_queue()),
+    ];
+    let mut rng = rand::rng();
+    let valid =
+        serde_json::to_vec(&JobRequest::new(builtin::ECHO, vec![json!(1), json!(2)])).unwrap();
+    let connection = env.connection().await;
+    let publisher = taskmill::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for n in 0..1000 {
+        let (body, content_type): (Vec<u8>, Option<&str>) = match n % 5 {
+            0 => {
+                let mut noise = vec![0u8; rng.random_range(1..512)];
+                rng.fill_bytes(&mut noise);
+                (noise, Some("application/json"))
+            }
+            1 => (
+                valid[..rng.random_range(1..valid.len() - 1)].to_vec(),
+                Some("application/json"),
+            ),
+            2 => (vec![b' '; 70_000], Some("application/json")),
+            3 => (
+                valid.clone(),
+                Some(
+                    *["text/plain", "application/xml", "image/png"]
+                        .choose(&mut rng)
+                        .unwrap(),
+                ),
+            ),
+            _ => (br#"{"version": 99, "job_type": "x"}"#.to_vec(), None),
+        };
+        let (exchange, routing_key) = &targets[n % targets.len()];
+        let mut properties = lapin::BasicProperties::default();
+        if let Some(kind) = content_type {
+            properties = properties.with_content_type(kind.into());
+        }
+        let message = taskmill::broker::Outgoing {
+            exchange,
+            routing_key,
+            body: &body,
+            mandatory: true,
+            headers: None,
+        };
+        pending.push(publisher.send_with(message, properties).await.unwrap());
+    }
+    taskmill::broker::all_confirmed(pending).await.unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 1000).await;
+    assert_eq!(fleet.alive(), 3, "no worker crashed");
+    fleet.stop_all().await;
+    eprintln!("bad input: 1000-task job with 1000 bad messages mixed in, {report}");
+}
+
+// ---------------------------------------------------------------- the checks
+
+/// Waits for the jobs to end, then checks every invariant; returns a summary.
+async fn check_invariants(
+    env: &TestEnv,
+    jobs: &[(&str, &str)],
+    audit: &str,
+    expected_parked: usize,
+) -> String {
+    for (job_id, _) in jobs {
+        env.wait_for_end(job_id, JOB_TIMEOUT).await;
+    }
+    let mut total_tasks = 0;
+    let mut retried = 0;
+    for (job_id, expected_stage) in jobs {
+        let job = env.store.job(job_id).await.unwrap().unwrap();
+        assert_eq!(
+            &job.stage, expected_stage,
+            "job {job_id} ends {expected_stage}"
+        );
+        let rows = env.store.tasks_of_job(job_id).await.unwrap();
+        assert_eq!(rows.len() as i64, job.task_count, "task count of {job_id}");
+        let mut by_status: HashMap<&str, i64> = HashMap::new();
+        for row in &rows {
+            assert!(
+                ["done", "failed", "cancelled"].contains(&row.status.as_str()),
+                "task {} of {job_id} is terminal, not {}",
+                row.id,
+                row.status
+            );
+            *by_status.entry(row.status.as_str()).or_default() += 1;
+            retried += i64::from(row.deliveries > 1);
+        }
+        let count = |status| by_status.get(status).copied().unwrap_or(0);
+        assert_eq!(
+            (job.done_count, job.failed_count, job.cancelled_count),
+            (count("done"), count("failed"), count("cancelled")),
+            "counts of {job_id} match its rows"
+        );
+        total_tasks += rows.len();
+    }
+
+    // Events may still be in flight just after the last commit.
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events.len() < jobs.len() && Instant::now() < deadline {
+        events.extend(env.drain_queue(audit).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    events.extend(env.drain_queue(audit).await);
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for (body, _) in &events {
+        let event: taskmill::JobEvent = serde_json::from_slice(body).unwrap();
+        *per_job.entry(event.job_id).or_default() += 1;
+    }
+    for (job_id, _) in jobs {
+        assert_eq!(
+            per_job.get(*job_id),
+            Some(&1),
+            "exactly one event for {job_id}: {per_job:?}"
+        );
+    }
+    assert_eq!(events.len(), jobs.len(), "no events for other jobs");
+
+    let parking = env.topology().parking_queue();
+    let mut parked = env.drain_queue(&parking).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while parked.len() < expected_parked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        parked.extend(env.drain_queue(&parking).await);
+    }
+    assert_eq!(
+        parked.len(),
+        expected_parked,
+        "the parking lot holds what was sent there on purpose"
+    );
+    assert!(
+        parked
+            .iter()
+            .all(|(_, reason)| reason.as_ref().is_some_and(|r| !r.is_empty())),
+        "every parked message has a reason"
+    );
+
+    for queue in env.queue_names() {
+        assert_eq!(
+            env.message_count(&queue).await,
+            0,
+            "queue {queue} is empty at the end"
+        );
+    }
+    format!(
+        "{total_tasks} task rows terminal, counts match, {} events (one per job), {} parked, all queues empty, {retried} tasks delivered more than once",
+        events.len(),
+        parked.len()
+    )
+}
+
+async fn submit(env: &TestEnv, task_type: &str, tasks: Vec<serde_json::Value>) -> String {
+    let client = env.client().await;
+    let id = client
+        .submit(JobRequest::new(task_type, tasks))
+        .await
+        .unwrap();
+    client.close().await.unwrap();
+    id
+}
+
+async fn job_ended(env: &TestEnv, job_id: &str) -> bool {
+    env.store.job(job_id).await.unwrap().is_some_and(|job| {
+        job.stage
+            .parse::<taskmill::JobStage>()
+            .unwrap()
+            .is_terminal()
+    })
+}
+
+/// Waits until at least `done` tasks of the job are done.
+async fn wait_for_progress(env: &TestEnv, job_id: &str, done: i64) {
+    common::wait_until(JOB_TIMEOUT, || async {
+        env.store
+            .job_status(job_id)
+            .await
+            .unwrap()
+            .is_some_and(|status| status.tasks_by_status.get("done").copied().unwrap_or(0) >= done)
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- processes
+
+/// `taskmill worker` processes, each running every role.
+struct Fleet {
+    children: Vec<Child>,
+    command: Vec<String>,
+    vars: Vec<(String, String)>,
+    logs: PathBuf,
+    spawned: usize,
+}
+
+impl Fleet {
+    async fn start(env: &TestEnv, count: usize, extra: &[&str]) -> Self {
+        let logs = std::env::temp_dir().join(format!("{}-logs", env.name));
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut command: Vec<String> = [
+            "worker",
+            "--concurrency",
+            "8",
+            "--grace-secs",
+            "15",
+            "--lease-secs",
+            "30",
+            "--sweep-secs",
+            "1",
+            "--stuck-secs",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        command.extend(extra.iter().map(|s| s.to_string()));
+        let vars = vec![
+            ("AMQP_URL".to_owned(), env.config.amqp_url.clone()),
+            ("DATABASE_URL".to_owned(), env.config.database_url.clone()),
+            ("TASKMILL_PREFIX".to_owned(), env.config.prefix.clone()),
+            ("RUST_LOG".to_owned(), "warn,taskmill=info".to_owned()),
+        ];
+        let mut fleet = Self {
+            children: Vec::new(),
+            command,
+            vars,
+            logs,
+            spawned: 0,
+        };
+        for _ in 0..count {
+            let child = fleet.spawn();
+            fleet.children.push(child);
+        }
+        fleet
+    }
+
+    fn spawn(&mut self) -> Child {
+        self.spawned += 1;
+        let log =
+            std::fs::File::create(self.logs.join(format!("worker-{}.log", self.spawned))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_taskmill"))
+            .args(&self.command)
+            .envs(self.vars.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("taskmill worker starts")
+    }
+
+    fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    fn alive(&mut self) -> usize {
+        self.children
+            .iter_mut()
+            .map(|child| child.try_wait())
+            .filter(|status| matches!(status, Ok(None)))
+            .count()
+    }
+
+    async fn kill_9(&mut self, pod: usize) {
+        let child = &mut self.children[pod];
+        let _ = child.kill().await;
+    }
+
+    fn restart(&mut self, pod: usize) {
+        self.children[pod] = self.spawn();
+    }
+
+    async fn sigterm(&mut self, pod: usize) -> ExitStatus {
+        let child = &mut self.children[pod];
+        let pid = child.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("the pod exits within its grace period")
+            .unwrap()
+    }
+
+    async fn stop_all(&mut self) {
+        for pod in 0..self.len() {
+            if matches!(self.children[pod].try_wait(), Ok(None)) {
+                let status = self.sigterm(pod).await;
+                assert!(status.success(), "pod {pod} exits 0 on SIGTERM: {status}");
+            }
+        }
+    }
+}
+
+impl Drop for Fleet {
+    /// The pods' logs explain a failure: print their tails before removing them.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(&self.logs)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- {} (last 40 lines)", entry.path().display());
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+// ---------------------------------------------------------------- services
+
+fn run(program: &str, args: &[&str]) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "{program} {args:?} failed"
+    );
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn wait_for_port(port: u16, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while port_open(port) != up {
+        assert!(
+            Instant::now() < deadline,
+            "port {port} did not go {}",
+            if up { "up" } else { "down" }
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Stops the RabbitMQ application; starts it again on `start` or, whatever happens,
+/// on drop.
+struct RabbitGuard {
+    started: bool,
+}
+
+impl RabbitGuard {
+    async fn stop() -> Self {
+        tokio::task::spawn_blocking(|| {
+            run("rabbitmqctl", &["stop_app"]);
+            wait_for_port(5672, false);
+        })
+        .await
+        .unwrap();
+        Self { started: false }
+    }
+
+    async fn start(mut self) {
+        tokio::task::spawn_blocking(Self::start_blocking)
+            .await
+            .unwrap();
+        self.started = true;
+    }
+
+    fn start_blocking() {
+        run("rabbitmqctl", &["start_app"]);
+        wait_for_port(5672, true);
+        wait_for_port(15672, true);
+    }
+}
+
+impl Drop for RabbitGuard {
+    fn drop(&mut self) {
+        if !self.started {
+            Self::start_blocking();
+        }
+    }
+}
+
+/// Stops the PostgreSQL cluster; starts it again on `start` or, whatever happens, on
+/// drop.
+struct PostgresGuard {
+    started: bool,
+}
+
+fn postgres_cluster(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL install")
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("one cluster version");
+    run(
+        "pg_ctlcluster",
+        &["--skip-systemctl-redirect", &version, "main", action],
+    );
+}
+
+impl PostgresGuard {
+    async fn stop() -> Self {
+        tokio::task::spawn_blocking(|| {
+            postgres_cluster("stop");
+            wait_for_port(5432, false);
+        })
+        .await
+        .unwrap();
+        Self { started: false }
+    }
+
+    async fn start(mut self) {
+        tokio::task::spawn_blocking(Self::start_blocking)
+            .await
+            .unwrap();
+        self.started = true;
+    }
+
+    fn start_blocking() {
+        postgres_cluster("start");
+        wait_for_port(5432, true);
+    }
+}
+
+impl Drop for PostgresGuard {
+    fn drop(&mut self) {
+        if !self.started {
+            Self::start_blocking();
+        }
+    }
+}
