@@ -1,12 +1,14 @@
-//! Completion: counts finished tasks into their jobs and ends each job exactly once.
+//! Completion: ends each job exactly once, when its tasks are over.
 //!
-//! Finished events are taken in batches (whatever the consumer has buffered, up to
-//! the prefetch), grouped by job, and each job is checked once per batch in its own
-//! transaction ([`crate::store::Store::record_finished`]), jobs in parallel. The
-//! transaction that ends a job writes its event to the outbox; the event is published
-//! after the commit, and the batch is acked only after that.
+//! Workers count finished tasks into their jobs in the transaction that finishes them
+//! and then send a finished event (one message per batch of tasks). This role takes
+//! those events in batches (whatever the consumer has buffered, up to the prefetch)
+//! and checks each job they touch once per batch, in its own transaction
+//! ([`crate::store::Store::check_job`]), jobs in parallel. The transaction that ends a
+//! job writes its event to the outbox; the event is published after the commit, and
+//! the batch is acked only after that.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
 use crate::pod::Shared;
-use crate::protocol::{self, TaskFinished};
+use crate::protocol::{self, TasksFinished};
 use crate::store::Progress;
 
 /// Finished events taken per batch (and the consumer's prefetch).
@@ -99,24 +101,28 @@ struct Completion {
 
 impl Completion {
     async fn handle_batch(&self, batch: Vec<Delivery>) {
-        let mut by_job: BTreeMap<String, (Vec<i64>, Vec<Delivery>)> = BTreeMap::new();
+        // A message may report tasks of several jobs, and a job's tasks may come in
+        // several messages: group by job, and ack a message once all its jobs checked.
+        let mut jobs_touched: BTreeSet<String> = BTreeSet::new();
+        let mut decoded = Vec::with_capacity(batch.len());
         for delivery in batch {
             let content_type = delivery
                 .properties
                 .content_type()
                 .as_ref()
                 .map(|s| s.as_str());
-            let decoded = protocol::decode::<TaskFinished>(
+            let finished = protocol::decode::<TasksFinished>(
                 &delivery.data,
                 content_type,
                 self.shared.config.max_request_bytes,
             )
             .and_then(|event| protocol::check_message_version(event.version).map(|()| event));
-            match decoded {
-                Ok(event) => {
-                    let entry = by_job.entry(event.job_id).or_default();
-                    entry.0.push(event.task_id);
-                    entry.1.push(delivery);
+            match finished {
+                Ok(finished) => {
+                    let jobs: BTreeSet<String> =
+                        finished.tasks.into_iter().map(|t| t.job_id).collect();
+                    jobs_touched.extend(jobs.iter().cloned());
+                    decoded.push((delivery, jobs));
                 }
                 Err(err) => {
                     let parked = park(
@@ -127,31 +133,34 @@ impl Completion {
                         &err.to_string(),
                     )
                     .await;
-                    settle(&[delivery], parked.is_ok()).await;
+                    settle(&delivery, parked.is_ok()).await;
                 }
             }
         }
-        futures::stream::iter(by_job)
-            .for_each_concurrent(
-                PARALLEL_JOBS,
-                |(job_id, (task_ids, deliveries))| async move {
-                    let ok = self.check_job(&job_id, &task_ids).await;
-                    settle(&deliveries, ok).await;
-                },
-            )
+        let failed: BTreeSet<String> = futures::stream::iter(jobs_touched)
+            .map(|job_id| async move {
+                let ok = self.check_job(&job_id).await;
+                (!ok).then_some(job_id)
+            })
+            .buffer_unordered(PARALLEL_JOBS)
+            .filter_map(|failed| async move { failed })
+            .collect()
             .await;
+        for (delivery, jobs) in decoded {
+            settle(&delivery, jobs.is_disjoint(&failed)).await;
+        }
     }
 
-    /// Counts the job's finished tasks and publishes its event if this ended it.
-    /// `false`: the check failed and the events go back to the queue.
-    async fn check_job(&self, job_id: &str, task_ids: &[i64]) -> bool {
-        match self.shared.store.record_finished(job_id, task_ids).await {
+    /// Checks the job once for the whole batch and publishes its event if this ended
+    /// it. `false`: the check failed and the events go back to the queue.
+    async fn check_job(&self, job_id: &str) -> bool {
+        match self.shared.store.check_job(job_id).await {
             Ok(Progress::Ended(event)) => {
                 tracing::info!(job_id, kind = %event.kind, "job ended");
                 self.events.publish_or_defer(&event).await;
                 true
             }
-            Ok(Progress::Counted { .. } | Progress::NotRunning) => true,
+            Ok(Progress::Running | Progress::NotRunning) => true,
             Err(err) => {
                 tracing::error!(job_id, %err, "completion check failed; events return to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -161,8 +170,8 @@ impl Completion {
     }
 }
 
-async fn settle(deliveries: &[Delivery], ok: bool) {
-    for delivery in deliveries {
+async fn settle(delivery: &Delivery, ok: bool) {
+    {
         let result = if ok {
             delivery.acker.ack(BasicAckOptions::default()).await
         } else {

@@ -26,9 +26,12 @@ use crate::retry::Delays;
 use crate::state::JobStage;
 use crate::store::{job, NewJob, NewTask, StartOutcome};
 
-/// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4).
+/// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4), as
+/// in the original, and doubled after each success up to `MAX_BATCH`, so a large job
+/// costs few statements while a struggling database still gets small ones.
 const FIRST_BATCH: usize = 64;
 const MIN_BATCH_TO_HALVE: usize = 5;
+const MAX_BATCH: usize = 1_024;
 /// Task messages published before waiting for their confirms.
 const PUBLISH_WINDOW: u64 = 1_000;
 /// Job requests handled at once by one intake.
@@ -185,7 +188,7 @@ impl Intake {
             .content_type()
             .as_ref()
             .map(|s| s.as_str());
-        let request: JobRequest = protocol::decode(
+        let mut request: JobRequest = protocol::decode(
             &delivery.data,
             content_type,
             self.shared.config.max_request_bytes,
@@ -207,7 +210,7 @@ impl Intake {
         if !self.shared.registry.knows_task_type(&task_type) {
             return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
         }
-        let payloads = match request.tasks.clone() {
+        let payloads = match request.tasks.take() {
             Some(tasks) => tasks,
             None => match self
                 .shared
@@ -313,8 +316,8 @@ impl Intake {
         }
     }
 
-    /// Inserts rows `FIRST_BATCH` at a time; on an error, halves the batch (while it
-    /// is above 5) and waits with exponential backoff before going on.
+    /// Inserts rows in adaptive batches; on an error, halves the batch (while it is
+    /// above 5) and waits with exponential backoff before going on.
     async fn insert_adaptively(&self, job_id: &str, tasks: &[NewTask]) -> Result<(), Rejection> {
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
@@ -327,7 +330,10 @@ impl Intake {
                 .insert_tasks(job_id, &tasks[done..end])
                 .await
             {
-                Ok(()) => done = end,
+                Ok(()) => {
+                    done = end;
+                    batch = (batch * 2).min(MAX_BATCH);
+                }
                 Err(err) if err.is_transient() => {
                     let Some(delay) = delays.next() else {
                         return Err(err.into());

@@ -78,11 +78,6 @@ impl BrokerLink {
         }
     }
 
-    /// Whether an outage is being reported right now.
-    pub fn in_outage(&self) -> bool {
-        self.outage.lock().expect("outage lock").is_some()
-    }
-
     pub async fn close(&self) {
         if let Some(connection) = self.current.lock().await.take() {
             if connection.status().connected() {

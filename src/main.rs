@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => cli::status::run(&config, args).await,
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
         Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
+        Command::Bench(args) => cli::bench::run(&config, args).await.map(|()| 0),
     }?;
     std::process::exit(code);
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::DEFAULT_QUEUE;
-use crate::state::{JobStage, TaskStatus};
+use crate::state::JobStage;
 
 /// The schema version every message carries; a message of another version is parked.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -158,14 +158,30 @@ pub struct TaskMessage {
     pub payload: Value,
 }
 
-/// Sent to the completion queue when a task reaches a terminal status.
+/// Sent to the completion queue when tasks reach a terminal status: one message for
+/// each batch of outcomes a worker records.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TaskFinished {
+pub struct TasksFinished {
     pub version: u32,
+    pub tasks: Vec<FinishedTask>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinishedTask {
     pub job_id: String,
     pub task_id: i64,
+    /// `done` or `failed`.
     pub status: String,
     pub attempt: i32,
+}
+
+impl TasksFinished {
+    pub fn new(tasks: Vec<FinishedTask>) -> Self {
+        Self {
+            version: SCHEMA_VERSION,
+            tasks,
+        }
+    }
 }
 
 /// Published once per job when it ends: to the events exchange with routing key
@@ -197,12 +213,6 @@ impl JobEvent {
 
     pub fn is_done(&self) -> bool {
         self.stage() == Some(JobStage::Done)
-    }
-}
-
-impl TaskFinished {
-    pub fn status(&self) -> Option<TaskStatus> {
-        self.status.parse().ok()
     }
 }
 

@@ -11,8 +11,9 @@
 //!   backlog would double it;
 //! - running past its lease: the worker died and the message did not come back:
 //!   publish the same attempt again (the claim takes over an expired lease);
-//! - finished but not counted: the finished event was lost: send it again, which also
-//!   re-runs the job's completion check.
+//!
+//! and for running jobs whose counters say they are over but that stayed quiet for
+//! `stuck_after` (their finished event was lost), it runs the completion check itself.
 //!
 //! Each re-publish first bumps the task's version with a compare-and-set (transactions
 //! of at most 25 rows), so a task that moved since it was read is left alone, and a
@@ -33,9 +34,9 @@ use crate::broker::{all_confirmed, Outgoing, Publisher};
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::pod::Shared;
-use crate::protocol::{TaskFinished, TaskMessage, SCHEMA_VERSION};
+use crate::protocol::{TaskMessage, SCHEMA_VERSION};
 use crate::state::{JobStage, TaskStatus};
-use crate::store::{job, task};
+use crate::store::{job, task, Progress};
 
 const LEASE_NAME: &str = "sweeper";
 const SCAN_BATCH: u64 = 1_000;
@@ -45,7 +46,7 @@ const SCAN_BATCH: u64 = 1_000;
 pub struct SweepReport {
     pub republished: usize,
     pub taken_over: usize,
-    pub reported: usize,
+    pub jobs_checked: usize,
     pub formations_failed: usize,
     pub events_relayed: usize,
 }
@@ -54,7 +55,7 @@ impl SweepReport {
     fn add(&mut self, other: SweepReport) {
         self.republished += other.republished;
         self.taken_over += other.taken_over;
-        self.reported += other.reported;
+        self.jobs_checked += other.jobs_checked;
         self.formations_failed += other.formations_failed;
         self.events_relayed += other.events_relayed;
     }
@@ -136,6 +137,14 @@ impl Sweeper {
         let mut total = SweepReport::default();
         for report in reports {
             total.add(report);
+        }
+        let quiet_since = Utc::now()
+            - chrono::Duration::from_std(config.stuck_after).unwrap_or(chrono::Duration::MAX);
+        for job_id in self.shared.store.jobs_due_for_check(quiet_since).await? {
+            if let Progress::Ended(event) = self.shared.store.check_job(&job_id).await? {
+                total.jobs_checked += 1;
+                self.events.publish_or_defer(&event).await;
+            }
         }
         let formation_deadline = Utc::now()
             - chrono::Duration::from_std(config.formation_timeout).unwrap_or(chrono::Duration::MAX);
@@ -248,7 +257,7 @@ impl Sweeper {
                 task.updated_at + wait + stuck_after < Utc::now()
                     && idle_pools.get(&job.queue).copied().unwrap_or(true)
             }
-            Ok(TaskStatus::Running | TaskStatus::Done | TaskStatus::Failed) => true,
+            Ok(TaskStatus::Running) => true,
             _ => false,
         }
     }
@@ -261,22 +270,6 @@ impl Sweeper {
         report: &mut SweepReport,
     ) -> Result<crate::broker::Pending, Error> {
         let status = task.status.parse::<TaskStatus>().ok();
-        if let Some(status @ (TaskStatus::Done | TaskStatus::Failed)) = status {
-            report.reported += 1;
-            let event = TaskFinished {
-                version: SCHEMA_VERSION,
-                job_id: task.job_id.clone(),
-                task_id: task.id,
-                status: status.as_str().to_owned(),
-                attempt: task.attempts,
-            };
-            let body = serde_json::to_vec(&event).expect("a finished event serializes");
-            let queue = self.shared.topology.completion_queue();
-            return Ok(self
-                .publisher
-                .send(Outgoing::to_queue(&queue, &body))
-                .await?);
-        }
         // A running task's attempt is taken over as the same attempt; a pending or
         // retrying one gets its next attempt.
         let attempt = if status == Some(TaskStatus::Running) {

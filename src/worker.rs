@@ -9,30 +9,39 @@
 //!   for n × retry_delay_ms;
 //! - failure otherwise, or permanent → `failed`, finished event.
 //!
-//! Every publish is confirmed before the ack. A handler panic is a failed attempt. A
-//! task whose attempt was delivered more than `max_deliveries` times without finishing
-//! (it keeps killing its worker) fails instead of looping forever.
+//! Under load the database and broker work is batched without loosening any of that:
+//! the deliveries the consumer has buffered are claimed in one statement, and the
+//! outcomes that finish while a batch is being recorded are recorded together next —
+//! one transaction, one finished-event message for all of them, every publish
+//! confirmed, then each delivery acked. A handler panic is a failed attempt. A task
+//! whose attempt was delivered more than `max_deliveries` times without finishing (it
+//! keeps killing its worker) fails instead of looping forever.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Connection;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Publisher};
+use crate::broker::{all_confirmed, Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::parking::park;
 use crate::pod::Shared;
-use crate::protocol::{self, TaskFinished, TaskMessage, SCHEMA_VERSION};
+use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
 use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
-use crate::store::TaskOutcome;
+use crate::store::{TaskOutcome, Transition};
+
+/// Outcomes recorded in one transaction at most.
+const RECORD_BATCH: usize = 256;
 
 /// Handlers in flight hold `slots` (sized `config.concurrency`), which outlive one
 /// connection: handlers started before a reconnect still count against the limit.
@@ -64,30 +73,44 @@ pub(crate) async fn run(
         )
         .await?;
     tracing::info!(queue, concurrency, "worker consuming");
+    let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner {
         shared: shared.clone(),
         publisher,
         pool,
         queue,
         shutdown: shutdown.clone(),
+        outcomes,
     });
+    let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             next = consumer.next() => match next {
                 Some(delivery) => delivery?,
                 None => return Err(Error::Other("worker consumer ended".into())),
             },
         };
-        let slot = slots.clone().acquire_owned().await.expect("semaphore open");
-        let runner = runner.clone();
-        tokio::spawn(async move {
-            runner.handle(delivery).await;
-            drop(slot);
-        });
+        // Every delivery holds a slot until it is settled; the prefetch equals the
+        // slots, so waiting here is short.
+        let mut batch = vec![(
+            first,
+            slots.clone().acquire_owned().await.expect("semaphore open"),
+        )];
+        while batch.len() < concurrency {
+            match consumer.next().now_or_never() {
+                Some(Some(delivery)) => {
+                    let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+                    batch.push((delivery?, slot));
+                }
+                _ => break,
+            }
+        }
+        runner.dispatch(batch).await;
     }
     // Stop deliveries, then give handlers in flight the grace period to finish and
-    // ack; whatever is still unacked returns to the queue when the channel closes.
+    // be recorded and acked; whatever is still unacked returns to the queue when the
+    // channel closes.
     let _ = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
@@ -101,9 +124,18 @@ pub(crate) async fn run(
             "handlers still running after the grace period; leaving their tasks to redelivery"
         );
     }
+    recorder.abort();
     let _ = channel.close(200, "shutdown".into()).await;
     runner.publisher.close().await;
     Ok(())
+}
+
+/// A delivery whose handler has run, on its way to being recorded.
+struct Finished {
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+    message: TaskMessage,
+    outcome: TaskOutcome,
 }
 
 struct Runner {
@@ -112,84 +144,172 @@ struct Runner {
     pool: String,
     queue: String,
     shutdown: CancellationToken,
+    outcomes: mpsc::UnboundedSender<Finished>,
 }
 
 impl Runner {
-    async fn handle(&self, delivery: Delivery) {
-        if let Err(err) = self.process(&delivery).await {
-            // Unacked, the message returns to the queue when the channel closes, and
-            // the conditional transitions make its second run harmless.
-            if err.is_broker_connection() {
-                tracing::debug!(%err, "task message not settled: broker connection lost");
-            } else {
-                tracing::error!(%err, "task message not settled; returning it to the queue");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                if let Err(err) = delivery.acker.nack(requeue).await {
-                    tracing::debug!(%err, "nack failed; the broker will redeliver");
+    /// Decodes a batch of deliveries, claims the fresh ones in one statement, and
+    /// starts a handler for each claimed task.
+    async fn dispatch(self: &Arc<Self>, batch: Vec<(Delivery, OwnedSemaphorePermit)>) {
+        let mut fresh = Vec::with_capacity(batch.len());
+        let mut in_batch = HashSet::with_capacity(batch.len());
+        for (delivery, slot) in batch {
+            match self.decode(&delivery) {
+                // A second copy in the same batch must not share the first one's claim.
+                Ok(message)
+                    if !delivery.redelivered
+                        && in_batch.insert((message.task_id, message.attempt)) =>
+                {
+                    fresh.push((delivery, slot, message))
+                }
+                // A redelivery may need a takeover: the one-task claim handles it.
+                Ok(message) => self.spawn_single(delivery, slot, message),
+                Err(reason) => {
+                    let runner = self.clone();
+                    tokio::spawn(async move {
+                        let parked = runner.park(&delivery, &reason).await;
+                        runner.settle(delivery, slot, parked).await;
+                    });
                 }
             }
+        }
+        if fresh.is_empty() {
             return;
         }
-        if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-            tracing::debug!(%err, "ack failed; the broker will redeliver");
+        let token = uuid::Uuid::new_v4().to_string();
+        let claims: Vec<(i64, i32)> = fresh
+            .iter()
+            .map(|(_, _, m)| (m.task_id, m.attempt))
+            .collect();
+        let claimed = match self
+            .shared
+            .store
+            .claim_tasks(&claims, &token, self.shared.config.lease)
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::error!(%err, "claiming a batch of tasks failed; trying them one by one");
+                HashSet::new()
+            }
+        };
+        let token = Arc::new(token);
+        for (delivery, slot, message) in fresh {
+            if claimed.contains(&message.task_id) {
+                let (runner, token) = (self.clone(), token.clone());
+                tokio::spawn(
+                    async move { runner.attempt(delivery, slot, message, &token, 1).await },
+                );
+            } else {
+                self.spawn_single(delivery, slot, message);
+            }
         }
     }
 
-    /// Everything but the ack. Returning `Ok` means the ack may go out: every row
-    /// change is committed and every message it caused is confirmed.
-    async fn process(&self, delivery: &Delivery) -> Result<(), Error> {
+    /// The one-task path: a claim that may take over a running attempt (redelivered,
+    /// lease expired) — or finds the message stale.
+    fn spawn_single(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        message: TaskMessage,
+    ) {
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let token = uuid::Uuid::new_v4().to_string();
+            let claim = runner
+                .shared
+                .store
+                .claim_task(
+                    message.task_id,
+                    message.attempt,
+                    &token,
+                    delivery.redelivered,
+                    runner.shared.config.lease,
+                )
+                .await;
+            match claim {
+                Ok(Some(claim)) => {
+                    runner
+                        .attempt(delivery, slot, message, &token, claim.deliveries)
+                        .await
+                }
+                Ok(None) => {
+                    let settled = runner.settle_stale(&delivery, &message).await;
+                    runner.settle(delivery, slot, settled).await;
+                }
+                Err(err) => runner.settle(delivery, slot, Err(err.into())).await,
+            }
+        });
+    }
+
+    fn decode(&self, delivery: &Delivery) -> Result<TaskMessage, String> {
         let content_type = delivery
             .properties
             .content_type()
             .as_ref()
             .map(|s| s.as_str());
-        let message: TaskMessage = match protocol::decode(
+        protocol::decode(
             &delivery.data,
             content_type,
             self.shared.config.max_request_bytes,
         )
         .and_then(|m: TaskMessage| protocol::check_message_version(m.version).map(|()| m))
-        {
-            Ok(message) => message,
-            Err(err) => return self.park(delivery, &err.to_string()).await,
-        };
-        let token = uuid::Uuid::new_v4().to_string();
-        let store = &self.shared.store;
-        let claim = store
-            .claim_task(
-                message.task_id,
-                message.attempt,
-                &token,
-                delivery.redelivered,
-                self.shared.config.lease,
-            )
-            .await?;
-        let Some(claim) = claim else {
-            return self.settle_stale(delivery, &message).await;
-        };
-        let outcome = if !self.shared.registry.knows_task_type(&message.task_type) {
-            self.park(
-                delivery,
-                &format!("unknown task type {:?}", message.task_type),
-            )
-            .await?;
+        .map_err(|err| err.to_string())
+    }
+
+    /// Runs one claimed attempt and hands its outcome to the recorder.
+    async fn attempt(
+        &self,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        message: TaskMessage,
+        token: &str,
+        deliveries: i32,
+    ) {
+        let result = if !self.shared.registry.knows_task_type(&message.task_type) {
+            if let Err(err) = self
+                .park(
+                    &delivery,
+                    &format!("unknown task type {:?}", message.task_type),
+                )
+                .await
+            {
+                return self.settle(delivery, slot, Err(err)).await;
+            }
             Err(TaskError::permanent(format!(
                 "unknown task type {:?} in pool {:?}",
                 message.task_type, self.pool
             )))
-        } else if claim.deliveries > self.shared.config.max_deliveries {
+        } else if deliveries > self.shared.config.max_deliveries {
             Err(TaskError::permanent(format!(
-                "attempt {} was delivered {} times without finishing: the task keeps killing its worker",
-                message.attempt, claim.deliveries
+                "attempt {} was delivered {deliveries} times without finishing: the task keeps killing its worker",
+                message.attempt
             )))
         } else {
-            self.run_handler(&message, &token).await
+            self.run_handler(&message, token).await
         };
-        self.record(&message, outcome).await
+        let outcome = match result {
+            Ok(value) => TaskOutcome::Done(value),
+            Err(err) if !err.is_permanent() && message.attempt <= message.max_retries => {
+                tracing::debug!(task_id = message.task_id, attempt = message.attempt, error = %err, "attempt failed; will retry");
+                TaskOutcome::Retrying(err.message().to_owned())
+            }
+            Err(err) => {
+                tracing::warn!(task_id = message.task_id, attempt = message.attempt, error = %err, "task failed for good");
+                TaskOutcome::Failed(err.message().to_owned())
+            }
+        };
+        let finished = Finished {
+            delivery,
+            slot,
+            message,
+            outcome,
+        };
+        if let Err(mpsc::error::SendError(finished)) = self.outcomes.send(finished) {
+            // The recorder is gone (shutdown past its grace): leave it to redelivery.
+            drop(finished);
+        }
     }
 
     /// Runs the handler in its own task (so a panic is an error, not a dead worker),
@@ -255,52 +375,141 @@ impl Runner {
         }
     }
 
-    /// Commits the attempt's outcome and sends what it causes.
-    async fn record(
-        &self,
-        message: &TaskMessage,
-        outcome: Result<serde_json::Value, TaskError>,
-    ) -> Result<(), Error> {
-        let store = &self.shared.store;
-        let (task_id, attempt) = (message.task_id, message.attempt);
-        let mut final_outcome = match outcome {
-            Ok(result) => TaskOutcome::Done(result),
-            Err(err) if !err.is_permanent() && attempt <= message.max_retries => {
-                tracing::debug!(task_id, attempt, error = %err, "attempt failed; will retry");
-                if store.retry_task(task_id, attempt, err.message()).await? {
-                    return self.publish_retry(message).await;
+    /// Records outcomes in batches: whatever finished while the previous batch was
+    /// being recorded goes into the next one.
+    async fn record_loop(self: Arc<Self>, mut outcomes: mpsc::UnboundedReceiver<Finished>) {
+        while let Some(first) = outcomes.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH {
+                match outcomes.try_recv() {
+                    Ok(finished) => batch.push(finished),
+                    Err(_) => break,
                 }
-                return self.settle_stale_after_write(message).await;
             }
-            Err(err) => {
-                tracing::warn!(task_id, attempt, error = %err, "task failed for good");
-                TaskOutcome::Failed(err.message().to_owned())
-            }
-        };
-        let recorded = match store.finish_task(task_id, attempt, &final_outcome).await {
-            // A result the database refuses for good (not a passing outage) would
-            // fail the same way on every redelivery: fail the task with the reason.
-            Err(err) if !err.is_transient() && matches!(final_outcome, TaskOutcome::Done(_)) => {
-                tracing::error!(task_id, %err, "could not record the task's result");
-                final_outcome = TaskOutcome::Failed(format!("could not record the result: {err}"));
-                store.finish_task(task_id, attempt, &final_outcome).await?
-            }
-            recorded => recorded?,
-        };
-        if recorded {
-            let status = match final_outcome {
-                TaskOutcome::Done(_) => TaskStatus::Done,
-                TaskOutcome::Failed(_) => TaskStatus::Failed,
-            };
-            return self.publish_finished(message, status).await;
+            self.record(batch).await;
         }
-        self.settle_stale_after_write(message).await
     }
 
-    /// A message that claimed nothing: a duplicate, a stale attempt, or a message
-    /// for a cancelled task. If the row shows that what this attempt should have
-    /// caused may not have been sent (a crash between commit and publish), send it
-    /// again: duplicates of those messages are harmless.
+    /// Commits a batch of outcomes, sends what they cause (retries, one finished-event
+    /// message), waits for every confirm, then acks.
+    async fn record(&self, batch: Vec<Finished>) {
+        let transitions: Vec<Transition> = batch
+            .iter()
+            .map(|f| Transition {
+                job_id: f.message.job_id.clone(),
+                task_id: f.message.task_id,
+                attempt: f.message.attempt,
+                outcome: f.outcome.clone(),
+            })
+            .collect();
+        let recorded = match self.shared.store.finish_tasks(&transitions).await {
+            Ok(recorded) => recorded,
+            Err(err) if batch.len() > 1 && !err.is_transient() => {
+                // One bad row must not fail its neighbours: record them one by one.
+                for finished in batch {
+                    Box::pin(self.record(vec![finished])).await;
+                }
+                return;
+            }
+            Err(err) if !err.is_transient() => {
+                let mut finished = batch.into_iter().next().expect("one outcome");
+                if let TaskOutcome::Done(_) = finished.outcome {
+                    // A result the database refuses for good would fail the same way
+                    // on every redelivery: fail the task with the reason instead.
+                    tracing::error!(task_id = finished.message.task_id, %err, "could not record the task's result");
+                    finished.outcome =
+                        TaskOutcome::Failed(format!("could not record the result: {err}"));
+                    return Box::pin(self.record(vec![finished])).await;
+                }
+                return self
+                    .settle(finished.delivery, finished.slot, Err(err.into()))
+                    .await;
+            }
+            Err(err) => {
+                tracing::error!(%err, outcomes = batch.len(), "recording outcomes failed; returning their messages to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for finished in batch {
+                    self.settle(
+                        finished.delivery,
+                        finished.slot,
+                        Err(Error::Other(err.to_string())),
+                    )
+                    .await;
+                }
+                return;
+            }
+        };
+        let (done, stale): (Vec<Finished>, Vec<Finished>) = batch
+            .into_iter()
+            .partition(|f| recorded.contains(&f.message.task_id));
+        let mut pending = Vec::new();
+        let mut finished_tasks = Vec::new();
+        let mut sent = Ok(());
+        for finished in &done {
+            match &finished.outcome {
+                TaskOutcome::Retrying(_) => match self.send_retry(&finished.message).await {
+                    Ok(confirm) => pending.push(confirm),
+                    Err(err) => sent = Err(err),
+                },
+                outcome => finished_tasks.push(finished_task(&finished.message, outcome.status())),
+            }
+        }
+        if !finished_tasks.is_empty() && sent.is_ok() {
+            match self.send_finished(finished_tasks).await {
+                Ok(confirm) => pending.push(confirm),
+                Err(err) => sent = Err(err),
+            }
+        }
+        if sent.is_ok() {
+            sent = all_confirmed(pending).await.map_err(Error::from);
+        }
+        for finished in done {
+            let result = match &sent {
+                Ok(()) => Ok(()),
+                Err(err) => Err(Error::Other(err.to_string())),
+            };
+            self.settle(finished.delivery, finished.slot, result).await;
+        }
+        for finished in stale {
+            let settled = self.settle_stale_after_write(&finished.message).await;
+            self.settle(finished.delivery, finished.slot, settled).await;
+        }
+    }
+
+    /// Acks a delivery whose effects are committed and confirmed, or returns it to the
+    /// queue; then frees its slot.
+    async fn settle(
+        &self,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        result: Result<(), Error>,
+    ) {
+        match result {
+            Ok(()) => {
+                if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    tracing::debug!(%err, "ack failed; the broker will redeliver");
+                }
+            }
+            // The channel is gone: the broker returns the message by itself.
+            Err(err) if err.is_broker_connection() => {
+                tracing::debug!(%err, "task message not settled: broker connection lost");
+            }
+            Err(err) => {
+                tracing::error!(%err, "task message not settled; returning it to the queue");
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                if let Err(err) = delivery.acker.nack(requeue).await {
+                    tracing::debug!(%err, "nack failed; the broker will redeliver");
+                }
+            }
+        }
+        drop(slot);
+    }
+
+    /// A message that claimed nothing: a duplicate, a stale attempt, a message for a
+    /// cancelled task — or for no task at all, which is parked.
     async fn settle_stale(&self, delivery: &Delivery, message: &TaskMessage) -> Result<(), Error> {
         if self.shared.store.task(message.task_id).await?.is_none() {
             return self
@@ -313,28 +522,34 @@ impl Runner {
         self.settle_stale_after_write(message).await
     }
 
+    /// If the row shows that what this attempt should have caused may not have been
+    /// sent (a crash between commit and publish), send it again: duplicates of those
+    /// messages are harmless.
     async fn settle_stale_after_write(&self, message: &TaskMessage) -> Result<(), Error> {
         let Some(row) = self.shared.store.task(message.task_id).await? else {
             return Ok(());
         };
-        let status = row.status.parse::<TaskStatus>().ok();
-        match status {
+        match row.status.parse::<TaskStatus>().ok() {
             Some(TaskStatus::Retrying) if row.attempts == message.attempt => {
-                self.publish_retry(message).await
+                self.send_retry(message).await?.confirmed().await?;
             }
-            Some(status @ (TaskStatus::Done | TaskStatus::Failed)) if !row.counted => {
-                self.publish_finished(message, status).await
+            // Re-checking a job that already ended costs one row lock.
+            Some(status @ (TaskStatus::Done | TaskStatus::Failed)) => {
+                self.send_finished(vec![finished_task(message, status)])
+                    .await?
+                    .confirmed()
+                    .await?;
             }
             _ => {
                 tracing::debug!(task_id = message.task_id, attempt = message.attempt, status = %row.status, "stale task message acked");
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// Sends attempt n+1 to the delay queue for n × retry_delay_ms; the broker moves
     /// it back to the work queue when the wait is over. No worker sleeps meanwhile.
-    async fn publish_retry(&self, message: &TaskMessage) -> Result<(), Error> {
+    async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
         let delay_ms = i64::from(message.attempt) * message.retry_delay_ms;
         let delay_queue = self
             .shared
@@ -346,30 +561,20 @@ impl Runner {
             ..message.clone()
         };
         let body = serde_json::to_vec(&next).expect("a task message serializes");
-        self.publisher
-            .publish(Outgoing::to_queue(&delay_queue, &body))
-            .await?;
-        Ok(())
+        Ok(self
+            .publisher
+            .send(Outgoing::to_queue(&delay_queue, &body))
+            .await?)
     }
 
-    async fn publish_finished(
-        &self,
-        message: &TaskMessage,
-        status: TaskStatus,
-    ) -> Result<(), Error> {
-        let event = TaskFinished {
-            version: SCHEMA_VERSION,
-            job_id: message.job_id.clone(),
-            task_id: message.task_id,
-            status: status.as_str().to_owned(),
-            attempt: message.attempt,
-        };
-        let body = serde_json::to_vec(&event).expect("a finished event serializes");
+    async fn send_finished(&self, tasks: Vec<FinishedTask>) -> Result<Pending, Error> {
+        let body =
+            serde_json::to_vec(&TasksFinished::new(tasks)).expect("a finished event serializes");
         let queue = self.shared.topology.completion_queue();
-        self.publisher
-            .publish(Outgoing::to_queue(&queue, &body))
-            .await?;
-        Ok(())
+        Ok(self
+            .publisher
+            .send(Outgoing::to_queue(&queue, &body))
+            .await?)
     }
 
     async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {
@@ -381,6 +586,15 @@ impl Runner {
             reason,
         )
         .await?)
+    }
+}
+
+fn finished_task(message: &TaskMessage, status: TaskStatus) -> FinishedTask {
+    FinishedTask {
+        job_id: message.job_id.clone(),
+        task_id: message.task_id,
+        status: status.as_str().to_owned(),
+        attempt: message.attempt,
     }
 }
 

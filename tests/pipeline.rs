@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use taskmill::protocol::{TaskFinished, TaskMessage, SCHEMA_VERSION};
+use taskmill::protocol::{FinishedTask, TaskMessage, TasksFinished, SCHEMA_VERSION};
 use taskmill::{builtin, JobRequest, Roles, TaskContext, TaskError};
 
 use common::{Backend, TestEnv};
@@ -28,6 +28,8 @@ on_both_backends!(
     panicking_handler_is_a_failed_attempt,
     job_without_tasks_completes_at_once,
     splitter_makes_tasks_from_params,
+    duplicates_inside_one_batch_run_once,
+    a_refused_result_fails_only_its_task,
 );
 
 async fn thousand_task_job_completes(backend: Backend) {
@@ -240,13 +242,12 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
     );
     // A finished event sent twice is counted once too.
     for row in &rows {
-        let finished = TaskFinished {
-            version: SCHEMA_VERSION,
+        let finished = TasksFinished::new(vec![FinishedTask {
             job_id: job_id.clone(),
             task_id: row.id,
             status: "done".into(),
             attempt: 1,
-        };
+        }]);
         env.publish_raw(
             "",
             &topology.completion_queue(),
@@ -308,13 +309,12 @@ async fn racing_completion_consumers_send_one_event_per_job(backend: Backend) {
     for job_id in &job_ids {
         for row in env.store.tasks_of_job(job_id).await.unwrap() {
             if row.status == "done" || row.status == "failed" {
-                let finished = TaskFinished {
-                    version: SCHEMA_VERSION,
+                let finished = TasksFinished::new(vec![FinishedTask {
                     job_id: job_id.clone(),
                     task_id: row.id,
                     status: row.status.clone(),
                     attempt: row.attempts,
-                };
+                }]);
                 env.publish_raw(
                     "",
                     &topology.completion_queue(),
@@ -531,6 +531,122 @@ async fn splitter_makes_tasks_from_params(backend: Backend) {
     let event = client.wait(&job_id).await.unwrap();
     assert_eq!((event.event.as_str(), event.done), ("job.done", 7));
     assert_eq!(runs.load(Ordering::SeqCst), 7);
+    pod.stop().await;
+}
+
+async fn duplicates_inside_one_batch_run_once(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let intake = env.start(
+        env.worker()
+            .roles(Roles {
+                intake: true,
+                ..Roles::NONE
+            })
+            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
+    );
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            "count",
+            (0..100).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    let rows = wait_for_rows(&env, &job_id, 100).await;
+    intake.stop().await;
+    // The queue now holds each task message once; add a copy of each, and let one
+    // worker take them in large batches that mix originals and copies.
+    let topology = env.topology();
+    for row in &rows {
+        let message = TaskMessage {
+            version: SCHEMA_VERSION,
+            job_id: job_id.clone(),
+            task_id: row.id,
+            task_type: "count".into(),
+            attempt: 1,
+            max_retries: 3,
+            retry_delay_ms: 100,
+            payload: row.payload.clone(),
+        };
+        env.publish_raw(
+            "",
+            &topology.work_queue("default"),
+            &serde_json::to_vec(&message).unwrap(),
+            None,
+        )
+        .await;
+    }
+    let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let counter = runs.clone();
+    let worker = env.start(env.worker().concurrency(256).handler(
+        "count",
+        move |ctx: TaskContext| {
+            let counter = counter.clone();
+            async move {
+                *counter.lock().unwrap().entry(ctx.task_id).or_default() += 1;
+                Ok(json!(null))
+            }
+        },
+    ));
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 100));
+    let runs = runs.lock().unwrap().clone();
+    assert!(
+        runs.len() == 100 && runs.values().all(|&n| n == 1),
+        "each task ran once: {runs:?}"
+    );
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(rows
+        .iter()
+        .all(|row| row.attempts == 1 && row.deliveries == 1));
+    worker.stop().await;
+}
+
+/// PostgreSQL refuses a NUL character in JSONB, so a batch holding such a result fails
+/// half-way through its transaction: nothing of it may be acked, the neighbours must
+/// still be recorded, and the refused task fails with the reason (SQLite stores it).
+async fn a_refused_result_fails_only_its_task(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker().concurrency(64).handler(
+        "nul",
+        |ctx: TaskContext| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if ctx.payload == json!(7) {
+                Ok(json!({ "text": "a\u{0000}b" }))
+            } else {
+                Ok(ctx.payload)
+            }
+        },
+    ));
+    let client = env.client().await;
+    let mut request = JobRequest::new("nul", (0..40).map(|n| json!(n)).collect());
+    request.on_failure = taskmill::FailurePolicy::Continue;
+    let job_id = client.submit(request).await.unwrap();
+    let event = client.wait(&job_id).await.unwrap();
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(
+        rows.iter().all(|row| row.attempts == 1),
+        "no attempt recorded twice"
+    );
+    match backend {
+        Backend::Postgres => {
+            assert_eq!((event.done, event.failed), (39, 1));
+            let refused = rows.iter().find(|row| row.payload == json!(7)).unwrap();
+            assert_eq!(refused.status, "failed");
+            assert!(refused
+                .info
+                .as_deref()
+                .unwrap()
+                .contains("could not record the result"));
+        }
+        Backend::Sqlite => assert_eq!((event.done, event.failed), (40, 0)),
+    }
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.done_count, job.failed_count),
+        (event.done, event.failed),
+        "counted once each"
+    );
     pod.stop().await;
 }
 

@@ -25,8 +25,6 @@ pub struct Model {
     pub result: Option<Json>,
     /// Bumped by every state change: lets readers ignore stale snapshots.
     pub version: i64,
-    /// The completion consumer has counted this task's terminal status in its job.
-    pub counted: bool,
     /// Token of the claim that holds the task: a retried claim whose first write
     /// landed recognises itself by it.
     pub claimed_by: Option<String>,

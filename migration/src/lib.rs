@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_jobs_and_tasks;
 mod m20261125_000002_create_leases;
+mod m20261125_000003_lean_task_indexes;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_create_jobs_and_tasks::Migration),
             Box::new(m20261125_000002_create_leases::Migration),
+            Box::new(m20261125_000003_lean_task_indexes::Migration),
         ]
     }
 }

@@ -1,5 +1,6 @@
 //! The `taskmill` command line: one file per subcommand.
 
+pub mod bench;
 pub mod dead;
 pub mod demo;
 pub mod migrate;
@@ -66,4 +67,6 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// The parking lot: list, replay or purge messages that could not be processed.
     Dead(dead::DeadArgs),
+    /// Measure the machine's limits and taskmill against them.
+    Bench(bench::BenchArgs),
 }

@@ -1,16 +1,16 @@
-//! The completion check: counting finished tasks into their job and ending the job,
-//! in one transaction per job.
+//! The completion check: ending a job whose counters say it is over, in one
+//! transaction per job.
 //!
-//! Counting is idempotent: a task is counted by flipping its `counted` flag, and only
-//! the rows whose flag this transaction flipped add to the job's counters, so a
-//! duplicate finished event counts nothing. Cost is O(events), not O(tasks): the full
-//! aggregate over the job's tasks runs once, when the job ends.
+//! The counters are kept by the transactions that finish tasks
+//! ([`Store::finish_tasks`]), so checking a job reads one row however many events
+//! arrive: cost is O(events), never O(tasks) per event. The full aggregate over the
+//! job's tasks runs once, when the job ends, and sets the final counts exactly.
 
 use chrono::Utc;
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, TransactionTrait,
+    QuerySelect, TransactionTrait,
 };
 
 use super::jobs::{count_by_status, lock_job};
@@ -25,29 +25,23 @@ const FAILED_IDS_IN_EVENT: u64 = 100;
 pub enum Progress {
     /// The job is not running (already ended, or still forming): nothing to count.
     NotRunning,
-    /// Newly finished tasks were counted; the job goes on.
-    Counted { newly: usize },
+    /// The job goes on.
+    Running,
     /// This check ended the job; the event is in the outbox, claimed by the caller.
     Ended(Box<job_event::Model>),
 }
 
 impl Store {
-    /// Counts the given finished tasks into their job and, if that finishes the job
-    /// (every task terminal, or a failure under `fail_fast`), ends it. The stage change
-    /// is a compare-and-set on `running` under the job's row lock, so of any number
-    /// of racing consumers exactly one ends the job.
-    pub async fn record_finished(
-        &self,
-        job_id: &str,
-        task_ids: &[i64],
-    ) -> Result<Progress, StoreError> {
-        self.retrying("record finished tasks", || async {
+    /// Ends the job if its counters say it is over: every task terminal, or a failure
+    /// under `fail_fast`. The stage change is a compare-and-set on `running` under the
+    /// job's row lock, so of any number of racing consumers exactly one ends the job.
+    pub async fn check_job(&self, job_id: &str) -> Result<Progress, StoreError> {
+        self.retrying("check job", || async {
             let job_id = job_id.to_owned();
-            let task_ids = task_ids.to_vec();
             Ok(self
                 .db
                 .transaction::<_, Progress, StoreError>(move |txn| {
-                    Box::pin(async move { record_in(txn, &job_id, &task_ids).await })
+                    Box::pin(async move { check_in(txn, &job_id).await })
                 })
                 .await?)
         })
@@ -84,73 +78,28 @@ impl Store {
     }
 }
 
-async fn record_in<C: ConnectionTrait>(
-    txn: &C,
-    job_id: &str,
-    task_ids: &[i64],
-) -> Result<Progress, StoreError> {
+async fn check_in<C: ConnectionTrait>(txn: &C, job_id: &str) -> Result<Progress, StoreError> {
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
         return Ok(Progress::NotRunning);
     };
-    let mut count = task::Entity::update_many()
-        .col_expr(task::Column::Counted, Expr::value(true))
-        .filter(task::Column::JobId.eq(job_id))
-        .filter(task::Column::Id.is_in(task_ids.iter().copied()))
-        .filter(task::Column::Counted.eq(false))
-        .filter(
-            task::Column::Status.is_in([TaskStatus::Done.as_str(), TaskStatus::Failed.as_str()]),
-        )
-        .into_query();
-    count.returning(Query::returning().columns([
-        task::Column::Id,
-        task::Column::Status,
-        task::Column::Info,
-    ]));
-    let rows = txn.query_all(&count).await?;
-    let mut done = 0;
-    let mut failed = 0;
-    let mut first_failure: Option<(i64, Option<String>)> = None;
-    for row in &rows {
-        let id: i64 = row.try_get("", "id")?;
-        let status: String = row.try_get("", "status")?;
-        if status == TaskStatus::Failed.as_str() {
-            failed += 1;
-            if first_failure.as_ref().is_none_or(|(first, _)| id < *first) {
-                first_failure = Some((id, row.try_get("", "info")?));
-            }
-        } else {
-            done += 1;
-        }
-    }
-    if rows.is_empty() {
-        return Ok(Progress::Counted { newly: 0 });
-    }
-    let done_count = job.done_count + done;
-    let failed_count = job.failed_count + failed;
-    let first_error = job.first_error.clone().or_else(|| {
-        first_failure.map(|(id, info)| info.unwrap_or_else(|| format!("task {id} failed")))
-    });
     let policy = FailurePolicy::parse(&job.on_failure);
-    let all_terminal = done_count + failed_count + job.cancelled_count >= job.task_count;
-    let ending = if failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
-        Some(JobStage::Failed)
+    let all_terminal = job.done_count + job.failed_count + job.cancelled_count >= job.task_count;
+    let ending = if job.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
+        JobStage::Failed
     } else if all_terminal {
-        Some(JobStage::Done)
+        JobStage::Done
     } else {
-        None
+        return Ok(Progress::Running);
     };
-    if let Some(stage) = ending {
-        let event = end_job_with(txn, &job, JobStage::Running, stage, first_error).await?;
-        return Ok(Progress::Ended(Box::new(event)));
-    }
-    job::Entity::update_many()
-        .col_expr(job::Column::DoneCount, Expr::value(done_count))
-        .col_expr(job::Column::FailedCount, Expr::value(failed_count))
-        .col_expr(job::Column::FirstError, Expr::value(first_error))
-        .filter(job::Column::Id.eq(job_id))
-        .exec(txn)
-        .await?;
-    Ok(Progress::Counted { newly: rows.len() })
+    let event = end_job_with(
+        txn,
+        &job,
+        JobStage::Running,
+        ending,
+        job.first_error.clone(),
+    )
+    .await?;
+    Ok(Progress::Ended(Box::new(event)))
 }
 
 /// Ends a job that is not yet terminal: used when a job has no tasks at all.
@@ -185,7 +134,6 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
                 task::Column::Status,
                 Expr::value(TaskStatus::Cancelled.as_str()),
             )
-            .col_expr(task::Column::Counted, Expr::value(true))
             .col_expr(
                 task::Column::LeaseUntil,
                 Expr::value(Option::<chrono::DateTime<Utc>>::None),

@@ -130,7 +130,6 @@ impl Store {
             info: Set(None),
             result: Set(None),
             version: Set(0),
-            counted: Set(false),
             claimed_by: Set(None),
             lease_until: Set(None),
             created_at: Set(now),

@@ -7,6 +7,7 @@
 //! [`crate::retry`]; a write that timed out but landed is recognised on the retry by
 //! the same conditions.
 
+mod bench;
 mod completion;
 mod error;
 mod events;
@@ -22,11 +23,12 @@ use sea_orm::{
     TransactionTrait,
 };
 
+pub use bench::ServerCounters;
 pub use completion::Progress;
 pub use error::StoreError;
 pub use jobs::{JobStatus, NewJob, NewTask, StartOutcome};
 pub use sweeper::SWEEP_WRITE_BATCH;
-pub use tasks::{Claim, TaskOutcome};
+pub use tasks::{Claim, TaskOutcome, Transition};
 
 pub use entity::{job, job_event, task};
 

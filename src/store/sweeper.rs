@@ -68,8 +68,8 @@ impl Store {
 
     /// Tasks of shard `shard` (of `shards`, by id modulo) after `after_id` that have
     /// not changed since `quiet_since` although they should be moving: pending or
-    /// retrying (their message may be lost), running past their lease (their worker
-    /// died), or finished but not counted (their finished event may be lost).
+    /// retrying (their message may be lost), or running past their lease (their
+    /// worker died). Served by the partial index of unfinished tasks.
     pub async fn stuck_tasks(
         &self,
         shard: u32,
@@ -89,16 +89,13 @@ impl Store {
                     Condition::all()
                         .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
                         .add(task::Column::LeaseUntil.lt(now)),
-                )
-                .add(
-                    Condition::all()
-                        .add(
-                            task::Column::Status
-                                .is_in([TaskStatus::Done.as_str(), TaskStatus::Failed.as_str()]),
-                        )
-                        .add(task::Column::Counted.eq(false)),
                 );
             Ok(task::Entity::find()
+                .filter(task::Column::Status.is_in([
+                    TaskStatus::Pending.as_str(),
+                    TaskStatus::Running.as_str(),
+                    TaskStatus::Retrying.as_str(),
+                ]))
                 .filter(task::Column::UpdatedAt.lt(quiet_since))
                 .filter(stuck)
                 .filter(
@@ -168,6 +165,33 @@ impl Store {
                 .all(&self.db)
                 .await?;
             Ok(jobs.into_iter().map(|job| (job.id.clone(), job)).collect())
+        })
+        .await
+    }
+
+    /// Running jobs, quiet since `quiet_since`, whose counters say they are over: the
+    /// finished event that should have ended them was lost.
+    pub async fn jobs_due_for_check(
+        &self,
+        quiet_since: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.retrying("scan jobs due for a check", || async {
+            let over = Condition::any().add(job::Column::FailedCount.gt(0)).add(
+                Expr::col(job::Column::DoneCount)
+                    .add(Expr::col(job::Column::FailedCount))
+                    .add(Expr::col(job::Column::CancelledCount))
+                    .gte(Expr::col(job::Column::TaskCount)),
+            );
+            Ok(job::Entity::find()
+                .select_only()
+                .column(job::Column::Id)
+                .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+                .filter(job::Column::UpdatedAt.lt(quiet_since))
+                .filter(over)
+                .limit(1000)
+                .into_tuple()
+                .all(&self.db)
+                .await?)
         })
         .await
     }

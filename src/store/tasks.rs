@@ -6,17 +6,25 @@
 //! - finish: `running` attempt n → `done` (+ result) or `failed` (+ info);
 //! - retry: `running` attempt n → `retrying` (+ info).
 //!
-//! Zero rows changed means the message was stale or a duplicate.
+//! Zero rows changed means the message was stale or a duplicate. Fresh claims and
+//! outcomes come in batches: one statement per attempt number claims a batch, and one
+//! transaction records a batch of outcomes, so the database's cost per task shrinks
+//! with load instead of capping it.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
-use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter};
+use sea_orm::sea_query::{
+    CaseStatement, Expr, ExprTrait, Func, Query, SimpleExpr, UpdateStatement,
+};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, TransactionTrait,
+};
 use serde_json::Value;
 
-use super::{task, Store, StoreError};
-use crate::state::TaskStatus;
+use super::{job, task, Store, StoreError};
+use crate::state::{JobStage, TaskStatus};
 
 /// A successful claim.
 #[derive(Clone, Debug)]
@@ -25,11 +33,34 @@ pub struct Claim {
     pub deliveries: i32,
 }
 
-/// How an attempt ended for good.
-#[derive(Clone, Debug)]
+/// How a running attempt ended.
+#[derive(Clone, Debug, PartialEq)]
 pub enum TaskOutcome {
+    /// `done`, with the handler's result.
     Done(Value),
+    /// `failed` for good, with the error.
     Failed(String),
+    /// `retrying`: the error, kept in `info` while the next attempt waits.
+    Retrying(String),
+}
+
+impl TaskOutcome {
+    pub fn status(&self) -> TaskStatus {
+        match self {
+            Self::Done(_) => TaskStatus::Done,
+            Self::Failed(_) => TaskStatus::Failed,
+            Self::Retrying(_) => TaskStatus::Retrying,
+        }
+    }
+}
+
+/// The outcome of attempt `attempt` of task `task_id` of job `job_id`.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub job_id: String,
+    pub task_id: i64,
+    pub attempt: i32,
+    pub outcome: TaskOutcome,
 }
 
 fn lease_deadline(lease: Duration) -> chrono::DateTime<Utc> {
@@ -119,76 +150,103 @@ impl Store {
         .await
     }
 
-    /// Records the final outcome of a running attempt. `false`: the attempt was no
-    /// longer running (a duplicate, or the job was cancelled).
-    pub async fn finish_task(
+    /// Claims attempt `attempt` of many fresh tasks (`pending` or `retrying` with
+    /// `attempts = attempt - 1`) for `token`: one statement per attempt number. Returns
+    /// the claimed ids; the others were stale, duplicates, or need a takeover
+    /// ([`Store::claim_task`]).
+    pub async fn claim_tasks(
         &self,
-        task_id: i64,
-        attempt: i32,
-        outcome: &TaskOutcome,
-    ) -> Result<bool, StoreError> {
-        self.retrying("finish task", || async {
-            let now = Utc::now();
-            let mut update = task::Entity::update_many();
-            update = match outcome {
-                TaskOutcome::Done(result) => update
-                    .col_expr(task::Column::Status, Expr::value(TaskStatus::Done.as_str()))
-                    .col_expr(task::Column::Result, Expr::value(result.clone())),
-                TaskOutcome::Failed(info) => update
-                    .col_expr(
-                        task::Column::Status,
-                        Expr::value(TaskStatus::Failed.as_str()),
-                    )
-                    .col_expr(task::Column::Info, Expr::value(info.as_str())),
-            };
-            let finished = update
-                .col_expr(task::Column::FinishedAt, Expr::value(now))
-                .col_expr(
-                    task::Column::LeaseUntil,
-                    Expr::value(Option::<chrono::DateTime<Utc>>::None),
-                )
-                .col_expr(
-                    task::Column::Version,
-                    Expr::col(task::Column::Version).add(1),
-                )
-                .col_expr(task::Column::UpdatedAt, Expr::value(now))
-                .filter(running_attempt(task_id, attempt))
-                .exec(&self.db)
+        claims: &[(i64, i32)],
+        token: &str,
+        lease: Duration,
+    ) -> Result<HashSet<i64>, StoreError> {
+        let mut by_attempt: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        for &(task_id, attempt) in claims {
+            by_attempt.entry(attempt).or_default().push(task_id);
+        }
+        let mut claimed = HashSet::with_capacity(claims.len());
+        for (attempt, ids) in by_attempt {
+            let rows = self
+                .retrying("claim tasks", || async {
+                    let now = Utc::now();
+                    let mut update =
+                        task::Entity::update_many()
+                            .col_expr(
+                                task::Column::Status,
+                                Expr::value(TaskStatus::Running.as_str()),
+                            )
+                            .col_expr(task::Column::Attempts, Expr::value(attempt))
+                            .col_expr(task::Column::Deliveries, Expr::value(1))
+                            .col_expr(task::Column::ClaimedBy, Expr::value(token))
+                            .col_expr(task::Column::LeaseUntil, Expr::value(lease_deadline(lease)))
+                            .col_expr(
+                                task::Column::Version,
+                                Expr::col(task::Column::Version).add(1),
+                            )
+                            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                            .filter(task::Column::Id.is_in(ids.iter().copied()))
+                            .filter(task::Column::Status.is_in([
+                                TaskStatus::Pending.as_str(),
+                                TaskStatus::Retrying.as_str(),
+                            ]))
+                            .filter(task::Column::Attempts.eq(attempt - 1))
+                            .into_query();
+                    update.returning(Query::returning().column(task::Column::Id));
+                    Ok(self.db.query_all(&update).await?)
+                })
                 .await?;
-            Ok(finished.rows_affected == 1)
-        })
-        .await
+            for row in rows {
+                claimed.insert(row.try_get::<i64>("", "id")?);
+            }
+        }
+        Ok(claimed)
     }
 
-    /// Moves a failed attempt to `retrying`, keeping its error. `false`: the attempt
-    /// was no longer running.
-    pub async fn retry_task(
+    /// Records many attempts' outcomes in one transaction, each only if its attempt is
+    /// still `running` (one statement per outcome kind and attempt number), and adds
+    /// the tasks that ended to their jobs' counters in the same transaction — so a
+    /// duplicate, which changes no row, can never count twice. Returns the ids
+    /// recorded; the others were duplicates or cancelled meanwhile.
+    pub async fn finish_tasks(
         &self,
-        task_id: i64,
-        attempt: i32,
-        info: &str,
-    ) -> Result<bool, StoreError> {
-        self.retrying("retry task", || async {
-            let now = Utc::now();
-            let moved = task::Entity::update_many()
-                .col_expr(
-                    task::Column::Status,
-                    Expr::value(TaskStatus::Retrying.as_str()),
-                )
-                .col_expr(task::Column::Info, Expr::value(info))
-                .col_expr(
-                    task::Column::LeaseUntil,
-                    Expr::value(Option::<chrono::DateTime<Utc>>::None),
-                )
-                .col_expr(
-                    task::Column::Version,
-                    Expr::col(task::Column::Version).add(1),
-                )
-                .col_expr(task::Column::UpdatedAt, Expr::value(now))
-                .filter(running_attempt(task_id, attempt))
-                .exec(&self.db)
-                .await?;
-            Ok(moved.rows_affected == 1)
+        transitions: &[Transition],
+    ) -> Result<HashSet<i64>, StoreError> {
+        let mut groups: HashMap<(TaskStatus, i32), Vec<&Transition>> = HashMap::new();
+        for transition in transitions {
+            groups
+                .entry((transition.outcome.status(), transition.attempt))
+                .or_default()
+                .push(transition);
+        }
+        let statements: Vec<UpdateStatement> = groups
+            .into_iter()
+            .map(|((status, attempt), group)| finish_statement(status, attempt, &group))
+            .collect();
+        let mut job_ids: Vec<String> = transitions.iter().map(|t| t.job_id.clone()).collect();
+        job_ids.sort();
+        job_ids.dedup();
+        let transitions = transitions.to_vec();
+        self.retrying("finish tasks", || async {
+            let (statements, job_ids, transitions) =
+                (statements.clone(), job_ids.clone(), transitions.clone());
+            Ok(self
+                .db
+                .transaction::<_, HashSet<i64>, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        // Jobs first, in id order, like every transaction that changes
+                        // a job: transactions on one job queue up instead of deadlocking.
+                        lock_running_jobs(txn, &job_ids).await?;
+                        let mut recorded = HashSet::new();
+                        for statement in &statements {
+                            for row in txn.query_all(statement).await? {
+                                recorded.insert(row.try_get::<i64>("", "id")?);
+                            }
+                        }
+                        count_into_jobs(txn, &transitions, &recorded).await?;
+                        Ok(recorded)
+                    })
+                })
+                .await?)
         })
         .await
     }
@@ -201,9 +259,119 @@ impl Store {
     }
 }
 
-fn running_attempt(task_id: i64, attempt: i32) -> Condition {
-    Condition::all()
-        .add(task::Column::Id.eq(task_id))
-        .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
-        .add(task::Column::Attempts.eq(attempt))
+/// One UPDATE moving a group of running attempts (same outcome kind, same attempt
+/// number) to `status`, each with its own result or error, returning the ids moved.
+fn finish_statement(status: TaskStatus, attempt: i32, group: &[&Transition]) -> UpdateStatement {
+    let now = Utc::now();
+    let per_task = |column: task::Column, value: fn(&TaskOutcome) -> SimpleExpr| {
+        let case = group.iter().fold(CaseStatement::new(), |case, transition| {
+            case.case(
+                task::Column::Id.eq(transition.task_id),
+                value(&transition.outcome),
+            )
+        });
+        let value: SimpleExpr = case.finally(Expr::col(column)).into();
+        (column, value)
+    };
+    let (column, value) = match status {
+        TaskStatus::Done => per_task(task::Column::Result, |outcome| match outcome {
+            TaskOutcome::Done(result) => Expr::value(result.clone()),
+            _ => unreachable!("grouped by status"),
+        }),
+        _ => per_task(task::Column::Info, |outcome| match outcome {
+            TaskOutcome::Failed(info) | TaskOutcome::Retrying(info) => Expr::value(info.clone()),
+            TaskOutcome::Done(_) => unreachable!("grouped by status"),
+        }),
+    };
+    let finished_at = if status.is_terminal() {
+        Some(now)
+    } else {
+        None
+    };
+    let mut update = task::Entity::update_many()
+        .col_expr(task::Column::Status, Expr::value(status.as_str()))
+        .col_expr(column, value)
+        .col_expr(task::Column::FinishedAt, Expr::value(finished_at))
+        .col_expr(
+            task::Column::LeaseUntil,
+            Expr::value(Option::<chrono::DateTime<Utc>>::None),
+        )
+        .col_expr(
+            task::Column::Version,
+            Expr::col(task::Column::Version).add(1),
+        )
+        .col_expr(task::Column::UpdatedAt, Expr::value(now))
+        .filter(task::Column::Id.is_in(group.iter().map(|t| t.task_id)))
+        .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
+        .filter(task::Column::Attempts.eq(attempt))
+        .into_query();
+    update.returning(Query::returning().column(task::Column::Id));
+    update
+}
+
+async fn lock_running_jobs<C: ConnectionTrait>(
+    txn: &C,
+    job_ids: &[String],
+) -> Result<(), StoreError> {
+    job::Entity::update_many()
+        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(job::Column::Id.is_in(job_ids.iter().cloned()))
+        .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+        .exec(txn)
+        .await?;
+    Ok(())
+}
+
+/// Adds the recorded terminal outcomes to their jobs' counters; a job's first error
+/// is the error of its lowest-numbered failed task among the first failures seen.
+async fn count_into_jobs<C: ConnectionTrait>(
+    txn: &C,
+    transitions: &[Transition],
+    recorded: &HashSet<i64>,
+) -> Result<(), StoreError> {
+    #[derive(Default)]
+    struct Tally<'a> {
+        done: i64,
+        failed: i64,
+        first_error: Option<(i64, &'a str)>,
+    }
+    let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
+    for transition in transitions.iter().filter(|t| recorded.contains(&t.task_id)) {
+        let tally = tallies.entry(transition.job_id.as_str()).or_default();
+        match &transition.outcome {
+            TaskOutcome::Done(_) => tally.done += 1,
+            TaskOutcome::Failed(info) => {
+                tally.failed += 1;
+                if tally
+                    .first_error
+                    .is_none_or(|(id, _)| transition.task_id < id)
+                {
+                    tally.first_error = Some((transition.task_id, info.as_str()));
+                }
+            }
+            TaskOutcome::Retrying(_) => {}
+        }
+    }
+    for (job_id, tally) in tallies {
+        if tally.done + tally.failed == 0 {
+            continue;
+        }
+        let mut update = job::Entity::update_many()
+            .col_expr(
+                job::Column::DoneCount,
+                Expr::col(job::Column::DoneCount).add(tally.done),
+            )
+            .col_expr(
+                job::Column::FailedCount,
+                Expr::col(job::Column::FailedCount).add(tally.failed),
+            );
+        if let Some((_, info)) = tally.first_error {
+            update = update.col_expr(
+                job::Column::FirstError,
+                Func::coalesce([Expr::col(job::Column::FirstError), Expr::value(info)]).into(),
+            );
+        }
+        update.filter(job::Column::Id.eq(job_id)).exec(txn).await?;
+    }
+    Ok(())
 }

@@ -1,0 +1,73 @@
+//! Worker processes for a scenario: this very binary, `taskmill worker`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use taskmill::Config;
+use tokio::process::{Child, Command};
+
+pub struct Fleet {
+    children: Vec<Child>,
+}
+
+impl Fleet {
+    pub fn spawn(config: &Config, workers: usize, concurrency: usize) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for _ in 0..workers {
+            children.push(
+                Command::new(&exe)
+                    .args([
+                        "worker",
+                        "--no-migrate",
+                        "--concurrency",
+                        &concurrency.to_string(),
+                    ])
+                    .env("AMQP_URL", &config.amqp_url)
+                    .env("DATABASE_URL", &config.database_url)
+                    .env("TASKMILL_PREFIX", &config.prefix)
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()?,
+            );
+        }
+        Ok(Self { children })
+    }
+
+    /// The largest resident set any worker reached so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        self.children
+            .iter()
+            .filter_map(|child| child.id())
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmHWM:"))
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .and_then(|kib| kib.parse::<f64>().ok())
+            })
+            .map(|kib| kib / 1024.0)
+            .reduce(f64::max)
+    }
+
+    pub async fn stop(mut self) {
+        for child in &mut self.children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for child in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(40), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! `taskmill bench`: measures this machine's limits and taskmill against them, in one run.
+//!
+//! 1. Baselines: the broker (persistent messages through a durable queue, confirms
+//!    pipelined 1,000 deep, a consumer acking with `multiple` every 100) and the
+//!    database (single-row UPDATEs by key from 8 connections; the same rows 100 per
+//!    statement).
+//! 2. Scenarios, each from submit to the job event, run by fresh `taskmill worker`
+//!    processes: S1 one job of N tasks, S2 one job of 10 × N, S3 1,000 jobs of 10, S4 S1
+//!    with 10% of tasks failing once, S5 S1 with 1, 2 and 4 worker processes.
+//! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
+//!    the ratios to the baselines: the machine is shared and noisy, so ratios measured
+//!    in the same run are what compare across runs.
+//!
+//! Everything runs under a fresh prefix on the configured broker and in a scratch
+//! database (a new PostgreSQL database, or a temporary SQLite file), removed afterwards.
+
+mod baseline;
+mod fleet;
+mod report;
+mod scenario;
+mod scratch;
+
+use clap::Args;
+use taskmill::store::Store;
+use taskmill::Config;
+
+use report::Report;
+use scenario::Spec;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Tasks of the S1, S4 and S5 job (S2 runs ten times as many).
+    #[arg(long, default_value_t = 10_000)]
+    pub tasks: usize,
+    /// Jobs of S3 (10 tasks each).
+    #[arg(long, default_value_t = 1_000)]
+    pub jobs: usize,
+    /// Worker processes for S1–S4.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Handlers at once per worker process.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Messages for the broker baseline.
+    #[arg(long, default_value_t = 50_000)]
+    pub baseline_messages: usize,
+    /// Scenarios to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let scratch = scratch::Scratch::create(&config.database_url, &run_id).await?;
+    let result = measure(config, &args, &run_id, &scratch).await;
+    scratch.remove().await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
+}
+
+async fn measure(
+    config: &Config,
+    args: &BenchArgs,
+    run_id: &str,
+    scratch: &scratch::Scratch,
+) -> anyhow::Result<Report> {
+    let mut config = config.clone();
+    config.database_url = scratch.url.clone();
+    config.prefix = format!("bench-{run_id}");
+    let store = Store::connect(&config.database_url, 16).await?;
+    store.migrate().await?;
+
+    eprintln!("baseline: broker…");
+    let broker = baseline::broker(&config, args.baseline_messages).await?;
+    eprintln!("baseline: database…");
+    // Its own pool, closed afterwards: PostgreSQL counts a backend's statistics when it
+    // exits, so the baseline's writes cannot leak into the first scenario's costs.
+    let scratch_store = Store::connect(&config.database_url, 16).await?;
+    let database = baseline::database(&scratch_store).await?;
+    scratch_store.bench_drop().await?;
+    scratch_store.close().await?;
+    let mut report = Report::new(&config, args, broker, database);
+
+    let n = args.tasks;
+    let mut specs = vec![
+        Spec::new("S1", format!("1 job × {n}"), 1, n, args.workers),
+        Spec::new("S2", format!("1 job × {}", 10 * n), 1, 10 * n, args.workers),
+        Spec::new(
+            "S3",
+            format!("{} jobs × 10", args.jobs),
+            args.jobs,
+            10,
+            args.workers,
+        ),
+        Spec::new(
+            "S4",
+            format!("1 job × {n}, 10% fail once"),
+            1,
+            n,
+            args.workers,
+        )
+        .failing_every(10),
+    ];
+    for workers in [1, 2, 4] {
+        specs.push(Spec::new(
+            &format!("S5/{workers}"),
+            format!("S1 on {workers} worker process(es)"),
+            1,
+            n,
+            workers,
+        ));
+    }
+    specs.retain(|spec| {
+        args.only.is_empty()
+            || args
+                .only
+                .iter()
+                .any(|s| spec.name.eq_ignore_ascii_case(s) || spec.name.starts_with(s.as_str()))
+    });
+
+    let bench = scenario::Bench::start(&config, store.clone(), args.concurrency).await?;
+    // Let the baselines' traffic reach the broker's sampled statistics first.
+    tokio::time::sleep(scenario::STATS_SETTLE).await;
+    for spec in specs {
+        eprintln!("scenario {}: {}…", spec.name, spec.title);
+        let result = bench.run(&spec).await?;
+        report.scenarios.push(result);
+    }
+    bench.stop().await;
+    Ok(report)
+}

@@ -1,0 +1,117 @@
+//! The bench report: JSON, or a table with the ratios that compare across runs.
+
+use serde::Serialize;
+use taskmill::Config;
+
+use super::baseline::{BrokerBaseline, DatabaseBaseline};
+use super::scenario::ScenarioResult;
+use super::BenchArgs;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub cores: usize,
+    pub backend: String,
+    pub worker_concurrency: usize,
+    pub broker: BrokerBaseline,
+    pub database: DatabaseBaseline,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+impl Report {
+    pub fn new(
+        config: &Config,
+        args: &BenchArgs,
+        broker: BrokerBaseline,
+        database: DatabaseBaseline,
+    ) -> Self {
+        Self {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            backend: if config.database_url.starts_with("postgres") {
+                "PostgreSQL"
+            } else {
+                "SQLite"
+            }
+            .to_owned(),
+            worker_concurrency: args.concurrency,
+            broker,
+            database,
+            scenarios: Vec::new(),
+        }
+    }
+
+    fn scenario(&self, name: &str) -> Option<&ScenarioResult> {
+        self.scenarios.iter().find(|s| s.name == name)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "taskmill bench: {} cores shared by broker, database and workers; {}; {} handlers per worker process",
+            self.cores, self.backend, self.worker_concurrency
+        );
+        println!();
+        println!("baselines");
+        println!(
+            "  broker    persistent, confirms 1,000 deep, acks every 100  {:>9.0} msg/s",
+            self.broker.messages_per_s
+        );
+        println!(
+            "  database  single-row UPDATE by key, 8 connections          {:>9.0} rows/s",
+            self.database.single_row_updates_per_s
+        );
+        println!(
+            "  database  100-row UPDATE, 8 connections                     {:>9.0} rows/s",
+            self.database.batched_rows_per_s
+        );
+        println!();
+        println!(
+            "{:<6} {:<30} {:>7} {:>7} {:>8} {:>8} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            "", "scenario", "tasks", "wall s", "tasks/s", "jobs/s", "task p50/p99 ms", "job p50/p99 ms",
+            "db tx", "db rows", "msgs", "RSS MiB", "÷broker", "÷db 1-row"
+        );
+        let opt = |value: Option<f64>, decimals: usize| {
+            value.map_or("n/a".to_owned(), |v| format!("{v:.decimals$}"))
+        };
+        for s in &self.scenarios {
+            println!(
+                "{:<6} {:<30} {:>7} {:>7.2} {:>8.0} {:>8.1} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>7.0}% {:>8.0}%{}",
+                s.name,
+                s.title,
+                s.tasks,
+                s.seconds,
+                s.tasks_per_s,
+                s.jobs_per_s,
+                format!("{:.0}/{:.0}", s.task_latency_p50_ms, s.task_latency_p99_ms),
+                format!("{:.0}/{:.0}", s.job_latency_p50_ms, s.job_latency_p99_ms),
+                opt(s.db_transactions_per_task, 2),
+                opt(s.db_rows_written_per_task, 2),
+                opt(s.broker_messages_per_task, 2),
+                opt(s.worker_peak_rss_mib, 1),
+                100.0 * s.tasks_per_s / self.broker.messages_per_s,
+                100.0 * s.tasks_per_s / self.database.single_row_updates_per_s,
+                if s.all_done { "" } else { "  (not every job done!)" },
+            );
+        }
+        println!();
+        println!("columns: db tx and db rows are PostgreSQL transactions and rows written per task; msgs are broker publishes per task;");
+        println!("         ÷broker and ÷db 1-row are tasks/s as a share of the baselines above");
+        if let Some(s1) = self.scenario("S1") {
+            println!();
+            println!(
+                "goal S1 ≥ 25% of broker (aim 50%):      {:.0}%",
+                100.0 * s1.tasks_per_s / self.broker.messages_per_s
+            );
+            if let Some(s2) = self.scenario("S2") {
+                println!(
+                    "goal S2 time ≤ 11 × S1 time:             {:.1} ×",
+                    s2.seconds / s1.seconds
+                );
+                println!(
+                    "goal S2 worker peak RSS < 64 MiB:        {}",
+                    opt(s2.worker_peak_rss_mib, 1)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Running one scenario: fresh worker processes, jobs submitted at once, every job
+//! event awaited, then costs read from the database's and the broker's own counters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures::{StreamExt, TryStreamExt};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use serde::Serialize;
+use serde_json::json;
+use taskmill::store::Store;
+use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
+
+use super::fleet::Fleet;
+
+/// How long the broker's and PostgreSQL's statistics may lag behind.
+pub const STATS_SETTLE: Duration = Duration::from_secs(6);
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
+
+pub struct Spec {
+    pub name: String,
+    pub title: String,
+    jobs: usize,
+    tasks_per_job: usize,
+    workers: usize,
+    fail_every: Option<usize>,
+}
+
+impl Spec {
+    pub fn new(
+        name: &str,
+        title: String,
+        jobs: usize,
+        tasks_per_job: usize,
+        workers: usize,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            title,
+            jobs,
+            tasks_per_job,
+            workers,
+            fail_every: None,
+        }
+    }
+
+    pub fn failing_every(mut self, k: usize) -> Self {
+        self.fail_every = Some(k);
+        self
+    }
+
+    fn request(&self) -> JobRequest {
+        let tasks = (0..self.tasks_per_job)
+            .map(|n| match self.fail_every {
+                Some(k) => json!({ "n": n, "times": u8::from(n % k == 0) }),
+                None => json!({ "n": n }),
+            })
+            .collect();
+        let task_type = if self.fail_every.is_some() {
+            builtin::FAIL
+        } else {
+            builtin::ECHO
+        };
+        let mut request = JobRequest::new(task_type, tasks);
+        request.retry_delay_ms = 100;
+        request.job_id = Some(uuid::Uuid::new_v4().to_string());
+        request
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub title: String,
+    pub workers: usize,
+    pub jobs: usize,
+    pub tasks: usize,
+    pub seconds: f64,
+    pub tasks_per_s: f64,
+    pub jobs_per_s: f64,
+    pub task_latency_p50_ms: f64,
+    pub task_latency_p99_ms: f64,
+    pub job_latency_p50_ms: f64,
+    pub job_latency_p99_ms: f64,
+    /// Transactions per task, PostgreSQL only.
+    pub db_transactions_per_task: Option<f64>,
+    /// Rows inserted, updated or deleted per task, PostgreSQL only.
+    pub db_rows_written_per_task: Option<f64>,
+    /// Messages published to the broker per task (management API).
+    pub broker_messages_per_task: Option<f64>,
+    pub worker_peak_rss_mib: Option<f64>,
+    pub all_done: bool,
+}
+
+pub struct Bench {
+    config: Config,
+    store: Store,
+    client: Client,
+    concurrency: usize,
+    events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
+    listener: Connection,
+    api: Option<ManagementApi>,
+}
+
+impl Bench {
+    pub async fn start(config: &Config, store: Store, concurrency: usize) -> anyhow::Result<Self> {
+        let client = Client::connect(config).await?;
+        let listener = taskmill::broker::connect(&config.amqp_url).await?;
+        let channel = listener.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                client.topology().events_exchange().as_str().into(),
+                "job.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "bench".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>> = Arc::default();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if let Ok(event) = serde_json::from_slice::<JobEvent>(&delivery.data) {
+                    sink.lock()
+                        .expect("events lock")
+                        .insert(event.job_id.clone(), (Instant::now(), event));
+                }
+            }
+        });
+        Ok(Self {
+            config: config.clone(),
+            store,
+            client,
+            concurrency,
+            events,
+            listener,
+            api: ManagementApi::from_url(&config.amqp_url),
+        })
+    }
+
+    pub async fn run(&self, spec: &Spec) -> anyhow::Result<ScenarioResult> {
+        let fleet = Fleet::spawn(&self.config, spec.workers, self.concurrency)?;
+        let db_before = self.store.server_counters().await?;
+        let published_before = self.api.as_ref().and_then(ManagementApi::published);
+
+        let requests: Vec<JobRequest> = (0..spec.jobs).map(|_| spec.request()).collect();
+        let started = Instant::now();
+        let submitted: Vec<(String, Instant)> = futures::stream::iter(requests)
+            .map(|request| async move {
+                let id = self.client.submit(request).await?;
+                Ok::<_, anyhow::Error>((id, Instant::now()))
+            })
+            .buffer_unordered(64)
+            .try_collect()
+            .await?;
+        let deadline = Instant::now() + SCENARIO_TIMEOUT;
+        loop {
+            let arrived = {
+                let events = self.events.lock().expect("events lock");
+                submitted
+                    .iter()
+                    .filter(|(id, _)| events.contains_key(id))
+                    .count()
+            };
+            if arrived == submitted.len() {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: only {arrived} of {} jobs ended",
+                spec.name,
+                submitted.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rss = fleet.peak_rss_mib();
+        fleet.stop().await;
+
+        let (mut job_latencies, mut last_event, mut all_done) = (Vec::new(), started, true);
+        {
+            let events = self.events.lock().expect("events lock");
+            for (id, submitted_at) in &submitted {
+                let (at, event) = &events[id];
+                job_latencies.push((*at - *submitted_at).as_secs_f64() * 1000.0);
+                last_event = last_event.max(*at);
+                all_done &= event.is_done();
+            }
+        }
+        let seconds = (last_event - started).as_secs_f64();
+
+        // Worker backends exited with their processes, which flushed their statistics;
+        // the broker's are sampled every 5 s.
+        tokio::time::sleep(STATS_SETTLE).await;
+        let tasks = spec.jobs * spec.tasks_per_job;
+        let per_task = |delta: i64| delta as f64 / tasks as f64;
+        let db_after = self.store.server_counters().await?;
+        let published_after = self.api.as_ref().and_then(ManagementApi::published);
+
+        // Read latencies on a pool of their own, so its reads land in no later window.
+        let reader = Store::connect(&self.config.database_url, 4).await?;
+        let mut task_latencies = Vec::new();
+        for (id, _) in &submitted {
+            let job = reader
+                .job(id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
+            let published = job.started_at.unwrap_or(job.created_at);
+            for finished in reader.finish_times(id).await? {
+                task_latencies
+                    .push((finished - published).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            }
+        }
+        reader.close().await?;
+        Ok(ScenarioResult {
+            name: spec.name.clone(),
+            title: spec.title.clone(),
+            workers: spec.workers,
+            jobs: spec.jobs,
+            tasks,
+            seconds,
+            tasks_per_s: tasks as f64 / seconds,
+            jobs_per_s: spec.jobs as f64 / seconds,
+            task_latency_p50_ms: percentile(&mut task_latencies, 0.50),
+            task_latency_p99_ms: percentile(&mut task_latencies, 0.99),
+            job_latency_p50_ms: percentile(&mut job_latencies, 0.50),
+            job_latency_p99_ms: percentile(&mut job_latencies, 0.99),
+            db_transactions_per_task: db_before
+                .zip(db_after)
+                .map(|(b, a)| per_task(a.transactions - b.transactions)),
+            db_rows_written_per_task: db_before
+                .zip(db_after)
+                .map(|(b, a)| per_task(a.rows_written - b.rows_written)),
+            broker_messages_per_task: published_before
+                .zip(published_after)
+                .map(|(b, a)| per_task(a - b)),
+            worker_peak_rss_mib: rss,
+            all_done,
+        })
+    }
+
+    pub async fn stop(self) {
+        let _ = self.listener.close(200, "done".into()).await;
+        let topology = self.client.topology().clone();
+        if let Some(api) = &self.api {
+            api.delete_prefixed(topology.prefix());
+        }
+        let _ = self.client.close().await;
+    }
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((values.len() - 1) as f64 * q).round() as usize;
+    values[rank]
+}
+
+/// RabbitMQ's management API, for the publish counter and the clean-up.
+struct ManagementApi {
+    base: String,
+    vhost: String,
+    auth: String,
+}
+
+impl ManagementApi {
+    fn from_url(amqp_url: &str) -> Option<Self> {
+        let uri: lapin::uri::AMQPUri = amqp_url.parse().ok()?;
+        let base = std::env::var("TASKMILL_RABBITMQ_API")
+            .unwrap_or_else(|_| format!("http://{}:15672/api", uri.authority.host));
+        let credentials = format!(
+            "{}:{}",
+            uri.authority.userinfo.username, uri.authority.userinfo.password
+        );
+        Some(Self {
+            base,
+            vhost: uri.vhost.replace('/', "%2F"),
+            auth: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(credentials)
+            ),
+        })
+    }
+
+    fn get(&self, path: &str) -> Option<serde_json::Value> {
+        ureq::get(&format!("{}/{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_json()
+            .ok()
+    }
+
+    /// Messages published in the vhost so far.
+    fn published(&self) -> Option<i64> {
+        self.get(&format!("vhosts/{}", self.vhost))?["message_stats"]["publish"].as_i64()
+    }
+
+    /// Removes the queues and exchanges of one prefix.
+    fn delete_prefixed(&self, prefix: &str) {
+        for (kind, list) in [("queues", "queues"), ("exchanges", "exchanges")] {
+            let Some(items) = self.get(&format!("{list}/{}?columns=name", self.vhost)) else {
+                continue;
+            };
+            for name in items
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|item| item["name"].as_str())
+            {
+                if name.starts_with(&format!("{prefix}.")) {
+                    let _ = ureq::delete(&format!("{}/{kind}/{}/{}", self.base, self.vhost, name))
+                        .header("Authorization", &self.auth)
+                        .call();
+                }
+            }
+        }
+    }
+}
