@@ -21,6 +21,8 @@ use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
 use crate::pod::Shared;
+use serde_json::value::RawValue;
+
 use crate::protocol::{self, DecodeError, JobRequest, Target, TaskMessage, SCHEMA_VERSION};
 use crate::retry::Delays;
 use crate::state::JobStage;
@@ -188,7 +190,7 @@ impl Intake {
             .content_type()
             .as_ref()
             .map(|s| s.as_str());
-        let mut request: JobRequest = protocol::decode(
+        let mut request: JobRequest<Box<RawValue>> = protocol::decode(
             &delivery.data,
             content_type,
             self.shared.config.max_request_bytes,
@@ -217,7 +219,13 @@ impl Intake {
                 .registry
                 .split(&request.job_type, &request.params)
             {
-                Some(Ok(tasks)) => tasks,
+                Some(Ok(tasks)) => tasks
+                    .iter()
+                    .map(serde_json::value::to_raw_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| {
+                        Rejection::Park(format!("splitter output is not JSON: {err}"))
+                    })?,
                 Some(Err(err)) => {
                     return Err(Rejection::Park(format!(
                         "splitter for {:?} failed: {err}",
@@ -294,20 +302,15 @@ impl Intake {
         &self,
         job_id: &str,
         task_type: &str,
-        payloads: Vec<serde_json::Value>,
+        payloads: Vec<Box<RawValue>>,
     ) -> Result<Option<job::Model>, Rejection> {
-        let count = payloads.len() as i64;
-        let tasks: Vec<NewTask> = payloads
-            .into_iter()
-            .enumerate()
-            .map(|(ordinal, payload)| NewTask {
-                ordinal: ordinal as i32,
-                task_type: task_type.to_owned(),
-                payload,
-            })
-            .collect();
-        self.insert_adaptively(job_id, &tasks).await?;
-        match self.shared.store.start_job(job_id, count).await? {
+        self.insert_adaptively(job_id, task_type, &payloads).await?;
+        match self
+            .shared
+            .store
+            .start_job(job_id, payloads.len() as i64)
+            .await?
+        {
             StartOutcome::Running(job) => Ok(Some(job)),
             StartOutcome::Ended(event) => {
                 self.events.publish_or_defer(&event).await;
@@ -318,18 +321,32 @@ impl Intake {
 
     /// Inserts rows in adaptive batches; on an error, halves the batch (while it is
     /// above 5) and waits with exponential backoff before going on.
-    async fn insert_adaptively(&self, job_id: &str, tasks: &[NewTask]) -> Result<(), Rejection> {
+    /// Payloads are parsed one batch at a time, so only the raw request stays in
+    /// memory.
+    async fn insert_adaptively(
+        &self,
+        job_id: &str,
+        task_type: &str,
+        payloads: &[Box<RawValue>],
+    ) -> Result<(), Rejection> {
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
         let mut done = 0;
-        while done < tasks.len() {
-            let end = (done + batch).min(tasks.len());
-            match self
-                .shared
-                .store
-                .insert_tasks(job_id, &tasks[done..end])
-                .await
-            {
+        while done < payloads.len() {
+            let end = (done + batch).min(payloads.len());
+            let tasks = payloads[done..end]
+                .iter()
+                .enumerate()
+                .map(|(offset, raw)| {
+                    Ok(NewTask {
+                        ordinal: (done + offset) as i32,
+                        task_type: task_type.to_owned(),
+                        payload: serde_json::from_str(raw.get())?,
+                    })
+                })
+                .collect::<Result<Vec<_>, serde_json::Error>>()
+                .map_err(|err| Rejection::Park(format!("malformed task payload: {err}")))?;
+            match self.shared.store.insert_tasks(job_id, &tasks).await {
                 Ok(()) => {
                     done = end;
                     batch = (batch * 2).min(MAX_BATCH);
@@ -359,7 +376,7 @@ impl Intake {
             .declare_work_queue(self.publisher.channel(), &job.queue)
             .await
             .map_err(Error::from)?;
-        let mut after = 0;
+        let mut after = -1;
         loop {
             let page = self
                 .shared
@@ -367,7 +384,7 @@ impl Intake {
                 .unpublished_tasks(&job.id, after, PUBLISH_WINDOW)
                 .await?;
             let Some(last) = page.last() else { break };
-            after = last.id;
+            after = last.ordinal;
             let mut pending = Vec::with_capacity(page.len());
             for task in page {
                 let message = TaskMessage {

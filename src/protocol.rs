@@ -57,9 +57,13 @@ pub struct Target {
 }
 
 /// A job request, published to the jobs exchange with the job type as routing key.
+///
+/// Producers build it with `Value` payloads; the intake reads payloads as raw JSON
+/// (`JobRequest<Box<RawValue>>`), a few bytes each instead of a parsed map, and parses
+/// them a batch at a time as it stores them, so a 100,000-task request stays small.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobRequest {
+pub struct JobRequest<T = Value> {
     pub version: u32,
     /// Idempotency key: a second request with the same id creates nothing new.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,7 +80,7 @@ pub struct JobRequest {
     /// One payload per task; when absent, a splitter registered for the job type makes
     /// them from `params`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tasks: Option<Vec<Value>>,
+    pub tasks: Option<Vec<T>>,
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     #[serde(default = "default_retry_delay_ms")]
@@ -114,7 +118,9 @@ impl JobRequest {
             on_complete: None,
         }
     }
+}
 
+impl<T> JobRequest<T> {
     pub fn task_type(&self) -> &str {
         self.task_type.as_deref().unwrap_or(&self.job_type)
     }

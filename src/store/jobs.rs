@@ -221,21 +221,23 @@ impl Store {
         .await
     }
 
-    /// Tasks that have never been claimed, in id order after `after_id`: what the
+    /// Tasks that have never been claimed, in ordinal order after `after_ordinal` (a
+    /// range scan of the job's `(job_id, ordinal)` index, so paging through a job
+    /// costs O(tasks), not O(tasks²)): what the
     /// intake publishes (again, when it resumes).
     pub async fn unpublished_tasks(
         &self,
         job_id: &str,
-        after_id: i64,
+        after_ordinal: i32,
         limit: u64,
     ) -> Result<Vec<task::Model>, StoreError> {
         self.retrying("list tasks to publish", || async {
             Ok(task::Entity::find()
                 .filter(task::Column::JobId.eq(job_id))
-                .filter(task::Column::Id.gt(after_id))
+                .filter(task::Column::Ordinal.gt(after_ordinal))
                 .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
                 .filter(task::Column::Attempts.eq(0))
-                .order_by_asc(task::Column::Id)
+                .order_by_asc(task::Column::Ordinal)
                 .limit(limit)
                 .all(&self.db)
                 .await?)
