@@ -30,7 +30,7 @@ use crate::store::Progress;
 /// Finished events taken per batch (and the consumer's prefetch).
 const BATCH: usize = 500;
 /// Jobs of one batch checked at once.
-const PARALLEL_JOBS: usize = 8;
+const PARALLEL_JOBS: usize = 16;
 /// How often the outbox relay looks for events whose publisher died.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 

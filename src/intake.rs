@@ -37,7 +37,7 @@ const MAX_BATCH: usize = 1_024;
 /// Task messages published before waiting for their confirms.
 const PUBLISH_WINDOW: u64 = 1_000;
 /// Job requests handled at once by one intake.
-pub(crate) const CONCURRENT_REQUESTS: usize = 8;
+pub(crate) const CONCURRENT_REQUESTS: usize = 32;
 
 /// Requests in flight hold `slots`, which outlive one connection: requests started
 /// before a reconnect still count against the limit.

@@ -19,7 +19,8 @@ pub struct DemoArgs {
     pub fail_every: usize,
     #[arg(long, default_value_t = 500)]
     pub retry_delay_ms: u64,
-    #[arg(long, default_value_t = 64)]
+    /// Handlers at once (and prefetch, the batch size of claims and outcomes).
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
 }
 

@@ -36,6 +36,8 @@ pub use entity::{job, job_event, task};
 /// outbox relay may publish it instead.
 pub const EVENT_CLAIM: Duration = Duration::from_secs(30);
 
+const SQLITE_POOL: u32 = 4;
+
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
@@ -43,6 +45,13 @@ pub struct Store {
 
 impl Store {
     pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        // SQLite has one writer at a time: more connections add page caches and lock
+        // contention, not throughput.
+        let pool_size = if url.starts_with("sqlite") {
+            pool_size.min(SQLITE_POOL)
+        } else {
+            pool_size
+        };
         let mut options = ConnectOptions::new(url.to_owned());
         options
             .max_connections(pool_size)

@@ -38,8 +38,9 @@ pub struct BenchArgs {
     /// Worker processes for S1–S4.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Handlers at once per worker process.
-    #[arg(long, default_value_t = 64)]
+    /// Handlers at once per worker process (also its prefetch: the batch size of
+    /// claims and outcomes). No-op tasks need many to keep the batches large.
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
     /// Messages for the broker baseline.
     #[arg(long, default_value_t = 50_000)]

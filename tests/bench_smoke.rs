@@ -1,0 +1,52 @@
+//! `taskmill bench` runs end to end and reports every scenario (tiny sizes: a smoke
+//! test of the harness, not a timing test — timings are never asserted).
+
+use std::process::Command;
+
+#[test]
+fn bench_reports_every_scenario_as_json() {
+    let output = Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        .args([
+            "bench",
+            "--json",
+            "--tasks",
+            "200",
+            "--jobs",
+            "20",
+            "--baseline-messages",
+            "2000",
+            "--only",
+            "S1,S3,S4",
+        ])
+        // The bench makes its own scratch SQLite file and broker prefix, and removes both.
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("taskmill runs");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert!(report["broker"]["messages_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        report["database"]["single_row_updates_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let scenarios = report["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["S1", "S3", "S4"]);
+    for scenario in scenarios {
+        assert_eq!(scenario["all_done"], true, "{scenario}");
+        assert!(scenario["tasks_per_s"].as_f64().unwrap() > 0.0);
+        assert!(scenario["worker_peak_rss_mib"].as_f64().is_some());
+    }
+    assert_eq!(scenarios[1]["jobs"], 20);
+    assert_eq!(scenarios[2]["tasks"], 200);
+}
