@@ -52,15 +52,8 @@ mod postgres_only {
 
 async fn kill_9_workers_during_a_job(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &[]).await;
-    let job_id = submit(
-        &env,
-        builtin::SLEEP,
-        (0..3000).map(|_| json!({ "ms": 40 })).collect(),
-    )
-    .await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
+    let job_id = sleep_job(&env, 3000, 40).await;
 
     let mut kills = 0;
     let mut rng = rand::rng();
@@ -79,9 +72,7 @@ async fn kill_9_workers_during_a_job(backend: Backend) {
 
 async fn rabbitmq_restart_during_a_job(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &[]).await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
     let client = env.client().await;
     let first = client
         .submit(JobRequest::new(
@@ -123,15 +114,8 @@ async fn rabbitmq_restart_during_a_job(backend: Backend) {
 
 async fn postgres_restart_during_a_job(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &[]).await;
-    let job_id = submit(
-        &env,
-        builtin::SLEEP,
-        (0..3000).map(|_| json!({ "ms": 10 })).collect(),
-    )
-    .await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
+    let job_id = sleep_job(&env, 3000, 10).await;
     wait_for_progress(&env, &job_id, 600).await;
 
     let database = PostgresGuard::stop().await;
@@ -146,15 +130,8 @@ async fn postgres_restart_during_a_job(backend: Backend) {
 
 async fn rolling_sigterm_runs_nothing_twice(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &[]).await;
-    let job_id = submit(
-        &env,
-        builtin::SLEEP,
-        (0..2000).map(|_| json!({ "ms": 20 })).collect(),
-    )
-    .await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
+    let job_id = sleep_job(&env, 2000, 20).await;
     wait_for_progress(&env, &job_id, 100).await;
 
     for pod in 0..fleet.len() {
@@ -179,15 +156,8 @@ async fn rolling_sigterm_runs_nothing_twice(backend: Backend) {
 
 async fn purged_work_queue_is_swept_back(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &[]).await;
-    let job_id = submit(
-        &env,
-        builtin::SLEEP,
-        (0..2000).map(|_| json!({ "ms": 5 })).collect(),
-    )
-    .await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
+    let job_id = sleep_job(&env, 2000, 5).await;
     wait_for_progress(&env, &job_id, 300).await;
 
     let connection = env.connection().await;
@@ -209,9 +179,7 @@ async fn purged_work_queue_is_swept_back(backend: Backend) {
 
 async fn bad_input_flood_is_parked(backend: Backend) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(backend).await;
-    let audit = env.audit_events().await;
-    let mut fleet = Fleet::start(&env, 3, &["--max-request-bytes", "65536"]).await;
+    let (env, audit, mut fleet) = setup(backend, &["--max-request-bytes", "65536"]).await;
     let job_id = submit(
         &env,
         builtin::ECHO,
@@ -376,6 +344,24 @@ async fn check_invariants(
         events.len(),
         parked.len()
     )
+}
+
+/// A fresh vhost and database, an audit queue for job events, and three pods.
+async fn setup(backend: Backend, extra: &[&str]) -> (TestEnv, String, Fleet) {
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let fleet = Fleet::start(&env, 3, extra).await;
+    (env, audit, fleet)
+}
+
+/// A job of `tasks` tasks that each sleep `ms` milliseconds.
+async fn sleep_job(env: &TestEnv, tasks: usize, ms: u64) -> String {
+    submit(
+        env,
+        builtin::SLEEP,
+        (0..tasks).map(|_| json!({ "ms": ms })).collect(),
+    )
+    .await
 }
 
 async fn submit(env: &TestEnv, task_type: &str, tasks: Vec<serde_json::Value>) -> String {

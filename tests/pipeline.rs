@@ -174,48 +174,10 @@ async fn continue_policy_finishes_every_task(backend: Backend) {
 async fn duplicate_task_messages_count_once(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    // Intake only (it must know the task type): the task messages wait in the queue.
-    let intake = env.start(
-        env.worker()
-            .roles(Roles {
-                intake: true,
-                ..Roles::NONE
-            })
-            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
-    );
-    let client = env.client().await;
-    let job_id = client
-        .submit(JobRequest::new(
-            "count",
-            (0..50).map(|n| json!(n)).collect(),
-        ))
-        .await
-        .unwrap();
+    let (job_id, rows) = form_job_without_workers(&env, 50).await;
+    publish_copies(&env, &job_id, &rows).await;
     let topology = env.topology();
-    let rows = wait_for_rows(&env, &job_id, 50).await;
-    // A second copy of every task message, as a sweeper or a retried publish would send.
-    for row in &rows {
-        let message = TaskMessage {
-            version: SCHEMA_VERSION,
-            job_id: job_id.clone(),
-            task_id: row.id,
-            task_type: "count".into(),
-            attempt: 1,
-            max_retries: 3,
-            retry_delay_ms: 100,
-            payload: row.payload.clone(),
-        };
-        let body = serde_json::to_vec(&message).unwrap();
-        env.publish_raw(
-            "",
-            &topology.work_queue("default"),
-            &body,
-            Some("application/json"),
-        )
-        .await;
-    }
     let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
-    let counter = runs.clone();
     let worker = env.start(
         env.worker()
             .roles(Roles {
@@ -223,14 +185,7 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
                 completion: true,
                 ..Roles::NONE
             })
-            .handler("count", move |ctx: TaskContext| {
-                let counter = counter.clone();
-                async move {
-                    *counter.lock().unwrap().entry(ctx.task_id).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok(json!(null))
-                }
-            }),
+            .handler("count", counting_handler(&runs)),
     );
     let job = env.wait_for_end(&job_id, LONG).await;
     assert_eq!((job.stage.as_str(), job.done_count), ("done", 50));
@@ -270,7 +225,6 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
         runs.values().all(|&n| n == 1),
         "each task ran once: {runs:?}"
     );
-    intake.stop().await;
     worker.stop().await;
 }
 
@@ -536,58 +490,16 @@ async fn splitter_makes_tasks_from_params(backend: Backend) {
 
 async fn duplicates_inside_one_batch_run_once(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let intake = env.start(
-        env.worker()
-            .roles(Roles {
-                intake: true,
-                ..Roles::NONE
-            })
-            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
-    );
-    let client = env.client().await;
-    let job_id = client
-        .submit(JobRequest::new(
-            "count",
-            (0..100).map(|n| json!(n)).collect(),
-        ))
-        .await
-        .unwrap();
-    let rows = wait_for_rows(&env, &job_id, 100).await;
-    intake.stop().await;
-    // The queue now holds each task message once; add a copy of each, and let one
-    // worker take them in large batches that mix originals and copies.
-    let topology = env.topology();
-    for row in &rows {
-        let message = TaskMessage {
-            version: SCHEMA_VERSION,
-            job_id: job_id.clone(),
-            task_id: row.id,
-            task_type: "count".into(),
-            attempt: 1,
-            max_retries: 3,
-            retry_delay_ms: 100,
-            payload: row.payload.clone(),
-        };
-        env.publish_raw(
-            "",
-            &topology.work_queue("default"),
-            &serde_json::to_vec(&message).unwrap(),
-            None,
-        )
-        .await;
-    }
+    // Each task message once in the queue, then a copy of each: one worker with a
+    // large prefetch takes them in batches that mix originals and copies.
+    let (job_id, rows) = form_job_without_workers(&env, 100).await;
+    publish_copies(&env, &job_id, &rows).await;
     let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
-    let counter = runs.clone();
-    let worker = env.start(env.worker().concurrency(256).handler(
-        "count",
-        move |ctx: TaskContext| {
-            let counter = counter.clone();
-            async move {
-                *counter.lock().unwrap().entry(ctx.task_id).or_default() += 1;
-                Ok(json!(null))
-            }
-        },
-    ));
+    let worker = env.start(
+        env.worker()
+            .concurrency(256)
+            .handler("count", counting_handler(&runs)),
+    );
     let job = env.wait_for_end(&job_id, LONG).await;
     assert_eq!((job.stage.as_str(), job.done_count), ("done", 100));
     let runs = runs.lock().unwrap().clone();
@@ -648,6 +560,75 @@ async fn a_refused_result_fails_only_its_task(backend: Backend) {
         "counted once each"
     );
     pod.stop().await;
+}
+
+/// Forms a job of `count` "count" tasks with no worker running: its task messages
+/// wait in the work queue. Returns the job id and its rows.
+async fn form_job_without_workers(
+    env: &TestEnv,
+    count: usize,
+) -> (String, Vec<taskmill::store::task::Model>) {
+    // The intake must know the task type to accept the job.
+    let intake = env.start(
+        env.worker()
+            .roles(Roles {
+                intake: true,
+                ..Roles::NONE
+            })
+            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
+    );
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            "count",
+            (0..count).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    let rows = wait_for_rows(env, &job_id, count).await;
+    intake.stop().await;
+    (job_id, rows)
+}
+
+/// Publishes a second copy of attempt 1 of every task, as a sweeper or a retried
+/// publish would.
+async fn publish_copies(env: &TestEnv, job_id: &str, rows: &[taskmill::store::task::Model]) {
+    let queue = env.topology().work_queue("default");
+    for row in rows {
+        let message = TaskMessage {
+            version: SCHEMA_VERSION,
+            job_id: job_id.to_owned(),
+            task_id: row.id,
+            task_type: "count".into(),
+            attempt: 1,
+            max_retries: 3,
+            retry_delay_ms: 100,
+            payload: row.payload.clone(),
+        };
+        env.publish_raw("", &queue, &serde_json::to_vec(&message).unwrap(), None)
+            .await;
+    }
+}
+
+/// A "count" handler that records how often each task ran.
+fn counting_handler(
+    runs: &Arc<Mutex<HashMap<i64, usize>>>,
+) -> impl Fn(
+    TaskContext,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = taskmill::registry::HandlerResult> + Send>,
+> + Send
+       + Sync
+       + 'static {
+    let runs = runs.clone();
+    move |ctx: TaskContext| {
+        let runs = runs.clone();
+        Box::pin(async move {
+            *runs.lock().unwrap().entry(ctx.task_id).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(json!(null))
+        })
+    }
 }
 
 async fn wait_for_messages(

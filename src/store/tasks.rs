@@ -103,20 +103,7 @@ impl Store {
                     Expr::col(task::Column::Deliveries).add(1),
                 )
                 .finally(1);
-            let claimed = task::Entity::update_many()
-                .col_expr(
-                    task::Column::Status,
-                    Expr::value(TaskStatus::Running.as_str()),
-                )
-                .col_expr(task::Column::Attempts, Expr::value(attempt))
-                .col_expr(task::Column::Deliveries, deliveries.into())
-                .col_expr(task::Column::ClaimedBy, Expr::value(token))
-                .col_expr(task::Column::LeaseUntil, Expr::value(lease_deadline(lease)))
-                .col_expr(
-                    task::Column::Version,
-                    Expr::col(task::Column::Version).add(1),
-                )
-                .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            let claimed = claiming(attempt, deliveries.into(), token, lease)
                 .filter(task::Column::Id.eq(task_id))
                 .filter(Condition::any().add(fresh).add(takeover))
                 .exec_with_returning(&self.db)
@@ -168,22 +155,8 @@ impl Store {
         for (attempt, ids) in by_attempt {
             let rows = self
                 .retrying("claim tasks", || async {
-                    let now = Utc::now();
                     let mut update =
-                        task::Entity::update_many()
-                            .col_expr(
-                                task::Column::Status,
-                                Expr::value(TaskStatus::Running.as_str()),
-                            )
-                            .col_expr(task::Column::Attempts, Expr::value(attempt))
-                            .col_expr(task::Column::Deliveries, Expr::value(1))
-                            .col_expr(task::Column::ClaimedBy, Expr::value(token))
-                            .col_expr(task::Column::LeaseUntil, Expr::value(lease_deadline(lease)))
-                            .col_expr(
-                                task::Column::Version,
-                                Expr::col(task::Column::Version).add(1),
-                            )
-                            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                        claiming(attempt, Expr::value(1), token, lease)
                             .filter(task::Column::Id.is_in(ids.iter().copied()))
                             .filter(task::Column::Status.is_in([
                                 TaskStatus::Pending.as_str(),
@@ -257,6 +230,29 @@ impl Store {
         })
         .await
     }
+}
+
+/// The SET part of a claim: attempt `attempt` runs for `token` under a fresh lease.
+fn claiming(
+    attempt: i32,
+    deliveries: SimpleExpr,
+    token: &str,
+    lease: Duration,
+) -> sea_orm::UpdateMany<task::Entity> {
+    task::Entity::update_many()
+        .col_expr(
+            task::Column::Status,
+            Expr::value(TaskStatus::Running.as_str()),
+        )
+        .col_expr(task::Column::Attempts, Expr::value(attempt))
+        .col_expr(task::Column::Deliveries, deliveries)
+        .col_expr(task::Column::ClaimedBy, Expr::value(token))
+        .col_expr(task::Column::LeaseUntil, Expr::value(lease_deadline(lease)))
+        .col_expr(
+            task::Column::Version,
+            Expr::col(task::Column::Version).add(1),
+        )
+        .col_expr(task::Column::UpdatedAt, Expr::value(Utc::now()))
 }
 
 /// One UPDATE moving a group of running attempts (same outcome kind, same attempt
