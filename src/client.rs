@@ -19,6 +19,7 @@ use lapin::{Channel, Connection, Consumer};
 use crate::broker::{Outgoing, Publisher};
 use crate::config::Config;
 use crate::error::Error;
+use crate::events::EventPublisher;
 use crate::link::BrokerLink;
 use crate::protocol::{JobEvent, JobRequest};
 use crate::retry::Delays;
@@ -194,6 +195,28 @@ impl Client {
             }
         }
         watch.event().await
+    }
+
+    /// Cancels a running job: its unfinished tasks become `cancelled`, handlers still
+    /// running are ignored when they finish, and one `job.cancelled` event goes out.
+    /// `None`: the job was not running. Needs a store ([`Client::with_store`]).
+    pub async fn cancel(&self, job_id: &str) -> Result<Option<JobEvent>, Error> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            Error::Config("cancelling a job needs a store: Client::with_store".into())
+        })?;
+        let Some(event) = store.cancel_job(job_id).await? else {
+            return Ok(None);
+        };
+        EventPublisher::new(
+            self.publisher().await?,
+            self.topology.clone(),
+            store.clone(),
+        )
+        .publish_or_defer(&event)
+        .await;
+        serde_json::from_value(event.body)
+            .map(Some)
+            .map_err(|err| Error::Other(format!("stored event of {job_id} is unreadable: {err}")))
     }
 
     pub async fn close(self) -> Result<(), Error> {

@@ -30,6 +30,7 @@ on_both_backends!(
     splitter_makes_tasks_from_params,
     duplicates_inside_one_batch_run_once,
     a_refused_result_fails_only_its_task,
+    cancelling_a_job_cancels_what_is_left,
 );
 
 async fn thousand_task_job_completes(backend: Backend) {
@@ -559,6 +560,54 @@ async fn a_refused_result_fails_only_its_task(backend: Backend) {
         (event.done, event.failed),
         "counted once each"
     );
+    pod.stop().await;
+}
+
+async fn cancelling_a_job_cancels_what_is_left(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.worker().concurrency(2));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            builtin::SLEEP,
+            (0..20).map(|_| json!({ "ms": 200 })).collect(),
+        ))
+        .await
+        .unwrap();
+    common::wait_until(LONG, || async {
+        env.store
+            .job_status(&job_id)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.tasks_by_status.get("done").copied().unwrap_or(0) >= 2)
+    })
+    .await;
+    let event = client
+        .cancel(&job_id)
+        .await
+        .unwrap()
+        .expect("the job was running");
+    assert_eq!(
+        (event.event.as_str(), event.stage.as_str()),
+        ("job.cancelled", "cancelled")
+    );
+    assert!(event.cancelled > 0 && event.done >= 2);
+    assert!(
+        client.cancel(&job_id).await.unwrap().is_none(),
+        "cancelling twice does nothing"
+    );
+    // Handlers that were running finish into nothing; the rows stay as cancelled.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    let count = |status: &str| rows.iter().filter(|row| row.status == status).count() as i64;
+    assert_eq!(
+        (count("done"), count("cancelled")),
+        (event.done, event.cancelled)
+    );
+    assert_eq!(count("done") + count("cancelled"), 20);
+    let all = events.wait_for(1, LONG).await;
+    assert_eq!((all.len(), all[0].event.as_str()), (1, "job.cancelled"));
     pod.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The `taskmill` command line: one file per subcommand.
 
 pub mod bench;
+pub mod cancel;
 pub mod dead;
 pub mod demo;
 pub mod migrate;
@@ -63,6 +64,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Show a job's stage and task counts.
     Status(status::StatusArgs),
+    /// Cancel a running job.
+    Cancel(cancel::CancelArgs),
     /// Run every role in-process, submit a demo job, wait, and print a summary.
     Demo(demo::DemoArgs),
     /// The parking lot: list, replay or purge messages that could not be processed.
