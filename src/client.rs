@@ -12,8 +12,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 
 use crate::broker::{Outgoing, Publisher};
@@ -144,36 +142,9 @@ impl Client {
     /// without a store.
     pub async fn watch(&self, job_id: &str) -> Result<Watch, Error> {
         let channel = self.connection().await?.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.events_exchange().as_str().into(),
-                Topology::job_binding_key(job_id).as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = self
+            .topology
+            .subscribe_events(&channel, &Topology::job_binding_key(job_id))
             .await?;
         Ok(Watch {
             job_id: job_id.to_owned(),

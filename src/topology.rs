@@ -18,9 +18,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Consumer, ExchangeKind};
 
 use crate::config::QueueType;
 
@@ -82,6 +84,47 @@ impl Topology {
     /// Binding key that matches every event of one job.
     pub fn job_binding_key(job_id: &str) -> String {
         format!("job.*.{job_id}")
+    }
+
+    /// A private, auto-deleted queue bound to the events exchange with `binding_key`
+    /// (`job.#` for every event, [`Self::job_binding_key`] for one job's), consumed
+    /// without acks: listening to job events, for producers and tools.
+    pub async fn subscribe_events(
+        &self,
+        channel: &Channel,
+        binding_key: &str,
+    ) -> Result<Consumer, lapin::Error> {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.events_exchange().as_str().into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
     }
 
     /// Forgets what was declared: after a reconnect everything is declared again.

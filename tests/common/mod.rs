@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use sea_orm::{ConnectionTrait, Database};
@@ -161,41 +161,8 @@ impl TestEnv {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
         let topology = self.topology();
-        let publisher = Publisher::open(&connection).await.unwrap();
-        topology.declare_core(publisher.channel()).await.unwrap();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                topology.events_exchange().as_str().into(),
-                "job.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        topology.declare_core(&channel).await.unwrap();
+        let mut consumer = topology.subscribe_events(&channel, "job.#").await.unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         tokio::spawn(async move {

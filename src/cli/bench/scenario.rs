@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures::{StreamExt, TryStreamExt};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use serde::Serialize;
 use serde_json::json;
@@ -111,35 +109,9 @@ impl Bench {
         let client = Client::connect(config).await?;
         let listener = taskmill::broker::connect(&config.amqp_url).await?;
         let channel = listener.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                client.topology().events_exchange().as_str().into(),
-                "job.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "bench".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let mut consumer = client
+            .topology()
+            .subscribe_events(&channel, "job.#")
             .await?;
         let events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>> = Arc::default();
         let sink = events.clone();
