@@ -83,7 +83,7 @@ async fn rabbitmq_restart_during_a_job(backend: Backend) {
         .unwrap();
     wait_for_progress(&env, &first, 600).await;
 
-    let broker = RabbitGuard::stop().await;
+    let broker = stop_rabbitmq().await;
     // A producer connected before the outage submits during it: it must get through.
     let second = tokio::spawn(async move {
         let id = client
@@ -118,7 +118,7 @@ async fn postgres_restart_during_a_job(backend: Backend) {
     let job_id = sleep_job(&env, 3000, 10).await;
     wait_for_progress(&env, &job_id, 600).await;
 
-    let database = PostgresGuard::stop().await;
+    let database = stop_postgres().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     database.start().await;
 
@@ -557,49 +557,64 @@ fn wait_for_port(port: u16, up: bool) {
     }
 }
 
-/// Stops the RabbitMQ application; starts it again on `start` or, whatever happens,
-/// on drop.
-struct RabbitGuard {
-    started: bool,
+/// A service stopped by a test: started again by `start` or, whatever happens, on drop.
+struct Outage {
+    restart: fn(),
+    restarted: bool,
 }
 
-impl RabbitGuard {
-    async fn stop() -> Self {
-        tokio::task::spawn_blocking(|| {
-            run("rabbitmqctl", &["stop_app"]);
-            wait_for_port(5672, false);
-        })
-        .await
-        .unwrap();
-        Self { started: false }
+impl Outage {
+    async fn begin(stop: fn(), restart: fn()) -> Self {
+        tokio::task::spawn_blocking(stop).await.unwrap();
+        Self {
+            restart,
+            restarted: false,
+        }
     }
 
     async fn start(mut self) {
-        tokio::task::spawn_blocking(Self::start_blocking)
-            .await
-            .unwrap();
-        self.started = true;
-    }
-
-    fn start_blocking() {
-        run("rabbitmqctl", &["start_app"]);
-        wait_for_port(5672, true);
-        wait_for_port(15672, true);
+        tokio::task::spawn_blocking(self.restart).await.unwrap();
+        self.restarted = true;
     }
 }
 
-impl Drop for RabbitGuard {
+impl Drop for Outage {
     fn drop(&mut self) {
-        if !self.started {
-            Self::start_blocking();
+        if !self.restarted {
+            (self.restart)();
         }
     }
 }
 
-/// Stops the PostgreSQL cluster; starts it again on `start` or, whatever happens, on
-/// drop.
-struct PostgresGuard {
-    started: bool,
+/// Stops the RabbitMQ application (the Erlang node keeps running).
+async fn stop_rabbitmq() -> Outage {
+    Outage::begin(
+        || {
+            run("rabbitmqctl", &["stop_app"]);
+            wait_for_port(5672, false);
+        },
+        || {
+            run("rabbitmqctl", &["start_app"]);
+            wait_for_port(5672, true);
+            wait_for_port(15672, true);
+        },
+    )
+    .await
+}
+
+/// Stops the PostgreSQL cluster.
+async fn stop_postgres() -> Outage {
+    Outage::begin(
+        || {
+            postgres_cluster("stop");
+            wait_for_port(5432, false);
+        },
+        || {
+            postgres_cluster("start");
+            wait_for_port(5432, true);
+        },
+    )
+    .await
 }
 
 fn postgres_cluster(action: &str) {
@@ -613,36 +628,4 @@ fn postgres_cluster(action: &str) {
         "pg_ctlcluster",
         &["--skip-systemctl-redirect", &version, "main", action],
     );
-}
-
-impl PostgresGuard {
-    async fn stop() -> Self {
-        tokio::task::spawn_blocking(|| {
-            postgres_cluster("stop");
-            wait_for_port(5432, false);
-        })
-        .await
-        .unwrap();
-        Self { started: false }
-    }
-
-    async fn start(mut self) {
-        tokio::task::spawn_blocking(Self::start_blocking)
-            .await
-            .unwrap();
-        self.started = true;
-    }
-
-    fn start_blocking() {
-        postgres_cluster("start");
-        wait_for_port(5432, true);
-    }
-}
-
-impl Drop for PostgresGuard {
-    fn drop(&mut self) {
-        if !self.started {
-            Self::start_blocking();
-        }
-    }
 }
