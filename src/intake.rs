@@ -259,8 +259,10 @@ impl Intake {
         };
         let stage = job.as_ref().map(|j| j.stage.parse::<JobStage>());
         let job = match (job, stage) {
-            (None, _) | (Some(_), Some(Ok(JobStage::Formation))) => {
-                self.form(&job_id, &task_type, payloads).await?
+            (None, _) => self.form(&new_job, &task_type, payloads, false).await?,
+            (Some(_), Some(Ok(JobStage::Formation))) => {
+                tracing::info!(job_id, "resuming the formation of an existing job");
+                self.form(&new_job, &task_type, payloads, true).await?
             }
             (Some(job), Some(Ok(JobStage::Running))) if !job.tasks_published => {
                 tracing::info!(job_id, "resuming the publishing of an existing job");
@@ -297,21 +299,33 @@ impl Intake {
         Ok(())
     }
 
-    /// Inserts the task rows and starts the job; `None` if it ended at once.
+    /// Inserts the task rows, publishing each batch's task messages as soon as its
+    /// rows are committed — workers start while the rest of a large job is still being
+    /// stored — then starts the job. Returns the job if it still needs a publishing
+    /// pass: a resumed formation, whose earlier batches may never have been published.
     async fn form(
         &self,
-        job_id: &str,
+        job: &NewJob,
         task_type: &str,
         payloads: Vec<Box<RawValue>>,
+        resumed: bool,
     ) -> Result<Option<job::Model>, Rejection> {
-        self.insert_adaptively(job_id, task_type, &payloads).await?;
+        self.shared
+            .topology
+            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .await
+            .map_err(Error::from)?;
+        self.insert_adaptively(job, task_type, &payloads).await?;
+        if !resumed {
+            self.shared.store.mark_tasks_published(&job.id).await?;
+        }
         match self
             .shared
             .store
-            .start_job(job_id, payloads.len() as i64)
+            .start_job(&job.id, payloads.len() as i64)
             .await?
         {
-            StartOutcome::Running(job) => Ok(Some(job)),
+            StartOutcome::Running(started) => Ok(resumed.then_some(started)),
             StartOutcome::Ended(event) => {
                 self.events.publish_or_defer(&event).await;
                 Ok(None)
@@ -319,16 +333,18 @@ impl Intake {
         }
     }
 
-    /// Inserts rows in adaptive batches; on an error, halves the batch (while it is
-    /// above 5) and waits with exponential backoff before going on.
-    /// Payloads are parsed one batch at a time, so only the raw request stays in
+    /// Inserts rows in adaptive batches and publishes the task messages of the rows
+    /// each batch inserted (confirmed before the next batch); on an error, halves the
+    /// batch (while it is above 5) and waits with exponential backoff before going
+    /// on. Payloads are parsed one batch at a time, so only the raw request stays in
     /// memory.
     async fn insert_adaptively(
         &self,
-        job_id: &str,
+        job: &NewJob,
         task_type: &str,
         payloads: &[Box<RawValue>],
     ) -> Result<(), Rejection> {
+        let queue = self.shared.topology.work_queue(&job.queue);
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
         let mut done = 0;
@@ -346,8 +362,29 @@ impl Intake {
                 })
                 .collect::<Result<Vec<_>, serde_json::Error>>()
                 .map_err(|err| Rejection::Park(format!("malformed task payload: {err}")))?;
-            match self.shared.store.insert_tasks(job_id, &tasks).await {
-                Ok(()) => {
+            match self.shared.store.insert_tasks(&job.id, &tasks).await {
+                Ok(inserted) => {
+                    let mut pending = Vec::with_capacity(inserted.len());
+                    for (task_id, ordinal) in inserted {
+                        let task = &tasks[ordinal as usize - done];
+                        let message = TaskMessage {
+                            version: SCHEMA_VERSION,
+                            job_id: job.id.clone(),
+                            task_id,
+                            task_type: task.task_type.clone(),
+                            attempt: 1,
+                            max_retries: job.max_retries,
+                            retry_delay_ms: job.retry_delay_ms,
+                            payload: task.payload.clone(),
+                        };
+                        let body = serde_json::to_vec(&message).expect("a task message serializes");
+                        pending.push(
+                            self.publisher
+                                .send(Outgoing::to_queue(&queue, &body))
+                                .await?,
+                        );
+                    }
+                    crate::broker::all_confirmed(pending).await?;
                     done = end;
                     batch = (batch * 2).min(MAX_BATCH);
                 }
@@ -358,7 +395,7 @@ impl Intake {
                     if batch > MIN_BATCH_TO_HALVE {
                         batch /= 2;
                     }
-                    tracing::warn!(job_id, %err, batch, ?delay, "task insert failed; retrying smaller");
+                    tracing::warn!(job_id = %job.id, %err, batch, ?delay, "task insert failed; retrying smaller");
                     tokio::time::sleep(delay).await;
                 }
                 Err(err) => return Err(err.into()),

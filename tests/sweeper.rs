@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lapin::options::QueuePurgeOptions;
 use serde_json::json;
-use taskmill::store::NewJob;
+use taskmill::store::{NewJob, NewTask, Progress, StartOutcome, TaskOutcome, Transition};
 use taskmill::{builtin, parking, FailurePolicy, JobRequest, Roles, TaskContext};
 
 use common::{Backend, TestEnv};
@@ -18,6 +18,7 @@ on_both_backends!(
     lost_finished_events_are_swept_back,
     stale_formation_fails_the_job,
     parking_lot_lists_replays_and_purges,
+    tasks_finished_while_forming_end_the_job_at_start,
 );
 
 /// A config whose sweeper runs often and calls work stuck quickly.
@@ -149,6 +150,78 @@ async fn stale_formation_fails_the_job(backend: Backend) {
     let all = events.wait_for(1, LONG).await;
     assert_eq!((all.len(), all[0].event.as_str()), (1, "job.failed"));
     pod.stop().await;
+}
+
+/// The intake publishes task messages while it still forms a large job, so every task
+/// can finish before the job is `running`: their finished events find it not running,
+/// and starting the job must end it.
+async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    let new = NewJob {
+        id: "fast-job".into(),
+        job_type: builtin::ECHO.into(),
+        queue: "default".into(),
+        params: json!(null),
+        max_retries: 3,
+        retry_delay_ms: 100,
+        on_failure: FailurePolicy::FailFast,
+        on_complete: None,
+    };
+    store.create_job(&new).await.unwrap();
+    let tasks: Vec<NewTask> = (0..3)
+        .map(|n| NewTask {
+            ordinal: n,
+            task_type: builtin::ECHO.into(),
+            payload: json!(n),
+        })
+        .collect();
+    let inserted = store.insert_tasks("fast-job", &tasks).await.unwrap();
+    assert_eq!(inserted.len(), 3);
+    assert!(
+        store
+            .insert_tasks("fast-job", &tasks)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a resumed insert adds nothing"
+    );
+    let claims: Vec<(i64, i32)> = inserted.iter().map(|&(id, _)| (id, 1)).collect();
+    assert_eq!(
+        store
+            .claim_tasks(&claims, "token", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let transitions: Vec<Transition> = inserted
+        .iter()
+        .map(|&(task_id, _)| Transition {
+            job_id: "fast-job".into(),
+            task_id,
+            attempt: 1,
+            outcome: TaskOutcome::Done(json!("ok")),
+        })
+        .collect();
+    assert_eq!(store.finish_tasks(&transitions).await.unwrap().len(), 3);
+    assert!(
+        store.finish_tasks(&transitions).await.unwrap().is_empty(),
+        "a duplicate records nothing"
+    );
+    assert!(matches!(
+        store.check_job("fast-job").await.unwrap(),
+        Progress::NotRunning
+    ));
+    match store.start_job("fast-job", 3).await.unwrap() {
+        StartOutcome::Ended(event) => assert_eq!(event.kind, "job.done"),
+        StartOutcome::Running(job) => panic!("job {} should have ended at start", job.id),
+    }
+    let job = store.job("fast-job").await.unwrap().unwrap();
+    assert_eq!(
+        (job.stage.as_str(), job.done_count, job.task_count),
+        ("done", 3, 3)
+    );
 }
 
 async fn parking_lot_lists_replays_and_purges(backend: Backend) {

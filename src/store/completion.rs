@@ -78,7 +78,10 @@ impl Store {
     }
 }
 
-async fn check_in<C: ConnectionTrait>(txn: &C, job_id: &str) -> Result<Progress, StoreError> {
+pub(super) async fn check_in<C: ConnectionTrait>(
+    txn: &C,
+    job_id: &str,
+) -> Result<Progress, StoreError> {
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
         return Ok(Progress::NotRunning);
     };

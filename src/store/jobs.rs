@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use chrono::Utc;
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -112,11 +112,16 @@ impl Store {
         .await
     }
 
-    /// Inserts task rows; rows whose ordinal already exists are skipped, so a resumed
-    /// intake can insert the same batch again.
-    pub async fn insert_tasks(&self, job_id: &str, tasks: &[NewTask]) -> Result<(), StoreError> {
+    /// Inserts task rows and returns `(id, ordinal)` of the rows it inserted; rows
+    /// whose ordinal already exists are skipped, so a resumed intake can insert the
+    /// same batch again.
+    pub async fn insert_tasks(
+        &self,
+        job_id: &str,
+        tasks: &[NewTask],
+    ) -> Result<Vec<(i64, i32)>, StoreError> {
         if tasks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let now = Utc::now();
         let rows = tasks.iter().map(|new| task::ActiveModel {
@@ -137,15 +142,23 @@ impl Store {
             finished_at: Set(None),
             ..Default::default()
         });
-        task::Entity::insert_many(rows)
+        let mut insert = task::Entity::insert_many(rows)
             .on_conflict(
                 OnConflict::columns([task::Column::JobId, task::Column::Ordinal])
                     .do_nothing()
                     .to_owned(),
             )
-            .exec_without_returning(&self.db)
-            .await?;
-        Ok(())
+            .into_query();
+        insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
+        let rows = self.db.query_all(&insert).await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64>("", "id")?,
+                    row.try_get::<i32>("", "ordinal")?,
+                ))
+            })
+            .collect()
     }
 
     /// Moves a job from `formation` to `running` with its task count, in one
@@ -213,6 +226,13 @@ impl Store {
                                 "job {job_id} left formation mid-transaction"
                             ))
                         })?;
+                        // Tasks published while the job was forming may all have
+                        // finished: their finished events found it not yet running.
+                        if let completion::Progress::Ended(event) =
+                            completion::check_in(txn, &job_id).await?
+                        {
+                            return Ok(StartOutcome::Ended(*event));
+                        }
                         Ok(StartOutcome::Running(job))
                     })
                 })
