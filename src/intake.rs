@@ -1,10 +1,12 @@
 //! Intake: turns job requests into a job row, task rows and task messages.
 //!
 //! Per request: decode and check it (or park it), create the job in `formation`
-//! (idempotent on the job id), insert its task rows in adaptive batches, move it to
-//! `running` with its task count in one transaction, publish one task message per
-//! task with confirms, and only then ack. A redelivered request for an existing job
-//! resumes where the last attempt stopped instead of duplicating anything.
+//! (idempotent on the job id), insert its task rows in adaptive batches — publishing
+//! each batch's task messages, confirmed, as soon as its rows are committed, so that
+//! workers start on a large job while the rest of it is stored — then move it to
+//! `running` with its task count in one transaction, and only then ack. A redelivered
+//! request for an existing job resumes where the last attempt stopped instead of
+//! duplicating anything.
 
 use std::sync::Arc;
 

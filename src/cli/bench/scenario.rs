@@ -201,7 +201,8 @@ impl Bench {
                 .job(id)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
-            let published = job.started_at.unwrap_or(job.created_at);
+            // The intake publishes a job's first tasks right after creating it.
+            let published = job.created_at;
             for finished in reader.finish_times(id).await? {
                 task_latencies
                     .push((finished - published).num_microseconds().unwrap_or(0) as f64 / 1000.0);
