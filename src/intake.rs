@@ -18,7 +18,7 @@ use lapin::Connection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Publisher};
+use crate::broker::{Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
@@ -369,22 +369,15 @@ impl Intake {
                     let mut pending = Vec::with_capacity(inserted.len());
                     for (task_id, ordinal) in inserted {
                         let task = &tasks[ordinal as usize - done];
-                        let message = TaskMessage {
-                            version: SCHEMA_VERSION,
-                            job_id: job.id.clone(),
+                        let first = FirstAttempt {
+                            job_id: &job.id,
                             task_id,
-                            task_type: task.task_type.clone(),
-                            attempt: 1,
+                            task_type: &task.task_type,
                             max_retries: job.max_retries,
                             retry_delay_ms: job.retry_delay_ms,
-                            payload: task.payload.clone(),
+                            payload: &task.payload,
                         };
-                        let body = serde_json::to_vec(&message).expect("a task message serializes");
-                        pending.push(
-                            self.publisher
-                                .send(Outgoing::to_queue(&queue, &body))
-                                .await?,
-                        );
+                        pending.push(self.send_first_attempt(&queue, first).await?);
                     }
                     crate::broker::all_confirmed(pending).await?;
                     done = end;
@@ -426,22 +419,15 @@ impl Intake {
             after = last.ordinal;
             let mut pending = Vec::with_capacity(page.len());
             for task in page {
-                let message = TaskMessage {
-                    version: SCHEMA_VERSION,
-                    job_id: job.id.clone(),
+                let first = FirstAttempt {
+                    job_id: &job.id,
                     task_id: task.id,
-                    task_type: task.task_type,
-                    attempt: 1,
+                    task_type: &task.task_type,
                     max_retries: job.max_retries,
                     retry_delay_ms: job.retry_delay_ms,
-                    payload: task.payload,
+                    payload: &task.payload,
                 };
-                let body = serde_json::to_vec(&message).expect("a task message serializes");
-                pending.push(
-                    self.publisher
-                        .send(Outgoing::to_queue(&queue, &body))
-                        .await?,
-                );
+                pending.push(self.send_first_attempt(&queue, first).await?);
             }
             crate::broker::all_confirmed(pending).await?;
         }
@@ -449,4 +435,37 @@ impl Intake {
         tracing::info!(job_id = %job.id, tasks = job.task_count, queue, "job tasks published");
         Ok(())
     }
+
+    /// Publishes attempt 1 of a task (the confirm is awaited by the caller).
+    async fn send_first_attempt(
+        &self,
+        queue: &str,
+        first: FirstAttempt<'_>,
+    ) -> Result<Pending, Rejection> {
+        let message = TaskMessage {
+            version: SCHEMA_VERSION,
+            job_id: first.job_id.to_owned(),
+            task_id: first.task_id,
+            task_type: first.task_type.to_owned(),
+            attempt: 1,
+            max_retries: first.max_retries,
+            retry_delay_ms: first.retry_delay_ms,
+            payload: first.payload.clone(),
+        };
+        let body = serde_json::to_vec(&message).expect("a task message serializes");
+        Ok(self
+            .publisher
+            .send(Outgoing::to_queue(queue, &body))
+            .await?)
+    }
+}
+
+/// What the first task message of a task is made of.
+struct FirstAttempt<'a> {
+    job_id: &'a str,
+    task_id: i64,
+    task_type: &'a str,
+    max_retries: i32,
+    retry_delay_ms: i64,
+    payload: &'a serde_json::Value,
 }
