@@ -347,6 +347,11 @@ impl Intake {
         payloads: &[Box<RawValue>],
     ) -> Result<(), Rejection> {
         let queue = self.shared.topology.work_queue(&job.queue);
+        let settings = JobSettings {
+            id: &job.id,
+            max_retries: job.max_retries,
+            retry_delay_ms: job.retry_delay_ms,
+        };
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
         let mut done = 0;
@@ -369,15 +374,16 @@ impl Intake {
                     let mut pending = Vec::with_capacity(inserted.len());
                     for (task_id, ordinal) in inserted {
                         let task = &tasks[ordinal as usize - done];
-                        let first = FirstAttempt {
-                            job_id: &job.id,
-                            task_id,
-                            task_type: &task.task_type,
-                            max_retries: job.max_retries,
-                            retry_delay_ms: job.retry_delay_ms,
-                            payload: &task.payload,
-                        };
-                        pending.push(self.send_first_attempt(&queue, first).await?);
+                        pending.push(
+                            self.send_first_attempt(
+                                &queue,
+                                &settings,
+                                task_id,
+                                &task.task_type,
+                                &task.payload,
+                            )
+                            .await?,
+                        );
                     }
                     crate::broker::all_confirmed(pending).await?;
                     done = end;
@@ -408,6 +414,11 @@ impl Intake {
             .declare_work_queue(self.publisher.channel(), &job.queue)
             .await
             .map_err(Error::from)?;
+        let settings = JobSettings {
+            id: &job.id,
+            max_retries: job.max_retries,
+            retry_delay_ms: job.retry_delay_ms,
+        };
         let mut after = -1;
         loop {
             let page = self
@@ -419,15 +430,16 @@ impl Intake {
             after = last.ordinal;
             let mut pending = Vec::with_capacity(page.len());
             for task in page {
-                let first = FirstAttempt {
-                    job_id: &job.id,
-                    task_id: task.id,
-                    task_type: &task.task_type,
-                    max_retries: job.max_retries,
-                    retry_delay_ms: job.retry_delay_ms,
-                    payload: &task.payload,
-                };
-                pending.push(self.send_first_attempt(&queue, first).await?);
+                pending.push(
+                    self.send_first_attempt(
+                        &queue,
+                        &settings,
+                        task.id,
+                        &task.task_type,
+                        &task.payload,
+                    )
+                    .await?,
+                );
             }
             crate::broker::all_confirmed(pending).await?;
         }
@@ -440,17 +452,20 @@ impl Intake {
     async fn send_first_attempt(
         &self,
         queue: &str,
-        first: FirstAttempt<'_>,
+        job: &JobSettings<'_>,
+        task_id: i64,
+        task_type: &str,
+        payload: &serde_json::Value,
     ) -> Result<Pending, Rejection> {
         let message = TaskMessage {
             version: SCHEMA_VERSION,
-            job_id: first.job_id.to_owned(),
-            task_id: first.task_id,
-            task_type: first.task_type.to_owned(),
+            job_id: job.id.to_owned(),
+            task_id,
+            task_type: task_type.to_owned(),
             attempt: 1,
-            max_retries: first.max_retries,
-            retry_delay_ms: first.retry_delay_ms,
-            payload: first.payload.clone(),
+            max_retries: job.max_retries,
+            retry_delay_ms: job.retry_delay_ms,
+            payload: payload.clone(),
         };
         let body = serde_json::to_vec(&message).expect("a task message serializes");
         Ok(self
@@ -460,12 +475,9 @@ impl Intake {
     }
 }
 
-/// What the first task message of a task is made of.
-struct FirstAttempt<'a> {
-    job_id: &'a str,
-    task_id: i64,
-    task_type: &'a str,
+/// What every task message of a job repeats.
+struct JobSettings<'a> {
+    id: &'a str,
     max_retries: i32,
     retry_delay_ms: i64,
-    payload: &'a serde_json::Value,
 }

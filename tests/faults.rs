@@ -138,7 +138,12 @@ async fn rolling_sigterm_runs_nothing_twice(backend: Backend) {
         let status = fleet.sigterm(pod).await;
         assert!(status.success(), "pod {pod} exits 0 on SIGTERM: {status}");
         fleet.restart(pod);
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The replacement consumes before the next pod goes: three pods at all times.
+        let queue = env.topology().work_queue("default");
+        common::wait_until(JOB_TIMEOUT, || async {
+            env.consumer_count(&queue).await == 3
+        })
+        .await;
     }
 
     let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
@@ -290,15 +295,13 @@ async fn check_invariants(
         total_tasks += rows.len();
     }
 
-    // Events may still be in flight just after the last commit.
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while events.len() < jobs.len() && Instant::now() < deadline {
-        events.extend(env.drain_queue(audit).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    events.extend(env.drain_queue(audit).await);
+    // An outbox row is marked published only after the broker confirmed its event
+    // into the audit queue: once none is left, the queue holds every event sent.
+    common::wait_until(Duration::from_secs(60), || async {
+        env.store.unpublished_event_count().await.unwrap() == 0
+    })
+    .await;
+    let events = env.drain_queue(audit).await;
     let mut per_job: HashMap<String, usize> = HashMap::new();
     for (body, _) in &events {
         let event: taskmill::JobEvent = serde_json::from_slice(body).unwrap();

@@ -21,6 +21,20 @@ on_both_backends!(
     tasks_finished_while_forming_end_the_job_at_start,
 );
 
+/// A job row as the intake creates it, in `formation`.
+fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
+    NewJob {
+        id: id.into(),
+        job_type: builtin::ECHO.into(),
+        queue: "default".into(),
+        params: json!(null),
+        max_retries: 3,
+        retry_delay_ms: 100,
+        on_failure,
+        on_complete: None,
+    }
+}
+
 /// A config whose sweeper runs often and calls work stuck quickly.
 fn eager_sweeper(env: &TestEnv) -> taskmill::Config {
     let mut config = env.config.clone();
@@ -127,16 +141,7 @@ async fn stale_formation_fails_the_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
     // An intake that died mid-formation, its request lost: a job row and no more.
-    let new = NewJob {
-        id: "half-formed".into(),
-        job_type: builtin::ECHO.into(),
-        queue: "default".into(),
-        params: json!(null),
-        max_retries: 3,
-        retry_delay_ms: 100,
-        on_failure: FailurePolicy::Continue,
-        on_complete: None,
-    };
+    let new = echo_job("half-formed", FailurePolicy::Continue);
     assert!(env.store.create_job(&new).await.unwrap().is_none());
     let mut config = eager_sweeper(&env);
     config.formation_timeout = Duration::from_millis(500);
@@ -158,16 +163,7 @@ async fn stale_formation_fails_the_job(backend: Backend) {
 async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let store = &env.store;
-    let new = NewJob {
-        id: "fast-job".into(),
-        job_type: builtin::ECHO.into(),
-        queue: "default".into(),
-        params: json!(null),
-        max_retries: 3,
-        retry_delay_ms: 100,
-        on_failure: FailurePolicy::FailFast,
-        on_complete: None,
-    };
+    let new = echo_job("fast-job", FailurePolicy::FailFast);
     store.create_job(&new).await.unwrap();
     let tasks: Vec<NewTask> = (0..3)
         .map(|n| NewTask {

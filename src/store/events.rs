@@ -2,7 +2,9 @@
 
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 
 use super::{job_event, Store, StoreError, EVENT_CLAIM};
 
@@ -55,6 +57,17 @@ impl Store {
                 .exec(&self.db)
                 .await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Job events written but not yet confirmed by the broker.
+    pub async fn unpublished_event_count(&self) -> Result<u64, StoreError> {
+        self.retrying("count unpublished events", || async {
+            Ok(job_event::Entity::find()
+                .filter(job_event::Column::PublishedAt.is_null())
+                .count(&self.db)
+                .await?)
         })
         .await
     }

@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
@@ -156,24 +155,40 @@ impl TestEnv {
             .expect("broker reachable")
     }
 
-    /// Collects every job event published from now on.
+    /// Collects every job event published from now on, in a queue of its own.
     pub async fn event_log(&self) -> EventLog {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
         let topology = self.topology();
         topology.declare_core(&channel).await.unwrap();
-        let mut consumer = topology.subscribe_events(&channel, "job.#").await.unwrap();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        tokio::spawn(async move {
-            let _keep = connection;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let event: JobEvent =
-                    serde_json::from_slice(&delivery.data).expect("events are JobEvents");
-                sink.lock().unwrap().push(event);
-            }
-        });
-        EventLog { events }
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                topology.events_exchange().as_str().into(),
+                "job.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        EventLog {
+            _connection: Arc::new(connection),
+            channel,
+            queue: queue.name().to_string(),
+            store: self.store.clone(),
+            events: Mutex::default(),
+        }
     }
 
     /// Publishes raw bytes (confirmed) with the given content type.
@@ -279,6 +294,15 @@ impl TestEnv {
 
     /// Ready messages in a queue, exactly (a passive declare, not the API's sampled stats).
     pub async fn message_count(&self, queue: &str) -> u32 {
+        self.passive_declare(queue).await.message_count()
+    }
+
+    /// Consumers of a queue right now.
+    pub async fn consumer_count(&self, queue: &str) -> u32 {
+        self.passive_declare(queue).await.consumer_count()
+    }
+
+    async fn passive_declare(&self, queue: &str) -> lapin::Queue {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
         let declared = channel
@@ -293,7 +317,7 @@ impl TestEnv {
             .await
             .expect("queue exists");
         connection.close(200, "done".into()).await.unwrap();
-        declared.message_count()
+        declared
     }
 
     /// Takes every message from a queue: (body, reason header).
@@ -426,37 +450,50 @@ impl Pod {
     }
 }
 
-#[derive(Clone)]
+/// Job events as they reach the events exchange.
 pub struct EventLog {
-    events: Arc<Mutex<Vec<JobEvent>>>,
+    _connection: Arc<Connection>,
+    channel: lapin::Channel,
+    queue: String,
+    store: Store,
+    events: Mutex<Vec<JobEvent>>,
 }
 
 impl EventLog {
-    pub fn all(&self) -> Vec<JobEvent> {
+    /// Every event received so far.
+    pub async fn all(&self) -> Vec<JobEvent> {
+        while let Some(message) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let event =
+                serde_json::from_slice(&message.delivery.data).expect("events are JobEvents");
+            self.events.lock().unwrap().push(event);
+        }
         self.events.lock().unwrap().clone()
     }
 
-    pub fn for_job(&self, job_id: &str) -> Vec<JobEvent> {
-        self.all()
-            .into_iter()
-            .filter(|e| e.job_id == job_id)
-            .collect()
-    }
-
-    /// Waits until `count` events arrived, then a little longer so that a duplicate
-    /// would have time to show up.
+    /// Waits until at least `count` events arrived and no job event is left
+    /// unpublished in the outbox. An event is marked published only after the broker
+    /// confirmed it into this queue, so the list returned is complete: a duplicate
+    /// would be in it, no grace period needed.
     pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<JobEvent> {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.events.lock().unwrap().len() < count {
+        loop {
+            let settled = self.store.unpublished_event_count().await.unwrap() == 0;
+            let events = self.all().await;
+            if settled && events.len() >= count {
+                return events;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "only {} of {count} events within {timeout:?}",
-                self.all().len()
+                events.len()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        self.all()
     }
 }
 
