@@ -10,7 +10,7 @@ use lapin::{Confirmation, PublisherConfirm};
 
 use crate::protocol::CONTENT_TYPE;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
@@ -18,7 +18,12 @@ pub enum BrokerError {
     Nacked(String),
     #[error("the broker returned a publish to {routing_key:?} as unroutable: {reply}")]
     Returned { routing_key: String, reply: String },
+    #[error("no confirm for a publish to {0:?} within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout(String),
 }
+
+/// How long a publish may wait for its confirm.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default()
@@ -127,8 +132,14 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The broker's answer; a confirm that never comes (its channel died and lapin
+    /// did not fail it) is an error after [`CONFIRM_TIMEOUT`], so the message is
+    /// reported and retried rather than holding its delivery forever.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
-        match self.confirm.await? {
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
+            .await
+            .map_err(|_| BrokerError::ConfirmTimeout(self.routing_key.clone()))??;
+        match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(BrokerError::Returned {
                 routing_key: self.routing_key,

@@ -22,7 +22,7 @@ use crate::broker::{Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
-use crate::pod::Shared;
+use crate::pod::{take_slot, Shared};
 use serde_json::value::RawValue;
 
 use crate::protocol::{self, DecodeError, JobRequest, Target, TaskMessage, SCHEMA_VERSION};
@@ -77,7 +77,9 @@ pub(crate) async fn run(
                 None => return Err(Error::Other("intake consumer ended".into())),
             },
         };
-        let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+        let Some(slot) = take_slot(&slots, &shutdown).await else {
+            break;
+        };
         let intake = Intake {
             shared: shared.clone(),
             publisher: publisher.clone(),

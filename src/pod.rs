@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,19 @@ impl Roles {
 impl Default for Roles {
     fn default() -> Self {
         Self::ALL
+    }
+}
+
+/// Waits for a free slot, or for shutdown (`None`). Slots can stay taken for long —
+/// a handler, or a publish whose confirm is late — and shutdown must not wait behind
+/// them.
+pub(crate) async fn take_slot(
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        slot = slots.clone().acquire_owned() => Some(slot.expect("slots are never closed")),
     }
 }
 

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{all_confirmed, Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::parking::park;
-use crate::pod::Shared;
+use crate::pod::{take_slot, Shared};
 use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
 use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
@@ -91,20 +91,20 @@ pub(crate) async fn run(
                 None => return Err(Error::Other("worker consumer ended".into())),
             },
         };
-        // Every delivery holds a slot until it is settled; the prefetch equals the
-        // slots, so waiting here is short.
-        let mut batch = vec![(
-            first,
-            slots.clone().acquire_owned().await.expect("semaphore open"),
-        )];
+        // Every delivery holds a slot until it is settled. Deliveries taken without
+        // one at shutdown stay unacked and return to the queue with the channel.
+        let Some(slot) = take_slot(&slots, &shutdown).await else {
+            break;
+        };
+        let mut batch = vec![(first, slot)];
         while batch.len() < concurrency {
-            match consumer.next().now_or_never() {
-                Some(Some(delivery)) => {
-                    let slot = slots.clone().acquire_owned().await.expect("semaphore open");
-                    batch.push((delivery?, slot));
-                }
-                _ => break,
-            }
+            let Some(Some(delivery)) = consumer.next().now_or_never() else {
+                break;
+            };
+            let Some(slot) = take_slot(&slots, &shutdown).await else {
+                break;
+            };
+            batch.push((delivery?, slot));
         }
         runner.dispatch(batch).await;
     }
@@ -464,8 +464,11 @@ impl Runner {
             sent = all_confirmed(pending).await.map_err(Error::from);
         }
         for finished in done {
+            // Each delivery gets the error; a broker one stays one, so that a lost
+            // connection is reported once per outage, not once per message.
             let result = match &sent {
                 Ok(()) => Ok(()),
+                Err(Error::Broker(err)) => Err(Error::Broker(err.clone())),
                 Err(err) => Err(Error::Other(err.to_string())),
             };
             self.settle(finished.delivery, finished.slot, result).await;
