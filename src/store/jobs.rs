@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 use serde_json::Value;
 
-use super::{completion, job, job_event, task, Store, StoreError};
+use super::{completion, job, job_event, pg_batch, task, Store, StoreError};
 use crate::protocol::{FailurePolicy, Target};
 use crate::state::{JobStage, TaskStatus};
 
@@ -124,33 +124,15 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = Utc::now();
-        let rows = tasks.iter().map(|new| task::ActiveModel {
-            job_id: Set(job_id.to_owned()),
-            ordinal: Set(new.ordinal),
-            task_type: Set(new.task_type.clone()),
-            payload: Set(new.payload.clone()),
-            status: Set(TaskStatus::Pending.as_str().to_owned()),
-            attempts: Set(0),
-            deliveries: Set(0),
-            info: Set(None),
-            result: Set(None),
-            version: Set(0),
-            claimed_by: Set(None),
-            lease_until: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-            finished_at: Set(None),
-            ..Default::default()
-        });
-        let mut insert = task::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::columns([task::Column::JobId, task::Column::Ordinal])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .into_query();
-        insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
-        let rows = self.db.query_all(&insert).await?;
+        let rows = if self.backend() == DatabaseBackend::Postgres {
+            self.db
+                .query_all_raw(pg_batch::insert_tasks(job_id, tasks, now))
+                .await?
+        } else {
+            self.db
+                .query_all(&insert_statement(job_id, tasks, now))
+                .await?
+        };
         rows.iter()
             .map(|row| {
                 Ok((
@@ -338,6 +320,41 @@ impl Store {
         })
         .await
     }
+}
+
+/// The portable form of [`Store::insert_tasks`]: one multi-row INSERT.
+fn insert_statement(
+    job_id: &str,
+    tasks: &[NewTask],
+    now: chrono::DateTime<Utc>,
+) -> sea_orm::sea_query::InsertStatement {
+    let rows = tasks.iter().map(|new| task::ActiveModel {
+        job_id: Set(job_id.to_owned()),
+        ordinal: Set(new.ordinal),
+        task_type: Set(new.task_type.clone()),
+        payload: Set(new.payload.clone()),
+        status: Set(TaskStatus::Pending.as_str().to_owned()),
+        attempts: Set(0),
+        deliveries: Set(0),
+        info: Set(None),
+        result: Set(None),
+        version: Set(0),
+        claimed_by: Set(None),
+        lease_until: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+        finished_at: Set(None),
+        ..Default::default()
+    });
+    let mut insert = task::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::columns([task::Column::JobId, task::Column::Ordinal])
+                .do_nothing()
+                .to_owned(),
+        )
+        .into_query();
+    insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
+    insert
 }
 
 /// Takes the job's row lock (a no-op UPDATE) if it is at `stage`, and returns it.

@@ -12,6 +12,7 @@ mod completion;
 mod error;
 mod events;
 mod jobs;
+mod pg_batch;
 mod sweeper;
 mod tasks;
 

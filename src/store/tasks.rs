@@ -19,10 +19,12 @@ use sea_orm::sea_query::{
     CaseStatement, Expr, ExprTrait, Func, Query, SimpleExpr, UpdateStatement,
 };
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryTrait,
+    Statement, TransactionTrait,
 };
 use serde_json::Value;
 
+use super::pg_batch::{self, one_of};
 use super::{job, task, Store, StoreError};
 use crate::state::{JobStage, TaskStatus};
 
@@ -157,7 +159,7 @@ impl Store {
                 .retrying("claim tasks", || async {
                     let mut update =
                         claiming(attempt, Expr::value(1), token, lease)
-                            .filter(task::Column::Id.is_in(ids.iter().copied()))
+                            .filter(one_of(self.backend(), task::Column::Id, ids.clone()))
                             .filter(task::Column::Status.is_in([
                                 TaskStatus::Pending.as_str(),
                                 TaskStatus::Retrying.as_str(),
@@ -184,17 +186,7 @@ impl Store {
         &self,
         transitions: &[Transition],
     ) -> Result<HashSet<i64>, StoreError> {
-        let mut groups: HashMap<(TaskStatus, i32), Vec<&Transition>> = HashMap::new();
-        for transition in transitions {
-            groups
-                .entry((transition.outcome.status(), transition.attempt))
-                .or_default()
-                .push(transition);
-        }
-        let statements: Vec<UpdateStatement> = groups
-            .into_iter()
-            .map(|((status, attempt), group)| finish_statement(status, attempt, &group))
-            .collect();
+        let statements = self.finish_statements(transitions);
         let mut job_ids: Vec<String> = transitions.iter().map(|t| t.job_id.clone()).collect();
         job_ids.sort();
         job_ids.dedup();
@@ -211,7 +203,7 @@ impl Store {
                         lock_running_jobs(txn, &job_ids).await?;
                         let mut recorded = HashSet::new();
                         for statement in &statements {
-                            for row in txn.query_all(statement).await? {
+                            for row in txn.query_all_raw(statement.clone()).await? {
                                 recorded.insert(row.try_get::<i64>("", "id")?);
                             }
                         }
@@ -222,6 +214,29 @@ impl Store {
                 .await?)
         })
         .await
+    }
+
+    /// The statements of [`Store::finish_tasks`]: one for the whole batch on
+    /// PostgreSQL; elsewhere one per outcome kind and attempt number.
+    fn finish_statements(&self, transitions: &[Transition]) -> Vec<Statement> {
+        let now = Utc::now();
+        let backend = self.backend();
+        if backend == DatabaseBackend::Postgres {
+            return vec![pg_batch::finish_tasks(transitions, now)];
+        }
+        let mut groups: HashMap<(TaskStatus, i32), Vec<&Transition>> = HashMap::new();
+        for transition in transitions {
+            groups
+                .entry((transition.outcome.status(), transition.attempt))
+                .or_default()
+                .push(transition);
+        }
+        groups
+            .into_iter()
+            .map(|((status, attempt), group)| {
+                backend.build(&finish_statement(status, attempt, &group, now))
+            })
+            .collect()
     }
 
     pub async fn task(&self, task_id: i64) -> Result<Option<task::Model>, StoreError> {
@@ -257,8 +272,12 @@ fn claiming(
 
 /// One UPDATE moving a group of running attempts (same outcome kind, same attempt
 /// number) to `status`, each with its own result or error, returning the ids moved.
-fn finish_statement(status: TaskStatus, attempt: i32, group: &[&Transition]) -> UpdateStatement {
-    let now = Utc::now();
+fn finish_statement(
+    status: TaskStatus,
+    attempt: i32,
+    group: &[&Transition],
+    now: chrono::DateTime<Utc>,
+) -> UpdateStatement {
     let per_task = |column: task::Column, value: fn(&TaskOutcome) -> SimpleExpr| {
         let case = group.iter().fold(CaseStatement::new(), |case, transition| {
             case.case(
@@ -311,7 +330,11 @@ async fn lock_running_jobs<C: ConnectionTrait>(
 ) -> Result<(), StoreError> {
     job::Entity::update_many()
         .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(job::Column::Id.is_in(job_ids.iter().cloned()))
+        .filter(one_of(
+            txn.get_database_backend(),
+            job::Column::Id,
+            job_ids.to_vec(),
+        ))
         .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
         .exec(txn)
         .await?;
@@ -332,7 +355,13 @@ async fn count_into_jobs<C: ConnectionTrait>(
         first_error: Option<(i64, &'a str)>,
     }
     let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
-    for transition in transitions.iter().filter(|t| recorded.contains(&t.task_id)) {
+    // Two deliveries of one attempt (a redelivery that took over a running copy) can
+    // land in one batch; the row moved once, so it counts once.
+    let mut counted = HashSet::with_capacity(recorded.len());
+    for transition in transitions
+        .iter()
+        .filter(|t| recorded.contains(&t.task_id) && counted.insert(t.task_id))
+    {
         let tally = tallies.entry(transition.job_id.as_str()).or_default();
         match &transition.outcome {
             TaskOutcome::Done(_) => tally.done += 1,

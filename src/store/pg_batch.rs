@@ -1,0 +1,102 @@
+//! PostgreSQL forms of the batch statements: the batch travels as array parameters
+//! (`= ANY($1)`, `unnest(...)`), so each statement has one fixed text whatever the
+//! batch size. sqlx then parses and plans it once per connection, where an `IN` list,
+//! a `CASE` or a `VALUES` list whose length changes from batch to batch is parsed and
+//! planned again every time — on a small machine that was most of PostgreSQL's work
+//! per task. SQLite, which has no arrays and no planning cost worth saving, keeps the
+//! portable forms in [`super::tasks`] and [`super::jobs`].
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{extension::postgres::PgFunc, Expr, ExprTrait, IntoIden, SimpleExpr};
+use sea_orm::{DatabaseBackend, Statement, Value};
+
+use super::jobs::NewTask;
+use super::tasks::{TaskOutcome, Transition};
+
+/// `column IN (values)` — on PostgreSQL `column = ANY($1)`, one array parameter.
+pub(super) fn one_of<C, T>(backend: DatabaseBackend, column: C, values: Vec<T>) -> SimpleExpr
+where
+    C: IntoIden + Copy,
+    T: Into<Value>,
+    Vec<T>: Into<Value>,
+{
+    let column = Expr::col(column);
+    if backend == DatabaseBackend::Postgres {
+        column.eq(PgFunc::any(Expr::val(values)))
+    } else {
+        column.is_in(values)
+    }
+}
+
+/// Inserts a job's task rows from arrays of ordinals, types and payloads; rows whose
+/// ordinal exists are skipped. Returns `(id, ordinal)` of the inserted rows.
+pub(super) fn insert_tasks(job_id: &str, tasks: &[NewTask], now: DateTime<Utc>) -> Statement {
+    const SQL: &str = r#"
+        INSERT INTO tasks (job_id, ordinal, "type", payload, status, attempts, deliveries,
+                           version, created_at, updated_at)
+        SELECT $1, new.ordinal, new.type, new.payload, 'pending', 0, 0, 0, $2, $2
+        FROM unnest($3::int[], $4::text[], $5::jsonb[]) AS new(ordinal, type, payload)
+        ON CONFLICT (job_id, ordinal) DO NOTHING
+        RETURNING id, ordinal"#;
+    let ordinals: Vec<i32> = tasks.iter().map(|t| t.ordinal).collect();
+    let types: Vec<String> = tasks.iter().map(|t| t.task_type.clone()).collect();
+    let payloads: Vec<serde_json::Value> = tasks.iter().map(|t| t.payload.clone()).collect();
+    Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        SQL,
+        [
+            job_id.into(),
+            now.into(),
+            ordinals.into(),
+            types.into(),
+            payloads.into(),
+        ],
+    )
+}
+
+/// Moves each running attempt of the batch to its outcome (`done` + result, or
+/// `failed`/`retrying` + info) in one statement. Returns the ids moved; an attempt no
+/// longer running (a duplicate, a cancelled task) is not.
+pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> Statement {
+    const SQL: &str = r#"
+        UPDATE tasks AS t SET
+            status = o.status,
+            result = CASE WHEN o.status = 'done' THEN o.result ELSE t.result END,
+            info = CASE WHEN o.status = 'done' THEN t.info ELSE o.info END,
+            finished_at = CASE WHEN o.status IN ('done', 'failed') THEN $1 END,
+            lease_until = NULL,
+            version = t.version + 1,
+            updated_at = $1
+        FROM unnest($2::bigint[], $3::int[], $4::text[], $5::jsonb[], $6::text[])
+            AS o(id, attempt, status, result, info)
+        WHERE t.id = o.id AND t.status = 'running' AND t.attempts = o.attempt
+        RETURNING t.id"#;
+    let ids: Vec<i64> = transitions.iter().map(|t| t.task_id).collect();
+    let attempts: Vec<i32> = transitions.iter().map(|t| t.attempt).collect();
+    let statuses: Vec<String> = transitions
+        .iter()
+        .map(|t| t.outcome.status().as_str().to_owned())
+        .collect();
+    // Arrays cannot hold SQL NULLs here; the CASEs above ignore the filler.
+    let (results, infos): (Vec<serde_json::Value>, Vec<String>) = transitions
+        .iter()
+        .map(|t| match &t.outcome {
+            TaskOutcome::Done(result) => (result.clone(), String::new()),
+            TaskOutcome::Failed(info) | TaskOutcome::Retrying(info) => {
+                (serde_json::Value::Null, info.clone())
+            }
+        })
+        .unzip();
+    Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        SQL,
+        [
+            now.into(),
+            ids.into(),
+            attempts.into(),
+            statuses.into(),
+            results.into(),
+            infos.into(),
+        ],
+    )
+}
