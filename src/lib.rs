@@ -7,6 +7,7 @@
 //! queue name. See `README.md` for the wire protocol and `../shared/DESIGN.md` for the
 //! invariants.
 
+mod acks;
 pub mod broker;
 pub mod builtin;
 pub mod client;

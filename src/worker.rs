@@ -23,14 +23,13 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::{Acks, Settlement};
 use crate::broker::{all_confirmed, Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::parking::park;
@@ -81,6 +80,7 @@ pub(crate) async fn run(
         queue,
         shutdown: shutdown.clone(),
         outcomes,
+        acks: Acks::start(),
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     loop {
@@ -91,6 +91,7 @@ pub(crate) async fn run(
                 None => return Err(Error::Other("worker consumer ended".into())),
             },
         };
+        runner.acks.received(&first);
         // Every delivery holds a slot until it is settled. Deliveries taken without
         // one at shutdown stay unacked and return to the queue with the channel.
         let Some(slot) = take_slot(&slots, &shutdown).await else {
@@ -101,10 +102,12 @@ pub(crate) async fn run(
             let Some(Some(delivery)) = consumer.next().now_or_never() else {
                 break;
             };
+            let delivery = delivery?;
+            runner.acks.received(&delivery);
             let Some(slot) = take_slot(&slots, &shutdown).await else {
                 break;
             };
-            batch.push((delivery?, slot));
+            batch.push((delivery, slot));
         }
         runner.dispatch(batch).await;
     }
@@ -145,6 +148,7 @@ struct Runner {
     queue: String,
     shutdown: CancellationToken,
     outcomes: mpsc::UnboundedSender<Finished>,
+    acks: Acks,
 }
 
 impl Runner {
@@ -168,7 +172,7 @@ impl Runner {
                     let runner = self.clone();
                     tokio::spawn(async move {
                         let parked = runner.park(&delivery, &reason).await;
-                        runner.settle(delivery, slot, parked).await;
+                        runner.settle(delivery, slot, parked);
                     });
                 }
             }
@@ -236,9 +240,9 @@ impl Runner {
                 }
                 Ok(None) => {
                     let settled = runner.settle_stale(&delivery, &message).await;
-                    runner.settle(delivery, slot, settled).await;
+                    runner.settle(delivery, slot, settled);
                 }
-                Err(err) => runner.settle(delivery, slot, Err(err.into())).await,
+                Err(err) => runner.settle(delivery, slot, Err(err.into())),
             }
         });
     }
@@ -275,7 +279,7 @@ impl Runner {
                 )
                 .await
             {
-                return self.settle(delivery, slot, Err(err)).await;
+                return self.settle(delivery, slot, Err(err));
             }
             Err(TaskError::permanent(format!(
                 "unknown task type {:?} in pool {:?}",
@@ -421,9 +425,7 @@ impl Runner {
                         TaskOutcome::Failed(format!("could not record the result: {err}"));
                     return Box::pin(self.record(vec![finished])).await;
                 }
-                return self
-                    .settle(finished.delivery, finished.slot, Err(err.into()))
-                    .await;
+                return self.settle(finished.delivery, finished.slot, Err(err.into()));
             }
             Err(err) => {
                 tracing::error!(%err, outcomes = batch.len(), "recording outcomes failed; returning their messages to the queue");
@@ -433,8 +435,7 @@ impl Runner {
                         finished.delivery,
                         finished.slot,
                         Err(Error::Other(err.to_string())),
-                    )
-                    .await;
+                    );
                 }
                 return;
             }
@@ -471,44 +472,28 @@ impl Runner {
                 Err(Error::Broker(err)) => Err(Error::Broker(err.clone())),
                 Err(err) => Err(Error::Other(err.to_string())),
             };
-            self.settle(finished.delivery, finished.slot, result).await;
+            self.settle(finished.delivery, finished.slot, result);
         }
         for finished in stale {
             let settled = self.settle_stale_after_write(&finished.message).await;
-            self.settle(finished.delivery, finished.slot, settled).await;
+            self.settle(finished.delivery, finished.slot, settled);
         }
     }
 
     /// Acks a delivery whose effects are committed and confirmed, or returns it to the
-    /// queue; then frees its slot.
-    async fn settle(
-        &self,
-        delivery: Delivery,
-        slot: OwnedSemaphorePermit,
-        result: Result<(), Error>,
-    ) {
+    /// queue; its slot is freed once that is on its way.
+    fn settle(&self, delivery: Delivery, slot: OwnedSemaphorePermit, result: Result<(), Error>) {
         match result {
-            Ok(()) => {
-                if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    tracing::debug!(%err, "ack failed; the broker will redeliver");
-                }
-            }
+            Ok(()) => self.acks.settle(delivery, Settlement::Ack, slot),
             // The channel is gone: the broker returns the message by itself.
             Err(err) if err.is_broker_connection() => {
                 tracing::debug!(%err, "task message not settled: broker connection lost");
             }
             Err(err) => {
                 tracing::error!(%err, "task message not settled; returning it to the queue");
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                if let Err(err) = delivery.acker.nack(requeue).await {
-                    tracing::debug!(%err, "nack failed; the broker will redeliver");
-                }
+                self.acks.settle(delivery, Settlement::Requeue, slot);
             }
         }
-        drop(slot);
     }
 
     /// A message that claimed nothing: a duplicate, a stale attempt, a message for a

@@ -30,6 +30,7 @@ on_both_backends!(
     splitter_makes_tasks_from_params,
     duplicates_inside_one_batch_run_once,
     a_refused_result_fails_only_its_task,
+    coalesced_acks_never_cover_a_running_task,
     cancelling_a_job_cancels_what_is_left,
 );
 
@@ -508,6 +509,59 @@ async fn duplicates_inside_one_batch_run_once(backend: Backend) {
         .iter()
         .all(|row| row.attempts == 1 && row.deliveries == 1));
     worker.stop().await;
+}
+
+/// Acks are coalesced into `multiple` acks, which must never cover a delivery whose
+/// task is still running. Of 60 tasks taken in one batch, task 30 holds its handler
+/// past the grace period while the others finish and are acked around it (those
+/// before it by one `multiple` ack, those after it one by one): at the stop, exactly
+/// its message goes back to the queue, and a second worker finishes it.
+async fn coalesced_acks_never_cover_a_running_task(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let (job_id, rows) = form_job_without_workers(&env, 60).await;
+    let held = rows.iter().find(|row| row.payload == json!(30)).unwrap().id;
+    let mut config = env.config.clone();
+    config.grace_period = Duration::from_millis(500);
+    let first = env.start(env.worker().config(config).concurrency(64).handler(
+        "count",
+        |ctx: TaskContext| async move {
+            if ctx.payload == json!(30) {
+                std::future::pending::<()>().await;
+            }
+            Ok(json!(null))
+        },
+    ));
+    common::wait_until(LONG, || async {
+        let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+        rows.iter().filter(|row| row.status == "done").count() == 59
+    })
+    .await;
+    first.stop().await;
+    let queue = env.topology().work_queue("default");
+    assert_eq!(
+        env.message_count(&queue).await,
+        1,
+        "only the running task's message returns to the queue"
+    );
+    let held_row = env.store.task(held).await.unwrap().unwrap();
+    assert_eq!(held_row.status, "running");
+
+    let second = env.start(
+        env.worker()
+            .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
+    );
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 60));
+    for row in env.store.tasks_of_job(&job_id).await.unwrap() {
+        let deliveries = if row.id == held { 2 } else { 1 };
+        assert_eq!(
+            (row.attempts, row.deliveries),
+            (1, deliveries),
+            "task {}",
+            row.id
+        );
+    }
+    second.stop().await;
 }
 
 /// PostgreSQL refuses a NUL character in JSONB, so a batch holding such a result fails
