@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures::{StreamExt, TryStreamExt};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::Connection;
 use serde::Serialize;
 use serde_json::json;
+use taskmill::config::DEFAULT_QUEUE;
 use taskmill::store::Store;
 use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
 
@@ -18,6 +20,8 @@ use super::fleet::Fleet;
 /// How long the broker's and PostgreSQL's statistics may lag behind.
 pub const STATS_SETTLE: Duration = Duration::from_secs(6);
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
+/// S4's failed attempts wait this long (one delay queue, attempt 1 × this).
+const RETRY_DELAY_MS: i64 = 100;
 
 pub struct Spec {
     pub name: String,
@@ -64,7 +68,7 @@ impl Spec {
             builtin::ECHO
         };
         let mut request = JobRequest::new(task_type, tasks);
-        request.retry_delay_ms = 100;
+        request.retry_delay_ms = RETRY_DELAY_MS as u64;
         request.job_id = Some(uuid::Uuid::new_v4().to_string());
         request
     }
@@ -236,9 +240,29 @@ impl Bench {
         })
     }
 
+    /// Removes what the scenarios declared: the names they use over AMQP (the
+    /// management API may be off), then anything else under the prefix through the API.
     pub async fn stop(self) {
-        let _ = self.listener.close(200, "done".into()).await;
         let topology = self.client.topology().clone();
+        if let Ok(channel) = self.listener.create_channel().await {
+            for queue in [
+                topology.intake_queue(),
+                topology.completion_queue(),
+                topology.parking_queue(),
+                topology.work_queue(DEFAULT_QUEUE),
+                topology.delay_queue(DEFAULT_QUEUE, RETRY_DELAY_MS),
+            ] {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for exchange in [topology.jobs_exchange(), topology.events_exchange()] {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = self.listener.close(200, "done".into()).await;
         if let Some(api) = &self.api {
             api.delete_prefixed(topology.prefix());
         }
