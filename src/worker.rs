@@ -13,7 +13,7 @@
 //! the deliveries the consumer has buffered are claimed in one statement, and the
 //! outcomes that finish while a batch is being recorded are recorded together next —
 //! one transaction, one finished-event message for all of them, every publish
-//! confirmed, then the batch acked (coalesced by [`crate::acks`] into `multiple`
+//! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
 //! acks that never cover a delivery still running). A handler panic is a failed attempt. A task
 //! whose attempt was delivered more than `max_deliveries` times without finishing (it
 //! keeps killing its worker) fails instead of looping forever.
