@@ -19,6 +19,7 @@ on_both_backends!(
     stale_formation_fails_the_job,
     parking_lot_lists_replays_and_purges,
     tasks_finished_while_forming_end_the_job_at_start,
+    two_outcomes_of_one_attempt_in_a_batch_count_once,
 );
 
 /// A job row as the intake creates it, in `formation`.
@@ -218,6 +219,55 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
         (job.stage.as_str(), job.done_count, job.task_count),
         ("done", 3, 3)
     );
+}
+
+/// A redelivery can take over an attempt whose first copy is still running, and both
+/// copies' outcomes can land in one batch — even different ones. The row moves once,
+/// to the first outcome, and the job counts exactly that.
+async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    store
+        .create_job(&echo_job("twice", FailurePolicy::Continue))
+        .await
+        .unwrap();
+    let tasks: Vec<NewTask> = (0..2)
+        .map(|n| NewTask {
+            ordinal: n,
+            task_type: builtin::ECHO.into(),
+            payload: json!(n),
+        })
+        .collect();
+    let inserted = store.insert_tasks("twice", &tasks).await.unwrap();
+    assert!(matches!(
+        store.start_job("twice", 2).await.unwrap(),
+        StartOutcome::Running(_)
+    ));
+    let claims: Vec<(i64, i32)> = inserted.iter().map(|&(id, _)| (id, 1)).collect();
+    store
+        .claim_tasks(&claims, "token", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (first, second) = (inserted[0].0, inserted[1].0);
+    let outcome = |task_id, outcome| Transition {
+        job_id: "twice".into(),
+        task_id,
+        attempt: 1,
+        outcome,
+    };
+    let recorded = store
+        .finish_tasks(&[
+            outcome(first, TaskOutcome::Done(json!("ok"))),
+            outcome(first, TaskOutcome::Failed("second copy failed".into())),
+            outcome(second, TaskOutcome::Done(json!("ok"))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), 2);
+    let row = store.task(first).await.unwrap().unwrap();
+    assert_eq!(row.status, "done");
+    let job = store.job("twice").await.unwrap().unwrap();
+    assert_eq!((job.done_count, job.failed_count), (2, 0));
 }
 
 async fn parking_lot_lists_replays_and_purges(backend: Backend) {

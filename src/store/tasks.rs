@@ -186,11 +186,19 @@ impl Store {
         &self,
         transitions: &[Transition],
     ) -> Result<HashSet<i64>, StoreError> {
-        let statements = self.finish_statements(transitions);
+        // Two deliveries of one attempt (a redelivery that took over a running copy)
+        // can land in one batch: the row moves once, so only the first outcome is
+        // written and counted.
+        let mut seen = HashSet::with_capacity(transitions.len());
+        let transitions: Vec<Transition> = transitions
+            .iter()
+            .filter(|t| seen.insert(t.task_id))
+            .cloned()
+            .collect();
+        let statements = self.finish_statements(&transitions);
         let mut job_ids: Vec<String> = transitions.iter().map(|t| t.job_id.clone()).collect();
         job_ids.sort();
         job_ids.dedup();
-        let transitions = transitions.to_vec();
         self.retrying("finish tasks", || async {
             let (statements, job_ids, transitions) =
                 (statements.clone(), job_ids.clone(), transitions.clone());
@@ -355,13 +363,7 @@ async fn count_into_jobs<C: ConnectionTrait>(
         first_error: Option<(i64, &'a str)>,
     }
     let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
-    // Two deliveries of one attempt (a redelivery that took over a running copy) can
-    // land in one batch; the row moved once, so it counts once.
-    let mut counted = HashSet::with_capacity(recorded.len());
-    for transition in transitions
-        .iter()
-        .filter(|t| recorded.contains(&t.task_id) && counted.insert(t.task_id))
-    {
+    for transition in transitions.iter().filter(|t| recorded.contains(&t.task_id)) {
         let tally = tallies.entry(transition.job_id.as_str()).or_default();
         match &transition.outcome {
             TaskOutcome::Done(_) => tally.done += 1,
