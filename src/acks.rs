@@ -11,7 +11,7 @@
 //! arrive later have higher tags, so nothing unregistered can be covered.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -72,9 +72,15 @@ impl Acks {
         let _ = self.settle.send(settle);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
-        self.unsettled.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        lock(&self.unsettled)
     }
+}
+
+/// The set of unsettled tags. It is only ever held for inserts and removes, which
+/// leave it consistent even if a panic cut them short: a poisoned lock is still usable.
+fn lock(unsettled: &Mutex<BTreeSet<u64>>) -> MutexGuard<'_, BTreeSet<u64>> {
+    unsettled.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn settle_loop(
@@ -100,7 +106,7 @@ async fn settle_loop(
             }
         }
         let oldest_unsettled = {
-            let mut unsettled = unsettled.lock().unwrap_or_else(|e| e.into_inner());
+            let mut unsettled = lock(&unsettled);
             for tag in settled {
                 unsettled.remove(&tag);
             }

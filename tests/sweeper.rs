@@ -36,6 +36,17 @@ fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
     }
 }
 
+/// Task rows for [`echo_job`], payloads 0, 1, …
+fn echo_tasks(count: i32) -> Vec<NewTask> {
+    (0..count)
+        .map(|n| NewTask {
+            ordinal: n,
+            task_type: builtin::ECHO.into(),
+            payload: json!(n),
+        })
+        .collect()
+}
+
 /// A config whose sweeper runs often and calls work stuck quickly.
 fn eager_sweeper(env: &TestEnv) -> taskmill::Config {
     let mut config = env.config.clone();
@@ -166,13 +177,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     let store = &env.store;
     let new = echo_job("fast-job", FailurePolicy::FailFast);
     store.create_job(&new).await.unwrap();
-    let tasks: Vec<NewTask> = (0..3)
-        .map(|n| NewTask {
-            ordinal: n,
-            task_type: builtin::ECHO.into(),
-            payload: json!(n),
-        })
-        .collect();
+    let tasks = echo_tasks(3);
     let inserted = store.insert_tasks("fast-job", &tasks).await.unwrap();
     assert_eq!(inserted.len(), 3);
     assert!(
@@ -231,13 +236,7 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         .create_job(&echo_job("twice", FailurePolicy::Continue))
         .await
         .unwrap();
-    let tasks: Vec<NewTask> = (0..2)
-        .map(|n| NewTask {
-            ordinal: n,
-            task_type: builtin::ECHO.into(),
-            payload: json!(n),
-        })
-        .collect();
+    let tasks = echo_tasks(2);
     let inserted = store.insert_tasks("twice", &tasks).await.unwrap();
     assert!(matches!(
         store.start_job("twice", 2).await.unwrap(),
