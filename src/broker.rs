@@ -2,6 +2,11 @@
 //!
 //! Every message taskmill sends is JSON, persistent and publisher-confirmed; a nack, or a
 //! `mandatory` message the broker returned as unroutable, is an error, never a success.
+//! A channel the broker closes (a 404, a 406) is reopened on the same connection by the
+//! next publish: only a lost connection is the broker link's business.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -20,15 +25,75 @@ pub enum BrokerError {
     Returned { routing_key: String, reply: String },
     #[error("no confirm for a publish to {0:?} within {CONFIRM_TIMEOUT:?}")]
     ConfirmTimeout(String),
+    #[error("the broker did not complete the connection handshake within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+}
+
+impl BrokerError {
+    /// The connection itself is gone (as opposed to one channel closed by the broker,
+    /// a nack, an unroutable message, or a missing confirm): the link reconnects, and
+    /// the deliveries of its channels return to their queues by themselves.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Amqp(err) => is_connection_error(err),
+            Self::ConnectTimeout => true,
+            _ => false,
+        }
+    }
+}
+
+impl BrokerError {
+    /// Worth another try: everything but the broker refusing what a message names
+    /// (a channel-level error such as 404 NOT_FOUND, 406 PRECONDITION_FAILED or 403
+    /// ACCESS_REFUSED), which would fail the same way every time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Amqp(err) => !err.is_amqp_soft_error(),
+            _ => true,
+        }
+    }
+}
+
+/// A lapin error that means the connection is lost, not just a channel.
+pub fn is_connection_error(err: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    match err.kind() {
+        ErrorKind::ProtocolError(_) => err.is_amqp_hard_error(),
+        ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidChannel(_) => false,
+        _ => true,
+    }
 }
 
 /// How long a publish may wait for its confirm.
-pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long opening a connection may take: a broker that accepts the socket but never
+/// answers the handshake must not hold a reconnect loop, or a shutdown, forever.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing a channel or connection may wait for the broker's answer.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
+pub async fn connect(url: &str) -> Result<Arc<Connection>, BrokerError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("taskmill-{}", std::process::id()).into());
-    Ok(Connection::connect(url, properties).await?)
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connection) => Ok(Arc::new(connection?)),
+        Err(_) => Err(BrokerError::ConnectTimeout),
+    }
+}
+
+/// Closes a channel if it is open, waiting at most [`CLOSE_TIMEOUT`]: a broker that no
+/// longer answers must not hold a shutdown.
+pub async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "bye".into())).await;
+    }
+}
+
+/// Closes a connection if it is open, waiting at most [`CLOSE_TIMEOUT`].
+pub async fn close_connection(connection: &Connection) {
+    if connection.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
+    }
 }
 
 /// One outgoing JSON message.
@@ -56,31 +121,54 @@ impl<'a> Outgoing<'a> {
 }
 
 /// A channel in confirm mode. Publishes from many tasks may share it: lapin matches
-/// each confirm to its publish.
+/// each confirm to its publish. When the broker closes the channel (a channel-level
+/// error: a missing exchange, a queue declared with other arguments), the next use
+/// opens a new one on the same connection.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    connection: Arc<Connection>,
+    channel: Arc<tokio::sync::Mutex<Channel>>,
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 impl Publisher {
-    pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(connection: &Arc<Connection>) -> Result<Self, BrokerError> {
+        let channel = confirm_channel(connection).await?;
+        Ok(Self {
+            connection: connection.clone(),
+            channel: Arc::new(tokio::sync::Mutex::new(channel)),
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    /// The live channel, reopened first if the broker closed it while the connection
+    /// stayed up. On a lost connection it fails: reconnecting is the link's job.
+    pub async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() && self.connection.status().connected() {
+            tracing::warn!(
+                channel = channel.id(),
+                "the broker closed a publishing channel; opening a new one"
+            );
+            *channel = confirm_channel(&self.connection).await?;
+        }
+        Ok(channel.clone())
     }
 
     /// Closes the channel; closing explicitly keeps a drop-time close from racing
     /// the connection's own close.
     pub async fn close(&self) {
-        if self.channel.status().connected() {
-            let _ = self.channel.close(200, "shutdown".into()).await;
-        }
+        close_channel(&*self.channel.lock().await).await;
     }
 
     /// Publishes without waiting for the confirm, to pipeline many messages; await
@@ -101,7 +189,8 @@ impl Publisher {
     ) -> Result<Pending, BrokerError> {
         let properties = properties.with_delivery_mode(2);
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 message.exchange.into(),
                 message.routing_key.into(),

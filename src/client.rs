@@ -76,14 +76,16 @@ impl Client {
     async fn publisher(&self) -> Result<Publisher, Error> {
         let mut current = self.publisher.lock().await;
         if let Some(publisher) = current.as_ref() {
-            if publisher.channel().status().connected() {
+            if publisher.connection().status().connected() {
                 return Ok(publisher.clone());
             }
         }
         let connection = self.connection().await?;
         let publisher = Publisher::open(&connection).await?;
         self.topology.forget_declared();
-        self.topology.declare_core(publisher.channel()).await?;
+        self.topology
+            .declare_core(&publisher.channel().await?)
+            .await?;
         *current = Some(publisher.clone());
         Ok(publisher)
     }
@@ -205,7 +207,13 @@ impl Watch {
             let delivery = delivery?;
             match serde_json::from_slice::<JobEvent>(&delivery.data) {
                 Ok(event) if event.job_id == self.job_id => {
-                    let _ = self.channel.close(200, "done".into()).await;
+                    crate::broker::close_channel(&self.channel).await;
+                    if event.is_rejected() {
+                        return Err(Error::Rejected {
+                            job_id: event.job_id,
+                            reason: event.first_error.unwrap_or_default(),
+                        });
+                    }
                     return Ok(event);
                 }
                 Ok(_) => {}

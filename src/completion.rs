@@ -52,7 +52,7 @@ pub(crate) async fn run(
     // The relay lives as long as this run: a restarted run starts its own.
     let relay_token = shutdown.child_token();
     let _stop_relay = relay_token.clone().drop_guard();
-    let relay = tokio::spawn(events.clone().run_relay(RELAY_INTERVAL, relay_token));
+    let mut relay = tokio::spawn(events.clone().run_relay(RELAY_INTERVAL, relay_token));
     let queue = shared.topology.completion_queue();
     let mut consumer = channel
         .basic_consume(
@@ -86,8 +86,15 @@ pub(crate) async fn run(
         }
         completion.handle_batch(batch).await;
     }
-    let _ = relay.await;
-    let _ = channel.close(200, "shutdown".into()).await;
+    // The relay may be waiting on the database or a confirm: give it a moment, then
+    // drop it (an unpublished event stays in the outbox for the next relay).
+    if tokio::time::timeout(crate::broker::CLOSE_TIMEOUT, &mut relay)
+        .await
+        .is_err()
+    {
+        relay.abort();
+    }
+    crate::broker::close_channel(&channel).await;
     completion.publisher.close().await;
     Ok(())
 }

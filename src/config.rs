@@ -98,3 +98,40 @@ impl Config {
         config
     }
 }
+
+/// A connection URL fit for output: its password, if any, replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_reach_output() {
+        assert_eq!(
+            redacted("postgres://app:s3cret@db:5432/taskmill"),
+            "postgres://app:***@db:5432/taskmill"
+        );
+        assert_eq!(
+            redacted("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redacted("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redacted("sqlite://taskmill.db?mode=rwc"),
+            "sqlite://taskmill.db?mode=rwc"
+        );
+    }
+}

@@ -14,16 +14,34 @@ pub enum Error {
     Decode(#[from] DecodeError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The request was parked instead of becoming a job.
+    #[error("job {job_id} was rejected: {reason}")]
+    Rejected { job_id: String, reason: String },
     #[error("{0}")]
     Other(String),
 }
 
 impl Error {
-    /// A failure of the broker connection or channel (as opposed to a nack, an
-    /// unroutable message, or a database or data problem): reported once per outage
-    /// by the broker link rather than once per message.
+    /// The broker connection is lost (as opposed to one channel closed by the broker,
+    /// a nack, an unroutable message, or a database or data problem): reported once
+    /// per outage by the broker link rather than once per message.
     pub fn is_broker_connection(&self) -> bool {
-        matches!(self, Self::Broker(BrokerError::Amqp(_)))
+        matches!(self, Self::Broker(err) if err.is_connection_lost())
+    }
+
+    /// The one place that decides whether a failure is worth another try (a lost
+    /// connection, a busy or restarting database, a nack, a missing confirm) or is a
+    /// decision to make now (the database refuses the data, the broker refuses what
+    /// the message names, the message itself is bad). Intake, worker and completion
+    /// all ask it: a transient failure is retried with backoff for a bounded time, a
+    /// permanent one parks the request or fails the task with the reason.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(err) => err.is_transient(),
+            Self::Broker(err) => err.is_transient(),
+            Self::Decode(_) | Self::Config(_) | Self::Rejected { .. } => false,
+            Self::Other(_) => true,
+        }
     }
 }
 

@@ -1,21 +1,31 @@
 //! Job events: publishing an outbox row to the events exchange and to the job's
-//! `on_complete` target, and the relay that publishes rows whose publisher died.
+//! `on_complete` target, and the relay that publishes what is left over.
 //!
 //! The row is written in the transaction that ends the job and claimed by its writer;
-//! it is marked published only after the broker confirmed it. A crash in between
-//! leaves the row for the relay, once the claim lapses.
+//! it is marked published only after the events exchange confirmed it. A crash in
+//! between leaves the row for the relay, once the claim lapses.
+//!
+//! The `on_complete` target is named by the producer and may not exist. It is published
+//! on a channel of its own (a missing exchange makes the broker close the channel it was
+//! published on), its failure never holds the event back from the events exchange, and
+//! it is recorded on the row and retried [`TARGET_ATTEMPTS`] times in all, with waits
+//! doubling from [`TARGET_FIRST_WAIT`], then given up with a warning.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Pending, Publisher};
+use crate::broker::{Outgoing, Publisher};
 use crate::error::Error;
-use crate::protocol::Target;
-use crate::store::{job_event, Store};
+use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED};
+use crate::store::{job_event, Store, TargetOutcome};
 use crate::topology::Topology;
 
 const RELAY_BATCH: u64 = 100;
+/// Publishes to an `on_complete` target before it is given up.
+pub const TARGET_ATTEMPTS: i32 = 5;
+/// The wait after the first failed publish to a target; each later one doubles it.
+pub const TARGET_FIRST_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct EventPublisher {
@@ -33,52 +43,107 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes one event (confirmed) and marks it published.
+    /// Publishes one event (confirmed) and marks it published; its target, if any, is
+    /// tried once beside it and its fate recorded.
     pub async fn publish(&self, event: &job_event::Model) -> Result<(), Error> {
         let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
         let exchange = self.topology.events_exchange();
         let routing_key = Topology::event_routing_key(&event.kind, &event.job_id);
         // Not mandatory: an events exchange with no listener bound is normal.
-        let mut pending = vec![
-            self.publisher
-                .send(Outgoing {
+        let pending = self
+            .publisher
+            .send(Outgoing {
+                exchange: &exchange,
+                routing_key: &routing_key,
+                body: &body,
+                mandatory: false,
+                headers: None,
+            })
+            .await?;
+        let target = match event_target(event) {
+            Some(target) => Some(self.attempt_target(event, &target, &body).await),
+            None => None,
+        };
+        pending.confirmed().await?;
+        self.store.mark_event_published(event.id, target).await?;
+        tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
+        Ok(())
+    }
+
+    /// Publishes a stored event to one target only (confirmed), on its own channel.
+    pub async fn publish_to(&self, target: &Target, event: &job_event::Model) -> Result<(), Error> {
+        let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
+        publish_to_target(&self.publisher, target, &body).await
+    }
+
+    /// One try at a target; what the store should remember of it.
+    async fn attempt_target(
+        &self,
+        event: &job_event::Model,
+        target: &Target,
+        body: &[u8],
+    ) -> TargetOutcome {
+        let attempts = event.target_attempts + 1;
+        match publish_to_target(&self.publisher, target, body).await {
+            Ok(()) => TargetOutcome::Sent { attempts },
+            Err(err) => {
+                let error = format!(
+                    "publishing to exchange {:?} with routing key {:?}: {err}",
+                    target.exchange, target.routing_key
+                );
+                let retry_in = (attempts < TARGET_ATTEMPTS)
+                    .then(|| TARGET_FIRST_WAIT * 2u32.pow(attempts as u32 - 1));
+                match retry_in {
+                    Some(wait) => {
+                        tracing::warn!(job_id = %event.job_id, attempts, %error, ?wait, "on_complete target failed; will retry")
+                    }
+                    None => {
+                        tracing::warn!(job_id = %event.job_id, attempts, %error, "on_complete target failed; giving up")
+                    }
+                }
+                TargetOutcome::Failed {
+                    attempts,
+                    error,
+                    retry_in,
+                }
+            }
+        }
+    }
+
+    /// Answers a request that was parked instead of becoming a job with a
+    /// `job.rejected` event, to the events exchange (when the id is the request's own
+    /// to answer for) and to its `on_complete` target. Best effort: the request itself
+    /// is safe in the parking lot whatever happens here.
+    pub async fn publish_rejection(
+        &self,
+        reply: &ReplyAddress,
+        reason: &str,
+        to_events_exchange: bool,
+    ) {
+        let event = JobEvent::rejected(&reply.job_id, &reply.job_type, reason);
+        let body = serde_json::to_vec(&event).expect("an event serializes");
+        if to_events_exchange {
+            let exchange = self.topology.events_exchange();
+            let routing_key = Topology::event_routing_key(REJECTED, &reply.job_id);
+            let sent = self
+                .publisher
+                .publish(Outgoing {
                     exchange: &exchange,
                     routing_key: &routing_key,
                     body: &body,
                     mandatory: false,
                     headers: None,
                 })
-                .await?,
-        ];
-        if let Some(target) = event_target(event) {
-            pending.push(self.send_to(&target, &body).await?);
+                .await;
+            if let Err(err) = sent {
+                tracing::warn!(job_id = %reply.job_id, %err, "job.rejected event not published");
+            }
         }
-        crate::broker::all_confirmed(pending).await?;
-        self.store.mark_event_published(event.id).await?;
-        tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
-        Ok(())
-    }
-
-    /// Publishes a stored event to one target only (confirmed).
-    pub async fn publish_to(&self, target: &Target, event: &job_event::Model) -> Result<(), Error> {
-        let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
-        self.send_to(target, &body).await?.confirmed().await?;
-        Ok(())
-    }
-
-    /// Not mandatory: a producer's reply queue may be gone, and that must not block
-    /// the event from going anywhere else.
-    async fn send_to(&self, target: &Target, body: &[u8]) -> Result<Pending, Error> {
-        Ok(self
-            .publisher
-            .send(Outgoing {
-                exchange: &target.exchange,
-                routing_key: &target.routing_key,
-                body,
-                mandatory: false,
-                headers: None,
-            })
-            .await?)
+        if let Some(target) = &reply.on_complete {
+            if let Err(err) = publish_to_target(&self.publisher, target, &body).await {
+                tracing::warn!(job_id = %reply.job_id, %err, "job.rejected event not delivered to on_complete");
+            }
+        }
     }
 
     /// Publishes a freshly written event, leaving it to the relay on failure.
@@ -88,13 +153,24 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes every unpublished event whose claim has lapsed.
+    /// Publishes every unpublished event whose claim has lapsed, and retries the
+    /// targets that are due. Returns how many events it published.
     pub async fn relay_strays(&self) -> Result<usize, Error> {
         let mut published = 0;
         for event in self.store.stray_events(RELAY_BATCH).await? {
             if self.store.claim_event(event.id).await? {
                 self.publish(&event).await?;
                 published += 1;
+            }
+        }
+        for event in self.store.targets_due(RELAY_BATCH).await? {
+            let Some(target) = event_target(&event) else {
+                continue;
+            };
+            if self.store.claim_target(&event).await? {
+                let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
+                let outcome = self.attempt_target(&event, &target, &body).await;
+                self.store.record_target(event.id, outcome).await?;
             }
         }
         Ok(published)
@@ -115,6 +191,28 @@ impl EventPublisher {
             }
         }
     }
+}
+
+/// Publishes to a producer-named target on a channel of its own, so that a target the
+/// broker refuses closes nothing anyone else uses. Mandatory: an unroutable event is a
+/// failure to record, not a success.
+async fn publish_to_target(
+    publisher: &Publisher,
+    target: &Target,
+    body: &[u8],
+) -> Result<(), Error> {
+    let own = Publisher::open(publisher.connection()).await?;
+    let sent = own
+        .publish(Outgoing {
+            exchange: &target.exchange,
+            routing_key: &target.routing_key,
+            body,
+            mandatory: true,
+            headers: None,
+        })
+        .await;
+    own.close().await;
+    Ok(sent?)
 }
 
 fn event_target(event: &job_event::Model) -> Option<Target> {

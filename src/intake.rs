@@ -18,14 +18,16 @@ use lapin::Connection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Pending, Publisher};
+use crate::broker::{BrokerError, Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
 use crate::pod::{take_slot, Shared};
 use serde_json::value::RawValue;
 
-use crate::protocol::{self, DecodeError, JobRequest, Target, TaskMessage, SCHEMA_VERSION};
+use crate::protocol::{
+    self, DecodeError, JobRequest, ReplyAddress, Target, TaskMessage, SCHEMA_VERSION,
+};
 use crate::retry::Delays;
 use crate::state::JobStage;
 use crate::store::{job, NewJob, NewTask, StartOutcome};
@@ -49,6 +51,8 @@ pub(crate) async fn run(
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // A new connection may find queues gone (a broker reset): declare them again.
+    shared.topology.forget_declared();
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(CONCURRENT_REQUESTS as u16, BasicQosOptions::default())
@@ -84,6 +88,7 @@ pub(crate) async fn run(
             shared: shared.clone(),
             publisher: publisher.clone(),
             events: events.clone(),
+            shutdown: shutdown.clone(),
         };
         tokio::spawn(async move {
             intake.handle(delivery).await;
@@ -101,7 +106,7 @@ pub(crate) async fn run(
             "job requests still in flight after the grace period; the broker will redeliver them"
         );
     }
-    let _ = channel.close(200, "shutdown".into()).await;
+    crate::broker::close_channel(&channel).await;
     publisher.close().await;
     Ok(())
 }
@@ -115,13 +120,21 @@ struct Intake {
     shared: Arc<Shared>,
     publisher: Publisher,
     events: EventPublisher,
+    shutdown: CancellationToken,
+}
+
+/// How a request is settled.
+enum Settle {
+    Ack,
+    Park(String),
+    Requeue,
 }
 
 /// Why a request was not turned into a job.
 enum Rejection {
     /// The request itself is bad: park it.
     Park(String),
-    /// Something else failed: return it to the queue to try again.
+    /// Something failed on the way: [`Error::is_transient`] decides what next.
     Retry(Error),
 }
 
@@ -150,41 +163,118 @@ impl From<DecodeError> for Rejection {
 }
 
 impl Intake {
+    /// Turns one request into a job and settles it. A failure gets one of three
+    /// answers: a bad request is parked with its reason; a transient failure is retried
+    /// here with backoff (10 ms growing to 10 s) and parked once 90 s have passed; a
+    /// lost connection leaves the request to the broker, which redelivers it.
     async fn handle(&self, delivery: Delivery) {
+        let mut delays = Delays::transient();
+        let verdict = loop {
+            let err = match self.accept(&delivery).await {
+                Ok(()) => break Ok(()),
+                Err(Rejection::Park(reason)) => break Err(reason),
+                Err(Rejection::Retry(err)) => err,
+            };
+            if err.is_broker_connection() {
+                tracing::debug!(%err, "job request left to redelivery: broker connection lost");
+                return;
+            }
+            if !err.is_transient() {
+                break Err(err.to_string());
+            }
+            if let Error::Broker(BrokerError::Returned { .. }) = err {
+                // A queue this process declared is gone: declare it again.
+                self.shared.topology.forget_declared();
+            }
+            let Some(delay) = delays.next() else {
+                break Err(format!("gave up after 90 s of transient errors: {err}"));
+            };
+            tracing::warn!(%err, ?delay, "job request failed; retrying");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return self.settle(&delivery, Settle::Requeue).await,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        let settle = match verdict {
+            Ok(()) => Settle::Ack,
+            Err(reason) => Settle::Park(reason),
+        };
+        self.settle(&delivery, settle).await
+    }
+
+    async fn settle(&self, delivery: &Delivery, settle: Settle) {
         let queue = self.shared.topology.intake_queue();
-        let outcome = match self.accept(&delivery).await {
-            Ok(()) => ack(&delivery).await,
-            Err(Rejection::Park(reason)) => {
+        let outcome = match settle {
+            Settle::Ack => ack(delivery).await,
+            Settle::Park(reason) => {
                 match park(
                     &self.publisher,
                     &self.shared.topology,
-                    &delivery,
+                    delivery,
                     &queue,
                     &reason,
                 )
                 .await
                 {
-                    Ok(()) => ack(&delivery).await,
+                    Ok(()) => {
+                        self.answer_rejection(delivery, &reason).await;
+                        ack(delivery).await
+                    }
                     Err(err) => Err(Error::from(err)),
                 }
             }
-            Err(Rejection::Retry(err)) => {
-                tracing::error!(%err, "job request failed; returning it to the queue");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(Error::from)
-            }
+            Settle::Requeue => delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+                .map_err(Error::from),
         };
         if let Err(err) = outcome {
             // The broker will redeliver it; the resume path makes that harmless.
             tracing::warn!(%err, "could not settle job request");
+        }
+    }
+
+    /// A producer waiting for its job's event hears why there will be none: a
+    /// `job.rejected` event for a request that made no job; for one whose formation it
+    /// had begun, that job fails with the reason (its `job.failed` event says it). A
+    /// request reusing another job's id is answered on its own `on_complete` only: the
+    /// events of that id belong to the other job.
+    async fn answer_rejection(&self, delivery: &Delivery, reason: &str) {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let Some(reply) = ReplyAddress::read(&delivery.data, message_id) else {
+            return;
+        };
+        let existing = match self.shared.store.job(&reply.job_id).await {
+            Ok(existing) => existing,
+            Err(err) => {
+                tracing::warn!(job_id = %reply.job_id, %err, "cannot tell whether a parked request made a job; not answering it");
+                return;
+            }
+        };
+        let Some(job) = existing else {
+            return self.events.publish_rejection(&reply, reason, true).await;
+        };
+        let ours = protocol::decode::<JobRequest<Box<RawValue>>>(&delivery.data, None, usize::MAX)
+            .is_ok_and(|request| job.request_digest.as_deref() == Some(request.digest().as_str()));
+        if ours && job.stage == JobStage::Formation.as_str() {
+            match self.shared.store.fail_formation(&job.id, reason).await {
+                Ok(Some(event)) => self.events.publish_or_defer(&event).await,
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, %err, "could not fail the formation of a parked request; the sweeper will")
+                }
+            }
+        } else if !ours {
+            self.events.publish_rejection(&reply, reason, false).await;
         }
     }
 
@@ -212,6 +302,7 @@ impl Intake {
                 .filter(|id| protocol::check_id("message_id", id).is_ok())
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         };
+        let digest = request.digest();
         let task_type = request.task_type().to_owned();
         if !self.shared.registry.knows_task_type(&task_type) {
             return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
@@ -253,11 +344,23 @@ impl Intake {
             retry_delay_ms: request.retry_delay_ms as i64,
             on_failure: request.on_failure,
             on_complete: request.on_complete.clone(),
+            request_digest: digest,
         };
         let job = match self.shared.store.create_job(&new_job).await? {
             None => {
                 tracing::info!(job_id, job_type = %request.job_type, tasks = payloads.len(), "job created");
                 None
+            }
+            Some(existing)
+                if existing
+                    .request_digest
+                    .as_ref()
+                    .is_some_and(|first| *first != new_job.request_digest) =>
+            {
+                return Err(Rejection::Park(format!(
+                    "job_id {job_id:?} reused with a different request: the job of the first \
+                     request stands"
+                )));
             }
             Some(existing) => Some(existing),
         };
@@ -316,7 +419,7 @@ impl Intake {
     ) -> Result<Option<job::Model>, Rejection> {
         self.shared
             .topology
-            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
             .await
             .map_err(Error::from)?;
         self.insert_adaptively(job, task_type, &payloads).await?;
@@ -358,6 +461,9 @@ impl Intake {
         let mut delays = Delays::transient();
         let mut done = 0;
         while done < payloads.len() {
+            if done > 0 {
+                self.check_still_forming(&job.id).await?;
+            }
             let end = (done + batch).min(payloads.len());
             let tasks = payloads[done..end]
                 .iter()
@@ -407,13 +513,31 @@ impl Intake {
         Ok(())
     }
 
+    /// Stops storing a job that left `formation` meanwhile (the sweeper failed it after
+    /// the formation timeout): its tasks would never run.
+    async fn check_still_forming(&self, job_id: &str) -> Result<(), Rejection> {
+        let stage = self
+            .shared
+            .store
+            .job(job_id)
+            .await?
+            .map(|job| job.stage)
+            .unwrap_or_default();
+        if stage == JobStage::Formation.as_str() {
+            return Ok(());
+        }
+        Err(Rejection::Park(format!(
+            "job {job_id:?} left formation ({stage}) while its request was being stored"
+        )))
+    }
+
     /// Publishes a message for every task never claimed, pipelining confirms, then
     /// marks the job's tasks published.
     async fn publish_tasks(&self, job: &job::Model) -> Result<(), Rejection> {
         let queue = self.shared.topology.work_queue(&job.queue);
         self.shared
             .topology
-            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
             .await
             .map_err(Error::from)?;
         let settings = JobSettings {

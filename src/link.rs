@@ -40,7 +40,11 @@ impl BrokerLink {
     /// The live connection, reconnecting first if needed. `None` once `shutdown` is
     /// cancelled while waiting.
     pub async fn connection(&self, shutdown: &CancellationToken) -> Option<Arc<Connection>> {
-        let mut current = self.current.lock().await;
+        // Another role may be reconnecting: wait for it, but never past a shutdown.
+        let mut current = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            current = self.current.lock() => current,
+        };
         if let Some(connection) = current.as_ref() {
             if connection.status().connected() {
                 return Some(connection.clone());
@@ -48,9 +52,12 @@ impl BrokerLink {
         }
         let mut delays = Delays::reconnect(RECONNECT_CAP);
         loop {
-            match broker::connect(&self.url).await {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                attempt = broker::connect(&self.url) => attempt,
+            };
+            match attempt {
                 Ok(connection) => {
-                    let connection = Arc::new(connection);
                     *current = Some(connection.clone());
                     if let Some(began) = self.outage.lock().expect("outage lock").take() {
                         tracing::warn!(after = ?began.elapsed(), "broker connection restored");
@@ -78,11 +85,15 @@ impl BrokerLink {
         }
     }
 
+    /// Closes the connection, waiting at most [`broker::CLOSE_TIMEOUT`] for the
+    /// broker, and not at all for a role still holding the link (it is reconnecting to
+    /// a broker that is away: there is nothing to close).
     pub async fn close(&self) {
-        if let Some(connection) = self.current.lock().await.take() {
-            if connection.status().connected() {
-                let _ = connection.close(200, "shutdown".into()).await;
-            }
+        let Ok(mut current) = self.current.try_lock() else {
+            return;
+        };
+        if let Some(connection) = current.take() {
+            broker::close_connection(&connection).await;
         }
     }
 }

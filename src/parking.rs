@@ -3,6 +3,8 @@
 //! waits there, with the reason in its headers, until an operator lists, replays or
 //! purges it.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
@@ -150,7 +152,7 @@ pub async fn list(
 /// all), without the parking headers; each is removed from the parking lot only after
 /// its replay was confirmed. Returns how many were replayed.
 pub async fn replay(
-    connection: &Connection,
+    connection: &Arc<Connection>,
     topology: &Topology,
     ids: Option<&[String]>,
 ) -> Result<usize, BrokerError> {

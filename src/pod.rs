@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -70,6 +71,54 @@ pub(crate) async fn take_slot(
     tokio::select! {
         _ = shutdown.cancelled() => None,
         slot = slots.clone().acquire_owned() => Some(slot.expect("slots are never closed")),
+    }
+}
+
+/// How long a pod's roles may take to stop after its shutdown token is cancelled: the
+/// grace period for handlers in flight, plus a margin for settling and closing. Past
+/// it, whatever still waits (on a broker that stopped answering, say) is abandoned:
+/// its messages are unacked and return to their queues. Closing the connection takes
+/// at most [`crate::broker::CLOSE_TIMEOUT`] more, so a pod stops within grace + 3 s.
+fn shutdown_deadline(config: &Config) -> Duration {
+    config.grace_period + SHUTDOWN_MARGIN
+}
+
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
+
+/// Waits for every role; the first failure stops the others. Once `roles_token` is
+/// cancelled, roles get `deadline` to return before they are aborted, so a pod always
+/// stops in bounded time, whatever state its connections are in.
+async fn join_roles(
+    mut roles: JoinSet<Result<(), Error>>,
+    roles_token: &CancellationToken,
+    deadline: Duration,
+) -> Option<Error> {
+    let mut first_error = None;
+    let mut stop_by = None;
+    loop {
+        let joined = tokio::select! {
+            joined = roles.join_next() => joined,
+            _ = roles_token.cancelled(), if stop_by.is_none() => {
+                stop_by = Some(tokio::time::Instant::now() + deadline);
+                continue;
+            }
+            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => {
+                tracing::warn!(?deadline, roles = roles.len(), "roles still stopping past the shutdown deadline; abandoning them (their messages return to the broker)");
+                roles.abort_all();
+                while roles.join_next().await.is_some() {}
+                return first_error;
+            }
+        };
+        let Some(joined) = joined else {
+            return first_error;
+        };
+        let result =
+            joined.unwrap_or_else(|err| Err(Error::Other(format!("role panicked: {err}"))));
+        if let Err(err) = result {
+            tracing::error!(%err, "role failed; stopping the pod");
+            first_error.get_or_insert(err);
+            roles_token.cancel();
+        }
     }
 }
 
@@ -193,7 +242,7 @@ impl Worker {
         };
         {
             let setup = Publisher::open(&connection).await?;
-            topology.declare_core(setup.channel()).await?;
+            topology.declare_core(&setup.channel().await?).await?;
             setup.close().await;
         }
         let concurrency = self.config.concurrency.max(1);
@@ -255,16 +304,7 @@ impl Worker {
                 move |connection| crate::sweeper::run(shared.clone(), connection, token.clone()),
             ));
         }
-        let mut first_error = None;
-        while let Some(joined) = roles.join_next().await {
-            let result =
-                joined.unwrap_or_else(|err| Err(Error::Other(format!("role panicked: {err}"))));
-            if let Err(err) = result {
-                tracing::error!(%err, "role failed; stopping the pod");
-                first_error.get_or_insert(err);
-                roles_token.cancel();
-            }
-        }
+        let first_error = join_roles(roles, &roles_token, shutdown_deadline(&shared.config)).await;
         link.close().await;
         match first_error {
             Some(err) => Err(err),

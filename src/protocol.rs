@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::config::DEFAULT_QUEUE;
 use crate::state::JobStage;
+use crate::topology::MAX_DELAY_MS;
 
 /// The schema version every message carries; a message of another version is parked.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -18,6 +19,7 @@ const MAX_ID_LEN: usize = 128;
 const MAX_NAME_LEN: usize = 200;
 const MAX_RETRIES_LIMIT: u32 = 100;
 const MAX_RETRY_DELAY_MS: u64 = 24 * 3600 * 1000;
+const MAX_POOL_LEN: usize = 100;
 
 /// What happens to a job when one of its tasks fails for good.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +127,45 @@ impl<T> JobRequest<T> {
         self.task_type.as_deref().unwrap_or(&self.job_type)
     }
 
+    /// A SHA-256 digest (hex) of everything the request asks for but its reply target:
+    /// two requests with one `job_id` and different digests are different jobs, and
+    /// the second is refused. The reply target may differ: resubmitting a job to hear
+    /// back on a new `on_complete` is the same request.
+    pub fn digest(&self) -> String
+    where
+        T: Serialize,
+    {
+        use sha2::Digest as _;
+        #[derive(Serialize)]
+        struct Asked<'a, T> {
+            job_type: &'a str,
+            task_type: &'a str,
+            queue: &'a str,
+            params: &'a Value,
+            tasks: &'a Option<Vec<T>>,
+            max_retries: u32,
+            retry_delay_ms: u64,
+            on_failure: FailurePolicy,
+        }
+        let asked = Asked {
+            job_type: &self.job_type,
+            task_type: self.task_type(),
+            queue: &self.queue,
+            params: &self.params,
+            tasks: &self.tasks,
+            max_retries: self.max_retries,
+            retry_delay_ms: self.retry_delay_ms,
+            on_failure: self.on_failure,
+        };
+        let mut hasher = sha2::Sha256::new();
+        serde_json::to_writer(&mut hasher, &asked).expect("a request serializes");
+        hasher
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
     /// Checks what serde cannot: version, id and name shapes, limits.
     pub fn validate(&self) -> Result<(), DecodeError> {
         check_version(self.version)?;
@@ -133,7 +174,7 @@ impl<T> JobRequest<T> {
         }
         check_name("job_type", &self.job_type)?;
         check_name("task_type", self.task_type())?;
-        check_name("queue", &self.queue)?;
+        check_pool(&self.queue)?;
         if self.max_retries > MAX_RETRIES_LIMIT {
             return Err(DecodeError::Invalid(format!(
                 "max_retries {} is above the limit of {MAX_RETRIES_LIMIT}",
@@ -144,6 +185,14 @@ impl<T> JobRequest<T> {
             return Err(DecodeError::Invalid(format!(
                 "retry_delay_ms {} is outside 1..={MAX_RETRY_DELAY_MS}",
                 self.retry_delay_ms
+            )));
+        }
+        let longest_wait = u64::from(self.max_retries) * self.retry_delay_ms;
+        if longest_wait > MAX_DELAY_MS {
+            return Err(DecodeError::Invalid(format!(
+                "the longest retry wait (max_retries {} × retry_delay_ms {} = {longest_wait} ms) \
+                 is above RabbitMQ's limit of {MAX_DELAY_MS} ms",
+                self.max_retries, self.retry_delay_ms
             )));
         }
         Ok(())
@@ -212,13 +261,76 @@ pub struct JobEvent {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// The kind of the event that answers a request that was parked instead of becoming a
+/// job: `job.rejected.<job_id>`.
+pub const REJECTED: &str = "job.rejected";
+
 impl JobEvent {
+    /// The answer to a parked request: no job exists, `first_error` says why.
+    pub fn rejected(job_id: &str, job_type: &str, reason: &str) -> Self {
+        let now = Utc::now();
+        Self {
+            version: SCHEMA_VERSION,
+            event: REJECTED.to_owned(),
+            job_id: job_id.to_owned(),
+            job_type: job_type.to_owned(),
+            stage: "rejected".to_owned(),
+            task_count: 0,
+            done: 0,
+            failed: 0,
+            cancelled: 0,
+            first_error: Some(reason.to_owned()),
+            failed_task_ids: Vec::new(),
+            created_at: now,
+            started_at: None,
+            finished_at: Some(now),
+        }
+    }
+
+    pub fn is_rejected(&self) -> bool {
+        self.event == REJECTED
+    }
+
     pub fn stage(&self) -> Option<JobStage> {
         self.stage.parse().ok()
     }
 
     pub fn is_done(&self) -> bool {
         self.stage() == Some(JobStage::Done)
+    }
+}
+
+/// Where to answer a request that could not be processed, read from whatever of it is
+/// readable: its `job_id` (or a usable AMQP `message_id`), its job type, and its
+/// `on_complete` target. Nothing when there is no usable id to answer for.
+#[derive(Clone, Debug, Default)]
+pub struct ReplyAddress {
+    pub job_id: String,
+    pub job_type: String,
+    pub on_complete: Option<Target>,
+}
+
+impl ReplyAddress {
+    pub fn read(body: &[u8], message_id: Option<&str>) -> Option<Self> {
+        let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let job_id = value
+            .get("job_id")
+            .and_then(Value::as_str)
+            .or(message_id)
+            .filter(|id| check_id("job_id", id).is_ok())?;
+        let job_type = value
+            .get("job_type")
+            .and_then(Value::as_str)
+            .filter(|name| check_name("job_type", name).is_ok())
+            .unwrap_or_default();
+        let on_complete = value
+            .get("on_complete")
+            .and_then(|target| serde_json::from_value(target.clone()).ok());
+        Some(Self {
+            job_id: job_id.to_owned(),
+            job_type: job_type.to_owned(),
+            on_complete,
+        })
     }
 }
 
@@ -282,6 +394,20 @@ pub fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
     }
 }
 
+/// Pool names end up in queue names and in the delay ladder's routing keys (after 64
+/// characters of digits, within AMQP's 255): shorter than other names, and made of
+/// non-empty dot-separated words so that topic bindings match them exactly.
+fn check_pool(pool: &str) -> Result<(), DecodeError> {
+    check_name("queue", pool)?;
+    if pool.len() > MAX_POOL_LEN || pool.split('.').any(str::is_empty) {
+        return Err(DecodeError::Invalid(format!(
+            "queue {pool:?} must be at most {MAX_POOL_LEN} characters, without empty words \
+             between dots"
+        )));
+    }
+    Ok(())
+}
+
 fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -319,15 +445,34 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_ignores_only_the_reply_target() {
+        let mut request = JobRequest::new("x", vec![serde_json::json!(1)]);
+        let digest = request.digest();
+        request.on_complete = Some(Target {
+            exchange: String::new(),
+            routing_key: "reply".into(),
+        });
+        assert_eq!(request.digest(), digest);
+        request.tasks = Some(vec![serde_json::json!(2)]);
+        assert_ne!(request.digest(), digest);
+    }
+
+    #[test]
     fn bad_requests_are_rejected_with_reasons() {
-        let limit = 64;
-        let cases: [(&[u8], Option<&str>); 6] = [
+        let limit = 128;
+        let cases: [(&[u8], Option<&str>); 9] = [
+            (
+                br#"{"version":1,"job_type":"x","max_retries":100,"retry_delay_ms":86400000}"#,
+                None,
+            ),
+            (br#"{"version":1,"job_type":"x","queue":"a..b"}"#, None),
+            (br#"{"version":1,"job_type":"x","max_retries":-1}"#, None),
             (b"{not json", None),
             (br#"{"version":1}"#, None),
             (br#"{"version":2,"job_type":"x"}"#, None),
             (br#"{"version":1,"job_type":"x","job_id":"a b"}"#, None),
             (br#"{"version":1,"job_type":"x"}"#, Some("text/plain")),
-            (&[b' '; 65], None),
+            (&[b' '; 129], None),
         ];
         for (body, content_type) in cases {
             let result = decode::<JobRequest>(body, content_type, limit)

@@ -8,15 +8,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use backoff::backoff::Backoff as _;
-use backoff::ExponentialBackoff;
+use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 
-fn policy(max_elapsed: Option<Duration>) -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(10),
-        max_interval: Duration::from_secs(10),
-        max_elapsed_time: max_elapsed,
-        ..ExponentialBackoff::default()
-    }
+/// The builder, not a struct literal: a literal over `default()` keeps the default's
+/// first wait of 500 ms (`current_interval`), whatever `initial_interval` says.
+fn policy(first: Duration, cap: Duration, max_elapsed: Option<Duration>) -> ExponentialBackoff {
+    ExponentialBackoffBuilder::new()
+        .with_initial_interval(first)
+        .with_max_interval(cap)
+        .with_max_elapsed_time(max_elapsed)
+        .build()
 }
 
 /// Runs `op` until it succeeds, fails with an error `is_transient` rejects, or 90 s
@@ -54,15 +55,16 @@ pub struct Delays(ExponentialBackoff);
 impl Delays {
     /// 10 ms growing to 10 s, `None` once 90 s have passed.
     pub fn transient() -> Self {
-        Self(policy(Some(Duration::from_secs(90))))
+        Self(policy(
+            Duration::from_millis(10),
+            Duration::from_secs(10),
+            Some(Duration::from_secs(90)),
+        ))
     }
 
     /// For reconnect loops: 100 ms growing to `cap`, never giving up.
     pub fn reconnect(cap: Duration) -> Self {
-        let mut policy = policy(None);
-        policy.initial_interval = Duration::from_millis(100);
-        policy.max_interval = cap;
-        Self(policy)
+        Self(policy(Duration::from_millis(100), cap, None))
     }
 
     pub fn reset(&mut self) {
@@ -74,5 +76,29 @@ impl Iterator for Delays {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
         self.0.next_backoff()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_waits_start_at_10_ms_and_stop_at_10_s() {
+        let waits: Vec<Duration> = Delays::transient().take(40).collect();
+        // ±50% jitter around 10 ms.
+        assert!(
+            waits[0] <= Duration::from_millis(15),
+            "first wait {:?}",
+            waits[0]
+        );
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(15)));
+        assert!(waits.iter().any(|w| *w >= Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn reconnect_waits_start_at_100_ms() {
+        let first = Delays::reconnect(Duration::from_secs(10)).next().unwrap();
+        assert!(first <= Duration::from_millis(150), "first wait {first:?}");
     }
 }

@@ -5,10 +5,12 @@
 //! in parallel, 1,000 keys at a time, for tasks that have not changed for
 //! `stuck_after`:
 //!
-//! - pending or retrying: the task message was lost (a crash between commit and
-//!   publish, an operator's purge): publish it again — but only for pools whose work
-//!   queue is empty, since a task in a backlog is waiting, not lost, and re-publishing a
-//!   backlog would double it;
+//! - pending: the task message was lost (a crash between commit and publish, an
+//!   operator's purge): publish it again — but only for pools whose work queue is
+//!   empty, since a task in a backlog is waiting, not lost, and re-publishing a backlog
+//!   would double it;
+//! - retrying, with its wait long over: its retry was lost on the way through the
+//!   delay ladder: publish it again, backlog or not;
 //! - running past its lease: the worker died and the message did not come back:
 //!   publish the same attempt again (the claim takes over an expired lease);
 //!
@@ -105,7 +107,13 @@ pub(crate) async fn run(
                 continue;
             }
         }
-        match sweeper.sweep().await {
+        // A sweep only re-sends what its compare-and-sets claimed: dropping it half-way
+        // at shutdown leaves nothing inconsistent, and the next sweeper carries on.
+        let swept = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            swept = sweeper.sweep() => swept,
+        };
+        match swept {
             Ok(report) if report.is_empty() => tracing::debug!("sweep found nothing stuck"),
             Ok(report) => tracing::info!(?report, "sweep moved stuck work"),
             Err(err) if err.is_broker_connection() => return Err(err),
@@ -186,9 +194,7 @@ impl Sweeper {
                 )
                 .await
                 .map(|queue| queue.message_count());
-            if channel.status().connected() {
-                let _ = channel.close(200, "checked".into()).await;
-            }
+            crate::broker::close_channel(&channel).await;
             idle.insert(pool, matches!(depth, Ok(0) | Err(_)));
         }
         Ok(idle)
@@ -249,13 +255,16 @@ impl Sweeper {
         match task.status.parse::<TaskStatus>() {
             Ok(TaskStatus::Pending) => idle_pools.get(&job.queue).copied().unwrap_or(true),
             Ok(TaskStatus::Retrying) => {
-                // Its retry is due n × delay after it failed; only later is it late.
+                // Its retry is due n × delay after it failed; only `stuck_after` later
+                // is it late. Then it is re-sent even into a backlog: a retry can be
+                // lost in the delay ladder (a deleted queue, at-most-once
+                // dead-lettering), where no backlog check can see it, and a copy that
+                // does arrive twice claims nothing the second time.
                 let wait =
                     chrono::Duration::milliseconds(i64::from(task.attempts) * job.retry_delay_ms);
                 let stuck_after = chrono::Duration::from_std(self.shared.config.stuck_after)
                     .unwrap_or(chrono::Duration::MAX);
                 task.updated_at + wait + stuck_after < Utc::now()
-                    && idle_pools.get(&job.queue).copied().unwrap_or(true)
             }
             Ok(TaskStatus::Running) => true,
             _ => false,
@@ -292,7 +301,7 @@ impl Sweeper {
         let body = serde_json::to_vec(&message).expect("a task message serializes");
         self.shared
             .topology
-            .declare_work_queue(self.publisher.channel(), &job.queue)
+            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
             .await?;
         let queue = self.shared.topology.work_queue(&job.queue);
         Ok(self

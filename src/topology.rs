@@ -6,32 +6,53 @@
 //! |---|---|---|
 //! | `{p}.jobs` | topic exchange | job requests, routing key = job type |
 //! | `{p}.intake` | queue, bound to `{p}.jobs` with `#` | job requests |
-//! | `{p}.work.{pool}` | queue | task messages of one worker pool |
-//! | `{p}.delay.{pool}.{ms}ms` | queue, TTL `ms`, dead-letters to `{p}.work.{pool}` | retries waiting |
+//! | `{p}.work.{pool}` | queue, bound to `{p}.delay.deliver` | task messages of one worker pool |
+//! | `{p}.delay.level.{k}` (k = 00..31) | topic exchange and queue, TTL 2^k ms | retries waiting: the delay ladder |
+//! | `{p}.delay.deliver` | topic exchange | retries whose wait is over, to their pool's work queue |
 //! | `{p}.completion` | queue | task-finished events |
 //! | `{p}.events` | topic exchange | job events, routing key `job.<outcome>.<job_id>` |
 //! | `{p}.parking` | queue | messages that cannot be processed, with a reason header |
 //!
-//! Task messages, retries and finished events go through the default exchange straight
-//! to their queue, published `mandatory`, so a missing queue is an error, not a loss.
+//! Task messages and finished events go through the default exchange straight to their
+//! queue, published `mandatory`, so a missing queue is an error, not a loss.
+//!
+//! **The delay ladder.** A retry waits `attempt × retry_delay_ms`, and producers choose
+//! the delay, so one queue per wait length would let them grow the broker without
+//! limit. Instead a fixed ladder of [`DELAY_LEVELS`] levels serves every wait of every
+//! pool (the delayed delivery of NServiceBus): level k is a topic exchange and a queue
+//! whose messages live 2^k ms. A retry's routing key spells its wait in binary, one word
+//! per level from the highest down, then the pool (`0.….1.0.1.default`). It enters at
+//! the top level; each level's exchange sends it to its queue when its digit is 1 (it
+//! waits 2^k ms there, then dead-letters to the level below) or straight to the level
+//! below when the digit is 0; below level 0, `{p}.delay.deliver` routes it to its pool's
+//! work queue. Each level's queue holds messages of one TTL only, so they expire in
+//! arrival order, and the wait is the sum of the powers of its 1 digits: exact, in at
+//! most 32 hops, whatever delays producers choose.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer, ExchangeKind};
 
 use crate::config::QueueType;
 
+/// Levels of the delay ladder, and so its queues: level k holds a message 2^k ms.
+pub const DELAY_LEVELS: u32 = 32;
+/// The longest wait the ladder spells: 2^32 - 1 ms (about 49.7 days), which is also
+/// RabbitMQ's limit for a message TTL.
+pub const MAX_DELAY_MS: u64 = (1 << DELAY_LEVELS) - 1;
+
 #[derive(Clone, Debug)]
 pub struct Topology {
     prefix: String,
     queue_type: QueueType,
-    /// Queues this process has declared on its current connection: declaring is
-    /// idempotent but costs a round trip, so each is declared once per connection.
+    /// What this process has declared on its current connection: declaring is
+    /// idempotent but costs round trips, so each is declared once per connection.
     declared: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -64,8 +85,50 @@ impl Topology {
         format!("{}.work.{pool}", self.prefix)
     }
 
-    pub fn delay_queue(&self, pool: &str, delay_ms: i64) -> String {
-        format!("{}.delay.{pool}.{delay_ms}ms", self.prefix)
+    /// The exchange and the queue of one level of the delay ladder (one name: the
+    /// broker keeps exchanges and queues apart).
+    pub fn delay_level(&self, level: u32) -> String {
+        format!("{}.delay.level.{level:02}", self.prefix)
+    }
+
+    /// Where a delayed message enters the ladder.
+    pub fn delay_entry(&self) -> String {
+        self.delay_level(DELAY_LEVELS - 1)
+    }
+
+    /// Where the ladder hands a message whose wait is over to its pool's work queue.
+    pub fn delay_deliver_exchange(&self) -> String {
+        format!("{}.delay.deliver", self.prefix)
+    }
+
+    /// The routing key of a message that waits `delay_ms` (at most [`MAX_DELAY_MS`])
+    /// for `pool`: the wait's binary digits, highest level first, then the pool.
+    pub fn delay_routing_key(delay_ms: u64, pool: &str) -> String {
+        let delay_ms = delay_ms.min(MAX_DELAY_MS);
+        let mut key = String::with_capacity(2 * DELAY_LEVELS as usize + pool.len());
+        for level in (0..DELAY_LEVELS).rev() {
+            key.push(if (delay_ms >> level) & 1 == 1 {
+                '1'
+            } else {
+                '0'
+            });
+            key.push('.');
+        }
+        key.push_str(pool);
+        key
+    }
+
+    /// A binding key that skips the digits of the levels above `level` and matches
+    /// `digit` at `level`.
+    fn level_binding(level: u32, digit: char) -> String {
+        let skipped = (DELAY_LEVELS - 1 - level) as usize;
+        format!("{}{digit}.#", "*.".repeat(skipped))
+    }
+
+    /// The binding of a pool's work queue to the delivery exchange: every digit, then
+    /// exactly the pool's words (a topic `*` is one word, so pools cannot overlap).
+    fn delivery_binding(pool: &str) -> String {
+        format!("{}{pool}", "*.".repeat(DELAY_LEVELS as usize))
     }
 
     pub fn completion_queue(&self) -> String {
@@ -127,25 +190,56 @@ impl Topology {
             .await
     }
 
-    /// Forgets what was declared: after a reconnect everything is declared again.
+    /// Every queue a deployment has whatever its pools: the core queues and the delay
+    /// ladder (the work queues come on top, one per pool).
+    pub fn fixed_queues(&self) -> Vec<String> {
+        let mut queues = vec![
+            self.intake_queue(),
+            self.completion_queue(),
+            self.parking_queue(),
+        ];
+        queues.extend((0..DELAY_LEVELS).map(|level| self.delay_level(level)));
+        queues
+    }
+
+    /// Every exchange a deployment has.
+    pub fn exchanges(&self) -> Vec<String> {
+        let mut exchanges = vec![
+            self.jobs_exchange(),
+            self.events_exchange(),
+            self.delay_deliver_exchange(),
+        ];
+        exchanges.extend((0..DELAY_LEVELS).map(|level| self.delay_level(level)));
+        exchanges
+    }
+
+    /// Forgets what was declared: after a reconnect, or when a publish found a queue
+    /// missing, everything is declared again.
     pub fn forget_declared(&self) {
-        self.declared.lock().expect("declared set poisoned").clear();
+        self.declared().clear();
+    }
+
+    fn declared(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // Only inserts and clears happen under the lock: a poisoned set is still whole.
+        self.declared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_declared(&self, name: &str) -> bool {
+        self.declared().contains(name)
+    }
+
+    fn mark_declared(&self, name: &str) {
+        self.declared().insert(name.to_owned());
     }
 
     /// Declares the exchanges and the shared queues (intake, completion, parking).
     pub async fn declare_core(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        for exchange in [self.jobs_exchange(), self.events_exchange()] {
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+        for exchange in [
+            self.jobs_exchange(),
+            self.events_exchange(),
+            self.delay_deliver_exchange(),
+        ] {
+            declare_exchange(channel, &exchange).await?;
         }
         for queue in [
             self.intake_queue(),
@@ -166,37 +260,91 @@ impl Topology {
             .await
     }
 
+    /// Declares a pool's work queue and binds it to the ladder's delivery exchange, so
+    /// that retries whose wait is over reach it.
     pub async fn declare_work_queue(
         &self,
         channel: &Channel,
         pool: &str,
     ) -> Result<(), lapin::Error> {
-        self.declare_queue(channel, &self.work_queue(pool), FieldTable::default())
-            .await
+        let queue = self.work_queue(pool);
+        if self.is_declared(&queue) {
+            return Ok(());
+        }
+        self.declare_queue(channel, &queue, FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.delay_deliver_exchange().as_str().into(),
+                Self::delivery_binding(pool).as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.mark_declared(&queue);
+        Ok(())
     }
 
-    /// The delay queue for one wait length: a retry sits there for `delay_ms`, then
-    /// the broker dead-letters it back to the pool's work queue. One queue per length,
-    /// never per-message TTLs: RabbitMQ expires messages only at the head of a queue.
-    pub async fn declare_delay_queue(
-        &self,
-        channel: &Channel,
-        pool: &str,
-        delay_ms: i64,
-    ) -> Result<String, lapin::Error> {
-        let name = self.delay_queue(pool, delay_ms);
-        let mut args = FieldTable::default();
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(self.work_queue(pool).as_str())),
-        );
-        self.declare_queue(channel, &name, args).await?;
-        Ok(name)
+    /// Declares the delay ladder: per level, a topic exchange and a queue whose
+    /// messages live 2^k ms and then dead-letter to the level below. Idempotent; done
+    /// once per connection by each pod that sends retries.
+    pub async fn declare_delay_ladder(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let ladder = format!("{} ladder", self.delay_entry());
+        if self.is_declared(&ladder) {
+            return Ok(());
+        }
+        declare_exchange(channel, &self.delay_deliver_exchange()).await?;
+        for level in 0..DELAY_LEVELS {
+            declare_exchange(channel, &self.delay_level(level)).await?;
+        }
+        for level in 0..DELAY_LEVELS {
+            let name = self.delay_level(level);
+            let below = match level {
+                0 => self.delay_deliver_exchange(),
+                _ => self.delay_level(level - 1),
+            };
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1 << level));
+            // No dead-letter routing key: the message keeps its own (digits and pool).
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from(below.as_str())),
+            );
+            if self.queue_type == QueueType::Quorum {
+                // Quorum queues dead-letter at most once unless told otherwise, and
+                // at-least-once needs a full queue to reject publishes, not drop messages.
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString(LongString::from("at-least-once")),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString(LongString::from("reject-publish")),
+                );
+            }
+            self.declare_queue(channel, &name, args).await?;
+            channel
+                .queue_bind(
+                    name.as_str().into(),
+                    name.as_str().into(),
+                    Self::level_binding(level, '1').as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .exchange_bind(
+                    below.as_str().into(),
+                    name.as_str().into(),
+                    Self::level_binding(level, '0').as_str().into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        self.mark_declared(&ladder);
+        Ok(())
     }
 
     async fn declare_queue(
@@ -205,14 +353,6 @@ impl Topology {
         name: &str,
         mut args: FieldTable,
     ) -> Result<(), lapin::Error> {
-        if self
-            .declared
-            .lock()
-            .expect("declared set poisoned")
-            .contains(name)
-        {
-            return Ok(());
-        }
         if self.queue_type == QueueType::Quorum {
             args.insert(
                 ShortString::from("x-queue-type"),
@@ -229,10 +369,50 @@ impl Topology {
                 args,
             )
             .await?;
-        self.declared
-            .lock()
-            .expect("declared set poisoned")
-            .insert(name.to_owned());
         Ok(())
+    }
+}
+
+async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keys_spell_the_wait_in_binary() {
+        let key = Topology::delay_routing_key(5, "default");
+        let words: Vec<&str> = key.split('.').collect();
+        assert_eq!(words.len(), DELAY_LEVELS as usize + 1);
+        assert_eq!(&words[29..], ["1", "0", "1", "default"]);
+        assert!(words[..29].iter().all(|w| *w == "0"));
+        let max = Topology::delay_routing_key(u64::MAX, "p");
+        assert!(max.split('.').take(32).all(|w| w == "1"));
+    }
+
+    #[test]
+    fn each_level_reads_its_own_digit() {
+        // Level k's binding skips the 31 - k words of the levels above it.
+        assert_eq!(Topology::level_binding(31, '1'), "1.#");
+        assert_eq!(
+            Topology::level_binding(0, '0'),
+            format!("{}0.#", "*.".repeat(31))
+        );
+        let key = Topology::delay_routing_key(1 << 7, "p");
+        let words: Vec<&str> = key.split('.').collect();
+        assert_eq!(words[(DELAY_LEVELS - 1 - 7) as usize], "1");
+        assert_eq!(words.iter().filter(|w| **w == "1").count(), 1);
     }
 }

@@ -39,6 +39,7 @@ use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
 use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
 use crate::store::{TaskOutcome, Transition};
+use crate::topology::Topology;
 
 /// Outcomes recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
@@ -60,7 +61,9 @@ pub(crate) async fn run(
             BasicQosOptions::default(),
         )
         .await?;
+    shared.topology.forget_declared();
     shared.topology.declare_work_queue(&channel, &pool).await?;
+    shared.topology.declare_delay_ladder(&channel).await?;
     let publisher = Publisher::open(&connection).await?;
     let queue = shared.topology.work_queue(&pool);
     let tag = format!("taskmill-worker-{}", uuid::Uuid::new_v4());
@@ -84,9 +87,47 @@ pub(crate) async fn run(
         acks: Acks::start(),
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
+    let consumed = consume(&mut consumer, &runner, &slots, &shutdown, concurrency).await;
+    if consumed.is_ok() {
+        // Shutdown: stop deliveries, then give handlers in flight the grace period to
+        // finish and be recorded and acked; whatever is still unacked returns to the
+        // queue when the channel closes.
+        let _ = tokio::time::timeout(
+            crate::broker::CLOSE_TIMEOUT,
+            channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
+        let grace = shared.config.grace_period;
+        if tokio::time::timeout(grace, slots.acquire_many(concurrency as u32))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "handlers still running after the grace period; leaving their tasks to redelivery"
+            );
+        }
+    }
+    // Whether it stops or fails, this run lets go of everything it opened: the recorder
+    // holds the runner (and its channel), and a restarted run makes its own.
+    recorder.abort();
+    crate::broker::close_channel(&channel).await;
+    runner.publisher.close().await;
+    consumed
+}
+
+/// Takes deliveries in batches (whatever the consumer has buffered, each with a slot)
+/// and dispatches them, until shutdown (`Ok`) or the consumer fails.
+async fn consume(
+    consumer: &mut lapin::Consumer,
+    runner: &Arc<Runner>,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    concurrency: usize,
+) -> Result<(), Error> {
     loop {
         let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Ok(()),
             next = consumer.next() => match next {
                 Some(delivery) => delivery?,
                 None => return Err(Error::Other("worker consumer ended".into())),
@@ -95,8 +136,8 @@ pub(crate) async fn run(
         runner.acks.received(&first);
         // Every delivery holds a slot until it is settled. Deliveries taken without
         // one at shutdown stay unacked and return to the queue with the channel.
-        let Some(slot) = take_slot(&slots, &shutdown).await else {
-            break;
+        let Some(slot) = take_slot(slots, shutdown).await else {
+            return Ok(());
         };
         let mut batch = vec![(first, slot)];
         while batch.len() < concurrency {
@@ -105,33 +146,13 @@ pub(crate) async fn run(
             };
             let delivery = delivery?;
             runner.acks.received(&delivery);
-            let Some(slot) = take_slot(&slots, &shutdown).await else {
+            let Some(slot) = take_slot(slots, shutdown).await else {
                 break;
             };
             batch.push((delivery, slot));
         }
         runner.dispatch(batch).await;
     }
-    // Stop deliveries, then give handlers in flight the grace period to finish and
-    // be recorded and acked; whatever is still unacked returns to the queue when the
-    // channel closes.
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
-    let grace = shared.config.grace_period;
-    if tokio::time::timeout(grace, slots.acquire_many(concurrency as u32))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "handlers still running after the grace period; leaving their tasks to redelivery"
-        );
-    }
-    recorder.abort();
-    let _ = channel.close(200, "shutdown".into()).await;
-    runner.publisher.close().await;
-    Ok(())
 }
 
 /// A delivery whose handler has run, on its way to being recorded.
@@ -536,23 +557,33 @@ impl Runner {
         Ok(())
     }
 
-    /// Sends attempt n+1 to the delay queue for n × retry_delay_ms; the broker moves
-    /// it back to the work queue when the wait is over. No worker sleeps meanwhile.
+    /// Sends attempt n+1 into the delay ladder to wait n × retry_delay_ms; the broker
+    /// moves it back to the pool's work queue when the wait is over. No worker sleeps
+    /// meanwhile.
     async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
-        let delay_ms = i64::from(message.attempt) * message.retry_delay_ms;
-        let delay_queue = self
-            .shared
-            .topology
-            .declare_delay_queue(self.publisher.channel(), &self.pool, delay_ms)
+        let delay_ms = u64::try_from(i64::from(message.attempt) * message.retry_delay_ms)
+            .unwrap_or(0)
+            .max(1);
+        let topology = &self.shared.topology;
+        topology
+            .declare_delay_ladder(&self.publisher.channel().await?)
             .await?;
         let next = TaskMessage {
             attempt: message.attempt + 1,
             ..message.clone()
         };
         let body = serde_json::to_vec(&next).expect("a task message serializes");
+        let entry = topology.delay_entry();
+        let routing_key = Topology::delay_routing_key(delay_ms, &self.pool);
         Ok(self
             .publisher
-            .send(Outgoing::to_queue(&delay_queue, &body))
+            .send(Outgoing {
+                exchange: &entry,
+                routing_key: &routing_key,
+                body: &body,
+                mandatory: true,
+                headers: None,
+            })
             .await?)
     }
 

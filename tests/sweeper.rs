@@ -33,6 +33,7 @@ fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
         retry_delay_ms: 100,
         on_failure,
         on_complete: None,
+        request_digest: format!("digest of {id}"),
     }
 }
 

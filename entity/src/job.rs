@@ -33,6 +33,9 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
     pub started_at: Option<DateTimeUtc>,
     pub finished_at: Option<DateTimeUtc>,
+    /// SHA-256 of what the creating request asked for (all but `on_complete`): a second
+    /// request with this id and another digest is refused. None for older rows.
+    pub request_digest: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,8 +17,15 @@ pub struct Model {
     pub on_complete: Option<Json>,
     /// A publisher holds the row until then; afterwards anyone may publish it.
     pub claimed_until: Option<DateTimeUtc>,
+    /// When the events exchange confirmed it.
     pub published_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
+    /// Publishes to `on_complete` tried so far.
+    pub target_attempts: i32,
+    /// Why the last publish to `on_complete` failed (cleared when one succeeds).
+    pub target_error: Option<String>,
+    /// When `on_complete` is tried again; none once it was reached or given up.
+    pub target_retry_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

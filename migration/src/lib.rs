@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_create_jobs_and_tasks;
 mod m20261125_000002_create_leases;
 mod m20261125_000003_lean_task_indexes;
+mod m20261126_000004_untrusted_producers;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_create_jobs_and_tasks::Migration),
             Box::new(m20261125_000002_create_leases::Migration),
             Box::new(m20261125_000003_lean_task_indexes::Migration),
+            Box::new(m20261126_000004_untrusted_producers::Migration),
         ]
     }
 }

@@ -78,7 +78,10 @@ pub async fn run(
         "throughput {:.0} tasks/s",
         event.task_count as f64 / wall.as_secs_f64()
     );
-    println!("database   {}", config.database_url);
+    println!(
+        "database   {}",
+        taskmill::config::redacted(&config.database_url)
+    );
 
     pod_token.cancel();
     pod.await??;

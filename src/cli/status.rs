@@ -21,6 +21,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
         return Ok(2);
     };
     let job = &status.job;
+    let target = target_report(&store.job_event(&job.id).await?);
     if args.json {
         let doc = json!({
             "job_id": job.id,
@@ -33,6 +34,8 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
+            "on_complete": job.on_complete,
+            "on_complete_error": target,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
@@ -48,5 +51,22 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     if let Some(error) = &job.first_error {
         println!("error    {error}");
     }
+    if let Some(target) = target {
+        println!("on_complete  {target}");
+    }
     Ok(0)
+}
+
+/// What went wrong with the job event's `on_complete` target, if anything.
+fn target_report(event: &Option<taskmill::store::job_event::Model>) -> Option<String> {
+    let event = event.as_ref()?;
+    let error = event.target_error.as_ref()?;
+    let next = match event.target_retry_at {
+        Some(at) => format!("retrying at {at}"),
+        None => "given up".to_owned(),
+    };
+    Some(format!(
+        "failed {} time(s), {next}: {error}",
+        event.target_attempts
+    ))
 }

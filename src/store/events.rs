@@ -1,4 +1,7 @@
-//! The job-event outbox: claim, publish, mark published.
+//! The job-event outbox: claim, publish, mark published; and the fate of each event's
+//! `on_complete` target.
+
+use std::time::Duration;
 
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
@@ -7,6 +10,46 @@ use sea_orm::{
 };
 
 use super::{job_event, Store, StoreError, EVENT_CLAIM};
+
+/// What one try at an event's `on_complete` target came to.
+#[derive(Clone, Debug)]
+pub enum TargetOutcome {
+    Sent {
+        attempts: i32,
+    },
+    Failed {
+        attempts: i32,
+        error: String,
+        /// When to try again; `None`: given up.
+        retry_in: Option<Duration>,
+    },
+}
+
+impl TargetOutcome {
+    fn apply(
+        &self,
+        update: sea_orm::UpdateMany<job_event::Entity>,
+    ) -> sea_orm::UpdateMany<job_event::Entity> {
+        let (attempts, error, retry_at) = match self {
+            Self::Sent { attempts } => (*attempts, None, None),
+            Self::Failed {
+                attempts,
+                error,
+                retry_in,
+            } => (
+                *attempts,
+                Some(error.clone()),
+                retry_in.map(|wait| {
+                    Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
+                }),
+            ),
+        };
+        update
+            .col_expr(job_event::Column::TargetAttempts, Expr::value(attempts))
+            .col_expr(job_event::Column::TargetError, Expr::value(error))
+            .col_expr(job_event::Column::TargetRetryAt, Expr::value(retry_at))
+    }
+}
 
 impl Store {
     /// Events not yet published whose claim has lapsed (their publisher died or
@@ -49,10 +92,73 @@ impl Store {
         .await
     }
 
-    pub async fn mark_event_published(&self, event_id: i64) -> Result<(), StoreError> {
+    /// Marks an event confirmed by the events exchange, with what became of its target
+    /// (if it has one) on the same try.
+    pub async fn mark_event_published(
+        &self,
+        event_id: i64,
+        target: Option<TargetOutcome>,
+    ) -> Result<(), StoreError> {
         self.retrying("mark event published", || async {
-            job_event::Entity::update_many()
-                .col_expr(job_event::Column::PublishedAt, Expr::value(Utc::now()))
+            let mut update = job_event::Entity::update_many()
+                .col_expr(job_event::Column::PublishedAt, Expr::value(Utc::now()));
+            if let Some(target) = &target {
+                update = target.apply(update);
+            }
+            update
+                .filter(job_event::Column::Id.eq(event_id))
+                .exec(&self.db)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Published events whose target is due for another try.
+    pub async fn targets_due(&self, limit: u64) -> Result<Vec<job_event::Model>, StoreError> {
+        self.retrying("list targets due", || async {
+            Ok(job_event::Entity::find()
+                .filter(job_event::Column::PublishedAt.is_not_null())
+                .filter(job_event::Column::TargetRetryAt.lt(Utc::now()))
+                .order_by_asc(job_event::Column::TargetRetryAt)
+                .limit(limit)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Claims the next try at an event's target (a compare-and-set on the time it was
+    /// due, moved past the claim window); `false` if another relay took it.
+    pub async fn claim_target(&self, event: &job_event::Model) -> Result<bool, StoreError> {
+        let Some(due) = event.target_retry_at else {
+            return Ok(false);
+        };
+        self.retrying("claim target", || async {
+            let claim = chrono::Duration::from_std(EVENT_CLAIM).expect("claim fits");
+            let claimed = job_event::Entity::update_many()
+                .col_expr(
+                    job_event::Column::TargetRetryAt,
+                    Expr::value(Utc::now() + claim),
+                )
+                .filter(job_event::Column::Id.eq(event.id))
+                .filter(job_event::Column::TargetRetryAt.eq(due))
+                .exec(&self.db)
+                .await?;
+            Ok(claimed.rows_affected == 1)
+        })
+        .await
+    }
+
+    /// Records a try at an event's target.
+    pub async fn record_target(
+        &self,
+        event_id: i64,
+        outcome: TargetOutcome,
+    ) -> Result<(), StoreError> {
+        self.retrying("record target", || async {
+            outcome
+                .apply(job_event::Entity::update_many())
                 .filter(job_event::Column::Id.eq(event_id))
                 .exec(&self.db)
                 .await?;

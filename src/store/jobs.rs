@@ -26,6 +26,8 @@ pub struct NewJob {
     pub retry_delay_ms: i64,
     pub on_failure: FailurePolicy,
     pub on_complete: Option<Target>,
+    /// See [`crate::protocol::JobRequest::digest`].
+    pub request_digest: String,
 }
 
 /// One task row to insert.
@@ -95,6 +97,7 @@ impl Store {
                 updated_at: Set(now),
                 started_at: Set(None),
                 finished_at: Set(None),
+                request_digest: Set(Some(new.request_digest.clone())),
             };
             let inserted = job::Entity::insert(row)
                 .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())

@@ -27,6 +27,7 @@ use sea_orm::{
 pub use bench::ServerCounters;
 pub use completion::Progress;
 pub use error::StoreError;
+pub use events::TargetOutcome;
 pub use jobs::{JobStatus, NewJob, NewTask, StartOutcome};
 pub use sweeper::SWEEP_WRITE_BATCH;
 pub use tasks::{Claim, TaskOutcome, Transition};
@@ -34,8 +35,9 @@ pub use tasks::{Claim, TaskOutcome, Transition};
 pub use entity::{job, job_event, task};
 
 /// How long the process that ends a job owns the publishing of its event before the
-/// outbox relay may publish it instead.
-pub const EVENT_CLAIM: Duration = Duration::from_secs(30);
+/// outbox relay may publish it instead: twice the longest a confirm may take, so a
+/// slow confirm does not let the relay send the event a second time beside it.
+pub const EVENT_CLAIM: Duration = Duration::from_secs(2 * crate::broker::CONFIRM_TIMEOUT.as_secs());
 
 const SQLITE_POOL: u32 = 4;
 
@@ -102,5 +104,14 @@ impl Store {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         crate::retry::transient(what, StoreError::is_transient, op).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_event_claim_outlives_a_slow_confirm() {
+        let slowest_publish = crate::broker::CONFIRM_TIMEOUT + crate::broker::CLOSE_TIMEOUT;
+        assert!(super::EVENT_CLAIM > slowest_publish);
     }
 }

@@ -108,6 +108,7 @@ impl Store {
             let claimed = claiming(attempt, deliveries.into(), token, lease)
                 .filter(task::Column::Id.eq(task_id))
                 .filter(Condition::any().add(fresh).add(takeover))
+                .filter(job_is_live())
                 .exec_with_returning(&self.db)
                 .await?;
             Ok(claimed.into_iter().next().map(|row| Claim {
@@ -165,6 +166,7 @@ impl Store {
                                 TaskStatus::Retrying.as_str(),
                             ]))
                             .filter(task::Column::Attempts.eq(attempt - 1))
+                            .filter(job_is_live())
                             .into_query();
                     update.returning(Query::returning().column(task::Column::Id));
                     Ok(self.db.query_all(&update).await?)
@@ -253,6 +255,27 @@ impl Store {
         })
         .await
     }
+}
+
+/// The task's job still wants it run: forming (its first tasks run while the rest is
+/// stored) or running. A task of a job that ended (a formation that timed out while
+/// its intake was still inserting, say) is never claimed, so it never runs and never
+/// moves a counter.
+fn job_is_live() -> SimpleExpr {
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(job::Entity)
+            .and_where(
+                Expr::col((job::Entity, job::Column::Id))
+                    .equals((task::Entity, task::Column::JobId)),
+            )
+            .and_where(
+                Expr::col((job::Entity, job::Column::Stage))
+                    .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
+            )
+            .to_owned(),
+    )
 }
 
 /// The SET part of a claim: attempt `attempt` runs for `token` under a fresh lease.
@@ -398,7 +421,14 @@ async fn count_into_jobs<C: ConnectionTrait>(
                 Func::coalesce([Expr::col(job::Column::FirstError), Expr::value(info)]).into(),
             );
         }
-        update.filter(job::Column::Id.eq(job_id)).exec(txn).await?;
+        update
+            .filter(job::Column::Id.eq(job_id))
+            .filter(
+                job::Column::Stage
+                    .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
+            )
+            .exec(txn)
+            .await?;
     }
     Ok(())
 }

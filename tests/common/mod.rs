@@ -149,7 +149,7 @@ impl TestEnv {
             .with_store(self.store.clone())
     }
 
-    pub async fn connection(&self) -> Connection {
+    pub async fn connection(&self) -> Arc<Connection> {
         broker::connect(&self.config.amqp_url)
             .await
             .expect("broker reachable")
@@ -183,7 +183,7 @@ impl TestEnv {
             .await
             .unwrap();
         EventLog {
-            _connection: Arc::new(connection),
+            _connection: connection,
             channel,
             queue: queue.name().to_string(),
             store: self.store.clone(),
@@ -202,9 +202,12 @@ impl TestEnv {
         let connection = self.connection().await;
         let publisher = Publisher::open(&connection).await.unwrap();
         let topology = self.topology();
-        topology.declare_core(publisher.channel()).await.unwrap();
         topology
-            .declare_work_queue(publisher.channel(), "default")
+            .declare_core(&publisher.channel().await.unwrap())
+            .await
+            .unwrap();
+        topology
+            .declare_work_queue(&publisher.channel().await.unwrap(), "default")
             .await
             .unwrap();
         let mut properties = lapin::BasicProperties::default();
@@ -256,9 +259,14 @@ impl TestEnv {
         let connection = self.connection().await;
         let publisher = Publisher::open(&connection).await.unwrap();
         let topology = self.topology();
-        topology.declare_core(publisher.channel()).await.unwrap();
+        topology
+            .declare_core(&publisher.channel().await.unwrap())
+            .await
+            .unwrap();
         publisher
             .channel()
+            .await
+            .unwrap()
             .queue_bind(
                 name.as_str().into(),
                 topology.events_exchange().as_str().into(),
@@ -292,6 +300,23 @@ impl TestEnv {
             .collect()
     }
 
+    /// Open channels in this test's vhost (from the management API, whose figures lag
+    /// a few seconds behind).
+    pub fn channel_count(&self) -> usize {
+        let body: serde_json::Value = ureq::get(&format!(
+            "{}/vhosts/{}/channels?columns=name",
+            rabbit_api(),
+            self.name
+        ))
+        .header("Authorization", &rabbit_auth())
+        .call()
+        .expect("list channels")
+        .body_mut()
+        .read_json()
+        .expect("channel list is JSON");
+        body.as_array().map_or(0, Vec::len)
+    }
+
     /// Ready messages in a queue, exactly (a passive declare, not the API's sampled stats).
     pub async fn message_count(&self, queue: &str) -> u32 {
         self.passive_declare(queue).await.message_count()
@@ -300,6 +325,24 @@ impl TestEnv {
     /// Consumers of a queue right now.
     pub async fn consumer_count(&self, queue: &str) -> u32 {
         self.passive_declare(queue).await.consumer_count()
+    }
+
+    /// Consumers of a queue right now; `None` while the queue does not exist.
+    pub async fn consumers_if_declared(&self, queue: &str) -> Option<u32> {
+        let connection = self.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        taskmill::broker::close_connection(&connection).await;
+        declared.ok().map(|queue| queue.consumer_count())
     }
 
     async fn passive_declare(&self, queue: &str) -> lapin::Queue {
@@ -526,5 +569,85 @@ where
             "condition not met within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy in front of the broker that can stop passing bytes while keeping its
+/// sockets open: a broker that no longer answers, as a network partition leaves it.
+pub struct FreezableProxy {
+    pub port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    pub async fn start(upstream: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, watch.clone()));
+                tokio::spawn(pump(server_read, client_write, watch.clone()));
+            }
+        });
+        Self {
+            port,
+            frozen,
+            accept,
+        }
+    }
+
+    /// From now on no byte passes in either direction; connections stay open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// An AMQP URL for `vhost` through this proxy.
+    pub fn amqp_url(&self, vhost: &str) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.port)
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if *frozen.borrow() {
+            // Hold both sockets open and silent for as long as the test runs.
+            let _ = frozen.wait_for(|frozen| !frozen).await;
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = frozen.changed() => continue,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if *frozen.borrow() || to.write_all(&buffer[..n]).await.is_err() {
+                    // Frozen between read and write: drop the bytes, as a cut link would.
+                    if *frozen.borrow() {
+                        let _ = frozen.wait_for(|frozen| !frozen).await;
+                    }
+                    return;
+                }
+            }
+        }
     }
 }

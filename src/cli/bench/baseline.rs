@@ -39,6 +39,7 @@ pub async fn broker(config: &Config, messages: usize) -> anyhow::Result<BrokerBa
     let publisher = Publisher::open(&producer).await?;
     publisher
         .channel()
+        .await?
         .queue_declare(
             queue.as_str().into(),
             lapin::options::QueueDeclareOptions {
@@ -98,6 +99,7 @@ pub async fn broker(config: &Config, messages: usize) -> anyhow::Result<BrokerBa
 
     publisher
         .channel()
+        .await?
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     publisher.close().await;

@@ -104,7 +104,7 @@ pub struct Bench {
     client: Client,
     concurrency: usize,
     events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
-    listener: Connection,
+    listener: std::sync::Arc<Connection>,
     api: Option<ManagementApi>,
 }
 
@@ -245,18 +245,14 @@ impl Bench {
     pub async fn stop(self) {
         let topology = self.client.topology().clone();
         if let Ok(channel) = self.listener.create_channel().await {
-            for queue in [
-                topology.intake_queue(),
-                topology.completion_queue(),
-                topology.parking_queue(),
-                topology.work_queue(DEFAULT_QUEUE),
-                topology.delay_queue(DEFAULT_QUEUE, RETRY_DELAY_MS),
-            ] {
+            let mut queues = topology.fixed_queues();
+            queues.push(topology.work_queue(DEFAULT_QUEUE));
+            for queue in queues {
                 let _ = channel
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
-            for exchange in [topology.jobs_exchange(), topology.events_exchange()] {
+            for exchange in topology.exchanges() {
                 let _ = channel
                     .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                     .await;

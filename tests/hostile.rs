@@ -1,0 +1,491 @@
+//! Untrusted producers: requests that are well-formed under the protocol but try its
+//! edges, sent with a plain AMQP publish as any producer would. After each, a normal
+//! job still completes within seconds, the intake queue is empty, the parking lot holds
+//! exactly what was meant to be parked (with reasons), and the broker holds no more
+//! queues than the documented bound.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use taskmill::topology::DELAY_LEVELS;
+use taskmill::{builtin, JobRequest};
+
+use common::{Backend, FreezableProxy, TestEnv};
+
+const SOON: Duration = Duration::from_secs(30);
+
+/// The ladder's timing is measured with the machine quiet: the other scenarios of this
+/// file take the lock shared, the measurement takes it alone.
+static QUIET: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+on_both_backends!(
+    on_complete_to_a_missing_exchange_stalls_nothing,
+    params_the_database_refuses_are_decided_at_once,
+    two_hundred_delays_share_one_ladder,
+    a_wait_above_the_ttl_limit_is_parked,
+    an_unknown_task_type_is_answered_with_a_rejection,
+    a_reused_job_id_with_another_request_is_refused,
+    a_restarted_worker_role_leaves_no_channel_behind,
+);
+
+mod any_backend {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_is_bounded_when_the_broker_stops_answering() {
+        super::shutdown_is_bounded_when_the_broker_stops_answering().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ladder_waits_exactly() {
+        super::the_ladder_waits_exactly().await
+    }
+}
+
+// ---------------------------------------------------------------- scenarios
+
+async fn shutdown_is_bounded_when_the_broker_stops_answering() {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let proxy = FreezableProxy::start("127.0.0.1:5672").await;
+    let mut config = env.config.clone();
+    config.amqp_url = proxy.amqp_url(&env.name);
+    let grace = config.grace_period;
+    let pod = env.start(env.worker().config(config));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            builtin::SLEEP,
+            (0..400).map(|_| json!({ "ms": 100 })).collect(),
+        ))
+        .await
+        .unwrap();
+    common::wait_until(SOON, || async {
+        env.store
+            .job_status(&job_id)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.tasks_by_status.get("done").copied().unwrap_or(0) >= 50)
+    })
+    .await;
+
+    proxy.freeze();
+    let stopping = Instant::now();
+    pod.token.cancel();
+    let stopped = tokio::time::timeout(grace + Duration::from_secs(5), pod.handle).await;
+    assert!(
+        stopped.is_ok(),
+        "a pod whose broker stopped answering exits within grace + 5 s (waited {:?})",
+        stopping.elapsed()
+    );
+    client.close().await.unwrap();
+}
+
+async fn on_complete_to_a_missing_exchange_stalls_nothing(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let events = env.event_log().await;
+    let mut request = echo_request("missing-target", 3);
+    request["on_complete"] = json!({"exchange": "no-such-exchange", "routing_key": "x"});
+    publish_request(&env, &request).await;
+
+    let job = env.wait_for_end("missing-target", SOON).await;
+    assert_eq!(job.stage, "done");
+    // The event still reaches the events exchange; the target's failure is recorded.
+    events.wait_for(1, SOON).await;
+    let outbox = common::wait_for_value(SOON, || async {
+        let row = env.store.job_event("missing-target").await.unwrap()?;
+        row.target_error.is_some().then_some(row)
+    })
+    .await;
+    assert!(
+        outbox
+            .target_error
+            .as_deref()
+            .unwrap()
+            .contains("no-such-exchange"),
+        "the recorded failure names the target: {:?}",
+        outbox.target_error
+    );
+    // Later requests go through as before: nothing stalled behind the closed channel.
+    for n in 0..3 {
+        assert_still_serving(&env, &client, &format!("after-{n}")).await;
+    }
+    assert_parked(&env, &[]).await;
+    pod.stop().await;
+}
+
+async fn params_the_database_refuses_are_decided_at_once(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let mut request = echo_request("nul-params", 2);
+    request["params"] = json!({ "name": "a\u{0}b" });
+    publish_request(&env, &request).await;
+
+    match backend {
+        // PostgreSQL's jsonb refuses the NUL character: parked with its reason.
+        Backend::Postgres => {
+            let parked = wait_for_parked(&env, 1).await;
+            assert!(
+                parked[0].to_lowercase().contains("unicode") || parked[0].contains("\\u0000"),
+                "the reason is the database's: {}",
+                parked[0]
+            );
+            assert!(env.store.job("nul-params").await.unwrap().is_none());
+        }
+        // SQLite keeps JSON as text: the job simply runs.
+        Backend::Sqlite => {
+            assert_eq!(env.wait_for_end("nul-params", SOON).await.stage, "done");
+        }
+    }
+    assert_still_serving(&env, &client, "after-nul").await;
+    pod.stop().await;
+}
+
+async fn two_hundred_delays_share_one_ladder(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let ids: Vec<String> = (0..200).map(|n| format!("delay-{n}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let mut request = json!({
+            "version": 1,
+            "job_id": id,
+            "job_type": builtin::FAIL,
+            "tasks": [{ "times": 2 }],
+            "retry_delay_ms": 20 + 7 * n,
+        });
+        if n % 2 == 0 {
+            request["max_retries"] = json!(2);
+        }
+        publish_request(&env, &request).await;
+    }
+    for id in &ids {
+        assert_eq!(
+            env.wait_for_end(id, Duration::from_secs(60)).await.stage,
+            "done"
+        );
+    }
+    assert_still_serving(&env, &client, "after-delays").await;
+    assert_queue_bound(&env);
+    pod.stop().await;
+}
+
+async fn a_wait_above_the_ttl_limit_is_parked(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let mut request = echo_request("too-long", 1);
+    request["max_retries"] = json!(100);
+    request["retry_delay_ms"] = json!(86_400_000);
+    publish_request(&env, &request).await;
+    let parked = wait_for_parked(&env, 1).await;
+    assert!(parked[0].contains("limit"), "reason: {}", parked[0]);
+    assert_still_serving(&env, &client, "after-ttl").await;
+    assert!(env.store.job("too-long").await.unwrap().is_none());
+    pod.stop().await;
+}
+
+async fn an_unknown_task_type_is_answered_with_a_rejection(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let reply = env.declare_queue("reply").await;
+    let watch = client.watch("typo").await.unwrap();
+    let mut request = echo_request("typo", 2);
+    request["task_type"] = json!("no.such.handler");
+    request["on_complete"] = json!({ "routing_key": reply });
+    publish_request(&env, &request).await;
+
+    let answer = tokio::time::timeout(SOON, watch.event()).await.unwrap();
+    match answer {
+        Err(taskmill::Error::Rejected { job_id, reason }) => {
+            assert_eq!(job_id, "typo");
+            assert!(reason.contains("unknown task type"), "{reason}");
+        }
+        other => panic!("a rejection, not {other:?}"),
+    }
+    let replies = common::wait_for_value(SOON, || async {
+        let got = env.drain_queue(&reply).await;
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    let event: taskmill::JobEvent = serde_json::from_slice(&replies[0].0).unwrap();
+    assert!(event.is_rejected(), "{event:?}");
+    assert_eq!(wait_for_parked(&env, 1).await.len(), 1);
+    assert!(env.store.job("typo").await.unwrap().is_none());
+    assert_still_serving(&env, &client, "after-typo").await;
+    pod.stop().await;
+}
+
+async fn a_reused_job_id_with_another_request_is_refused(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let mut replies = Vec::new();
+    for (name, tasks) in [("first", 300), ("second", 7)] {
+        let reply = env.declare_queue(&format!("reply.{name}")).await;
+        let mut request = echo_request("shared-id", tasks);
+        request["on_complete"] = json!({ "routing_key": reply });
+        publish_request(&env, &request).await;
+        replies.push(reply);
+    }
+    let job = env.wait_for_end("shared-id", SOON).await;
+    assert_eq!(job.stage, "done");
+    let rows = env.store.tasks_of_job("shared-id").await.unwrap();
+    assert!(
+        [300, 7].contains(&job.task_count) && rows.len() as i64 == job.task_count,
+        "one request's tasks only: {} rows, task count {}",
+        rows.len(),
+        job.task_count
+    );
+    let parked = wait_for_parked(&env, 1).await;
+    assert!(
+        parked[0].contains("reused with a different request"),
+        "{}",
+        parked[0]
+    );
+    // Each producer hears back on its own target: one done, one rejected.
+    let mut kinds = Vec::new();
+    for reply in &replies {
+        let got = common::wait_for_value(SOON, || async {
+            let got = env.drain_queue(reply).await;
+            (!got.is_empty()).then_some(got)
+        })
+        .await;
+        let event: taskmill::JobEvent = serde_json::from_slice(&got[0].0).unwrap();
+        kinds.push(event.event);
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["job.done", "job.rejected"]);
+    assert_still_serving(&env, &client, "after-reuse").await;
+    pod.stop().await;
+}
+
+/// A worker role whose consumer the broker cancels (its queue deleted) starts again and
+/// lets go of what the failed run opened; before, each restart kept its publishing
+/// channel open for good. (Counts come from the management API and include the
+/// test's own short-lived channels, hence "no more than before".)
+async fn a_restarted_worker_role_leaves_no_channel_behind(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    let queue = env.topology().work_queue("default");
+    let serving = || async { env.consumers_if_declared(&queue).await == Some(1) };
+    common::wait_until(SOON, serving).await;
+    assert_still_serving(&env, &client, "before-restarts").await;
+    // The management API's figures lag: let them settle.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = env.channel_count();
+    for _ in 0..6 {
+        let connection = env.connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+        common::wait_until(SOON, serving).await;
+    }
+    assert_still_serving(&env, &client, "after-restarts").await;
+    let settled = Instant::now() + Duration::from_secs(20);
+    while env.channel_count() > before && Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = env.channel_count();
+    assert!(
+        after <= before,
+        "{after} channels open after 6 restarts, {before} before"
+    );
+    pod.stop().await;
+}
+
+/// The ladder alone: messages published into it with waits from 1 ms to 5 s arrive
+/// in their work queue after their wait, within ±1% or ±20 ms. Each goes out at the
+/// same moment as a control message with no wait, on a connection of its own (so
+/// neither waits behind the other in a socket buffer), and its wait is measured from
+/// the control's arrival: what the client and the broker add on the way, the same for
+/// both, cancels out, and what is left is the ladder's own.
+async fn the_ladder_waits_exactly() {
+    let _quiet = QUIET.write().await;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let topology = env.topology();
+    let delayed_connection = env.connection().await;
+    let control_connection = env.connection().await;
+    let delayed = taskmill::broker::Publisher::open(&delayed_connection)
+        .await
+        .unwrap();
+    let control = taskmill::broker::Publisher::open(&control_connection)
+        .await
+        .unwrap();
+    let channel = delayed.channel().await.unwrap();
+    topology.declare_core(&channel).await.unwrap();
+    topology
+        .declare_work_queue(&channel, "ladder")
+        .await
+        .unwrap();
+    topology.declare_delay_ladder(&channel).await.unwrap();
+    let queue = topology.work_queue("ladder");
+    let listener = env.connection().await;
+    let mut consumer = listener
+        .create_channel()
+        .await
+        .unwrap()
+        .basic_consume(
+            queue.as_str().into(),
+            "ladder-test".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let arrivals = tokio::spawn(async move {
+        let mut arrived: std::collections::HashMap<String, Instant> = Default::default();
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let name = String::from_utf8_lossy(&delivery.data).into_owned();
+            arrived.insert(name, Instant::now());
+            if arrived.len() == 20 {
+                break;
+            }
+        }
+        arrived
+    });
+    let waits: [u64; 10] = [1, 2, 7, 100, 333, 1000, 1023, 2500, 4097, 5000];
+    let entry = topology.delay_entry();
+    let send = |publisher: &taskmill::broker::Publisher, delay: u64, body: String| {
+        let publisher = publisher.clone();
+        let entry = entry.clone();
+        async move {
+            let key = taskmill::topology::Topology::delay_routing_key(delay, "ladder");
+            publisher
+                .publish(taskmill::broker::Outgoing {
+                    exchange: &entry,
+                    routing_key: &key,
+                    body: body.as_bytes(),
+                    mandatory: true,
+                    headers: None,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    for wait in waits {
+        futures::join!(
+            send(&delayed, wait, wait.to_string()),
+            send(&control, 0, format!("control {wait}")),
+        );
+    }
+    let arrived = tokio::time::timeout(Duration::from_secs(20), arrivals)
+        .await
+        .expect("every message comes out of the ladder")
+        .unwrap();
+    let report: Vec<(u64, Duration)> = waits
+        .iter()
+        .map(|wait| {
+            let took = arrived[&wait.to_string()]
+                .saturating_duration_since(arrived[&format!("control {wait}")]);
+            (*wait, took)
+        })
+        .collect();
+    eprintln!("ladder waits (wanted ms, measured): {report:?}");
+    for (wait, took) in report {
+        let wanted = Duration::from_millis(wait);
+        // ±1% or ±20 ms, and 10 ms for the measurement itself (two connections, one
+        // consumer, a shared machine).
+        let tolerance = Duration::from_millis((wait / 100).max(20) + 10);
+        assert!(
+            took + tolerance >= wanted && took <= wanted + tolerance,
+            "a {wait} ms wait took {took:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn echo_request(job_id: &str, tasks: usize) -> Value {
+    json!({
+        "version": 1,
+        "job_id": job_id,
+        "job_type": builtin::ECHO,
+        "tasks": (0..tasks).map(|n| json!({ "n": n })).collect::<Vec<_>>(),
+    })
+}
+
+/// Publishes a request as any AMQP producer would: JSON to the jobs exchange.
+async fn publish_request(env: &TestEnv, request: &Value) {
+    let routing_key = request["job_type"].as_str().unwrap_or("x").to_owned();
+    env.publish_raw(
+        &env.topology().jobs_exchange(),
+        &routing_key,
+        &serde_json::to_vec(request).unwrap(),
+        Some("application/json"),
+    )
+    .await;
+}
+
+/// A normal job completes within seconds and the intake queue drains.
+async fn assert_still_serving(env: &TestEnv, client: &taskmill::Client, job_id: &str) {
+    let mut request = JobRequest::new(builtin::ECHO, vec![json!(1), json!(2)]);
+    request.job_id = Some(job_id.to_owned());
+    let started = Instant::now();
+    let watch = client.watch(job_id).await.unwrap();
+    client.submit(request).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.event())
+        .await
+        .unwrap_or_else(|_| panic!("job {job_id} did not complete within 10 s"))
+        .unwrap();
+    assert_eq!(event.event, "job.done", "{job_id}");
+    eprintln!("{job_id} completed in {:?}", started.elapsed());
+    let intake = env.topology().intake_queue();
+    common::wait_until(SOON, || async { env.message_count(&intake).await == 0 }).await;
+}
+
+/// Waits for `count` parked messages; returns their reasons.
+async fn wait_for_parked(env: &TestEnv, count: usize) -> Vec<String> {
+    let parking = env.topology().parking_queue();
+    common::wait_until(SOON, || async {
+        env.message_count(&parking).await >= count as u32
+    })
+    .await;
+    let parked = env.drain_queue(&parking).await;
+    assert_eq!(parked.len(), count, "exactly {count} parked");
+    parked
+        .into_iter()
+        .map(|(_, reason)| reason.expect("a parked message has a reason"))
+        .collect()
+}
+
+async fn assert_parked(env: &TestEnv, reasons: &[&str]) {
+    let parked = env.drain_queue(&env.topology().parking_queue()).await;
+    assert_eq!(parked.len(), reasons.len(), "parked: {parked:?}");
+}
+
+/// The queues a deployment holds: the core three, the delay ladder and one work queue
+/// per pool served — plus the test's own listeners.
+fn assert_queue_bound(env: &TestEnv) {
+    let prefix = format!("{}.", env.config.prefix);
+    let ours: Vec<String> = env
+        .queue_names()
+        .into_iter()
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    let bound = 3 + DELAY_LEVELS as usize + 1;
+    assert!(
+        ours.len() <= bound,
+        "{} queues, more than the bound of {bound}: {ours:?}",
+        ours.len()
+    );
+}
