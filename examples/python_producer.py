@@ -15,12 +15,12 @@ Environment:
                          since this script declares the intake queue the same way
 
 Output: the job id on the first line, then the job event as JSON.
-Exit status: 0 if the job ended `job.done`, 1 if it failed or was cancelled (or
-could not be submitted), 2 if no event arrived within --timeout.
+Exit status: 0 if the job ended `job.done`, 1 if it failed, was cancelled or was
+rejected (or could not be submitted), 2 if no event arrived within --timeout.
 
 Note: a request taskmill cannot accept (bad field, unknown task type, ...) is moved
-to the `{prefix}.parking` queue with the reason in a header, and no event is ever
-published for it, so that case shows up here as a timeout.
+to the `{prefix}.parking` queue with the reason in a header, and answered with a
+`job.rejected` event whose `first_error` is the reason.
 """
 
 import argparse
@@ -99,7 +99,8 @@ def subscribe_to_job_event(channel, prefix, job_id):
     # Server-named, exclusive (only this connection), auto-deleted when we leave.
     result = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
     queue = result.method.queue
-    # Events are routed as job.done.<id>, job.failed.<id> or job.cancelled.<id>.
+    # Events are routed as job.done.<id>, job.failed.<id>, job.cancelled.<id> or
+    # job.rejected.<id>.
     channel.queue_bind(queue=queue, exchange=f"{prefix}.events", routing_key=f"job.*.{job_id}")
     return queue
 

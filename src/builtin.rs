@@ -31,8 +31,10 @@ async fn sleep(ctx: TaskContext) -> HandlerResult {
         .get("ms")
         .and_then(Value::as_u64)
         .ok_or_else(|| TaskError::permanent("taskmill.sleep needs {\"ms\": N}"))?;
-    tokio::time::sleep(Duration::from_millis(ms)).await;
-    Ok(json!({ "slept_ms": ms }))
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(json!({ "slept_ms": ms })),
+        _ = ctx.stop.cancelled() => Err(TaskError::retryable("stopped before the sleep was over")),
+    }
 }
 
 async fn fail(ctx: TaskContext) -> HandlerResult {

@@ -47,6 +47,10 @@ pub struct Config {
     pub sweeper_shards: u32,
     /// A job still forming after this long lost its request: it is failed.
     pub formation_timeout: Duration,
+    /// How long one attempt may run when neither the job nor the handler's
+    /// registration says: then the handler is told to stop, dropped shortly after, and
+    /// the attempt fails (retryably) as timed out.
+    pub task_timeout: Duration,
     /// The broker's `consumer_timeout`: a delivery unacked for longer gets its channel
     /// closed. Handlers nearing it are logged, so the setting can be raised in time.
     pub consumer_timeout: Duration,
@@ -71,6 +75,7 @@ impl Default for Config {
             sweeper_shards: 4,
             formation_timeout: Duration::from_secs(1800),
             consumer_timeout: Duration::from_secs(1800),
+            task_timeout: Duration::from_secs(60),
         }
     }
 }

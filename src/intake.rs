@@ -345,6 +345,7 @@ impl Intake {
             on_failure: request.on_failure,
             on_complete: request.on_complete.clone(),
             request_digest: digest,
+            task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
         };
         let job = match self.shared.store.create_job(&new_job).await? {
             None => {
@@ -456,6 +457,7 @@ impl Intake {
             id: &job.id,
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
+            task_timeout_ms: job.task_timeout_ms,
         };
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
@@ -544,6 +546,7 @@ impl Intake {
             id: &job.id,
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
+            task_timeout_ms: job.task_timeout_ms,
         };
         let mut after = -1;
         loop {
@@ -591,6 +594,7 @@ impl Intake {
             attempt: 1,
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
+            task_timeout_ms: job.task_timeout_ms,
             payload: payload.clone(),
         };
         let body = serde_json::to_vec(&message).expect("a task message serializes");
@@ -606,4 +610,5 @@ struct JobSettings<'a> {
     id: &'a str,
     max_retries: i32,
     retry_delay_ms: i64,
+    task_timeout_ms: Option<i64>,
 }

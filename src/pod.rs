@@ -154,6 +154,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Limits how long one attempt of `task_type` may run (a job's `task_timeout_ms`
+    /// overrides it; without either, `Config::task_timeout` applies).
+    pub fn task_timeout(mut self, task_type: impl Into<String>, timeout: Duration) -> Self {
+        self.registry.set_timeout(task_type, timeout);
+        self
+    }
+
     /// Registers a splitter: it makes the task payloads of a job type from `params`
     /// when a request carries no `tasks`.
     pub fn splitter<F>(mut self, job_type: impl Into<String>, splitter: F) -> Self

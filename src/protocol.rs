@@ -20,6 +20,7 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_RETRIES_LIMIT: u32 = 100;
 const MAX_RETRY_DELAY_MS: u64 = 24 * 3600 * 1000;
 const MAX_POOL_LEN: usize = 100;
+const MAX_TASK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 /// What happens to a job when one of its tasks fails for good.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +92,9 @@ pub struct JobRequest<T = Value> {
     pub on_failure: FailurePolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_complete: Option<Target>,
+    /// How long one attempt of a task may run; the worker's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_timeout_ms: Option<u64>,
 }
 
 fn default_queue() -> String {
@@ -118,6 +122,7 @@ impl JobRequest {
             retry_delay_ms: DEFAULT_RETRY_DELAY_MS,
             on_failure: FailurePolicy::FailFast,
             on_complete: None,
+            task_timeout_ms: None,
         }
     }
 }
@@ -146,6 +151,7 @@ impl<T> JobRequest<T> {
             max_retries: u32,
             retry_delay_ms: u64,
             on_failure: FailurePolicy,
+            task_timeout_ms: Option<u64>,
         }
         let asked = Asked {
             job_type: &self.job_type,
@@ -156,6 +162,7 @@ impl<T> JobRequest<T> {
             max_retries: self.max_retries,
             retry_delay_ms: self.retry_delay_ms,
             on_failure: self.on_failure,
+            task_timeout_ms: self.task_timeout_ms,
         };
         let mut hasher = sha2::Sha256::new();
         serde_json::to_writer(&mut hasher, &asked).expect("a request serializes");
@@ -187,6 +194,13 @@ impl<T> JobRequest<T> {
                 self.retry_delay_ms
             )));
         }
+        if let Some(timeout) = self.task_timeout_ms {
+            if timeout == 0 || timeout > MAX_TASK_TIMEOUT_MS {
+                return Err(DecodeError::Invalid(format!(
+                    "task_timeout_ms {timeout} is outside 1..={MAX_TASK_TIMEOUT_MS}"
+                )));
+            }
+        }
         let longest_wait = u64::from(self.max_retries) * self.retry_delay_ms;
         if longest_wait > MAX_DELAY_MS {
             return Err(DecodeError::Invalid(format!(
@@ -210,6 +224,9 @@ pub struct TaskMessage {
     pub attempt: i32,
     pub max_retries: i32,
     pub retry_delay_ms: i64,
+    /// The job's limit on one attempt, when it set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_timeout_ms: Option<i64>,
     pub payload: Value,
 }
 

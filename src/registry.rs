@@ -9,6 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -23,9 +24,10 @@ pub struct TaskContext {
     pub attempt: i32,
     pub max_retries: i32,
     pub payload: Value,
-    /// Cancelled when the pod shuts down; long handlers may stop early (and fail the
-    /// attempt so that it is retried elsewhere).
-    pub shutdown: CancellationToken,
+    /// Cancelled when the handler should stop: the pod is shutting down, or the task's
+    /// timeout passed. A handler that watches it can end cleanly (and fail the attempt,
+    /// to be retried); one that does not is dropped shortly after the timeout.
+    pub stop: CancellationToken,
 }
 
 /// A failed attempt. Retryable errors are retried while the job's `max_retries`
@@ -82,6 +84,7 @@ type SplitterFn = Arc<dyn Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync
 pub struct Registry {
     handlers: HashMap<String, HandlerFn>,
     splitters: HashMap<String, SplitterFn>,
+    timeouts: HashMap<String, Duration>,
 }
 
 impl Registry {
@@ -106,6 +109,16 @@ impl Registry {
         F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
     {
         self.splitters.insert(job_type.into(), Arc::new(splitter));
+    }
+
+    /// How long one attempt of `task_type` may run, unless the job says otherwise.
+    pub fn set_timeout(&mut self, task_type: impl Into<String>, timeout: Duration) {
+        self.timeouts.insert(task_type.into(), timeout);
+    }
+
+    /// The timeout registered for `task_type`, if any.
+    pub fn timeout(&self, task_type: &str) -> Option<Duration> {
+        self.timeouts.get(task_type).copied()
     }
 
     pub fn knows_task_type(&self, task_type: &str) -> bool {

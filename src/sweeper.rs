@@ -296,6 +296,7 @@ impl Sweeper {
             attempt,
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
+            task_timeout_ms: job.task_timeout_ms,
             payload: task.payload.clone(),
         };
         let body = serde_json::to_vec(&message).expect("a task message serializes");

@@ -43,6 +43,9 @@ use crate::topology::Topology;
 
 /// Outcomes recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
+/// How long a handler whose timeout passed gets to return after its stop token fired,
+/// before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Handlers in flight hold `slots` (sized `config.concurrency`), which outlive one
 /// connection: handlers started before a reconnect still count against the limit.
@@ -338,13 +341,27 @@ impl Runner {
         }
     }
 
+    /// How long this attempt may run: the job's limit, else the handler's, else the
+    /// pod's default.
+    fn timeout_of(&self, message: &TaskMessage) -> Duration {
+        message
+            .task_timeout_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis)
+            .or_else(|| self.shared.registry.timeout(&message.task_type))
+            .unwrap_or(self.shared.config.task_timeout)
+    }
+
     /// Runs the handler in its own task (so a panic is an error, not a dead worker),
-    /// renewing the lease while it runs.
+    /// renewing the lease while it runs. When its timeout passes, its stop token
+    /// fires; if it has not returned [`STOP_GRACE`] later it is dropped, and the
+    /// attempt fails (retryably) as timed out, freeing its slot.
     async fn run_handler(
         &self,
         message: &TaskMessage,
         token: &str,
     ) -> Result<serde_json::Value, TaskError> {
+        let stop = self.shutdown.child_token();
         let ctx = TaskContext {
             job_id: message.job_id.clone(),
             task_id: message.task_id,
@@ -352,8 +369,13 @@ impl Runner {
             attempt: message.attempt,
             max_retries: message.max_retries,
             payload: message.payload.clone(),
-            shutdown: self.shutdown.clone(),
+            stop: stop.clone(),
         };
+        let timeout = self.timeout_of(message);
+        let timed_out = || TaskError::retryable(format!("timed out after {timeout:?}"));
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut stopping = false;
         let Some(future) = self.shared.registry.start(ctx) else {
             return Err(TaskError::permanent(format!(
                 "unknown task type {:?}",
@@ -373,6 +395,7 @@ impl Runner {
             tokio::select! {
                 joined = &mut handle => {
                     return match joined {
+                        Ok(Err(_)) if stopping => Err(timed_out()),
                         Ok(result) => result,
                         Err(err) if err.is_panic() => Err(TaskError::retryable(format!(
                             "handler panicked: {}",
@@ -380,6 +403,16 @@ impl Runner {
                         ))),
                         Err(err) => Err(TaskError::retryable(format!("handler aborted: {err}"))),
                     };
+                }
+                _ = &mut deadline => {
+                    if stopping {
+                        handle.abort();
+                        tracing::warn!(task_id = message.task_id, attempt = message.attempt, ?timeout, "handler dropped: it did not stop after its timeout");
+                        return Err(timed_out());
+                    }
+                    stopping = true;
+                    stop.cancel();
+                    deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
                 }
                 _ = renew.tick() => {
                     if !warned && started.elapsed() > warn_after {

@@ -34,6 +34,7 @@ fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
         on_failure,
         on_complete: None,
         request_digest: format!("digest of {id}"),
+        task_timeout_ms: None,
     }
 }
 

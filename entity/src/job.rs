@@ -36,6 +36,8 @@ pub struct Model {
     /// SHA-256 of what the creating request asked for (all but `on_complete`): a second
     /// request with this id and another digest is refused. None for older rows.
     pub request_digest: Option<String>,
+    /// How long one attempt of a task may run, when the request said.
+    pub task_timeout_ms: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -6,7 +6,8 @@ use sea_orm_migration::{prelude::*, schema::*};
 ///   events exchange: a target that does not exist is retried a few times with backoff
 ///   and then given up, and `taskmill status` says why;
 /// - a digest of the request that created a job, so a second, different request with
-///   the same `job_id` is refused instead of mixing its tasks into the first.
+///   the same `job_id` is refused instead of mixing its tasks into the first;
+/// - the job's limit on how long one attempt of its tasks may run.
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
@@ -14,6 +15,7 @@ pub struct Migration;
 enum Jobs {
     Table,
     RequestDigest,
+    TaskTimeoutMs,
 }
 
 #[derive(DeriveIden)]
@@ -42,14 +44,20 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Jobs::Table)
-                    .add_column(string_len_null(Jobs::RequestDigest, 64))
-                    .to_owned(),
-            )
-            .await
+        for column in [
+            string_len_null(Jobs::RequestDigest, 64).to_owned(),
+            big_integer_null(Jobs::TaskTimeoutMs).to_owned(),
+        ] {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Jobs::Table)
+                        .add_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -67,13 +75,16 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Jobs::Table)
-                    .drop_column(Jobs::RequestDigest)
-                    .to_owned(),
-            )
-            .await
+        for column in [Jobs::RequestDigest, Jobs::TaskTimeoutMs] {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Jobs::Table)
+                        .drop_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -42,6 +42,9 @@ pub struct WorkerArgs {
     /// Shards the sweeper scans in parallel.
     #[arg(long, env = "TASKMILL_SWEEPER_SHARDS", default_value_t = 4)]
     pub sweeper_shards: u32,
+    /// Seconds one attempt may run when neither the job nor the handler says.
+    #[arg(long, env = "TASKMILL_TASK_TIMEOUT_SECS", default_value_t = 60)]
+    pub task_timeout_secs: u64,
     /// The broker's consumer_timeout, in seconds (handlers nearing it are logged).
     #[arg(long, env = "TASKMILL_CONSUMER_TIMEOUT_SECS", default_value_t = 1800)]
     pub consumer_timeout_secs: u64,
@@ -76,6 +79,7 @@ pub async fn run(
     config.stuck_after = Duration::from_secs(args.stuck_secs);
     config.sweeper_shards = args.sweeper_shards.max(1);
     config.consumer_timeout = Duration::from_secs(args.consumer_timeout_secs);
+    config.task_timeout = Duration::from_secs(args.task_timeout_secs.max(1));
     let mut builder = Worker::builder().config(config).roles(roles(&args.roles));
     for queue in args.queues {
         builder = builder.queue(queue);

@@ -28,6 +28,7 @@ pub struct NewJob {
     pub on_complete: Option<Target>,
     /// See [`crate::protocol::JobRequest::digest`].
     pub request_digest: String,
+    pub task_timeout_ms: Option<i64>,
 }
 
 /// One task row to insert.
@@ -98,6 +99,7 @@ impl Store {
                 started_at: Set(None),
                 finished_at: Set(None),
                 request_digest: Set(Some(new.request_digest.clone())),
+                task_timeout_ms: Set(new.task_timeout_ms),
             };
             let inserted = job::Entity::insert(row)
                 .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
