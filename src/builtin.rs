@@ -33,7 +33,7 @@ async fn sleep(ctx: TaskContext) -> HandlerResult {
         .ok_or_else(|| TaskError::permanent("taskmill.sleep needs {\"ms\": N}"))?;
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(json!({ "slept_ms": ms })),
-        _ = ctx.stop.cancelled() => Err(TaskError::retryable("stopped before the sleep was over")),
+        _ = ctx.stop.cancelled() => Err(TaskError::retryable("timed out before the sleep was over")),
     }
 }
 

@@ -24,9 +24,13 @@ pub struct TaskContext {
     pub attempt: i32,
     pub max_retries: i32,
     pub payload: Value,
-    /// Cancelled when the handler should stop: the pod is shutting down, or the task's
-    /// timeout passed. A handler that watches it can end cleanly (and fail the attempt,
-    /// to be retried); one that does not is dropped shortly after the timeout.
+    /// Cancelled when the pod starts shutting down. The handler may still finish
+    /// within the grace period (the attempt then counts as usual), or stop early and
+    /// fail the attempt so that it is retried elsewhere.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the attempt's timeout passed: the handler should return now (its
+    /// attempt fails as timed out either way); one that has not returned a second
+    /// later is dropped.
     pub stop: CancellationToken,
 }
 

@@ -361,7 +361,7 @@ impl Runner {
         message: &TaskMessage,
         token: &str,
     ) -> Result<serde_json::Value, TaskError> {
-        let stop = self.shutdown.child_token();
+        let stop = CancellationToken::new();
         let ctx = TaskContext {
             job_id: message.job_id.clone(),
             task_id: message.task_id,
@@ -369,6 +369,7 @@ impl Runner {
             attempt: message.attempt,
             max_retries: message.max_retries,
             payload: message.payload.clone(),
+            shutdown: self.shutdown.clone(),
             stop: stop.clone(),
         };
         let timeout = self.timeout_of(message);
