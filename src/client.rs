@@ -12,7 +12,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use futures::StreamExt;
-use lapin::{Channel, Connection, Consumer};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 
 use crate::broker::{Outgoing, Publisher};
 use crate::config::Config;
@@ -34,12 +36,17 @@ pub struct Client {
     store: Option<Store>,
 }
 
+/// How long a watch queue outlives its last consumer: long enough for a producer to
+/// ride out a broker outage, short enough that abandoned watches clean themselves up.
+pub const WATCH_EXPIRES: Duration = Duration::from_secs(3600);
+
 /// A subscription to one job's event, made before the job can end so that the event
 /// cannot slip past.
 pub struct Watch {
+    link: Arc<BrokerLink>,
+    store: Option<Store>,
     job_id: String,
-    channel: Channel,
-    consumer: Consumer,
+    queue: String,
 }
 
 impl Client {
@@ -141,33 +148,30 @@ impl Client {
     }
 
     /// Subscribes to the event of `job_id`. Call before [`Client::submit`] to wait
-    /// without a store.
+    /// without a store. The subscription is a queue of its own on the broker, durable
+    /// and removed once unused for [`WATCH_EXPIRES`]: an event published while the
+    /// connection is down waits there, and [`Watch::event`] reconnects to take it.
     pub async fn watch(&self, job_id: &str) -> Result<Watch, Error> {
+        let queue = self.topology.watch_queue(job_id);
         let channel = self.connection().await?.create_channel().await?;
-        let consumer = self
+        let declared = self
             .topology
-            .subscribe_events(&channel, &Topology::job_binding_key(job_id))
-            .await?;
+            .declare_watch_queue(&channel, &queue, job_id, WATCH_EXPIRES)
+            .await;
+        crate::broker::close_channel(&channel).await;
+        declared?;
         Ok(Watch {
+            link: self.link.clone(),
+            store: self.store.clone(),
             job_id: job_id.to_owned(),
-            channel,
-            consumer,
+            queue,
         })
     }
 
     /// Waits for the job's event. With a store, a job that already ended answers at
     /// once; without one, only events published after this call are seen.
     pub async fn wait(&self, job_id: &str) -> Result<JobEvent, Error> {
-        let watch = self.watch(job_id).await?;
-        if let Some(store) = &self.store {
-            if let Some(event) = store.job_event(job_id).await? {
-                let _ = watch.channel.close(200, "done".into()).await;
-                return serde_json::from_value(event.body).map_err(|err| {
-                    Error::Other(format!("stored event of {job_id} is unreadable: {err}"))
-                });
-            }
-        }
-        watch.event().await
+        self.watch(job_id).await?.event().await
     }
 
     /// Cancels a running job: its unfinished tasks become `cancelled`, handlers still
@@ -202,18 +206,58 @@ impl Client {
 }
 
 impl Watch {
-    pub async fn event(mut self) -> Result<JobEvent, Error> {
-        while let Some(delivery) = self.consumer.next().await {
+    /// Waits for the job's event, riding out lost connections (it reconnects and
+    /// consumes its queue again) for as long as it takes; wrap it in a timeout to
+    /// bound the wait. A rejected request is [`Error::Rejected`].
+    pub async fn event(self) -> Result<JobEvent, Error> {
+        let mut delays = Delays::reconnect(Duration::from_secs(5));
+        let event = loop {
+            match self.receive().await {
+                Ok(event) => break event,
+                Err(err) if err.is_transient() => {
+                    self.link.report(&err);
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        if event.is_rejected() {
+            return Err(Error::Rejected {
+                job_id: event.job_id,
+                reason: event.first_error.unwrap_or_default(),
+            });
+        }
+        Ok(event)
+    }
+
+    /// One connection's worth of waiting: the stored event if the job already ended,
+    /// else the first event of this job from the watch queue (which is then removed).
+    async fn receive(&self) -> Result<JobEvent, Error> {
+        let never = CancellationToken::new();
+        let connection = self
+            .link
+            .connection(&never)
+            .await
+            .ok_or_else(|| Error::Other("the broker link closed".into()))?;
+        let channel = connection.create_channel().await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        if let Some(stored) = self.stored_event().await? {
+            self.finish(&channel).await;
+            return Ok(stored);
+        }
+        while let Some(delivery) = consumer.next().await {
             let delivery = delivery?;
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             match serde_json::from_slice::<JobEvent>(&delivery.data) {
                 Ok(event) if event.job_id == self.job_id => {
-                    crate::broker::close_channel(&self.channel).await;
-                    if event.is_rejected() {
-                        return Err(Error::Rejected {
-                            job_id: event.job_id,
-                            reason: event.first_error.unwrap_or_default(),
-                        });
-                    }
+                    self.finish(&channel).await;
                     return Ok(event);
                 }
                 Ok(_) => {}
@@ -221,8 +265,31 @@ impl Watch {
             }
         }
         Err(Error::Other(format!(
-            "event stream for job {} ended",
+            "the event stream of job {} ended; consuming again",
             self.job_id
         )))
+    }
+
+    async fn stored_event(&self) -> Result<Option<JobEvent>, Error> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let Some(row) = store.job_event(&self.job_id).await? else {
+            return Ok(None);
+        };
+        serde_json::from_value(row.body).map(Some).map_err(|err| {
+            Error::Other(format!(
+                "stored event of {} is unreadable: {err}",
+                self.job_id
+            ))
+        })
+    }
+
+    /// Removes the watch queue: it has served its purpose.
+    async fn finish(&self, channel: &Channel) {
+        let _ = channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        crate::broker::close_channel(channel).await;
     }
 }

@@ -139,6 +139,49 @@ impl Topology {
         format!("{}.parking", self.prefix)
     }
 
+    /// A queue of one producer's own, for one job's event (see
+    /// [`crate::client::Watch`]).
+    pub fn watch_queue(&self, job_id: &str) -> String {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        format!("{}.watch.{job_id}.{}", self.prefix, &tag[..8])
+    }
+
+    /// Declares a watch queue: durable (an event waits there through a broker
+    /// restart), deleted by the broker once unused for `expires`, and bound to the
+    /// events of `job_id`. Always classic: it is one producer's, not the deployment's.
+    pub async fn declare_watch_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        job_id: &str,
+        expires: std::time::Duration,
+    ) -> Result<(), lapin::Error> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(expires.as_millis() as i64),
+        );
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.events_exchange().as_str().into(),
+                Self::job_binding_key(job_id).as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
     /// Routing key of a job event on the events exchange.
     pub fn event_routing_key(kind: &str, job_id: &str) -> String {
         format!("{kind}.{job_id}")

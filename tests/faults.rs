@@ -39,6 +39,7 @@ on_both_backends!(
     rolling_sigterm_runs_nothing_twice,
     purged_work_queue_is_swept_back,
     bad_input_flood_is_parked,
+    closed_connections_are_ridden_out,
 );
 
 mod postgres_only {
@@ -251,6 +252,56 @@ async fn bad_input_flood_is_parked(backend: Backend) {
     assert_eq!(fleet.alive(), 3, "no worker crashed");
     fleet.stop_all().await;
     eprintln!("bad input: 1000-task job with 1000 bad messages mixed in, {report}");
+}
+
+/// The broker closes every connection (`rabbitmqctl close_all_connections`) while
+/// three `taskmill submit --wait` producers and the workers run: every producer still
+/// gets its event and exits 0, and every worker carries on.
+async fn closed_connections_are_ridden_out(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let (env, audit, mut fleet) = setup(backend, &[]).await;
+    let tasks = std::env::temp_dir().join(format!("{}-tasks.jsonl", env.name));
+    std::fs::write(&tasks, "{\"ms\": 20}\n".repeat(1000)).unwrap();
+    let ids: Vec<String> = (0..3).map(|n| format!("waited-{n}")).collect();
+    let mut producers: Vec<Child> = ids
+        .iter()
+        .map(|id| {
+            Command::new(env!("CARGO_BIN_EXE_taskmill"))
+                .args(["submit", "--type", builtin::SLEEP, "--wait", "--job-id", id])
+                .arg("--tasks-file")
+                .arg(&tasks)
+                .envs(fleet.vars.iter().cloned())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("taskmill submit starts")
+        })
+        .collect();
+    wait_for_progress(&env, &ids[0], 100).await;
+
+    run(
+        "rabbitmqctl",
+        &["close_all_connections", "-p", &env.name, "a fault test"],
+    );
+    for (id, producer) in ids.iter().zip(producers.iter_mut()) {
+        let status = tokio::time::timeout(JOB_TIMEOUT, producer.wait())
+            .await
+            .expect("the producer gets its event")
+            .unwrap();
+        assert!(status.success(), "submit --wait of {id} exits 0: {status}");
+    }
+    let jobs: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "done")).collect();
+    let report = check_invariants(&env, &jobs, &audit, 0).await;
+    assert_eq!(
+        fleet.alive(),
+        3,
+        "every worker rode out the closed connections"
+    );
+    fleet.stop_all().await;
+    let _ = std::fs::remove_file(&tasks);
+    eprintln!("closed connections: 3 waiting producers, 3 jobs of 1000 tasks, {report}");
 }
 
 // ---------------------------------------------------------------- the checks
