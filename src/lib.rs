@@ -2,7 +2,7 @@
 //!
 //! A producer publishes a job request; [`intake`] splits it into task rows and task
 //! messages; [`worker`] runs them and records each outcome before acking; failures come
-//! back through per-delay dead-letter queues; [`completion`] counts finished tasks and
+//! back through the delay ladder's dead-letter queues; [`completion`] counts finished tasks and
 //! ends each job exactly once. [`store`] holds every SQL statement and [`topology`] every
 //! queue name. See `README.md` for the wire protocol and `../shared/DESIGN.md` for the
 //! invariants.
