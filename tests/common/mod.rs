@@ -329,6 +329,17 @@ impl TestEnv {
 
     /// Consumers of a queue right now; `None` while the queue does not exist.
     pub async fn consumers_if_declared(&self, queue: &str) -> Option<u32> {
+        self.try_passive_declare(queue)
+            .await
+            .ok()
+            .map(|queue| queue.consumer_count())
+    }
+
+    async fn passive_declare(&self, queue: &str) -> lapin::Queue {
+        self.try_passive_declare(queue).await.expect("queue exists")
+    }
+
+    async fn try_passive_declare(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
         let declared = channel
@@ -342,24 +353,6 @@ impl TestEnv {
             )
             .await;
         taskmill::broker::close_connection(&connection).await;
-        declared.ok().map(|queue| queue.consumer_count())
-    }
-
-    async fn passive_declare(&self, queue: &str) -> lapin::Queue {
-        let connection = self.connection().await;
-        let channel = connection.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        connection.close(200, "done".into()).await.unwrap();
         declared
     }
 
