@@ -54,6 +54,9 @@ pub struct Config {
     /// The broker's `consumer_timeout`: a delivery unacked for longer gets its channel
     /// closed. Handlers nearing it are logged, so the setting can be raised in time.
     pub consumer_timeout: Duration,
+    /// Pools requests may name besides `default` and those a pod has served: for
+    /// pools whose pods start after the intake.
+    pub known_pools: Vec<String>,
 }
 
 impl Default for Config {
@@ -76,13 +79,15 @@ impl Default for Config {
             formation_timeout: Duration::from_secs(1800),
             consumer_timeout: Duration::from_secs(1800),
             task_timeout: Duration::from_secs(60),
+            known_pools: Vec::new(),
         }
     }
 }
 
 impl Config {
-    /// Defaults overridden by `AMQP_URL`, `DATABASE_URL`, `TASKMILL_PREFIX` and
-    /// `TASKMILL_QUEUE_TYPE` (`classic` or `quorum`).
+    /// Defaults overridden by `AMQP_URL`, `DATABASE_URL`, `TASKMILL_PREFIX`,
+    /// `TASKMILL_QUEUE_TYPE` (`classic` or `quorum`) and `TASKMILL_KNOWN_POOLS`
+    /// (comma-separated).
     pub fn from_env() -> Self {
         let mut config = Self::default();
         if let Ok(url) = std::env::var("AMQP_URL") {
@@ -99,6 +104,14 @@ impl Config {
                 "quorum" => QueueType::Quorum,
                 _ => QueueType::Classic,
             };
+        }
+        if let Ok(pools) = std::env::var("TASKMILL_KNOWN_POOLS") {
+            config.known_pools = pools
+                .split(',')
+                .map(str::trim)
+                .filter(|pool| !pool.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         config
     }

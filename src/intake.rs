@@ -302,6 +302,18 @@ impl Intake {
                 .filter(|id| protocol::check_id("message_id", id).is_ok())
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         };
+        if !self
+            .shared
+            .pools
+            .contains(&self.shared.store, &request.queue)
+            .await?
+        {
+            return Err(Rejection::Park(format!(
+                "unknown pool {:?}: no pod serves it and it is not among the known pools \
+                 (TASKMILL_KNOWN_POOLS)",
+                request.queue
+            )));
+        }
         let digest = request.digest();
         let task_type = request.task_type().to_owned();
         if !self.shared.registry.knows_task_type(&task_type) {

@@ -19,6 +19,7 @@ pub mod intake;
 pub mod link;
 pub mod parking;
 pub mod pod;
+pub mod pools;
 pub mod protocol;
 pub mod registry;
 pub mod retry;

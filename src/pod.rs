@@ -26,6 +26,7 @@ use crate::broker::Publisher;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
 use crate::link::{supervise, BrokerLink};
+use crate::pools::KnownPools;
 use crate::registry::{HandlerResult, Registry, TaskContext};
 use crate::store::Store;
 use crate::topology::Topology;
@@ -128,6 +129,7 @@ pub(crate) struct Shared {
     pub store: Store,
     pub topology: Topology,
     pub registry: Registry,
+    pub pools: KnownPools,
 }
 
 pub struct WorkerBuilder {
@@ -252,8 +254,14 @@ impl Worker {
             topology.declare_core(&setup.channel().await?).await?;
             setup.close().await;
         }
+        if self.roles.worker {
+            // Before any intake starts: a request for a pool this pod serves is
+            // accepted from the first one on.
+            store.register_pools(&self.queues).await?;
+        }
         let concurrency = self.config.concurrency.max(1);
         let shared = Arc::new(Shared {
+            pools: KnownPools::new(&self.config.known_pools),
             config: self.config,
             store,
             topology,
@@ -275,7 +283,7 @@ impl Worker {
         }
         if self.roles.worker {
             for pool in &self.queues {
-                let slots = Arc::new(Semaphore::new(concurrency));
+                let capacity = crate::worker::Capacity::new(concurrency);
                 let (shared, token, pool) = (shared.clone(), roles_token.clone(), pool.clone());
                 roles.spawn(supervise(
                     "worker",
@@ -286,7 +294,7 @@ impl Worker {
                             shared.clone(),
                             connection,
                             pool.clone(),
-                            slots.clone(),
+                            capacity.clone(),
                             token.clone(),
                         )
                     },

@@ -20,8 +20,9 @@
 //! Each re-publish first bumps the task's version with a compare-and-set (transactions
 //! of at most 25 rows), so a task that moved since it was read is left alone, and a
 //! swept task is not swept again for `stuck_after`. Duplicates the sweeper causes are
-//! harmless: every transition is conditional. It also fails jobs stuck in formation and
-//! relays job events whose publisher died.
+//! harmless: every transition is conditional. It also fails jobs stuck in formation,
+//! relays job events whose publisher died, and warns of running jobs whose pool no pod
+//! has consumed for [`crate::pools::SILENT_AFTER`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ use crate::store::{job, task, Progress};
 
 const LEASE_NAME: &str = "sweeper";
 const SCAN_BATCH: u64 = 1_000;
+/// How often a pool with waiting jobs and no consumer is warned about again.
+const SILENT_POOL_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,7 @@ pub(crate) async fn run(
         connection,
         publisher,
         holder: uuid::Uuid::new_v4().to_string(),
+        warned_pools: Default::default(),
     };
     let interval = sweeper.shared.config.sweep_interval;
     let mut ticker = tokio::time::interval(interval);
@@ -130,6 +134,7 @@ struct Sweeper {
     publisher: Publisher,
     events: EventPublisher,
     holder: String,
+    warned_pools: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Sweeper {
@@ -172,7 +177,36 @@ impl Sweeper {
             }
         }
         total.events_relayed = self.events.relay_strays().await?;
+        self.warn_of_silent_pools().await?;
         Ok(total)
+    }
+
+    /// Running jobs whose pool nobody consumes would wait without a word: say so,
+    /// once per pool every [`SILENT_POOL_WARNING_EVERY`].
+    async fn warn_of_silent_pools(&self) -> Result<(), Error> {
+        let now = Utc::now();
+        let silent = self
+            .shared
+            .store
+            .silent_pools(crate::pools::silent_since(now))
+            .await?;
+        let mut warned = self.warned_pools.lock().expect("warned pools lock");
+        warned.retain(|pool, _| silent.iter().any(|s| &s.name == pool));
+        for pool in silent {
+            let due = warned
+                .get(&pool.name)
+                .is_none_or(|at| at.elapsed() >= SILENT_POOL_WARNING_EVERY);
+            if due {
+                tracing::warn!(
+                    pool = %pool.name,
+                    running_jobs = pool.running_jobs,
+                    "jobs are waiting on a pool nobody serves: {}",
+                    crate::pools::describe_silence(&pool.name, pool.last_seen_at, now)
+                );
+                warned.insert(pool.name, std::time::Instant::now());
+            }
+        }
+        Ok(())
     }
 
     /// Pools whose work queue holds no ready message: there a pending task with no

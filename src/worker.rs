@@ -14,9 +14,13 @@
 //! outcomes that finish while a batch is being recorded are recorded together next —
 //! one transaction, one finished-event message for all of them, every publish
 //! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
-//! acks that never cover a delivery still running). A handler panic is a failed attempt. A task
-//! whose attempt was delivered more than `max_deliveries` times without finishing (it
-//! keeps killing its worker) fails instead of looping forever.
+//! acks that never cover a delivery still running). A handler panic is a failed attempt.
+//!
+//! Poison tasks fail alone: an attempt taken over from a worker that died (or lost its
+//! channel) runs in quarantine — alone in its pod — and only then is its start
+//! counted, so a task that keeps killing its worker fails once it was started more
+//! than `max_deliveries` times, while the tasks that happened to run beside it are
+//! never charged for its crashes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -27,18 +31,20 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{
+    mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::{Acks, Settlement};
-use crate::broker::{all_confirmed, Outgoing, Pending, Publisher};
+use crate::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publisher};
 use crate::error::Error;
 use crate::parking::park;
 use crate::pod::{take_slot, Shared};
 use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
 use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
-use crate::store::{TaskOutcome, Transition};
+use crate::store::{Claim, TaskOutcome, Transition};
 use crate::topology::Topology;
 
 /// Outcomes recorded in one transaction at most.
@@ -47,15 +53,33 @@ const RECORD_BATCH: usize = 256;
 /// before it is dropped.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
-/// Handlers in flight hold `slots` (sized `config.concurrency`), which outlive one
-/// connection: handlers started before a reconnect still count against the limit.
+/// How much of a pool one pod runs at once. It outlives one connection: handlers
+/// started before a reconnect still count against it.
+pub(crate) struct Capacity {
+    /// One per delivery being handled (`config.concurrency`).
+    slots: Arc<Semaphore>,
+    /// Handlers run under its read side; a taken-over attempt, which may be what
+    /// killed a worker, runs under its write side: alone.
+    quarantine: Arc<RwLock<()>>,
+}
+
+impl Capacity {
+    pub fn new(concurrency: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            quarantine: Arc::new(RwLock::new(())),
+        })
+    }
+}
+
 pub(crate) async fn run(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     pool: String,
-    slots: Arc<Semaphore>,
+    capacity: Arc<Capacity>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let slots = &capacity.slots;
     let concurrency = shared.config.concurrency.max(1);
     let channel = connection.create_channel().await?;
     channel
@@ -88,9 +112,16 @@ pub(crate) async fn run(
         shutdown: shutdown.clone(),
         outcomes,
         acks: Acks::start(),
+        quarantine: capacity.quarantine.clone(),
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
-    let consumed = consume(&mut consumer, &runner, &slots, &shutdown, concurrency).await;
+    let consuming = shutdown.child_token();
+    tokio::spawn(crate::pools::keep_registered(
+        shared.store.clone(),
+        vec![runner.pool.clone()],
+        consuming.clone(),
+    ));
+    let consumed = consume(&mut consumer, &runner, slots, &shutdown, concurrency).await;
     if consumed.is_ok() {
         // Shutdown: stop deliveries, then give handlers in flight the grace period to
         // finish and be recorded and acked; whatever is still unacked returns to the
@@ -114,6 +145,7 @@ pub(crate) async fn run(
     // Whether it stops or fails, this run lets go of everything it opened: the recorder
     // holds the runner (and its channel), and a restarted run makes its own.
     recorder.abort();
+    consuming.cancel();
     crate::broker::close_channel(&channel).await;
     runner.publisher.close().await;
     consumed
@@ -158,6 +190,18 @@ async fn consume(
     }
 }
 
+/// A claimed attempt's turn to run its handler, held while it runs, with the starts
+/// of its attempt so far.
+struct Turn {
+    starts: i32,
+    _beside: Option<OwnedRwLockReadGuard<()>>,
+    _alone: Option<OwnedRwLockWriteGuard<()>>,
+}
+
+fn new_token() -> Arc<str> {
+    uuid::Uuid::new_v4().to_string().into()
+}
+
 /// A delivery whose handler has run, on its way to being recorded.
 struct Finished {
     delivery: Delivery,
@@ -174,6 +218,7 @@ struct Runner {
     shutdown: CancellationToken,
     outcomes: mpsc::UnboundedSender<Finished>,
     acks: Acks,
+    quarantine: Arc<RwLock<()>>,
 }
 
 impl Runner {
@@ -192,7 +237,7 @@ impl Runner {
                     fresh.push((delivery, slot, message))
                 }
                 // A redelivery may need a takeover: the one-task claim handles it.
-                Ok(message) => self.spawn_single(delivery, slot, message),
+                Ok(message) => self.spawn_single(delivery, slot, message, new_token()),
                 Err(reason) => {
                     let runner = self.clone();
                     tokio::spawn(async move {
@@ -205,7 +250,7 @@ impl Runner {
         if fresh.is_empty() {
             return;
         }
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = new_token();
         let claims: Vec<(i64, i32)> = fresh
             .iter()
             .map(|(_, _, m)| (m.task_id, m.attempt))
@@ -217,20 +262,25 @@ impl Runner {
             .await
         {
             Ok(claimed) => claimed,
+            // Part of the batch may have been claimed before the error: the one-task
+            // claims under the same token find those rows claimed by it already.
             Err(err) => {
                 tracing::error!(%err, "claiming a batch of tasks failed; trying them one by one");
                 HashSet::new()
             }
         };
-        let token = Arc::new(token);
         for (delivery, slot, message) in fresh {
             if claimed.contains(&message.task_id) {
                 let (runner, token) = (self.clone(), token.clone());
-                tokio::spawn(
-                    async move { runner.attempt(delivery, slot, message, &token, 1).await },
-                );
+                let claim = Claim {
+                    deliveries: 1,
+                    taken_over: false,
+                };
+                tokio::spawn(async move {
+                    runner.attempt(delivery, slot, message, &token, claim).await
+                });
             } else {
-                self.spawn_single(delivery, slot, message);
+                self.spawn_single(delivery, slot, message, token.clone());
             }
         }
     }
@@ -242,10 +292,10 @@ impl Runner {
         delivery: Delivery,
         slot: OwnedSemaphorePermit,
         message: TaskMessage,
+        token: Arc<str>,
     ) {
         let runner = self.clone();
         tokio::spawn(async move {
-            let token = uuid::Uuid::new_v4().to_string();
             let claim = runner
                 .shared
                 .store
@@ -258,11 +308,7 @@ impl Runner {
                 )
                 .await;
             match claim {
-                Ok(Some(claim)) => {
-                    runner
-                        .attempt(delivery, slot, message, &token, claim.deliveries)
-                        .await
-                }
+                Ok(Some(claim)) => runner.attempt(delivery, slot, message, &token, claim).await,
                 Ok(None) => {
                     let settled = runner.settle_stale(&delivery, &message).await;
                     runner.settle(delivery, slot, settled);
@@ -294,7 +340,7 @@ impl Runner {
         slot: OwnedSemaphorePermit,
         message: TaskMessage,
         token: &str,
-        deliveries: i32,
+        claim: Claim,
     ) {
         let result = if !self.shared.registry.knows_task_type(&message.task_type) {
             if let Err(err) = self
@@ -310,13 +356,54 @@ impl Runner {
                 "unknown task type {:?} in pool {:?}",
                 message.task_type, self.pool
             )))
-        } else if deliveries > self.shared.config.max_deliveries {
-            Err(TaskError::permanent(format!(
-                "attempt {} was delivered {deliveries} times without finishing: the task keeps killing its worker",
-                message.attempt
-            )))
         } else {
-            self.run_handler(&message, token).await
+            // A taken-over attempt may be what killed the last worker: it runs alone,
+            // so that if it kills this one too, no neighbour was running beside it. Its
+            // start is counted only now, so waiting for its turn costs it nothing.
+            let turn = if claim.taken_over {
+                let alone = tokio::select! {
+                    // Unsettled, the message returns to the queue with the channel.
+                    _ = self.shutdown.cancelled() => return,
+                    alone = self.quarantine.clone().write_owned() => alone,
+                };
+                match self
+                    .shared
+                    .store
+                    .count_start(message.task_id, message.attempt, token)
+                    .await
+                {
+                    Ok(Some(starts)) => Turn {
+                        starts,
+                        _beside: None,
+                        _alone: Some(alone),
+                    },
+                    Ok(None) => {
+                        let settled = self.settle_stale(&delivery, &message).await;
+                        return self.settle(delivery, slot, settled);
+                    }
+                    Err(err) => return self.settle(delivery, slot, Err(err.into())),
+                }
+            } else {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    beside = self.quarantine.clone().read_owned() => Turn {
+                        starts: claim.deliveries,
+                        _beside: Some(beside),
+                        _alone: None,
+                    },
+                }
+            };
+            let starts = turn.starts;
+            let result = if starts > self.shared.config.max_deliveries {
+                Err(TaskError::permanent(format!(
+                    "attempt {} was started {starts} times without finishing: the task keeps killing its worker",
+                    message.attempt
+                )))
+            } else {
+                self.run_handler(&message, token).await
+            };
+            drop(turn);
+            result
         };
         let outcome = match result {
             Ok(value) => TaskOutcome::Done(value),
@@ -546,6 +633,11 @@ impl Runner {
                 tracing::debug!(%err, "task message not settled: broker connection lost");
             }
             Err(err) => {
+                if let Error::Broker(BrokerError::Returned { .. }) = err {
+                    // A queue this process declared is gone (deleted, a broker reset):
+                    // declare it again on the next send instead of bouncing forever.
+                    self.shared.topology.forget_declared();
+                }
                 tracing::error!(%err, "task message not settled; returning it to the queue");
                 self.acks.settle(delivery, Settlement::Requeue, slot);
             }

@@ -33,6 +33,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The task type of [`poison_pod`]: sleeps `ms`, or aborts the process if `abort`.
+const POISON: &str = "test.poison";
+/// Set for the child processes that run [`poison_pod`].
+const POISON_POD: &str = "TASKMILL_TEST_POISON_POD";
+
 on_both_backends!(
     kill_9_workers_during_a_job,
     rabbitmq_restart_during_a_job,
@@ -40,6 +45,7 @@ on_both_backends!(
     purged_work_queue_is_swept_back,
     bad_input_flood_is_parked,
     closed_connections_are_ridden_out,
+    a_poison_task_fails_alone,
 );
 
 mod postgres_only {
@@ -304,6 +310,88 @@ async fn closed_connections_are_ridden_out(backend: Backend) {
     eprintln!("closed connections: 3 waiting producers, 3 jobs of 1000 tasks, {report}");
 }
 
+/// A task that aborts its process, among 31 neighbours on one pod of 32 slots,
+/// restarted whenever it dies (as an orchestrator would): each crash takes down the
+/// neighbours running beside it, yet only the poison task fails — once it was started
+/// more than `max_deliveries` (5) times — and every neighbour is done.
+async fn a_poison_task_fails_alone(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut fleet = Fleet::poison_pods(&env).await;
+    let mut tasks: Vec<serde_json::Value> = (0..31).map(|_| json!({ "ms": 500 })).collect();
+    tasks.insert(13, json!({ "abort": true }));
+    let mut request = JobRequest::new(POISON, tasks);
+    request.on_failure = taskmill::FailurePolicy::Continue;
+    let client = env.client().await;
+    let job_id = client.submit(request).await.unwrap();
+    client.close().await.unwrap();
+
+    let started = Instant::now();
+    let mut crashes = 0;
+    while !job_ended(&env, &job_id).await {
+        assert!(started.elapsed() < JOB_TIMEOUT, "the job ends");
+        if fleet.alive() == 0 {
+            crashes += 1;
+            fleet.restart(0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = check_invariants(&env, &[(job_id.as_str(), "failed")], &audit, 0).await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    let failed: Vec<_> = rows.iter().filter(|row| row.status == "failed").collect();
+    assert_eq!(failed.len(), 1, "only the poison task fails: {failed:?}");
+    assert_eq!(failed[0].ordinal, 13);
+    assert!(
+        failed[0]
+            .info
+            .as_deref()
+            .is_some_and(|error| error.contains("keeps killing its worker")),
+        "{:?}",
+        failed[0].info
+    );
+    assert_eq!(rows.iter().filter(|row| row.status == "done").count(), 31);
+    fleet.stop_all().await;
+    eprintln!("poison task: {crashes} crashes, 31 neighbours done, {report}");
+}
+
+/// Not a scenario: the pod of [`a_poison_task_fails_alone`], run as a child process
+/// (this test binary again) because one of its handlers aborts the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as a child process by a_poison_task_fails_alone"]
+async fn poison_pod() {
+    if std::env::var_os(POISON_POD).is_none() {
+        return;
+    }
+    let mut config = taskmill::Config::from_env();
+    config.grace_period = Duration::from_secs(5);
+    config.sweep_interval = Duration::from_secs(1);
+    config.stuck_after = Duration::from_secs(3);
+    let shutdown = taskmill::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        term.recv().await;
+        stop.cancel();
+    });
+    taskmill::Worker::builder()
+        .config(config)
+        .handler(POISON, |ctx: taskmill::TaskContext| async move {
+            if ctx.payload["abort"] == json!(true) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::process::abort();
+            }
+            let ms = ctx.payload["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!(null))
+        })
+        .build()
+        .run(shutdown)
+        .await
+        .unwrap();
+}
+
 // ---------------------------------------------------------------- the checks
 
 /// Waits for the jobs to end, then checks every invariant; returns a summary.
@@ -459,6 +547,7 @@ async fn wait_for_progress(env: &TestEnv, job_id: &str, done: i64) {
 /// `taskmill worker` processes, each running every role.
 struct Fleet {
     children: Vec<Child>,
+    program: PathBuf,
     command: Vec<String>,
     vars: Vec<(String, String)>,
     logs: PathBuf,
@@ -494,6 +583,7 @@ impl Fleet {
         ];
         let mut fleet = Self {
             children: Vec::new(),
+            program: PathBuf::from(env!("CARGO_BIN_EXE_taskmill")),
             command,
             vars,
             logs,
@@ -506,11 +596,24 @@ impl Fleet {
         fleet
     }
 
+    /// One [`poison_pod`]: this test binary, running only that test.
+    async fn poison_pods(env: &TestEnv) -> Self {
+        let mut fleet = Self::start(env, 0, &[]).await;
+        fleet.program = std::env::current_exe().unwrap();
+        fleet.command = ["poison_pod", "--exact", "--ignored", "--nocapture"]
+            .map(String::from)
+            .to_vec();
+        fleet.vars.push((POISON_POD.to_owned(), "1".to_owned()));
+        let child = fleet.spawn();
+        fleet.children.push(child);
+        fleet
+    }
+
     fn spawn(&mut self) -> Child {
         self.spawned += 1;
         let log =
             std::fs::File::create(self.logs.join(format!("worker-{}.log", self.spawned))).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        Command::new(&self.program)
             .args(&self.command)
             .envs(self.vars.iter().cloned())
             .stdin(Stdio::null())

@@ -30,6 +30,11 @@ on_both_backends!(
     a_reused_job_id_with_another_request_is_refused,
     a_restarted_worker_role_leaves_no_channel_behind,
     hung_tasks_time_out_and_free_their_slots,
+    requests_for_pools_nobody_serves_are_refused,
+    a_job_waiting_on_a_pool_nobody_consumes_says_so,
+    a_queue_declared_with_other_arguments_parks_the_request,
+    a_deleted_delay_queue_is_declared_again,
+    a_job_failed_while_forming_stops_its_intake_and_its_tasks,
 );
 
 mod any_backend {
@@ -464,6 +469,243 @@ async fn the_ladder_waits_exactly() {
     }
 }
 
+/// Fifty requests naming fifty pools no pod serves: each is refused with its reason
+/// and answered, and no work queue is declared for any of them. A pool a pod serves
+/// is accepted, even when that pod runs no intake.
+async fn requests_for_pools_nobody_serves_are_refused(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let gpu = env.start(
+        env.worker()
+            .roles(taskmill::Roles {
+                worker: true,
+                ..taskmill::Roles::NONE
+            })
+            .queue("gpu"),
+    );
+    let client = env.client().await;
+    let watch = client.watch("pool-0").await.unwrap();
+    for n in 0..50 {
+        let mut request = echo_request(&format!("pool-{n}"), 2);
+        request["queue"] = json!(format!("nobody-{n}"));
+        publish_request(&env, &request).await;
+    }
+    let parked = wait_for_parked(&env, 50).await;
+    assert!(
+        parked.iter().all(|reason| reason.contains("unknown pool")),
+        "{parked:?}"
+    );
+    match tokio::time::timeout(SOON, watch.event()).await.unwrap() {
+        Err(taskmill::Error::Rejected { reason, .. }) => {
+            assert!(reason.contains("unknown pool \"nobody-0\""), "{reason}")
+        }
+        other => panic!("a rejection, not {other:?}"),
+    }
+    for n in 0..50 {
+        let id = format!("pool-{n}");
+        assert!(env.store.job(&id).await.unwrap().is_none(), "{id}");
+    }
+    let mut request = echo_request("on-gpu", 3);
+    request["queue"] = json!("gpu");
+    publish_request(&env, &request).await;
+    assert_eq!(env.wait_for_end("on-gpu", SOON).await.stage, "done");
+    assert_still_serving(&env, &client, "after-pools").await;
+    let work_queues: Vec<String> = env
+        .queue_names()
+        .into_iter()
+        .filter(|name| name.starts_with(&format!("{}.work.", env.config.prefix)))
+        .collect();
+    assert_eq!(
+        work_queues.len(),
+        2,
+        "default and gpu only: {work_queues:?}"
+    );
+    gpu.stop().await;
+    pod.stop().await;
+}
+
+/// A job for a configured pool whose pods have not started yet waits, and says so in
+/// `taskmill status`; once a pod serves the pool, the job runs and the note is gone.
+async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let mut config = env.config.clone();
+    config.known_pools = vec!["later".to_owned()];
+    let pod = env.start(env.worker().config(config));
+    let mut request = echo_request("waits", 2);
+    request["queue"] = json!("later");
+    publish_request(&env, &request).await;
+    common::wait_until(SOON, || async {
+        env.store
+            .job("waits")
+            .await
+            .unwrap()
+            .is_some_and(|job| job.stage == "running")
+    })
+    .await;
+    let silent = env
+        .store
+        .silent_pools(taskmill::pools::silent_since(chrono::Utc::now()))
+        .await
+        .unwrap();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(
+        (silent[0].name.as_str(), silent[0].last_seen_at),
+        ("later", None)
+    );
+    let status = job_status_text(&env, "waits").await;
+    assert!(
+        status.contains("waiting  no pod has ever consumed pool \"later\""),
+        "{status}"
+    );
+
+    let later = env.start(
+        env.worker()
+            .roles(taskmill::Roles {
+                worker: true,
+                ..taskmill::Roles::NONE
+            })
+            .queue("later"),
+    );
+    assert_eq!(env.wait_for_end("waits", SOON).await.stage, "done");
+    assert!(!job_status_text(&env, "waits").await.contains("waiting"));
+    later.stop().await;
+    pod.stop().await;
+}
+
+/// Someone declared the pool's work queue with other arguments: the broker refuses
+/// taskmill's declare (406 PRECONDITION_FAILED) and closes the channel. The request is
+/// parked with the broker's reason, and the intake, on a new channel, goes on.
+async fn a_queue_declared_with_other_arguments_parks_the_request(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let odd = env.topology().work_queue("odd");
+    let connection = env.connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(10));
+    channel
+        .queue_declare(
+            odd.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    let mut config = env.config.clone();
+    config.known_pools = vec!["odd".to_owned()];
+    let pod = env.start(env.worker().config(config));
+    let client = env.client().await;
+    let mut request = echo_request("odd-queue", 2);
+    request["queue"] = json!("odd");
+    publish_request(&env, &request).await;
+    let parked = wait_for_parked(&env, 1).await;
+    assert!(
+        parked[0].contains("PRECONDITION_FAILED") || parked[0].contains("inequivalent"),
+        "the broker's reason: {}",
+        parked[0]
+    );
+    assert_still_serving(&env, &client, "after-odd").await;
+    pod.stop().await;
+}
+
+/// The delay ladder's queues deleted under a running pod: a failing task's retry comes
+/// back unroutable once, the ladder is declared again, and the retry goes through
+/// instead of bouncing between the worker and its queue for ever.
+async fn a_deleted_delay_queue_is_declared_again(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    assert_still_serving(&env, &client, "before-delete").await;
+    let connection = env.connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    for level in 0..DELAY_LEVELS {
+        channel
+            .queue_delete(
+                env.topology().delay_level(level).as_str().into(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+    connection.close(200, "done".into()).await.unwrap();
+    let request = json!({
+        "version": 1,
+        "job_id": "retried-after-delete",
+        "job_type": builtin::FAIL,
+        "tasks": [{ "times": 1 }],
+        "retry_delay_ms": 100,
+    });
+    publish_request(&env, &request).await;
+    let job = env.wait_for_end("retried-after-delete", SOON).await;
+    assert_eq!((job.stage.as_str(), job.done_count), ("done", 1));
+    assert_still_serving(&env, &client, "after-delete").await;
+    pod.stop().await;
+}
+
+/// The job leaves `formation` while its intake is still storing it (the sweeper's
+/// formation timeout; here a trigger fails it once task 100 is stored): the intake
+/// stops and parks the request, and the tasks it had already published are not run
+/// and move no counter.
+async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let admin = sea_orm::Database::connect(&env.config.database_url)
+        .await
+        .unwrap();
+    let trigger = match backend {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER formation_timeout AFTER INSERT ON tasks WHEN NEW.ordinal = 100 \
+             BEGIN UPDATE jobs SET stage = 'failed' WHERE id = NEW.job_id; END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION formation_timeout() RETURNS trigger AS $$ BEGIN \
+             IF NEW.ordinal = 100 THEN UPDATE jobs SET stage = 'failed' WHERE id = NEW.job_id; \
+             END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER formation_timeout AFTER INSERT ON tasks \
+             FOR EACH ROW EXECUTE FUNCTION formation_timeout()",
+        ],
+    };
+    for statement in trigger {
+        sea_orm::ConnectionTrait::execute_unprepared(&admin, statement)
+            .await
+            .unwrap();
+    }
+    admin.close().await.unwrap();
+    let pod = env.start(env.worker());
+    let client = env.client().await;
+    publish_request(&env, &echo_request("cut-short", 2000)).await;
+    let parked = wait_for_parked(&env, 1).await;
+    assert!(parked[0].contains("left formation"), "{}", parked[0]);
+    // What was published before the check reaches the workers and is not run.
+    let queue = env.topology().work_queue("default");
+    common::wait_until(SOON, || async { env.message_count(&queue).await == 0 }).await;
+    let rows = env.store.tasks_of_job("cut-short").await.unwrap();
+    assert!(
+        !rows.is_empty() && rows.len() < 2000,
+        "the intake stopped storing: {} rows",
+        rows.len()
+    );
+    assert!(
+        rows.iter()
+            .all(|row| row.status == "pending" && row.attempts == 0),
+        "no task of the failed job ran"
+    );
+    let job = env.store.job("cut-short").await.unwrap().unwrap();
+    assert_eq!(
+        (job.stage.as_str(), job.done_count, job.failed_count),
+        ("failed", 0, 0)
+    );
+    assert_still_serving(&env, &client, "after-cut").await;
+    pod.stop().await;
+}
+
 // ---------------------------------------------------------------- helpers
 
 fn echo_request(job_id: &str, tasks: usize) -> Value {
@@ -539,4 +781,16 @@ fn assert_queue_bound(env: &TestEnv) {
         "{} queues, more than the bound of {bound}: {ours:?}",
         ours.len()
     );
+}
+
+/// What `taskmill status` prints for a job.
+async fn job_status_text(env: &TestEnv, job_id: &str) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        .args(["status", job_id])
+        .env("DATABASE_URL", &env.config.database_url)
+        .output()
+        .await
+        .expect("taskmill status runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
 }

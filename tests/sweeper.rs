@@ -20,6 +20,8 @@ on_both_backends!(
     parking_lot_lists_replays_and_purges,
     tasks_finished_while_forming_end_the_job_at_start,
     two_outcomes_of_one_attempt_in_a_batch_count_once,
+    a_batch_claim_that_fails_claims_nothing,
+    a_lost_retry_is_resent_into_a_backlog,
 );
 
 /// A job row as the intake creates it, in `formation`.
@@ -269,6 +271,135 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
     assert_eq!(row.status, "done");
     let job = store.job("twice").await.unwrap().unwrap();
     assert_eq!((job.done_count, job.failed_count), (2, 0));
+}
+
+/// A batch claim spanning two attempt numbers takes two statements. When the second
+/// fails, the first must not stay applied: its tasks would look running, claimed by a
+/// token nobody holds, until their lease ran out.
+async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    store
+        .create_job(&echo_job("split-claim", FailurePolicy::Continue))
+        .await
+        .unwrap();
+    let inserted = store
+        .insert_tasks("split-claim", &echo_tasks(2))
+        .await
+        .unwrap();
+    store.start_job("split-claim", 2).await.unwrap();
+    let (fresh, retried) = (inserted[0].0, inserted[1].0);
+    let lease = Duration::from_secs(60);
+    store
+        .claim_tasks(&[(retried, 1)], "first", lease)
+        .await
+        .unwrap();
+    store
+        .finish_tasks(&[Transition {
+            job_id: "split-claim".into(),
+            task_id: retried,
+            attempt: 1,
+            outcome: TaskOutcome::Retrying("once more".into()),
+        }])
+        .await
+        .unwrap();
+    // The database refuses every claim of a second attempt.
+    let admin = sea_orm::Database::connect(&env.config.database_url)
+        .await
+        .unwrap();
+    let trigger = match backend {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_second BEFORE UPDATE ON tasks WHEN NEW.attempts = 2 \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_second() RETURNS trigger AS $$ BEGIN \
+             IF NEW.attempts = 2 THEN RAISE EXCEPTION 'injected failure'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_second BEFORE UPDATE ON tasks \
+             FOR EACH ROW EXECUTE FUNCTION refuse_second()",
+        ],
+    };
+    for statement in trigger {
+        sea_orm::ConnectionTrait::execute_unprepared(&admin, statement)
+            .await
+            .unwrap();
+    }
+    admin.close().await.unwrap();
+
+    let claimed = store
+        .claim_tasks(&[(fresh, 1), (retried, 2)], "batch", lease)
+        .await;
+    assert!(claimed.is_err(), "the second statement fails: {claimed:?}");
+    let row = store.task(fresh).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.claimed_by.as_deref()),
+        ("pending", None),
+        "the first statement's claim was rolled back"
+    );
+    // The worker then claims one by one, under the same token.
+    let claim = store
+        .claim_task(fresh, 1, "batch", false, lease)
+        .await
+        .unwrap()
+        .expect("the fresh task is claimable at once");
+    assert_eq!((claim.deliveries, claim.taken_over), (1, false));
+}
+
+/// A retry lost in the delay ladder (a deleted queue, at-most-once dead-lettering)
+/// leaves a `retrying` row and no message. Once its wait and `stuck_after` are over,
+/// the sweeper sends attempt 2 again — even though the pool has a backlog, which would
+/// hide a lost pending task but cannot hide a lost retry.
+async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    store
+        .create_job(&echo_job("lost-retry", FailurePolicy::Continue))
+        .await
+        .unwrap();
+    let inserted = store
+        .insert_tasks("lost-retry", &echo_tasks(1))
+        .await
+        .unwrap();
+    store.start_job("lost-retry", 1).await.unwrap();
+    let task_id = inserted[0].0;
+    store
+        .claim_tasks(&[(task_id, 1)], "token", Duration::from_secs(60))
+        .await
+        .unwrap();
+    store
+        .finish_tasks(&[Transition {
+            job_id: "lost-retry".into(),
+            task_id,
+            attempt: 1,
+            outcome: TaskOutcome::Retrying("first try failed".into()),
+        }])
+        .await
+        .unwrap();
+    let before = store.task(task_id).await.unwrap().unwrap();
+    let queue = env.topology().work_queue("default");
+    for _ in 0..5 {
+        env.publish_raw("", &queue, b"backlog", None).await;
+    }
+    let sweeper = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+        sweeper: true,
+        ..Roles::NONE
+    }));
+    common::wait_until(LONG, || async { env.message_count(&queue).await == 6 }).await;
+    sweeper.stop().await;
+    let messages = env.drain_queue(&queue).await;
+    let resent: Vec<taskmill::protocol::TaskMessage> = messages
+        .iter()
+        .filter_map(|(body, _)| serde_json::from_slice(body).ok())
+        .collect();
+    assert_eq!(resent.len(), 1, "one retry re-sent behind the backlog");
+    assert_eq!((resent[0].task_id, resent[0].attempt), (task_id, 2));
+    let after = store.task(task_id).await.unwrap().unwrap();
+    assert_eq!(after.status, "retrying");
+    assert!(
+        after.version > before.version,
+        "the re-send was claimed with a compare-and-set on the version"
+    );
 }
 
 async fn parking_lot_lists_replays_and_purges(backend: Backend) {

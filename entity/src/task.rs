@@ -17,8 +17,8 @@ pub struct Model {
     pub status: String,
     /// Attempts started; a redelivery of the same attempt does not bump it.
     pub attempts: i32,
-    /// Claims of the current attempt; bumped by redeliveries, so a task that
-    /// kills its worker cannot loop forever.
+    /// Starts of the current attempt's handler: a task that keeps killing its worker
+    /// fails once it passes the limit, instead of looping forever.
     pub deliveries: i32,
     /// The last error.
     pub info: Option<String>,

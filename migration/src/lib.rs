@@ -7,6 +7,7 @@ mod m20261125_000001_create_jobs_and_tasks;
 mod m20261125_000002_create_leases;
 mod m20261125_000003_lean_task_indexes;
 mod m20261126_000004_untrusted_producers;
+mod m20261126_000005_pools;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_create_leases::Migration),
             Box::new(m20261125_000003_lean_task_indexes::Migration),
             Box::new(m20261126_000004_untrusted_producers::Migration),
+            Box::new(m20261126_000005_pools::Migration),
         ]
     }
 }

@@ -2,8 +2,9 @@
 
 use clap::Args;
 use serde_json::json;
+use taskmill::state::JobStage;
 use taskmill::store::Store;
-use taskmill::Config;
+use taskmill::{pools, Config};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -22,6 +23,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     };
     let job = &status.job;
     let target = target_report(&store.job_event(&job.id).await?);
+    let waiting = pool_report(&store, job).await?;
     if args.json {
         let doc = json!({
             "job_id": job.id,
@@ -36,6 +38,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "finished_at": job.finished_at,
             "on_complete": job.on_complete,
             "on_complete_error": target,
+            "waiting": waiting,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
@@ -51,10 +54,27 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     if let Some(error) = &job.first_error {
         println!("error    {error}");
     }
+    if let Some(waiting) = waiting {
+        println!("waiting  {waiting}");
+    }
     if let Some(target) = target {
         println!("on_complete  {target}");
     }
     Ok(0)
+}
+
+/// Why a running job may not be moving: its pool has no consumer.
+async fn pool_report(
+    store: &Store,
+    job: &taskmill::store::job::Model,
+) -> anyhow::Result<Option<String>> {
+    if job.stage != JobStage::Running.as_str() {
+        return Ok(None);
+    }
+    let now = chrono::Utc::now();
+    let last_seen_at = store.pool(&job.queue).await?.map(|pool| pool.last_seen_at);
+    let silent = last_seen_at.is_none_or(|at| at < pools::silent_since(now));
+    Ok(silent.then(|| pools::describe_silence(&job.queue, last_seen_at, now)))
 }
 
 /// What went wrong with the job event's `on_complete` target, if anything.

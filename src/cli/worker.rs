@@ -21,6 +21,9 @@ pub struct WorkerArgs {
     /// Worker pools to serve (repeatable; default `default`).
     #[arg(long = "queue")]
     pub queues: Vec<String>,
+    /// Pools job requests may name besides `default` and the pools pods serve.
+    #[arg(long, env = "TASKMILL_KNOWN_POOLS", value_delimiter = ',')]
+    pub known_pools: Vec<String>,
     /// Handlers running at once per pool.
     #[arg(long, env = "TASKMILL_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
@@ -80,6 +83,7 @@ pub async fn run(
     config.sweeper_shards = args.sweeper_shards.max(1);
     config.consumer_timeout = Duration::from_secs(args.consumer_timeout_secs);
     config.task_timeout = Duration::from_secs(args.task_timeout_secs.max(1));
+    config.known_pools = args.known_pools;
     let mut builder = Worker::builder().config(config).roles(roles(&args.roles));
     for queue in args.queues {
         builder = builder.queue(queue);

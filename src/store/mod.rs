@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod jobs;
 mod pg_batch;
+mod pools;
 mod sweeper;
 mod tasks;
 
@@ -29,10 +30,11 @@ pub use completion::Progress;
 pub use error::StoreError;
 pub use events::TargetOutcome;
 pub use jobs::{JobStatus, NewJob, NewTask, StartOutcome};
+pub use pools::SilentPool;
 pub use sweeper::SWEEP_WRITE_BATCH;
 pub use tasks::{Claim, TaskOutcome, Transition};
 
-pub use entity::{job, job_event, task};
+pub use entity::{job, job_event, pool, task};
 
 /// How long the process that ends a job owns the publishing of its event before the
 /// outbox relay may publish it instead: twice the longest a confirm may take, so a

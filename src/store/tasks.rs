@@ -2,7 +2,8 @@
 //!
 //! - claim: `pending|retrying` with `attempts = n-1` → `running`, `attempts = n`; or a
 //!   `running` attempt n taken over (redelivery after a dead worker, expired lease, or
-//!   our own retried write), which bumps `deliveries` instead of `attempts`;
+//!   our own retried write), which keeps `attempts`; `deliveries` counts the starts of
+//!   the attempt's handler (a taken-over attempt counts its start when it runs);
 //! - finish: `running` attempt n → `done` (+ result) or `failed` (+ info);
 //! - retry: `running` attempt n → `retrying` (+ info).
 //!
@@ -29,10 +30,13 @@ use super::{job, task, Store, StoreError};
 use crate::state::{JobStage, TaskStatus};
 
 /// A successful claim.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Claim {
-    /// Claims of this attempt so far, this one included.
+    /// Starts of this attempt's handler so far (a fresh claim counts its own).
     pub deliveries: i32,
+    /// The attempt was running already, in a worker that died or lost its channel
+    /// (or whose lease ran out): it may be what killed that worker.
+    pub taken_over: bool,
 }
 
 /// How a running attempt ended.
@@ -70,9 +74,12 @@ fn lease_deadline(lease: Duration) -> chrono::DateTime<Utc> {
 }
 
 impl Store {
-    /// Claims attempt `attempt` of a task for the holder of `token`. `redelivered`
-    /// (the broker's flag) lets a running attempt be taken over: its previous holder's
-    /// channel died, so nobody will finish it.
+    /// Claims attempt `attempt` of a task for the holder of `token`: fresh (`pending`
+    /// or `retrying`), or else a takeover of the running attempt. `redelivered` (the
+    /// broker's flag) allows the takeover at once: the previous holder's channel died,
+    /// so nobody will finish it; otherwise only an expired lease (or our own claim,
+    /// after a retried write) allows it. A takeover does not count a delivery: the
+    /// caller does, with [`Store::count_start`], once the handler is about to run.
     pub async fn claim_task(
         &self,
         task_id: i64,
@@ -82,38 +89,65 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<Claim>, StoreError> {
         self.retrying("claim task", || async {
-            let now = Utc::now();
-            let fresh = Condition::all()
-                .add(
+            let fresh = claiming(attempt, Expr::value(1), token, lease)
+                .filter(task::Column::Id.eq(task_id))
+                .filter(
                     task::Column::Status
                         .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
                 )
-                .add(task::Column::Attempts.eq(attempt - 1));
-            let mut takeover_allowed = Condition::any()
-                .add(task::Column::ClaimedBy.eq(token))
-                .add(task::Column::LeaseUntil.lt(now));
-            if redelivered {
-                takeover_allowed = takeover_allowed.add(Expr::value(true));
-            }
-            let takeover = Condition::all()
-                .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
-                .add(task::Column::Attempts.eq(attempt))
-                .add(takeover_allowed);
-            let deliveries = CaseStatement::new()
-                .case(
-                    task::Column::Status.eq(TaskStatus::Running.as_str()),
-                    Expr::col(task::Column::Deliveries).add(1),
-                )
-                .finally(1);
-            let claimed = claiming(attempt, deliveries.into(), token, lease)
-                .filter(task::Column::Id.eq(task_id))
-                .filter(Condition::any().add(fresh).add(takeover))
+                .filter(task::Column::Attempts.eq(attempt - 1))
                 .filter(job_is_live())
                 .exec_with_returning(&self.db)
                 .await?;
-            Ok(claimed.into_iter().next().map(|row| Claim {
+            if let Some(row) = fresh.into_iter().next() {
+                return Ok(Some(Claim {
+                    deliveries: row.deliveries,
+                    taken_over: false,
+                }));
+            }
+            let mut takeover_allowed = Condition::any()
+                .add(task::Column::ClaimedBy.eq(token))
+                .add(task::Column::LeaseUntil.lt(Utc::now()));
+            if redelivered {
+                takeover_allowed = takeover_allowed.add(Expr::value(true));
+            }
+            let taken = claiming(attempt, Expr::col(task::Column::Deliveries), token, lease)
+                .filter(task::Column::Id.eq(task_id))
+                .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
+                .filter(task::Column::Attempts.eq(attempt))
+                .filter(takeover_allowed)
+                .filter(job_is_live())
+                .exec_with_returning(&self.db)
+                .await?;
+            Ok(taken.into_iter().next().map(|row| Claim {
                 deliveries: row.deliveries,
+                taken_over: true,
             }))
+        })
+        .await
+    }
+
+    /// Counts one more start of a taken-over attempt still claimed by `token`; returns
+    /// the starts so far, this one included (`None`: the claim was lost meanwhile).
+    pub async fn count_start(
+        &self,
+        task_id: i64,
+        attempt: i32,
+        token: &str,
+    ) -> Result<Option<i32>, StoreError> {
+        self.retrying("count a start", || async {
+            let rows = task::Entity::update_many()
+                .col_expr(
+                    task::Column::Deliveries,
+                    Expr::col(task::Column::Deliveries).add(1),
+                )
+                .filter(task::Column::Id.eq(task_id))
+                .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
+                .filter(task::Column::Attempts.eq(attempt))
+                .filter(task::Column::ClaimedBy.eq(token))
+                .exec_with_returning(&self.db)
+                .await?;
+            Ok(rows.into_iter().next().map(|row| row.deliveries))
         })
         .await
     }
@@ -154,29 +188,22 @@ impl Store {
         for &(task_id, attempt) in claims {
             by_attempt.entry(attempt).or_default().push(task_id);
         }
-        let mut claimed = HashSet::with_capacity(claims.len());
-        for (attempt, ids) in by_attempt {
-            let rows = self
-                .retrying("claim tasks", || async {
-                    let mut update =
-                        claiming(attempt, Expr::value(1), token, lease)
-                            .filter(one_of(self.backend(), task::Column::Id, ids.clone()))
-                            .filter(task::Column::Status.is_in([
-                                TaskStatus::Pending.as_str(),
-                                TaskStatus::Retrying.as_str(),
-                            ]))
-                            .filter(task::Column::Attempts.eq(attempt - 1))
-                            .filter(job_is_live())
-                            .into_query();
-                    update.returning(Query::returning().column(task::Column::Id));
-                    Ok(self.db.query_all(&update).await?)
+        if by_attempt.len() == 1 {
+            return self
+                .retrying("claim tasks", || {
+                    claim_by_attempt(&self.db, &by_attempt, token, lease)
                 })
-                .await?;
-            for row in rows {
-                claimed.insert(row.try_get::<i64>("", "id")?);
-            }
+                .await;
         }
-        Ok(claimed)
+        // Several statements: all or none, so an error never leaves tasks claimed that
+        // the caller believes unclaimed.
+        self.retrying("claim tasks", || async {
+            let txn = self.db.begin().await?;
+            let claimed = claim_by_attempt(&txn, &by_attempt, token, lease).await?;
+            txn.commit().await?;
+            Ok(claimed)
+        })
+        .await
     }
 
     /// Records many attempts' outcomes in one transaction, each only if its attempt is
@@ -276,6 +303,36 @@ fn job_is_live() -> SimpleExpr {
             )
             .to_owned(),
     )
+}
+
+/// One claim statement per attempt number; returns the ids claimed.
+async fn claim_by_attempt<C: ConnectionTrait>(
+    db: &C,
+    by_attempt: &BTreeMap<i32, Vec<i64>>,
+    token: &str,
+    lease: Duration,
+) -> Result<HashSet<i64>, StoreError> {
+    let mut claimed = HashSet::new();
+    for (&attempt, ids) in by_attempt {
+        let mut update = claiming(attempt, Expr::value(1), token, lease)
+            .filter(one_of(
+                db.get_database_backend(),
+                task::Column::Id,
+                ids.clone(),
+            ))
+            .filter(
+                task::Column::Status
+                    .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
+            )
+            .filter(task::Column::Attempts.eq(attempt - 1))
+            .filter(job_is_live())
+            .into_query();
+        update.returning(Query::returning().column(task::Column::Id));
+        for row in db.query_all(&update).await? {
+            claimed.insert(row.try_get::<i64>("", "id")?);
+        }
+    }
+    Ok(claimed)
 }
 
 /// The SET part of a claim: attempt `attempt` runs for `token` under a fresh lease.

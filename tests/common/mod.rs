@@ -109,6 +109,8 @@ impl TestEnv {
             amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
             database_url,
             prefix: "tm".to_owned(),
+            // `TASKMILL_QUEUE_TYPE=quorum` runs a suite on quorum queues.
+            queue_type: Config::from_env().queue_type,
             grace_period: Duration::from_secs(5),
             ..Config::default()
         };
