@@ -96,7 +96,16 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
     let Some(watch) = watch else {
         return Ok(0);
     };
-    let event = watch.event().await?;
+    let event = match watch.event().await {
+        Ok(event) => event,
+        // An answer, not a failure of this command: say why, exit 1 as for a failed job.
+        Err(rejected @ taskmill::Error::Rejected { .. }) => {
+            eprintln!("{rejected}");
+            client.close().await?;
+            return Ok(1);
+        }
+        Err(err) => return Err(err.into()),
+    };
     println!("{}", serde_json::to_string_pretty(&event)?);
     client.close().await?;
     Ok(if event.is_done() { 0 } else { 1 })
