@@ -22,7 +22,7 @@
 //! pool (the delayed delivery of NServiceBus): level k is a topic exchange and a queue
 //! whose messages live 2^k ms. A retry's routing key spells its wait in binary, one word
 //! per level from the highest down, then the pool (`0.….1.0.1.default`). It enters at
-//! the top level; each level's exchange sends it to its queue when its digit is 1 (it
+//! the level of its highest 1 digit; each level's exchange sends it to its queue when its digit is 1 (it
 //! waits 2^k ms there, then dead-letters to the level below) or straight to the level
 //! below when the digit is 0; below level 0, `{p}.delay.deliver` routes it to its pool's
 //! work queue. Each level's queue holds messages of one TTL only, so they expire in
@@ -91,9 +91,12 @@ impl Topology {
         format!("{}.delay.level.{level:02}", self.prefix)
     }
 
-    /// Where a delayed message enters the ladder.
-    pub fn delay_entry(&self) -> String {
-        self.delay_level(DELAY_LEVELS - 1)
+    /// Where a message that waits `delay_ms` enters the ladder: the level of its
+    /// highest 1 digit. The levels above would only pass it down, and every exchange a
+    /// message crosses costs the broker a topic match of the whole key.
+    pub fn delay_entry(&self, delay_ms: u64) -> String {
+        let delay_ms = delay_ms.clamp(1, MAX_DELAY_MS);
+        self.delay_level(63 - delay_ms.leading_zeros())
     }
 
     /// Where the ladder hands a message whose wait is over to its pool's work queue.
@@ -333,7 +336,7 @@ impl Topology {
     /// messages live 2^k ms and then dead-letter to the level below. Idempotent; done
     /// once per connection by each pod that sends retries.
     pub async fn declare_delay_ladder(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let ladder = format!("{} ladder", self.delay_entry());
+        let ladder = format!("{} ladder", self.delay_level(DELAY_LEVELS - 1));
         if self.is_declared(&ladder) {
             return Ok(());
         }
@@ -443,6 +446,16 @@ mod tests {
         assert!(words[..29].iter().all(|w| *w == "0"));
         let max = Topology::delay_routing_key(u64::MAX, "p");
         assert!(max.split('.').take(32).all(|w| w == "1"));
+    }
+
+    #[test]
+    fn a_wait_enters_at_its_highest_digit() {
+        let topology = Topology::new("p", QueueType::Classic);
+        assert_eq!(topology.delay_entry(1), "p.delay.level.00");
+        assert_eq!(topology.delay_entry(100), "p.delay.level.06");
+        assert_eq!(topology.delay_entry(128), "p.delay.level.07");
+        assert_eq!(topology.delay_entry(0), "p.delay.level.00");
+        assert_eq!(topology.delay_entry(u64::MAX), "p.delay.level.31");
     }
 
     #[test]

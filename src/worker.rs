@@ -699,7 +699,7 @@ impl Runner {
             ..message.clone()
         };
         let body = serde_json::to_vec(&next).expect("a task message serializes");
-        let entry = topology.delay_entry();
+        let entry = topology.delay_entry(delay_ms);
         let routing_key = Topology::delay_routing_key(delay_ms, &self.pool);
         Ok(self
             .publisher

@@ -399,10 +399,9 @@ async fn the_ladder_waits_exactly() {
         .await
         .unwrap();
     let waits: [u64; 10] = [1, 2, 7, 100, 333, 1000, 1023, 2500, 4097, 5000];
-    let entry = topology.delay_entry();
     let send = |publisher: &taskmill::broker::Publisher, delay: u64, body: String| {
         let publisher = publisher.clone();
-        let entry = entry.clone();
+        let entry = topology.delay_entry(delay);
         async move {
             let key = taskmill::topology::Topology::delay_routing_key(delay, "ladder");
             publisher
