@@ -362,9 +362,10 @@ impl Runner {
             // start is counted only now, so waiting for its turn costs it nothing.
             let turn = if claim.taken_over {
                 let alone = tokio::select! {
-                    // Unsettled, the message returns to the queue with the channel.
-                    _ = self.shutdown.cancelled() => return,
+                    biased;
                     alone = self.quarantine.clone().write_owned() => alone,
+                    // Its start not counted yet, it returns to the queue unsettled.
+                    _ = self.shutdown.cancelled() => return,
                 };
                 match self
                     .shared
@@ -384,13 +385,18 @@ impl Runner {
                     Err(err) => return self.settle(delivery, slot, Err(err.into())),
                 }
             } else {
+                // A fresh claim counted its start already, so it runs whenever it can
+                // — at once unless a quarantined attempt runs — even during shutdown,
+                // like any claimed attempt; only a pod stopping while it waits behind
+                // a quarantined one leaves it to redelivery, one start overcounted.
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
+                    biased;
                     beside = self.quarantine.clone().read_owned() => Turn {
                         starts: claim.deliveries,
                         _beside: Some(beside),
                         _alone: None,
                     },
+                    _ = self.shutdown.cancelled() => return,
                 }
             };
             let starts = turn.starts;
