@@ -7,7 +7,6 @@
 //! [`crate::retry`]; a write that timed out but landed is recognised on the retry by
 //! the same conditions.
 
-mod bench;
 mod completion;
 mod error;
 mod events;
@@ -25,7 +24,6 @@ use sea_orm::{
     TransactionTrait,
 };
 
-pub use bench::ServerCounters;
 pub use completion::Progress;
 pub use error::StoreError;
 pub use events::TargetOutcome;

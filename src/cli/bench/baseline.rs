@@ -4,12 +4,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::database::BenchDb;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
 use taskmill::broker::{self, Outgoing, Publisher};
-use taskmill::store::Store;
 use taskmill::Config;
 
 const CONFIRM_WINDOW: usize = 1_000;
@@ -113,14 +113,14 @@ pub async fn broker(config: &Config, messages: usize) -> anyhow::Result<BrokerBa
 }
 
 /// Single-row UPDATEs by key from 8 connections, then the same rows 100 per statement.
-pub async fn database(store: &Store) -> anyhow::Result<DatabaseBaseline> {
-    store.bench_prepare(DB_ROWS).await?;
+pub async fn database(db: &BenchDb) -> anyhow::Result<DatabaseBaseline> {
+    db.prepare(DB_ROWS).await?;
     let per_connection = DB_ROWS / DB_CONNECTIONS;
 
     let started = Instant::now();
     let single = futures::future::try_join_all((0..DB_CONNECTIONS).map(|c| async move {
         for i in 0..per_connection {
-            store.bench_update_one(c * per_connection + i + 1).await?;
+            db.update_one(c * per_connection + i + 1).await?;
         }
         Ok::<_, anyhow::Error>(())
     }))
@@ -135,7 +135,7 @@ pub async fn database(store: &Store) -> anyhow::Result<DatabaseBaseline> {
         let ids: Vec<i64> = (c * per_connection + 1..=(c + 1) * per_connection).collect();
         for _ in 0..rounds {
             for chunk in ids.chunks(100) {
-                store.bench_update_many(chunk).await?;
+                db.update_many(chunk).await?;
             }
         }
         Ok::<_, anyhow::Error>(())

@@ -15,6 +15,7 @@
 //! database (a new PostgreSQL database, or a temporary SQLite file), removed afterwards.
 
 mod baseline;
+mod database;
 mod fleet;
 mod report;
 mod scenario;
@@ -76,18 +77,19 @@ async fn measure(
     let mut config = config.clone();
     config.database_url = scratch.url.clone();
     config.prefix = format!("bench-{run_id}");
-    let store = Store::connect(&config.database_url, 16).await?;
+    let store = Store::connect(&config.database_url, 1).await?;
     store.migrate().await?;
+    store.close().await?;
 
     eprintln!("baseline: broker…");
     let broker = baseline::broker(&config, args.baseline_messages).await?;
     eprintln!("baseline: database…");
     // Its own pool, closed afterwards: PostgreSQL counts a backend's statistics when it
     // exits, so the baseline's writes cannot leak into the first scenario's costs.
-    let scratch_store = Store::connect(&config.database_url, 16).await?;
-    let database = baseline::database(&scratch_store).await?;
-    scratch_store.bench_drop().await?;
-    scratch_store.close().await?;
+    let scratch_db = database::BenchDb::connect(&config.database_url, 16).await?;
+    let database = baseline::database(&scratch_db).await?;
+    scratch_db.drop_table().await?;
+    scratch_db.close().await?;
     let mut report = Report::new(&config, args, broker, database);
 
     let n = args.tasks;
@@ -127,7 +129,8 @@ async fn measure(
                 .any(|s| spec.name.eq_ignore_ascii_case(s) || spec.name.starts_with(s.as_str()))
     });
 
-    let bench = scenario::Bench::start(&config, store.clone(), args.concurrency).await?;
+    let counters = database::BenchDb::connect(&config.database_url, 1).await?;
+    let bench = scenario::Bench::start(&config, counters, args.concurrency).await?;
     // Let the baselines' traffic reach the broker's sampled statistics first.
     tokio::time::sleep(scenario::STATS_SETTLE).await;
     for spec in specs {

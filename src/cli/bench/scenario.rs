@@ -15,6 +15,7 @@ use taskmill::config::DEFAULT_QUEUE;
 use taskmill::store::Store;
 use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
 
+use super::database::BenchDb;
 use super::fleet::Fleet;
 
 /// How long the broker's and PostgreSQL's statistics may lag behind.
@@ -100,7 +101,7 @@ pub struct ScenarioResult {
 
 pub struct Bench {
     config: Config,
-    store: Store,
+    counters: BenchDb,
     client: Client,
     concurrency: usize,
     events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
@@ -109,7 +110,11 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub async fn start(config: &Config, store: Store, concurrency: usize) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: &Config,
+        counters: BenchDb,
+        concurrency: usize,
+    ) -> anyhow::Result<Self> {
         let client = Client::connect(config).await?;
         let listener = taskmill::broker::connect(&config.amqp_url).await?;
         let channel = listener.create_channel().await?;
@@ -130,7 +135,7 @@ impl Bench {
         });
         Ok(Self {
             config: config.clone(),
-            store,
+            counters,
             client,
             concurrency,
             events,
@@ -141,7 +146,7 @@ impl Bench {
 
     pub async fn run(&self, spec: &Spec) -> anyhow::Result<ScenarioResult> {
         let fleet = Fleet::spawn(&self.config, spec.workers, self.concurrency)?;
-        let db_before = self.store.server_counters().await?;
+        let db_before = self.counters.server_counters().await?;
         let published_before = self.api.as_ref().and_then(ManagementApi::published);
 
         let requests: Vec<JobRequest> = (0..spec.jobs).map(|_| spec.request()).collect();
@@ -194,7 +199,7 @@ impl Bench {
         tokio::time::sleep(STATS_SETTLE).await;
         let tasks = spec.jobs * spec.tasks_per_job;
         let per_task = |delta: i64| delta as f64 / tasks as f64;
-        let db_after = self.store.server_counters().await?;
+        let db_after = self.counters.server_counters().await?;
         let published_after = self.api.as_ref().and_then(ManagementApi::published);
 
         // Read latencies on a pool of their own, so its reads land in no later window.
@@ -207,7 +212,8 @@ impl Bench {
                 .ok_or_else(|| anyhow::anyhow!("job {id} vanished"))?;
             // The intake publishes a job's first tasks right after creating it.
             let published = job.created_at;
-            for finished in reader.finish_times(id).await? {
+            let finished_at = reader.tasks_of_job(id).await?.into_iter();
+            for finished in finished_at.filter_map(|task| task.finished_at) {
                 task_latencies
                     .push((finished - published).num_microseconds().unwrap_or(0) as f64 / 1000.0);
             }

@@ -1,13 +1,10 @@
-//! Measurement support for `taskmill bench`: the database baseline (a scratch table
-//! updated one row and 100 rows per statement), the server's own counters, and task
-//! latencies. Nothing in the pipeline uses these.
+//! The bench's own SQL, kept out of the production `Store`: the database baseline's
+//! scratch table (updated one row and 100 rows per statement) and PostgreSQL's own
+//! counters of transactions and rows written.
 
-use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, Statement,
 };
-
-use super::{task, Store, StoreError};
 
 const TABLE: &str = "taskmill_bench_rows";
 
@@ -18,10 +15,27 @@ pub struct ServerCounters {
     pub rows_written: i64,
 }
 
-impl Store {
+/// A connection pool of the bench's own, apart from the pipeline's.
+pub struct BenchDb {
+    db: DatabaseConnection,
+}
+
+impl BenchDb {
+    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
+        let mut options = ConnectOptions::new(url.to_owned());
+        options.max_connections(pool_size).sqlx_logging(false);
+        Ok(Self {
+            db: Database::connect(options).await?,
+        })
+    }
+
+    fn backend(&self) -> DatabaseBackend {
+        self.db.get_database_backend()
+    }
+
     /// Creates the scratch table with `rows` rows.
-    pub async fn bench_prepare(&self, rows: i64) -> Result<(), StoreError> {
-        self.bench_drop().await?;
+    pub async fn prepare(&self, rows: i64) -> anyhow::Result<()> {
+        self.drop_table().await?;
         self.db
             .execute_unprepared(&format!(
                 "CREATE TABLE {TABLE} (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)"
@@ -41,7 +55,7 @@ impl Store {
     }
 
     /// One single-row UPDATE by primary key (its own transaction).
-    pub async fn bench_update_one(&self, id: i64) -> Result<(), StoreError> {
+    pub async fn update_one(&self, id: i64) -> anyhow::Result<()> {
         let sql = match self.backend() {
             DatabaseBackend::Postgres => format!("UPDATE {TABLE} SET n = n + 1 WHERE id = $1"),
             _ => format!("UPDATE {TABLE} SET n = n + 1 WHERE id = ?"),
@@ -57,7 +71,7 @@ impl Store {
     }
 
     /// One UPDATE of many rows by primary key (its own transaction).
-    pub async fn bench_update_many(&self, ids: &[i64]) -> Result<(), StoreError> {
+    pub async fn update_many(&self, ids: &[i64]) -> anyhow::Result<()> {
         let list: Vec<String> = ids.iter().map(i64::to_string).collect();
         self.db
             .execute_unprepared(&format!(
@@ -68,7 +82,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn bench_drop(&self) -> Result<(), StoreError> {
+    pub async fn drop_table(&self) -> anyhow::Result<()> {
         self.db
             .execute_unprepared(&format!("DROP TABLE IF EXISTS {TABLE}"))
             .await?;
@@ -77,7 +91,7 @@ impl Store {
 
     /// Transactions and rows written so far in this database, as PostgreSQL counts
     /// them (its statistics lag by up to a second); `None` on SQLite.
-    pub async fn server_counters(&self) -> Result<Option<ServerCounters>, StoreError> {
+    pub async fn server_counters(&self) -> anyhow::Result<Option<ServerCounters>> {
         if self.backend() != DatabaseBackend::Postgres {
             return Ok(None);
         }
@@ -96,18 +110,7 @@ impl Store {
         }))
     }
 
-    /// When each task of a job finished.
-    pub async fn finish_times(&self, job_id: &str) -> Result<Vec<DateTime<Utc>>, StoreError> {
-        self.retrying("read finish times", || async {
-            let times: Vec<Option<DateTime<Utc>>> = task::Entity::find()
-                .select_only()
-                .column(task::Column::FinishedAt)
-                .filter(task::Column::JobId.eq(job_id))
-                .into_tuple()
-                .all(&self.db)
-                .await?;
-            Ok(times.into_iter().flatten().collect())
-        })
-        .await
+    pub async fn close(self) -> anyhow::Result<()> {
+        Ok(self.db.close().await?)
     }
 }
