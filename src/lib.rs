@@ -2,15 +2,16 @@
 //!
 //! A producer publishes a job request; [`intake`] splits it into task rows and task
 //! messages; [`worker`] runs them and records each outcome before acking; failures come
-//! back through the delay ladder's dead-letter queues; [`completion`] counts finished tasks and
+//! back through the delay ladder's dead-letter queues; [`completion`] reads each job's counters and
 //! ends each job exactly once. [`store`] holds every SQL statement and [`topology`] every
-//! queue name. See `README.md` for the wire protocol and `../shared/DESIGN.md` for the
-//! invariants.
+//! queue name. The repository's `docs/protocol.md` describes the wire protocol and
+//! `docs/architecture.md` the guarantees and how each is kept.
 
 mod acks;
 pub mod broker;
 pub mod builtin;
 pub mod client;
+mod clock;
 pub mod completion;
 pub mod config;
 pub mod error;

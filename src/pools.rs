@@ -68,7 +68,7 @@ pub(crate) async fn keep_registered(store: Store, pools: Vec<String>, stop: Canc
 
 /// The moment before which a pool's last consumer makes it silent.
 pub fn silent_since(now: DateTime<Utc>) -> DateTime<Utc> {
-    now - chrono::Duration::from_std(SILENT_AFTER).expect("a minute fits")
+    crate::clock::before(now, SILENT_AFTER)
 }
 
 /// Says how long a pool has gone without a consumer, for status and warnings.

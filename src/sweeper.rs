@@ -26,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use lapin::options::QueueDeclareOptions;
@@ -34,6 +35,7 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{all_confirmed, Outgoing, Publisher};
+use crate::clock;
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::pod::Shared;
@@ -44,7 +46,7 @@ use crate::store::{job, task, Progress};
 const LEASE_NAME: &str = "sweeper";
 const SCAN_BATCH: u64 = 1_000;
 /// How often a pool with waiting jobs and no consumer is warned about again.
-const SILENT_POOL_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+const SILENT_POOL_WARNING_EVERY: Duration = Duration::from_secs(300);
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +143,7 @@ impl Sweeper {
     /// One full sweep: every shard in parallel, then formations and the outbox.
     async fn sweep(&self) -> Result<SweepReport, Error> {
         let config = &self.shared.config;
-        let shards = config.sweeper_shards.max(1);
+        let shards = config.sweeper_shards;
         let idle_pools = self.idle_pools().await?;
         let reports = futures::future::try_join_all(
             (0..shards).map(|shard| self.sweep_shard(shard, shards, &idle_pools)),
@@ -151,16 +153,14 @@ impl Sweeper {
         for report in reports {
             total.add(report);
         }
-        let quiet_since = Utc::now()
-            - chrono::Duration::from_std(config.stuck_after).unwrap_or(chrono::Duration::MAX);
+        let quiet_since = clock::ago(config.stuck_after);
         for job_id in self.shared.store.jobs_due_for_check(quiet_since).await? {
             if let Progress::Ended(event) = self.shared.store.check_job(&job_id).await? {
                 total.jobs_checked += 1;
                 self.events.publish_or_defer(&event).await;
             }
         }
-        let formation_deadline = Utc::now()
-            - chrono::Duration::from_std(config.formation_timeout).unwrap_or(chrono::Duration::MAX);
+        let formation_deadline = clock::ago(config.formation_timeout);
         for job in self
             .shared
             .store
@@ -242,8 +242,7 @@ impl Sweeper {
     ) -> Result<SweepReport, Error> {
         let store = &self.shared.store;
         let stuck_after = self.shared.config.stuck_after;
-        let quiet_since =
-            Utc::now() - chrono::Duration::from_std(stuck_after).unwrap_or(chrono::Duration::MAX);
+        let quiet_since = clock::ago(stuck_after);
         let mut report = SweepReport::default();
         let mut after = 0;
         loop {
@@ -294,11 +293,10 @@ impl Sweeper {
                 // lost in the delay ladder (a deleted queue, at-most-once
                 // dead-lettering), where no backlog check can see it, and a copy that
                 // does arrive twice claims nothing the second time.
-                let wait =
-                    chrono::Duration::milliseconds(i64::from(task.attempts) * job.retry_delay_ms);
-                let stuck_after = chrono::Duration::from_std(self.shared.config.stuck_after)
-                    .unwrap_or(chrono::Duration::MAX);
-                task.updated_at + wait + stuck_after < Utc::now()
+                let wait_ms =
+                    u64::try_from(i64::from(task.attempts) * job.retry_delay_ms).unwrap_or(0);
+                let due = clock::after(task.updated_at, Duration::from_millis(wait_ms));
+                clock::after(due, self.shared.config.stuck_after) < Utc::now()
             }
             Ok(TaskStatus::Running) => true,
             _ => false,

@@ -211,13 +211,12 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
         started_at: job.started_at,
         finished_at: Some(now),
     };
-    let claim = chrono::Duration::from_std(EVENT_CLAIM).expect("claim fits");
     let row = job_event::ActiveModel {
         job_id: Set(job.id.clone()),
         kind: Set(event.event.clone()),
         body: Set(serde_json::to_value(&event).expect("an event serializes")),
         on_complete: Set(job.on_complete.clone()),
-        claimed_until: Set(Some(now + claim)),
+        claimed_until: Set(Some(crate::clock::after(now, EVENT_CLAIM))),
         published_at: Set(None),
         created_at: Set(now),
         ..Default::default()

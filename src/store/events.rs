@@ -10,6 +10,7 @@ use sea_orm::{
 };
 
 use super::{job_event, Store, StoreError, EVENT_CLAIM};
+use crate::clock;
 
 /// What one try at an event's `on_complete` target came to.
 #[derive(Clone, Debug)]
@@ -39,9 +40,7 @@ impl TargetOutcome {
             } => (
                 *attempts,
                 Some(error.clone()),
-                retry_in.map(|wait| {
-                    Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
-                }),
+                retry_in.map(clock::from_now),
             ),
         };
         update
@@ -75,9 +74,11 @@ impl Store {
     pub async fn claim_event(&self, event_id: i64) -> Result<bool, StoreError> {
         self.retrying("claim event", || async {
             let now = Utc::now();
-            let claim = chrono::Duration::from_std(EVENT_CLAIM).expect("claim fits");
             let claimed = job_event::Entity::update_many()
-                .col_expr(job_event::Column::ClaimedUntil, Expr::value(now + claim))
+                .col_expr(
+                    job_event::Column::ClaimedUntil,
+                    Expr::value(clock::after(now, EVENT_CLAIM)),
+                )
                 .filter(job_event::Column::Id.eq(event_id))
                 .filter(job_event::Column::PublishedAt.is_null())
                 .filter(
@@ -135,11 +136,10 @@ impl Store {
             return Ok(false);
         };
         self.retrying("claim target", || async {
-            let claim = chrono::Duration::from_std(EVENT_CLAIM).expect("claim fits");
             let claimed = job_event::Entity::update_many()
                 .col_expr(
                     job_event::Column::TargetRetryAt,
-                    Expr::value(Utc::now() + claim),
+                    Expr::value(clock::from_now(EVENT_CLAIM)),
                 )
                 .filter(job_event::Column::Id.eq(event.id))
                 .filter(job_event::Column::TargetRetryAt.eq(due))

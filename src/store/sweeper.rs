@@ -13,15 +13,12 @@ use sea_orm::{
 
 use super::jobs::lock_job;
 use super::{completion, job, job_event, task, Store, StoreError};
+use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 use entity::lease;
 
 /// Rows per write transaction of the sweeper.
 pub const SWEEP_WRITE_BATCH: usize = 25;
-
-fn chrono_of(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
 
 impl Store {
     /// Takes or renews the lease `name` for `holder` for `ttl`; `false` while another
@@ -34,7 +31,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.retrying("acquire lease", || async {
             let now = Utc::now();
-            let until = now + chrono_of(ttl);
+            let until = clock::after(now, ttl);
             let inserted = lease::Entity::insert(lease::ActiveModel {
                 name: Set(name.to_owned()),
                 holder: Set(holder.to_owned()),

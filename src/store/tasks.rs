@@ -27,6 +27,7 @@ use serde_json::Value;
 
 use super::pg_batch::{self, one_of};
 use super::{job, task, Store, StoreError};
+use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 
 /// A successful claim.
@@ -70,7 +71,7 @@ pub struct Transition {
 }
 
 fn lease_deadline(lease: Duration) -> chrono::DateTime<Utc> {
-    Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)
+    clock::from_now(lease)
 }
 
 impl Store {
