@@ -44,7 +44,7 @@ async fn main() -> Result<(), taskmill::Error> {
         on_signal.cancel();
     });
     Worker::builder()
-        .config(Config::from_env())
+        .config(Config::from_env()?)
         .handler("resize", resize)
         .concurrency(16)
         .build()

@@ -1,5 +1,6 @@
-//! Configuration: one typed struct, read once from the environment (and overridden by
-//! CLI flags in the binary).
+//! Configuration: one typed struct, read once from the environment by
+//! [`Config::from_env`] (every variable the README lists), and overridden by CLI flags
+//! in the binary.
 
 use std::time::Duration;
 
@@ -16,6 +17,15 @@ pub enum QueueType {
     Quorum,
 }
 
+/// An environment variable that does not hold what it should.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}={value:?}: {expected}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub amqp_url: String,
@@ -26,12 +36,12 @@ pub struct Config {
     pub queue_type: QueueType,
     /// Job requests larger than this are parked unread.
     pub max_request_bytes: usize,
-    /// Handlers running at once per worker pod and queue.
+    /// Handlers running at once per worker pod and queue; also the prefetch.
     pub concurrency: usize,
     /// A running task's claim lasts this long unless renewed; past it, another worker
     /// may take the task over.
     pub lease: Duration,
-    /// Claims of one attempt before the task is failed as a crash loop.
+    /// Starts of one attempt before the task is failed as a crash loop.
     pub max_deliveries: i32,
     /// How long shutdown waits for in-flight handlers.
     pub grace_period: Duration,
@@ -85,35 +95,107 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Defaults overridden by `AMQP_URL`, `DATABASE_URL`, `TASKMILL_PREFIX`,
-    /// `TASKMILL_QUEUE_TYPE` (`classic` or `quorum`) and `TASKMILL_KNOWN_POOLS`
-    /// (comma-separated).
-    pub fn from_env() -> Self {
+    /// The defaults, overridden by every variable that is set: `AMQP_URL`,
+    /// `DATABASE_URL`, `TASKMILL_PREFIX`, `TASKMILL_QUEUE_TYPE` (`classic` or
+    /// `quorum`), `TASKMILL_KNOWN_POOLS` (comma-separated), `TASKMILL_CONCURRENCY`,
+    /// `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
+    /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
+    /// `TASKMILL_TASK_TIMEOUT_SECS` and `TASKMILL_CONSUMER_TIMEOUT_SECS`. A value that
+    /// does not parse is an error, not a silent default.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::from_env`] over any source of variables.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config = Self::default();
-        if let Ok(url) = std::env::var("AMQP_URL") {
+        let vars = Vars(&var);
+        if let Some(url) = var("AMQP_URL") {
             config.amqp_url = url;
         }
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        if let Some(url) = var("DATABASE_URL") {
             config.database_url = url;
         }
-        if let Ok(prefix) = std::env::var("TASKMILL_PREFIX") {
+        if let Some(prefix) = var("TASKMILL_PREFIX") {
             config.prefix = prefix;
         }
-        if let Ok(kind) = std::env::var("TASKMILL_QUEUE_TYPE") {
+        if let Some(kind) = var("TASKMILL_QUEUE_TYPE") {
             config.queue_type = match kind.as_str() {
+                "classic" => QueueType::Classic,
                 "quorum" => QueueType::Quorum,
-                _ => QueueType::Classic,
+                _ => {
+                    return Err(ConfigError {
+                        variable: "TASKMILL_QUEUE_TYPE",
+                        value: kind,
+                        expected: "classic or quorum",
+                    })
+                }
             };
         }
-        if let Ok(pools) = std::env::var("TASKMILL_KNOWN_POOLS") {
-            config.known_pools = pools
-                .split(',')
-                .map(str::trim)
-                .filter(|pool| !pool.is_empty())
-                .map(str::to_owned)
-                .collect();
+        if let Some(pools) = var("TASKMILL_KNOWN_POOLS") {
+            config.known_pools = list(&pools);
         }
-        config
+        vars.number("TASKMILL_CONCURRENCY", &mut config.concurrency)?;
+        vars.seconds("TASKMILL_GRACE_SECS", &mut config.grace_period)?;
+        vars.seconds("TASKMILL_LEASE_SECS", &mut config.lease)?;
+        vars.number("TASKMILL_MAX_REQUEST_BYTES", &mut config.max_request_bytes)?;
+        vars.seconds("TASKMILL_SWEEP_SECS", &mut config.sweep_interval)?;
+        vars.seconds("TASKMILL_STUCK_SECS", &mut config.stuck_after)?;
+        vars.number("TASKMILL_SWEEPER_SHARDS", &mut config.sweeper_shards)?;
+        vars.seconds("TASKMILL_TASK_TIMEOUT_SECS", &mut config.task_timeout)?;
+        vars.seconds(
+            "TASKMILL_CONSUMER_TIMEOUT_SECS",
+            &mut config.consumer_timeout,
+        )?;
+        Ok(config)
+    }
+
+    /// The settings a pod runs with: numbers that would stall or panic are raised to
+    /// their least workable value (one handler, one shard, a one-second sweep interval
+    /// and task timeout), and `concurrency` — also the prefetch — fits `basic.qos`.
+    pub fn normalized(mut self) -> Self {
+        self.concurrency = self.concurrency.clamp(1, u16::MAX as usize);
+        self.sweeper_shards = self.sweeper_shards.max(1);
+        self.sweep_interval = self.sweep_interval.max(Duration::from_millis(1));
+        self.task_timeout = self.task_timeout.max(Duration::from_millis(1));
+        self
+    }
+}
+
+/// A comma-separated list, blanks dropped.
+pub fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+struct Vars<'a, F>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
+    fn number<T: std::str::FromStr>(
+        &self,
+        variable: &'static str,
+        into: &mut T,
+    ) -> Result<(), ConfigError> {
+        let Some(value) = (self.0)(variable) else {
+            return Ok(());
+        };
+        *into = value.trim().parse().map_err(|_| ConfigError {
+            variable,
+            value,
+            expected: "a whole number",
+        })?;
+        Ok(())
+    }
+
+    fn seconds(&self, variable: &'static str, into: &mut Duration) -> Result<(), ConfigError> {
+        let mut seconds = into.as_secs();
+        self.number(variable, &mut seconds)?;
+        *into = Duration::from_secs(seconds);
+        Ok(())
     }
 }
 
@@ -134,7 +216,89 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::{redacted, Config, QueueType};
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config, super::ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn every_documented_variable_is_read() {
+        let config = from(&[
+            ("AMQP_URL", "amqp://a"),
+            ("DATABASE_URL", "postgres://d"),
+            ("TASKMILL_PREFIX", "p"),
+            ("TASKMILL_QUEUE_TYPE", "quorum"),
+            ("TASKMILL_KNOWN_POOLS", "gpu, cpu,,"),
+            ("TASKMILL_CONCURRENCY", "7"),
+            ("TASKMILL_GRACE_SECS", "8"),
+            ("TASKMILL_LEASE_SECS", "9"),
+            ("TASKMILL_MAX_REQUEST_BYTES", "10"),
+            ("TASKMILL_SWEEP_SECS", "11"),
+            ("TASKMILL_STUCK_SECS", "12"),
+            ("TASKMILL_SWEEPER_SHARDS", "13"),
+            ("TASKMILL_TASK_TIMEOUT_SECS", "14"),
+            ("TASKMILL_CONSUMER_TIMEOUT_SECS", "15"),
+        ])
+        .unwrap();
+        assert_eq!(config.amqp_url, "amqp://a");
+        assert_eq!(config.database_url, "postgres://d");
+        assert_eq!(config.prefix, "p");
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        assert_eq!(config.known_pools, ["gpu", "cpu"]);
+        assert_eq!(config.concurrency, 7);
+        assert_eq!(config.grace_period, Duration::from_secs(8));
+        assert_eq!(config.lease, Duration::from_secs(9));
+        assert_eq!(config.max_request_bytes, 10);
+        assert_eq!(config.sweep_interval, Duration::from_secs(11));
+        assert_eq!(config.stuck_after, Duration::from_secs(12));
+        assert_eq!(config.sweeper_shards, 13);
+        assert_eq!(config.task_timeout, Duration::from_secs(14));
+        assert_eq!(config.consumer_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn unset_variables_keep_the_defaults() {
+        let config = from(&[]).unwrap();
+        let default = Config::default();
+        assert_eq!(config.concurrency, default.concurrency);
+        assert_eq!(config.amqp_url, default.amqp_url);
+        assert_eq!(config.task_timeout, default.task_timeout);
+    }
+
+    #[test]
+    fn a_value_that_does_not_parse_is_an_error() {
+        let err = from(&[("TASKMILL_CONCURRENCY", "lots")]).unwrap_err();
+        assert_eq!(err.variable, "TASKMILL_CONCURRENCY");
+        assert!(from(&[("TASKMILL_QUEUE_TYPE", "stream")]).is_err());
+        assert!(from(&[("TASKMILL_GRACE_SECS", "-1")]).is_err());
+    }
+
+    #[test]
+    fn normalized_settings_cannot_stall_a_pod() {
+        let config = Config {
+            concurrency: 0,
+            sweeper_shards: 0,
+            sweep_interval: Duration::ZERO,
+            task_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .normalized();
+        assert_eq!((config.concurrency, config.sweeper_shards), (1, 1));
+        assert!(!config.sweep_interval.is_zero() && !config.task_timeout.is_zero());
+        let wide = Config {
+            concurrency: 1 << 20,
+            ..Config::default()
+        };
+        assert_eq!(wide.normalized().concurrency, u16::MAX as usize);
+    }
 
     #[test]
     fn passwords_never_reach_output() {

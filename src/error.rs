@@ -45,6 +45,12 @@ impl Error {
     }
 }
 
+impl From<crate::config::ConfigError> for Error {
+    fn from(err: crate::config::ConfigError) -> Self {
+        Self::Config(err.to_string())
+    }
+}
+
 impl From<lapin::Error> for Error {
     fn from(err: lapin::Error) -> Self {
         Self::Broker(BrokerError::Amqp(err))

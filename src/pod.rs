@@ -3,13 +3,14 @@
 //! serves until the shutdown token is cancelled.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), taskmill::Error> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use taskmill::{CancellationToken, Config, TaskContext, Worker};
 //! let worker = Worker::builder()
-//!     .config(Config::from_env())
+//!     .config(Config::from_env()?)
 //!     .handler("resize", |ctx: TaskContext| async move { Ok(ctx.payload) })
 //!     .build();
-//! worker.run(CancellationToken::new()).await
+//! worker.run(CancellationToken::new()).await?;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -202,7 +203,7 @@ impl WorkerBuilder {
             self.queues
         };
         Worker {
-            config: self.config,
+            config: self.config.normalized(),
             registry: self.registry,
             roles: self.roles,
             queues,
@@ -221,11 +222,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A builder with the built-in task types registered and configuration from the
-    /// environment.
+    /// A builder with the built-in task types registered and the default
+    /// configuration (`.config(Config::from_env()?)` reads the environment).
     pub fn builder() -> WorkerBuilder {
         WorkerBuilder {
-            config: Config::from_env(),
+            config: Config::default(),
             registry: Registry::with_builtins(),
             roles: Roles::ALL,
             queues: Vec::new(),
@@ -259,7 +260,7 @@ impl Worker {
             // accepted from the first one on.
             store.register_pools(&self.queues).await?;
         }
-        let concurrency = self.config.concurrency.max(1);
+        let concurrency = self.config.concurrency;
         let shared = Arc::new(Shared {
             pools: KnownPools::new(&self.config.known_pools),
             config: self.config,

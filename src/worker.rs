@@ -80,13 +80,11 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let slots = &capacity.slots;
-    let concurrency = shared.config.concurrency.max(1);
+    // Normalized: at least 1 and within what basic.qos carries.
+    let concurrency = shared.config.concurrency;
     let channel = connection.create_channel().await?;
     channel
-        .basic_qos(
-            concurrency.min(u16::MAX as usize) as u16,
-            BasicQosOptions::default(),
-        )
+        .basic_qos(concurrency as u16, BasicQosOptions::default())
         .await?;
     shared.topology.forget_declared();
     shared.topology.declare_work_queue(&channel, &pool).await?;

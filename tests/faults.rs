@@ -363,7 +363,7 @@ async fn poison_pod() {
     if std::env::var_os(POISON_POD).is_none() {
         return;
     }
-    let mut config = taskmill::Config::from_env();
+    let mut config = taskmill::Config::from_env().unwrap();
     config.grace_period = Duration::from_secs(5);
     config.sweep_interval = Duration::from_secs(1);
     config.stuck_after = Duration::from_secs(3);

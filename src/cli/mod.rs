@@ -10,7 +10,7 @@ pub mod submit;
 pub mod worker;
 
 use clap::{Args, Parser, Subcommand};
-use taskmill::config::{Config, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEFAULT_PREFIX};
+use taskmill::config::Config;
 use taskmill::QueueType;
 
 #[derive(Parser, Debug)]
@@ -26,31 +26,42 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Connection settings; each also comes from the environment (`Config::from_env`, with
+/// every other setting), and a flag given overrides its variable.
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// RabbitMQ URL.
-    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
-    pub amqp_url: String,
-    /// Database URL: `sqlite://FILE?mode=rwc` or `postgres://...`.
-    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
-    /// Prefix of every exchange and queue name.
-    #[arg(long, global = true, env = "TASKMILL_PREFIX", default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
-    /// Queue type for the queues taskmill declares.
-    #[arg(long, global = true, env = "TASKMILL_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
-    pub queue_type: QueueType,
+    /// RabbitMQ URL [AMQP_URL, amqp://guest:guest@127.0.0.1:5672/%2f].
+    #[arg(long, global = true)]
+    pub amqp_url: Option<String>,
+    /// Database URL: `sqlite://FILE?mode=rwc` or `postgres://...`
+    /// [DATABASE_URL, sqlite://taskmill.db?mode=rwc].
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Prefix of every exchange and queue name [TASKMILL_PREFIX, taskmill].
+    #[arg(long, global = true)]
+    pub prefix: Option<String>,
+    /// Queue type for the queues taskmill declares [TASKMILL_QUEUE_TYPE, classic].
+    #[arg(long, global = true, value_enum)]
+    pub queue_type: Option<QueueType>,
 }
 
 impl GlobalArgs {
-    pub fn config(&self) -> Config {
-        Config {
-            amqp_url: self.amqp_url.clone(),
-            database_url: self.database_url.clone(),
-            prefix: self.prefix.clone(),
-            queue_type: self.queue_type,
-            ..Config::default()
+    /// The environment's configuration with the flags given on top.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::from_env()?;
+        if let Some(url) = &self.amqp_url {
+            config.amqp_url = url.clone();
         }
+        if let Some(url) = &self.database_url {
+            config.database_url = url.clone();
+        }
+        if let Some(prefix) = &self.prefix {
+            config.prefix = prefix.clone();
+        }
+        if let Some(queue_type) = self.queue_type {
+            config.queue_type = queue_type;
+        }
+        Ok(config)
     }
 }
 

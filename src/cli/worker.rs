@@ -13,6 +13,8 @@ pub enum Role {
     Sweeper,
 }
 
+/// Every setting also comes from the environment (`Config::from_env`); a flag given
+/// overrides its variable.
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
     /// Roles to run (default: all).
@@ -21,39 +23,73 @@ pub struct WorkerArgs {
     /// Worker pools to serve (repeatable; default `default`).
     #[arg(long = "queue")]
     pub queues: Vec<String>,
-    /// Pools job requests may name besides `default` and the pools pods serve.
-    #[arg(long, env = "TASKMILL_KNOWN_POOLS", value_delimiter = ',')]
-    pub known_pools: Vec<String>,
-    /// Handlers running at once per pool.
-    #[arg(long, env = "TASKMILL_CONCURRENCY", default_value_t = 32)]
-    pub concurrency: usize,
-    /// Seconds in-flight handlers get to finish on shutdown.
-    #[arg(long, env = "TASKMILL_GRACE_SECS", default_value_t = 30)]
-    pub grace_secs: u64,
-    /// Seconds a claim lasts without renewal.
-    #[arg(long, env = "TASKMILL_LEASE_SECS", default_value_t = 300)]
-    pub lease_secs: u64,
-    /// Job requests over this many bytes are parked.
-    #[arg(long, env = "TASKMILL_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
-    pub max_request_bytes: usize,
-    /// Seconds between sweeps for stuck work.
-    #[arg(long, env = "TASKMILL_SWEEP_SECS", default_value_t = 30)]
-    pub sweep_secs: u64,
-    /// Seconds without progress after which a task that should be moving is stuck.
-    #[arg(long, env = "TASKMILL_STUCK_SECS", default_value_t = 300)]
-    pub stuck_secs: u64,
-    /// Shards the sweeper scans in parallel.
-    #[arg(long, env = "TASKMILL_SWEEPER_SHARDS", default_value_t = 4)]
-    pub sweeper_shards: u32,
-    /// Seconds one attempt may run when neither the job nor the handler says.
-    #[arg(long, env = "TASKMILL_TASK_TIMEOUT_SECS", default_value_t = 60)]
-    pub task_timeout_secs: u64,
-    /// The broker's consumer_timeout, in seconds (handlers nearing it are logged).
-    #[arg(long, env = "TASKMILL_CONSUMER_TIMEOUT_SECS", default_value_t = 1800)]
-    pub consumer_timeout_secs: u64,
+    /// Pools job requests may name besides `default` and the pools pods serve
+    /// [TASKMILL_KNOWN_POOLS].
+    #[arg(long, value_delimiter = ',')]
+    pub known_pools: Option<Vec<String>>,
+    /// Handlers running at once per pool [TASKMILL_CONCURRENCY, 32].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Seconds in-flight handlers get to finish on shutdown [TASKMILL_GRACE_SECS, 30].
+    #[arg(long)]
+    pub grace_secs: Option<u64>,
+    /// Seconds a claim lasts without renewal [TASKMILL_LEASE_SECS, 300].
+    #[arg(long)]
+    pub lease_secs: Option<u64>,
+    /// Job requests over this many bytes are parked [TASKMILL_MAX_REQUEST_BYTES, 16 MiB].
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
+    /// Seconds between sweeps for stuck work [TASKMILL_SWEEP_SECS, 30].
+    #[arg(long)]
+    pub sweep_secs: Option<u64>,
+    /// Seconds without progress after which a task that should be moving is stuck
+    /// [TASKMILL_STUCK_SECS, 300].
+    #[arg(long)]
+    pub stuck_secs: Option<u64>,
+    /// Shards the sweeper scans in parallel [TASKMILL_SWEEPER_SHARDS, 4].
+    #[arg(long)]
+    pub sweeper_shards: Option<u32>,
+    /// Seconds one attempt may run when neither the job nor the handler says
+    /// [TASKMILL_TASK_TIMEOUT_SECS, 60].
+    #[arg(long)]
+    pub task_timeout_secs: Option<u64>,
+    /// The broker's consumer_timeout, in seconds: handlers nearing it are logged
+    /// [TASKMILL_CONSUMER_TIMEOUT_SECS, 1800].
+    #[arg(long)]
+    pub consumer_timeout_secs: Option<u64>,
     /// Do not run migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
+}
+
+impl WorkerArgs {
+    /// The flags given, over the configuration read from the environment.
+    fn apply(self, config: &mut Config) {
+        let seconds = |flag: Option<u64>, setting: &mut Duration| {
+            if let Some(secs) = flag {
+                *setting = Duration::from_secs(secs);
+            }
+        };
+        seconds(self.grace_secs, &mut config.grace_period);
+        seconds(self.lease_secs, &mut config.lease);
+        seconds(self.sweep_secs, &mut config.sweep_interval);
+        seconds(self.stuck_secs, &mut config.stuck_after);
+        seconds(self.task_timeout_secs, &mut config.task_timeout);
+        seconds(self.consumer_timeout_secs, &mut config.consumer_timeout);
+        if let Some(pools) = self.known_pools {
+            config.known_pools = pools;
+        }
+        if let Some(concurrency) = self.concurrency {
+            config.concurrency = concurrency;
+        }
+        if let Some(bytes) = self.max_request_bytes {
+            config.max_request_bytes = bytes;
+        }
+        if let Some(shards) = self.sweeper_shards {
+            config.sweeper_shards = shards;
+        }
+        config.migrate_on_start &= !self.no_migrate;
+    }
 }
 
 pub fn roles(selected: &[Role]) -> Roles {
@@ -73,19 +109,11 @@ pub async fn run(
     args: WorkerArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    config.concurrency = args.concurrency;
-    config.grace_period = Duration::from_secs(args.grace_secs);
-    config.lease = Duration::from_secs(args.lease_secs);
-    config.max_request_bytes = args.max_request_bytes;
-    config.migrate_on_start = !args.no_migrate;
-    config.sweep_interval = Duration::from_secs(args.sweep_secs.max(1));
-    config.stuck_after = Duration::from_secs(args.stuck_secs);
-    config.sweeper_shards = args.sweeper_shards.max(1);
-    config.consumer_timeout = Duration::from_secs(args.consumer_timeout_secs);
-    config.task_timeout = Duration::from_secs(args.task_timeout_secs.max(1));
-    config.known_pools = args.known_pools;
-    let mut builder = Worker::builder().config(config).roles(roles(&args.roles));
-    for queue in args.queues {
+    let roles = roles(&args.roles);
+    let queues = args.queues.clone();
+    args.apply(&mut config);
+    let mut builder = Worker::builder().config(config).roles(roles);
+    for queue in queues {
         builder = builder.queue(queue);
     }
     builder.build().run(shutdown).await?;

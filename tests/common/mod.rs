@@ -110,7 +110,9 @@ impl TestEnv {
             database_url,
             prefix: "tm".to_owned(),
             // `TASKMILL_QUEUE_TYPE=quorum` runs a suite on quorum queues.
-            queue_type: Config::from_env().queue_type,
+            queue_type: Config::from_env()
+                .expect("TASKMILL_QUEUE_TYPE is classic or quorum")
+                .queue_type,
             grace_period: Duration::from_secs(5),
             ..Config::default()
         };
