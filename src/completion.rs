@@ -31,7 +31,8 @@ use crate::store::Progress;
 const BATCH: usize = 500;
 /// Jobs of one batch checked at once.
 const PARALLEL_JOBS: usize = 16;
-/// How often the outbox relay looks for events whose publisher died.
+/// How often the outbox relay looks for events whose publisher died. The relay runs
+/// here only: every deployment runs the completion role, the one that ends jobs.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(

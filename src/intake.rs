@@ -18,7 +18,8 @@ use lapin::Connection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, Outgoing, Pending, Publisher};
+use crate::broker::{BrokerError, Pending, Publisher};
+use crate::dispatch;
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::parking::park;
@@ -26,7 +27,7 @@ use crate::pod::{take_slot, Shared};
 use serde_json::value::RawValue;
 
 use crate::protocol::{
-    self, DecodeError, JobRequest, ReplyAddress, Target, TaskMessage, SCHEMA_VERSION,
+    self, DecodeError, JobRequest, JobSettings, ReplyAddress, Target, TaskMessage,
 };
 use crate::retry::Delays;
 use crate::state::JobStage;
@@ -464,9 +465,8 @@ impl Intake {
         task_type: &str,
         payloads: &[Box<RawValue>],
     ) -> Result<(), Rejection> {
-        let queue = self.shared.topology.work_queue(&job.queue);
         let settings = JobSettings {
-            id: &job.id,
+            job_id: &job.id,
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
             task_timeout_ms: job.task_timeout_ms,
@@ -498,8 +498,8 @@ impl Intake {
                         let task = &tasks[ordinal as usize - done];
                         pending.push(
                             self.send_first_attempt(
-                                &queue,
-                                &settings,
+                                settings,
+                                &job.queue,
                                 task_id,
                                 &task.task_type,
                                 &task.payload,
@@ -548,18 +548,12 @@ impl Intake {
     /// Publishes a message for every task never claimed, pipelining confirms, then
     /// marks the job's tasks published.
     async fn publish_tasks(&self, job: &job::Model) -> Result<(), Rejection> {
-        let queue = self.shared.topology.work_queue(&job.queue);
         self.shared
             .topology
             .declare_work_queue(&self.publisher.channel().await?, &job.queue)
             .await
             .map_err(Error::from)?;
-        let settings = JobSettings {
-            id: &job.id,
-            max_retries: job.max_retries,
-            retry_delay_ms: job.retry_delay_ms,
-            task_timeout_ms: job.task_timeout_ms,
-        };
+        let settings = dispatch::settings_of(job);
         let mut after = -1;
         loop {
             let page = self
@@ -573,8 +567,8 @@ impl Intake {
             for task in page {
                 pending.push(
                     self.send_first_attempt(
-                        &queue,
-                        &settings,
+                        settings,
+                        &job.queue,
                         task.id,
                         &task.task_type,
                         &task.payload,
@@ -585,42 +579,20 @@ impl Intake {
             crate::broker::all_confirmed(pending).await?;
         }
         self.shared.store.mark_tasks_published(&job.id).await?;
-        tracing::info!(job_id = %job.id, tasks = job.task_count, queue, "job tasks published");
+        tracing::info!(job_id = %job.id, tasks = job.task_count, pool = %job.queue, "job tasks published");
         Ok(())
     }
 
     /// Publishes attempt 1 of a task (the confirm is awaited by the caller).
     async fn send_first_attempt(
         &self,
-        queue: &str,
-        job: &JobSettings<'_>,
+        job: JobSettings<'_>,
+        pool: &str,
         task_id: i64,
         task_type: &str,
         payload: &serde_json::Value,
     ) -> Result<Pending, Rejection> {
-        let message = TaskMessage {
-            version: SCHEMA_VERSION,
-            job_id: job.id.to_owned(),
-            task_id,
-            task_type: task_type.to_owned(),
-            attempt: 1,
-            max_retries: job.max_retries,
-            retry_delay_ms: job.retry_delay_ms,
-            task_timeout_ms: job.task_timeout_ms,
-            payload: payload.clone(),
-        };
-        let body = serde_json::to_vec(&message).expect("a task message serializes");
-        Ok(self
-            .publisher
-            .send(Outgoing::to_queue(queue, &body))
-            .await?)
+        let message = TaskMessage::new(job, task_id, task_type, payload, 1);
+        Ok(dispatch::send_task(&self.publisher, &self.shared.topology, pool, &message).await?)
     }
-}
-
-/// What every task message of a job repeats.
-struct JobSettings<'a> {
-    id: &'a str,
-    max_retries: i32,
-    retry_delay_ms: i64,
-    task_timeout_ms: Option<i64>,
 }

@@ -14,6 +14,7 @@ pub mod client;
 mod clock;
 pub mod completion;
 pub mod config;
+mod dispatch;
 pub mod error;
 pub mod events;
 pub mod intake;

@@ -230,6 +230,52 @@ pub struct TaskMessage {
     pub payload: Value,
 }
 
+/// What every task message of a job repeats.
+#[derive(Clone, Copy, Debug)]
+pub struct JobSettings<'a> {
+    pub job_id: &'a str,
+    pub max_retries: i32,
+    pub retry_delay_ms: i64,
+    pub task_timeout_ms: Option<i64>,
+}
+
+impl TaskMessage {
+    /// Attempt `attempt` of task `task_id` of the job `job`: the one place a task
+    /// message is built.
+    pub fn new(
+        job: JobSettings<'_>,
+        task_id: i64,
+        task_type: &str,
+        payload: &Value,
+        attempt: i32,
+    ) -> Self {
+        Self {
+            version: SCHEMA_VERSION,
+            job_id: job.job_id.to_owned(),
+            task_id,
+            task_type: task_type.to_owned(),
+            attempt,
+            max_retries: job.max_retries,
+            retry_delay_ms: job.retry_delay_ms,
+            task_timeout_ms: job.task_timeout_ms,
+            payload: payload.clone(),
+        }
+    }
+
+    /// The next attempt of the same task.
+    pub fn next_attempt(&self) -> Self {
+        Self {
+            attempt: self.attempt + 1,
+            ..self.clone()
+        }
+    }
+
+    /// The message's JSON body.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a task message serializes")
+    }
+}
+
 /// Sent to the completion queue when tasks reach a terminal status: one message for
 /// each batch of outcomes a worker records.
 #[derive(Clone, Debug, Serialize, Deserialize)]

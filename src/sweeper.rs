@@ -20,9 +20,10 @@
 //! Each re-publish first bumps the task's version with a compare-and-set (transactions
 //! of at most 25 rows), so a task that moved since it was read is left alone, and a
 //! swept task is not swept again for `stuck_after`. Duplicates the sweeper causes are
-//! harmless: every transition is conditional. It also fails jobs stuck in formation,
-//! relays job events whose publisher died, and warns of running jobs whose pool no pod
-//! has consumed for [`crate::pools::SILENT_AFTER`].
+//! harmless: every transition is conditional. It also fails jobs stuck in formation and
+//! warns of running jobs whose pool no pod has consumed for
+//! [`crate::pools::SILENT_AFTER`]. (Events whose publisher died are the completion
+//! role's: its outbox relay publishes them.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,12 +35,13 @@ use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{all_confirmed, Outgoing, Publisher};
+use crate::broker::{all_confirmed, Publisher};
 use crate::clock;
+use crate::dispatch;
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::pod::Shared;
-use crate::protocol::{TaskMessage, SCHEMA_VERSION};
+use crate::protocol::TaskMessage;
 use crate::state::{JobStage, TaskStatus};
 use crate::store::{job, task, Progress};
 
@@ -55,7 +57,6 @@ pub struct SweepReport {
     pub taken_over: usize,
     pub jobs_checked: usize,
     pub formations_failed: usize,
-    pub events_relayed: usize,
 }
 
 impl SweepReport {
@@ -64,7 +65,6 @@ impl SweepReport {
         self.taken_over += other.taken_over;
         self.jobs_checked += other.jobs_checked;
         self.formations_failed += other.formations_failed;
-        self.events_relayed += other.events_relayed;
     }
 
     fn is_empty(&self) -> bool {
@@ -140,7 +140,7 @@ struct Sweeper {
 }
 
 impl Sweeper {
-    /// One full sweep: every shard in parallel, then formations and the outbox.
+    /// One full sweep: every shard in parallel, then quiet jobs, formations and pools.
     async fn sweep(&self) -> Result<SweepReport, Error> {
         let config = &self.shared.config;
         let shards = config.sweeper_shards;
@@ -176,7 +176,6 @@ impl Sweeper {
                 self.events.publish_or_defer(&event).await;
             }
         }
-        total.events_relayed = self.events.relay_strays().await?;
         self.warn_of_silent_pools().await?;
         Ok(total)
     }
@@ -320,26 +319,13 @@ impl Sweeper {
             report.republished += 1;
             task.attempts + 1
         };
-        let message = TaskMessage {
-            version: SCHEMA_VERSION,
-            job_id: task.job_id.clone(),
-            task_id: task.id,
-            task_type: task.task_type.clone(),
+        let message = TaskMessage::new(
+            dispatch::settings_of(job),
+            task.id,
+            &task.task_type,
+            &task.payload,
             attempt,
-            max_retries: job.max_retries,
-            retry_delay_ms: job.retry_delay_ms,
-            task_timeout_ms: job.task_timeout_ms,
-            payload: task.payload.clone(),
-        };
-        let body = serde_json::to_vec(&message).expect("a task message serializes");
-        self.shared
-            .topology
-            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
-            .await?;
-        let queue = self.shared.topology.work_queue(&job.queue);
-        Ok(self
-            .publisher
-            .send(Outgoing::to_queue(&queue, &body))
-            .await?)
+        );
+        dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message).await
     }
 }

@@ -698,11 +698,7 @@ impl Runner {
         topology
             .declare_delay_ladder(&self.publisher.channel().await?)
             .await?;
-        let next = TaskMessage {
-            attempt: message.attempt + 1,
-            ..message.clone()
-        };
-        let body = serde_json::to_vec(&next).expect("a task message serializes");
+        let body = message.next_attempt().to_body();
         let entry = topology.delay_entry(delay_ms);
         let routing_key = Topology::delay_routing_key(delay_ms, &self.pool);
         Ok(self
