@@ -112,22 +112,63 @@ async fn settle_loop(
             }
             unsettled.first().copied().unwrap_or(u64::MAX)
         };
-        let (covered, alone): (Vec<Settle>, Vec<Settle>) = acks
-            .into_iter()
-            .partition(|settle| settle.delivery.delivery_tag < oldest_unsettled);
-        if let Some(last) = covered.iter().max_by_key(|s| s.delivery.delivery_tag) {
-            let multiple = BasicAckOptions { multiple: true };
-            if let Err(err) = last.delivery.acker.ack(multiple).await {
-                tracing::debug!(%err, "ack failed; the broker will redeliver");
-            }
-        }
-        for settle in &alone {
-            if let Err(err) = settle.delivery.acker.ack(BasicAckOptions::default()).await {
+        let tags: Vec<u64> = acks.iter().map(|s| s.delivery.delivery_tag).collect();
+        let (multiple, alone) = coalesce(&tags, oldest_unsettled);
+        for settle in &acks {
+            let tag = settle.delivery.delivery_tag;
+            let options = if Some(tag) == multiple {
+                BasicAckOptions { multiple: true }
+            } else if alone.contains(&tag) {
+                BasicAckOptions::default()
+            } else {
+                continue;
+            };
+            if let Err(err) = settle.delivery.acker.ack(options).await {
                 tracing::debug!(%err, "ack failed; the broker will redeliver");
             }
         }
         // Slots go back only now: a shutdown that has every slot back has nothing
         // left to ack.
-        drop((covered, alone));
+        drop(acks);
+    }
+}
+
+/// Splits the tags to ack into one `multiple` ack — the highest tag below the oldest
+/// delivery still unsettled, which covers every delivery below it — and the tags at or
+/// above it, which must be acked one by one so no running delivery is covered.
+fn coalesce(acked: &[u64], oldest_unsettled: u64) -> (Option<u64>, Vec<u64>) {
+    let multiple = acked
+        .iter()
+        .copied()
+        .filter(|&tag| tag < oldest_unsettled)
+        .max();
+    let alone = acked
+        .iter()
+        .copied()
+        .filter(|&tag| tag >= oldest_unsettled)
+        .collect();
+    (multiple, alone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce;
+
+    #[test]
+    fn acks_below_the_oldest_unsettled_become_one_multiple_ack() {
+        assert_eq!(coalesce(&[3, 1, 2], 10), (Some(3), vec![]));
+    }
+
+    #[test]
+    fn acks_above_a_running_delivery_go_alone() {
+        // Delivery 4 is still running: 5 and 7 must not be covered by a multiple ack.
+        assert_eq!(coalesce(&[1, 2, 5, 7], 4), (Some(2), vec![5, 7]));
+        assert_eq!(coalesce(&[5, 6], 4), (None, vec![5, 6]));
+    }
+
+    #[test]
+    fn nothing_unsettled_lets_everything_coalesce() {
+        assert_eq!(coalesce(&[9, 8], u64::MAX), (Some(9), vec![]));
+        assert_eq!(coalesce(&[], u64::MAX), (None, vec![]));
     }
 }

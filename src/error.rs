@@ -56,3 +56,38 @@ impl From<lapin::Error> for Error {
         Self::Broker(BrokerError::Amqp(err))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use crate::protocol::DecodeError;
+    use crate::store::StoreError;
+
+    #[test]
+    fn database_trouble_that_may_pass_is_transient() {
+        let deadlock = StoreError::Transaction("deadlock detected".into());
+        assert!(Error::from(deadlock).is_transient());
+        let busy = StoreError::Transaction("database is locked".into());
+        assert!(Error::from(busy).is_transient());
+        let restart = StoreError::Db(sea_orm::DbErr::Custom(
+            "the database system is shutting down".into(),
+        ));
+        assert!(Error::from(restart).is_transient());
+    }
+
+    #[test]
+    fn refusals_and_bad_data_are_decided_at_once() {
+        let refused = StoreError::Db(sea_orm::DbErr::Custom(
+            "unsupported Unicode escape sequence".into(),
+        ));
+        assert!(!Error::from(refused).is_transient());
+        assert!(!Error::from(StoreError::Corrupt("two rows".into())).is_transient());
+        assert!(!Error::from(DecodeError::TooLarge { size: 2, limit: 1 }).is_transient());
+        let rejected = Error::Rejected {
+            job_id: "j".into(),
+            reason: "unknown pool".into(),
+        };
+        assert!(!rejected.is_transient());
+        assert!(!Error::Config("bad".into()).is_transient());
+    }
+}
