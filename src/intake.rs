@@ -509,15 +509,13 @@ impl Intake {
                     }
                     crate::broker::all_confirmed(pending).await?;
                     done = end;
-                    batch = (batch * 2).min(MAX_BATCH);
+                    batch = grown(batch);
                 }
                 Err(err) if err.is_transient() => {
                     let Some(delay) = delays.next() else {
                         return Err(err.into());
                     };
-                    if batch > MIN_BATCH_TO_HALVE {
-                        batch /= 2;
-                    }
+                    batch = shrunk(batch);
                     tracing::warn!(job_id = %job.id, %err, batch, ?delay, "task insert failed; retrying smaller");
                     tokio::time::sleep(delay).await;
                 }
@@ -594,5 +592,40 @@ impl Intake {
     ) -> Result<Pending, Rejection> {
         let message = TaskMessage::new(job, task_id, task_type, payload, 1);
         Ok(dispatch::send_task(&self.publisher, &self.shared.topology, pool, &message).await?)
+    }
+}
+
+/// The batch after one that landed: twice as large, up to [`MAX_BATCH`].
+fn grown(batch: usize) -> usize {
+    (batch * 2).min(MAX_BATCH)
+}
+
+/// The batch after one that failed: half as large while above [`MIN_BATCH_TO_HALVE`].
+fn shrunk(batch: usize) -> usize {
+    if batch > MIN_BATCH_TO_HALVE {
+        batch / 2
+    } else {
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{grown, shrunk, FIRST_BATCH, MAX_BATCH};
+
+    #[test]
+    fn batches_double_after_success_up_to_the_cap() {
+        let sizes: Vec<usize> = std::iter::successors(Some(FIRST_BATCH), |&b| Some(grown(b)))
+            .take(6)
+            .collect();
+        assert_eq!(sizes, [64, 128, 256, 512, 1024, MAX_BATCH]);
+    }
+
+    #[test]
+    fn batches_halve_after_errors_down_to_four() {
+        let sizes: Vec<usize> = std::iter::successors(Some(FIRST_BATCH), |&b| Some(shrunk(b)))
+            .take(7)
+            .collect();
+        assert_eq!(sizes, [64, 32, 16, 8, 4, 4, 4]);
     }
 }

@@ -230,6 +230,15 @@ pub struct TaskMessage {
     pub payload: Value,
 }
 
+/// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
+/// linear backoff), at least 1 ms and at most [`crate::topology::MAX_DELAY_MS`].
+pub fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
+    let wait = i64::from(attempt).saturating_mul(retry_delay_ms);
+    u64::try_from(wait)
+        .unwrap_or(0)
+        .clamp(1, crate::topology::MAX_DELAY_MS)
+}
+
 /// What every task message of a job repeats.
 #[derive(Clone, Copy, Debug)]
 pub struct JobSettings<'a> {
@@ -546,5 +555,22 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn a_retry_waits_attempt_times_the_delay() {
+        use super::retry_wait_ms;
+        assert_eq!(retry_wait_ms(1, 100), 100);
+        assert_eq!(retry_wait_ms(3, 5_000), 15_000);
+        assert_eq!(
+            retry_wait_ms(1, 0),
+            1,
+            "never zero: the ladder needs a digit"
+        );
+        assert_eq!(retry_wait_ms(-1, 100), 1);
+        assert_eq!(
+            retry_wait_ms(i32::MAX, i64::MAX),
+            crate::topology::MAX_DELAY_MS
+        );
     }
 }

@@ -292,8 +292,7 @@ impl Sweeper {
                 // lost in the delay ladder (a deleted queue, at-most-once
                 // dead-lettering), where no backlog check can see it, and a copy that
                 // does arrive twice claims nothing the second time.
-                let wait_ms =
-                    u64::try_from(i64::from(task.attempts) * job.retry_delay_ms).unwrap_or(0);
+                let wait_ms = crate::protocol::retry_wait_ms(task.attempts, job.retry_delay_ms);
                 let due = clock::after(task.updated_at, Duration::from_millis(wait_ms));
                 clock::after(due, self.shared.config.stuck_after) < Utc::now()
             }

@@ -691,9 +691,7 @@ impl Runner {
     /// moves it back to the pool's work queue when the wait is over. No worker sleeps
     /// meanwhile.
     async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
-        let delay_ms = u64::try_from(i64::from(message.attempt) * message.retry_delay_ms)
-            .unwrap_or(0)
-            .max(1);
+        let delay_ms = protocol::retry_wait_ms(message.attempt, message.retry_delay_ms);
         let topology = &self.shared.topology;
         topology
             .declare_delay_ladder(&self.publisher.channel().await?)
