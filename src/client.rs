@@ -16,15 +16,15 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use crate::broker::{Outgoing, Publisher};
+use crate::amqp::broker::{Outgoing, Publisher};
+use crate::amqp::events::EventPublisher;
+use crate::amqp::link::BrokerLink;
+use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::events::EventPublisher;
-use crate::link::BrokerLink;
 use crate::protocol::{JobEvent, JobRequest};
 use crate::retry::Delays;
 use crate::store::Store;
-use crate::topology::Topology;
 
 /// How long `connect` and `submit` keep trying while the broker is away.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -158,7 +158,7 @@ impl Client {
             .topology
             .declare_watch_queue(&channel, &queue, job_id, WATCH_EXPIRES)
             .await;
-        crate::broker::close_channel(&channel).await;
+        crate::amqp::broker::close_channel(&channel).await;
         declared?;
         Ok(Watch {
             link: self.link.clone(),
@@ -290,6 +290,6 @@ impl Watch {
         let _ = channel
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await;
-        crate::broker::close_channel(channel).await;
+        crate::amqp::broker::close_channel(channel).await;
     }
 }

@@ -1,6 +1,6 @@
 //! The library's top-level error: what a role or the client can fail with.
 
-use crate::broker::BrokerError;
+use crate::amqp::broker::BrokerError;
 use crate::protocol::DecodeError;
 use crate::store::StoreError;
 

@@ -1,35 +1,28 @@
 //! taskmill: a durable job queue for Rust services on RabbitMQ and SQL.
 //!
-//! A producer publishes a job request; [`intake`] splits it into task rows and task
-//! messages; [`worker`] runs them and records each outcome before acking; failures come
-//! back through the delay ladder's dead-letter queues; [`completion`] reads each job's counters and
-//! ends each job exactly once. [`store`] holds every SQL statement and [`topology`] every
-//! queue name. The repository's `docs/protocol.md` describes the wire protocol and
+//! A producer publishes a job request; the intake role splits it into task rows and
+//! task messages; the worker role runs them and records each outcome before acking;
+//! failures come back through the delay ladder's dead-letter queues; the completion role
+//! reads each job's counters and ends it exactly once; the sweeper re-sends what got
+//! lost. A [`Worker`] (a pod) runs any of these roles; a [`Client`] submits and waits.
+//! [`store`] holds every SQL statement and [`amqp::topology`] every queue name. The
+//! repository's `docs/protocol.md` describes the wire protocol and
 //! `docs/architecture.md` the guarantees and how each is kept.
 
-mod acks;
-pub mod broker;
+pub mod amqp;
 pub mod builtin;
 pub mod client;
 mod clock;
-pub mod completion;
 pub mod config;
-mod dispatch;
 pub mod error;
-pub mod events;
-pub mod intake;
-pub mod link;
-pub mod parking;
 pub mod pod;
 pub mod pools;
 pub mod protocol;
 pub mod registry;
 pub mod retry;
+mod roles;
 pub mod state;
 pub mod store;
-pub mod sweeper;
-pub mod topology;
-pub mod worker;
 
 pub use client::{Client, Watch};
 pub use config::{Config, QueueType};

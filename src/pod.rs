@@ -19,18 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Publisher;
+use crate::amqp::broker::Publisher;
+use crate::amqp::link::{supervise, BrokerLink};
+use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
-use crate::link::{supervise, BrokerLink};
 use crate::pools::KnownPools;
 use crate::registry::{HandlerResult, Registry, TaskContext};
+use crate::roles::{self, Shared};
 use crate::store::Store;
-use crate::topology::Topology;
 
 /// Which roles a pod runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,24 +63,11 @@ impl Default for Roles {
     }
 }
 
-/// Waits for a free slot, or for shutdown (`None`). Slots can stay taken for long —
-/// a handler, or a publish whose confirm is late — and shutdown must not wait behind
-/// them.
-pub(crate) async fn take_slot(
-    slots: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        slot = slots.clone().acquire_owned() => Some(slot.expect("slots are never closed")),
-    }
-}
-
 /// How long a pod's roles may take to stop after its shutdown token is cancelled: the
 /// grace period for handlers in flight, plus a margin for settling and closing. Past
 /// it, whatever still waits (on a broker that stopped answering, say) is abandoned:
 /// its messages are unacked and return to their queues. Closing the connection takes
-/// at most [`crate::broker::CLOSE_TIMEOUT`] more, so a pod stops within grace + 3 s.
+/// at most [`crate::amqp::broker::CLOSE_TIMEOUT`] more, so a pod stops within grace + 3 s.
 fn shutdown_deadline(config: &Config) -> Duration {
     config.grace_period + SHUTDOWN_MARGIN
 }
@@ -122,15 +109,6 @@ async fn join_roles(
             roles_token.cancel();
         }
     }
-}
-
-/// What every role of a pod shares.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub store: Store,
-    pub topology: Topology,
-    pub registry: Registry,
-    pub pools: KnownPools,
 }
 
 pub struct WorkerBuilder {
@@ -271,27 +249,27 @@ impl Worker {
         let roles_token = shutdown.child_token();
         let mut roles = JoinSet::new();
         if self.roles.intake {
-            let slots = Arc::new(Semaphore::new(crate::intake::CONCURRENT_REQUESTS));
+            let slots = roles::intake::slots();
             let (shared, token) = (shared.clone(), roles_token.clone());
             roles.spawn(supervise(
                 "intake",
                 link.clone(),
                 roles_token.clone(),
                 move |connection| {
-                    crate::intake::run(shared.clone(), connection, slots.clone(), token.clone())
+                    roles::intake::run(shared.clone(), connection, slots.clone(), token.clone())
                 },
             ));
         }
         if self.roles.worker {
             for pool in &self.queues {
-                let capacity = crate::worker::Capacity::new(concurrency);
+                let capacity = roles::worker::Capacity::new(concurrency);
                 let (shared, token, pool) = (shared.clone(), roles_token.clone(), pool.clone());
                 roles.spawn(supervise(
                     "worker",
                     link.clone(),
                     roles_token.clone(),
                     move |connection| {
-                        crate::worker::run(
+                        roles::worker::run(
                             shared.clone(),
                             connection,
                             pool.clone(),
@@ -308,7 +286,7 @@ impl Worker {
                 "completion",
                 link.clone(),
                 roles_token.clone(),
-                move |connection| crate::completion::run(shared.clone(), connection, token.clone()),
+                move |connection| roles::completion::run(shared.clone(), connection, token.clone()),
             ));
         }
         if self.roles.sweeper {
@@ -317,7 +295,7 @@ impl Worker {
                 "sweeper",
                 link.clone(),
                 roles_token.clone(),
-                move |connection| crate::sweeper::run(shared.clone(), connection, token.clone()),
+                move |connection| roles::sweeper::run(shared.clone(), connection, token.clone()),
             ));
         }
         let first_error = join_roles(roles, &roles_token, shutdown_deadline(&shared.config)).await;

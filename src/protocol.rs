@@ -6,9 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::amqp::topology::MAX_DELAY_MS;
 use crate::config::DEFAULT_QUEUE;
 use crate::state::JobStage;
-use crate::topology::MAX_DELAY_MS;
 
 /// The schema version every message carries; a message of another version is parked.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -231,12 +231,12 @@ pub struct TaskMessage {
 }
 
 /// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
-/// linear backoff), at least 1 ms and at most [`crate::topology::MAX_DELAY_MS`].
+/// linear backoff), at least 1 ms and at most [`crate::amqp::topology::MAX_DELAY_MS`].
 pub fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
     let wait = i64::from(attempt).saturating_mul(retry_delay_ms);
     u64::try_from(wait)
         .unwrap_or(0)
-        .clamp(1, crate::topology::MAX_DELAY_MS)
+        .clamp(1, crate::amqp::topology::MAX_DELAY_MS)
 }
 
 /// What every task message of a job repeats.
@@ -570,7 +570,7 @@ mod tests {
         assert_eq!(retry_wait_ms(-1, 100), 1);
         assert_eq!(
             retry_wait_ms(i32::MAX, i64::MAX),
-            crate::topology::MAX_DELAY_MS
+            crate::amqp::topology::MAX_DELAY_MS
         );
     }
 }

@@ -211,7 +211,7 @@ async fn bad_input_flood_is_parked(backend: Backend) {
     let valid =
         serde_json::to_vec(&JobRequest::new(builtin::ECHO, vec![json!(1), json!(2)])).unwrap();
     let connection = env.connection().await;
-    let publisher = taskmill::broker::Publisher::open(&connection)
+    let publisher = taskmill::amqp::broker::Publisher::open(&connection)
         .await
         .unwrap();
     let mut pending = Vec::new();
@@ -242,7 +242,7 @@ async fn bad_input_flood_is_parked(backend: Backend) {
         if let Some(kind) = content_type {
             properties = properties.with_content_type(kind.into());
         }
-        let message = taskmill::broker::Outgoing {
+        let message = taskmill::amqp::broker::Outgoing {
             exchange,
             routing_key,
             body: &body,
@@ -251,7 +251,9 @@ async fn bad_input_flood_is_parked(backend: Backend) {
         };
         pending.push(publisher.send_with(message, properties).await.unwrap());
     }
-    taskmill::broker::all_confirmed(pending).await.unwrap();
+    taskmill::amqp::broker::all_confirmed(pending)
+        .await
+        .unwrap();
     connection.close(200, "done".into()).await.unwrap();
 
     let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 1000).await;

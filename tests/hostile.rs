@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use taskmill::topology::DELAY_LEVELS;
+use taskmill::amqp::topology::DELAY_LEVELS;
 use taskmill::{builtin, JobRequest};
 
 use common::{Backend, FreezableProxy, TestEnv};
@@ -368,10 +368,10 @@ async fn the_ladder_waits_exactly() {
     let topology = env.topology();
     let delayed_connection = env.connection().await;
     let control_connection = env.connection().await;
-    let delayed = taskmill::broker::Publisher::open(&delayed_connection)
+    let delayed = taskmill::amqp::broker::Publisher::open(&delayed_connection)
         .await
         .unwrap();
-    let control = taskmill::broker::Publisher::open(&control_connection)
+    let control = taskmill::amqp::broker::Publisher::open(&control_connection)
         .await
         .unwrap();
     let channel = delayed.channel().await.unwrap();
@@ -399,13 +399,13 @@ async fn the_ladder_waits_exactly() {
         .await
         .unwrap();
     let waits: [u64; 10] = [1, 2, 7, 100, 333, 1000, 1023, 2500, 4097, 5000];
-    let send = |publisher: &taskmill::broker::Publisher, delay: u64, body: String| {
+    let send = |publisher: &taskmill::amqp::broker::Publisher, delay: u64, body: String| {
         let publisher = publisher.clone();
         let entry = topology.delay_entry(delay);
         async move {
-            let key = taskmill::topology::Topology::delay_routing_key(delay, "ladder");
+            let key = taskmill::amqp::topology::Topology::delay_routing_key(delay, "ladder");
             publisher
-                .publish(taskmill::broker::Outgoing {
+                .publish(taskmill::amqp::broker::Outgoing {
                     exchange: &entry,
                     routing_key: &key,
                     body: body.as_bytes(),

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use lapin::options::QueuePurgeOptions;
 use serde_json::json;
+use taskmill::amqp::parking;
 use taskmill::store::{NewJob, NewTask, Progress, StartOutcome, TaskOutcome, Transition};
-use taskmill::{builtin, parking, FailurePolicy, JobRequest, Roles, TaskContext};
+use taskmill::{builtin, FailurePolicy, JobRequest, Roles, TaskContext};
 
 use common::{Backend, TestEnv};
 

@@ -2,8 +2,9 @@
 //! the parking lot except through these commands.
 
 use clap::{Args, Subcommand};
-use taskmill::topology::Topology;
-use taskmill::{broker, parking, Config};
+use taskmill::amqp::topology::Topology;
+use taskmill::amqp::{broker, parking};
+use taskmill::Config;
 
 #[derive(Args, Debug)]
 pub struct DeadArgs {

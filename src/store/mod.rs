@@ -37,7 +37,8 @@ pub use entity::{job, job_event, pool, task};
 /// How long the process that ends a job owns the publishing of its event before the
 /// outbox relay may publish it instead: twice the longest a confirm may take, so a
 /// slow confirm does not let the relay send the event a second time beside it.
-pub const EVENT_CLAIM: Duration = Duration::from_secs(2 * crate::broker::CONFIRM_TIMEOUT.as_secs());
+pub const EVENT_CLAIM: Duration =
+    Duration::from_secs(2 * crate::amqp::broker::CONFIRM_TIMEOUT.as_secs());
 
 const SQLITE_POOL: u32 = 4;
 
@@ -111,7 +112,8 @@ impl Store {
 mod tests {
     #[test]
     fn an_event_claim_outlives_a_slow_confirm() {
-        let slowest_publish = crate::broker::CONFIRM_TIMEOUT + crate::broker::CLOSE_TIMEOUT;
+        let slowest_publish =
+            crate::amqp::broker::CONFIRM_TIMEOUT + crate::amqp::broker::CLOSE_TIMEOUT;
         assert!(super::EVENT_CLAIM > slowest_publish);
     }
 }

@@ -10,9 +10,9 @@ use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use sea_orm::{ConnectionTrait, Database};
-use taskmill::broker::{self, Outgoing, Publisher};
+use taskmill::amqp::broker::{self, Outgoing, Publisher};
+use taskmill::amqp::topology::Topology;
 use taskmill::store::Store;
-use taskmill::topology::Topology;
 use taskmill::{CancellationToken, Client, Config, JobEvent, Worker, WorkerBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,7 +356,7 @@ impl TestEnv {
                 FieldTable::default(),
             )
             .await;
-        taskmill::broker::close_connection(&connection).await;
+        taskmill::amqp::broker::close_connection(&connection).await;
         declared
     }
 
@@ -378,7 +378,7 @@ impl TestEnv {
                 .and_then(|headers| {
                     headers
                         .inner()
-                        .get(taskmill::parking::REASON_HEADER)
+                        .get(taskmill::amqp::parking::REASON_HEADER)
                         .cloned()
                 })
                 .and_then(|value| match value {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
-use taskmill::broker::{self, Outgoing, Publisher};
+use taskmill::amqp::broker::{self, Outgoing, Publisher};
 use taskmill::Config;
 
 const CONFIRM_WINDOW: usize = 1_000;

@@ -116,7 +116,7 @@ impl Bench {
         concurrency: usize,
     ) -> anyhow::Result<Self> {
         let client = Client::connect(config).await?;
-        let listener = taskmill::broker::connect(&config.amqp_url).await?;
+        let listener = taskmill::amqp::broker::connect(&config.amqp_url).await?;
         let channel = listener.create_channel().await?;
         let mut consumer = client
             .topology()

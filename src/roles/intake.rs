@@ -18,12 +18,12 @@ use lapin::Connection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, Pending, Publisher};
-use crate::dispatch;
+use super::{take_slot, Shared};
+use crate::amqp::broker::{BrokerError, Pending, Publisher};
+use crate::amqp::dispatch;
+use crate::amqp::events::EventPublisher;
+use crate::amqp::parking::park;
 use crate::error::Error;
-use crate::events::EventPublisher;
-use crate::parking::park;
-use crate::pod::{take_slot, Shared};
 use serde_json::value::RawValue;
 
 use crate::protocol::{
@@ -42,7 +42,12 @@ const MAX_BATCH: usize = 1_024;
 /// Task messages published before waiting for their confirms.
 const PUBLISH_WINDOW: u64 = 1_000;
 /// Job requests handled at once by one intake.
-pub(crate) const CONCURRENT_REQUESTS: usize = 32;
+const CONCURRENT_REQUESTS: usize = 32;
+
+/// The intake's request slots, created once per pod: they outlive a connection.
+pub(crate) fn slots() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(CONCURRENT_REQUESTS))
+}
 
 /// Requests in flight hold `slots`, which outlive one connection: requests started
 /// before a reconnect still count against the limit.
@@ -107,7 +112,7 @@ pub(crate) async fn run(
             "job requests still in flight after the grace period; the broker will redeliver them"
         );
     }
-    crate::broker::close_channel(&channel).await;
+    crate::amqp::broker::close_channel(&channel).await;
     publisher.close().await;
     Ok(())
 }
@@ -151,8 +156,8 @@ impl From<crate::store::StoreError> for Rejection {
     }
 }
 
-impl From<crate::broker::BrokerError> for Rejection {
-    fn from(err: crate::broker::BrokerError) -> Self {
+impl From<crate::amqp::broker::BrokerError> for Rejection {
+    fn from(err: crate::amqp::broker::BrokerError) -> Self {
         Self::Retry(err.into())
     }
 }
@@ -507,7 +512,7 @@ impl Intake {
                             .await?,
                         );
                     }
-                    crate::broker::all_confirmed(pending).await?;
+                    crate::amqp::broker::all_confirmed(pending).await?;
                     done = end;
                     batch = grown(batch);
                 }
@@ -574,7 +579,7 @@ impl Intake {
                     .await?,
                 );
             }
-            crate::broker::all_confirmed(pending).await?;
+            crate::amqp::broker::all_confirmed(pending).await?;
         }
         self.shared.store.mark_tasks_published(&job.id).await?;
         tracing::info!(job_id = %job.id, tasks = job.task_count, pool = %job.queue, "job tasks published");

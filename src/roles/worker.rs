@@ -36,16 +36,16 @@ use tokio::sync::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::acks::{Acks, Settlement};
-use crate::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publisher};
+use super::{take_slot, Shared};
+use crate::amqp::acks::{Acks, Settlement};
+use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publisher};
+use crate::amqp::parking::park;
+use crate::amqp::topology::Topology;
 use crate::error::Error;
-use crate::parking::park;
-use crate::pod::{take_slot, Shared};
 use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
 use crate::registry::{TaskContext, TaskError};
 use crate::state::TaskStatus;
 use crate::store::{Claim, TaskOutcome, Transition};
-use crate::topology::Topology;
 
 /// Outcomes recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
@@ -125,7 +125,7 @@ pub(crate) async fn run(
         // finish and be recorded and acked; whatever is still unacked returns to the
         // queue when the channel closes.
         let _ = tokio::time::timeout(
-            crate::broker::CLOSE_TIMEOUT,
+            crate::amqp::broker::CLOSE_TIMEOUT,
             channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
         )
         .await;
@@ -144,7 +144,7 @@ pub(crate) async fn run(
     // holds the runner (and its channel), and a restarted run makes its own.
     recorder.abort();
     consuming.cancel();
-    crate::broker::close_channel(&channel).await;
+    crate::amqp::broker::close_channel(&channel).await;
     runner.publisher.close().await;
     consumed
 }

@@ -35,12 +35,12 @@ use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{all_confirmed, Publisher};
+use super::Shared;
+use crate::amqp::broker::{all_confirmed, Publisher};
+use crate::amqp::dispatch;
+use crate::amqp::events::EventPublisher;
 use crate::clock;
-use crate::dispatch;
 use crate::error::Error;
-use crate::events::EventPublisher;
-use crate::pod::Shared;
 use crate::protocol::TaskMessage;
 use crate::state::{JobStage, TaskStatus};
 use crate::store::{job, task, Progress};
@@ -227,7 +227,7 @@ impl Sweeper {
                 )
                 .await
                 .map(|queue| queue.message_count());
-            crate::broker::close_channel(&channel).await;
+            crate::amqp::broker::close_channel(&channel).await;
             idle.insert(pool, matches!(depth, Ok(0) | Err(_)));
         }
         Ok(idle)
@@ -307,7 +307,7 @@ impl Sweeper {
         task: &task::Model,
         job: &job::Model,
         report: &mut SweepReport,
-    ) -> Result<crate::broker::Pending, Error> {
+    ) -> Result<crate::amqp::broker::Pending, Error> {
         let status = task.status.parse::<TaskStatus>().ok();
         // A running task's attempt is taken over as the same attempt; a pending or
         // retrying one gets its next attempt.

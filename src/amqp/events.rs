@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Outgoing, Publisher};
+use crate::amqp::broker::{Outgoing, Publisher};
+use crate::amqp::topology::Topology;
 use crate::error::Error;
 use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED};
 use crate::store::{job_event, Store, TargetOutcome};
-use crate::topology::Topology;
 
 const RELAY_BATCH: u64 = 100;
 /// Publishes to an `on_complete` target before it is given up.

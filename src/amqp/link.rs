@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker;
+use crate::amqp::broker;
 use crate::error::Error;
 use crate::retry::Delays;
 

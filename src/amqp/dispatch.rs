@@ -2,11 +2,11 @@
 //! (first attempts), the sweeper (lost and stuck ones) and anyone else. Retries take
 //! the delay ladder instead (the worker's `send_retry`).
 
-use crate::broker::{Outgoing, Pending, Publisher};
+use crate::amqp::broker::{Outgoing, Pending, Publisher};
+use crate::amqp::topology::Topology;
 use crate::error::Error;
 use crate::protocol::{JobSettings, TaskMessage};
 use crate::store::job;
-use crate::topology::Topology;
 
 /// The settings a job's task messages carry.
 pub fn settings_of(job: &job::Model) -> JobSettings<'_> {

@@ -12,8 +12,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use serde::Serialize;
 
-use crate::broker::{string_header, BrokerError, Outgoing, Publisher};
-use crate::topology::Topology;
+use crate::amqp::broker::{string_header, BrokerError, Outgoing, Publisher};
+use crate::amqp::topology::Topology;
 
 pub const REASON_HEADER: &str = "x-taskmill-reason";
 pub const SOURCE_HEADER: &str = "x-taskmill-source-queue";

@@ -19,11 +19,11 @@ use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Publisher;
+use super::Shared;
+use crate::amqp::broker::Publisher;
+use crate::amqp::events::EventPublisher;
+use crate::amqp::parking::park;
 use crate::error::Error;
-use crate::events::EventPublisher;
-use crate::parking::park;
-use crate::pod::Shared;
 use crate::protocol::{self, TasksFinished};
 use crate::store::Progress;
 
@@ -89,13 +89,13 @@ pub(crate) async fn run(
     }
     // The relay may be waiting on the database or a confirm: give it a moment, then
     // drop it (an unpublished event stays in the outbox for the next relay).
-    if tokio::time::timeout(crate::broker::CLOSE_TIMEOUT, &mut relay)
+    if tokio::time::timeout(crate::amqp::broker::CLOSE_TIMEOUT, &mut relay)
         .await
         .is_err()
     {
         relay.abort();
     }
-    crate::broker::close_channel(&channel).await;
+    crate::amqp::broker::close_channel(&channel).await;
     completion.publisher.close().await;
     Ok(())
 }
