@@ -1,0 +1,315 @@
+//! Worker: runs task messages from one pool's work queue.
+//!
+//! Per message: claim the task row (a conditional UPDATE: a stale or duplicate
+//! message claims nothing and is acked), run the registered handler with its lease
+//! renewed, then record the outcome and only then ack:
+//!
+//! - success → `done` + result, finished event;
+//! - failure, attempt n ≤ max_retries → `retrying`, retry message to the delay queue
+//!   for n × retry_delay_ms;
+//! - failure otherwise, or permanent → `failed`, finished event.
+//!
+//! Under load the database and broker work is batched without loosening any of that:
+//! the deliveries the consumer has buffered are claimed in one statement, and the
+//! outcomes that finish while a batch is being recorded are recorded together next —
+//! one transaction, one finished-event message for all of them, every publish
+//! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
+//! acks that never cover a delivery still running). A handler panic is a failed attempt.
+//!
+//! Poison tasks fail alone: an attempt taken over from a worker that died (or lost its
+//! channel) runs in quarantine — alone in its pod — and only then is its start
+//! counted, so a task that keeps killing its worker fails once it was started more
+//! than `max_deliveries` times, while the tasks that happened to run beside it are
+//! never charged for its crashes.
+
+mod record;
+mod run;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{take_slot, Shared};
+use crate::amqp::acks::Acks;
+use crate::amqp::broker::Publisher;
+use crate::error::Error;
+use crate::protocol::{self, TaskMessage};
+use crate::store::{Claim, TaskOutcome};
+
+/// How much of a pool one pod runs at once. It outlives one connection: handlers
+/// started before a reconnect still count against it.
+pub(crate) struct Capacity {
+    /// One per delivery being handled (`config.concurrency`).
+    slots: Arc<Semaphore>,
+    /// Handlers run under its read side; a taken-over attempt, which may be what
+    /// killed a worker, runs under its write side: alone.
+    quarantine: Arc<RwLock<()>>,
+}
+
+impl Capacity {
+    pub fn new(concurrency: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            quarantine: Arc::new(RwLock::new(())),
+        })
+    }
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    pool: String,
+    capacity: Arc<Capacity>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let slots = &capacity.slots;
+    // Normalized: at least 1 and within what basic.qos carries.
+    let concurrency = shared.config.concurrency;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(concurrency as u16, BasicQosOptions::default())
+        .await?;
+    shared.topology.forget_declared();
+    shared.topology.declare_work_queue(&channel, &pool).await?;
+    shared.topology.declare_delay_ladder(&channel).await?;
+    let publisher = Publisher::open(&connection).await?;
+    let queue = shared.topology.work_queue(&pool);
+    let tag = format!("taskmill-worker-{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue, concurrency, "worker consuming");
+    let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+    let runner = Arc::new(Runner {
+        shared: shared.clone(),
+        publisher,
+        pool,
+        queue,
+        shutdown: shutdown.clone(),
+        outcomes,
+        acks: Acks::start(),
+        quarantine: capacity.quarantine.clone(),
+    });
+    let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
+    let consuming = shutdown.child_token();
+    tokio::spawn(crate::pools::keep_registered(
+        shared.store.clone(),
+        vec![runner.pool.clone()],
+        consuming.clone(),
+    ));
+    let consumed = consume(&mut consumer, &runner, slots, &shutdown, concurrency).await;
+    if consumed.is_ok() {
+        // Shutdown: stop deliveries, then give handlers in flight the grace period to
+        // finish and be recorded and acked; whatever is still unacked returns to the
+        // queue when the channel closes.
+        let _ = tokio::time::timeout(
+            crate::amqp::broker::CLOSE_TIMEOUT,
+            channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
+        let grace = shared.config.grace_period;
+        if tokio::time::timeout(grace, slots.acquire_many(concurrency as u32))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "handlers still running after the grace period; leaving their tasks to redelivery"
+            );
+        }
+    }
+    // Whether it stops or fails, this run lets go of everything it opened: the recorder
+    // holds the runner (and its channel), and a restarted run makes its own.
+    recorder.abort();
+    consuming.cancel();
+    crate::amqp::broker::close_channel(&channel).await;
+    runner.publisher.close().await;
+    consumed
+}
+
+/// Takes deliveries in batches (whatever the consumer has buffered, each with a slot)
+/// and dispatches them, until shutdown (`Ok`) or the consumer fails.
+async fn consume(
+    consumer: &mut lapin::Consumer,
+    runner: &Arc<Runner>,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    concurrency: usize,
+) -> Result<(), Error> {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => return Err(Error::Other("worker consumer ended".into())),
+            },
+        };
+        runner.acks.received(&first);
+        // Every delivery holds a slot until it is settled. Deliveries taken without
+        // one at shutdown stay unacked and return to the queue with the channel.
+        let Some(slot) = take_slot(slots, shutdown).await else {
+            return Ok(());
+        };
+        let mut batch = vec![(first, slot)];
+        while batch.len() < concurrency {
+            let Some(Some(delivery)) = consumer.next().now_or_never() else {
+                break;
+            };
+            let delivery = delivery?;
+            runner.acks.received(&delivery);
+            let Some(slot) = take_slot(slots, shutdown).await else {
+                break;
+            };
+            batch.push((delivery, slot));
+        }
+        runner.dispatch(batch).await;
+    }
+}
+
+fn new_token() -> Arc<str> {
+    uuid::Uuid::new_v4().to_string().into()
+}
+
+/// A delivery whose handler has run, on its way to being recorded.
+struct Finished {
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+    message: TaskMessage,
+    outcome: TaskOutcome,
+}
+
+struct Runner {
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    pool: String,
+    queue: String,
+    shutdown: CancellationToken,
+    outcomes: mpsc::UnboundedSender<Finished>,
+    acks: Acks,
+    quarantine: Arc<RwLock<()>>,
+}
+
+impl Runner {
+    /// Decodes a batch of deliveries, claims the fresh ones in one statement, and
+    /// starts a handler for each claimed task.
+    async fn dispatch(self: &Arc<Self>, batch: Vec<(Delivery, OwnedSemaphorePermit)>) {
+        let mut fresh = Vec::with_capacity(batch.len());
+        let mut in_batch = HashSet::with_capacity(batch.len());
+        for (delivery, slot) in batch {
+            match self.decode(&delivery) {
+                // A second copy in the same batch must not share the first one's claim.
+                Ok(message)
+                    if !delivery.redelivered
+                        && in_batch.insert((message.task_id, message.attempt)) =>
+                {
+                    fresh.push((delivery, slot, message))
+                }
+                // A redelivery may need a takeover: the one-task claim handles it.
+                Ok(message) => self.spawn_single(delivery, slot, message, new_token()),
+                Err(reason) => {
+                    let runner = self.clone();
+                    tokio::spawn(async move {
+                        let parked = runner.park(&delivery, &reason).await;
+                        runner.settle(delivery, slot, parked);
+                    });
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let token = new_token();
+        let claims: Vec<(i64, i32)> = fresh
+            .iter()
+            .map(|(_, _, m)| (m.task_id, m.attempt))
+            .collect();
+        let claimed = match self
+            .shared
+            .store
+            .claim_tasks(&claims, &token, self.shared.config.lease)
+            .await
+        {
+            Ok(claimed) => claimed,
+            // Part of the batch may have been claimed before the error: the one-task
+            // claims under the same token find those rows claimed by it already.
+            Err(err) => {
+                tracing::error!(%err, "claiming a batch of tasks failed; trying them one by one");
+                HashSet::new()
+            }
+        };
+        for (delivery, slot, message) in fresh {
+            if claimed.contains(&message.task_id) {
+                let (runner, token) = (self.clone(), token.clone());
+                let claim = Claim {
+                    deliveries: 1,
+                    taken_over: false,
+                };
+                tokio::spawn(async move {
+                    runner.attempt(delivery, slot, message, &token, claim).await
+                });
+            } else {
+                self.spawn_single(delivery, slot, message, token.clone());
+            }
+        }
+    }
+
+    /// The one-task path: a claim that may take over a running attempt (redelivered,
+    /// lease expired) — or finds the message stale.
+    fn spawn_single(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        message: TaskMessage,
+        token: Arc<str>,
+    ) {
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let claim = runner
+                .shared
+                .store
+                .claim_task(
+                    message.task_id,
+                    message.attempt,
+                    &token,
+                    delivery.redelivered,
+                    runner.shared.config.lease,
+                )
+                .await;
+            match claim {
+                Ok(Some(claim)) => runner.attempt(delivery, slot, message, &token, claim).await,
+                Ok(None) => {
+                    let settled = runner.settle_stale(&delivery, &message).await;
+                    runner.settle(delivery, slot, settled);
+                }
+                Err(err) => runner.settle(delivery, slot, Err(err.into())),
+            }
+        });
+    }
+
+    fn decode(&self, delivery: &Delivery) -> Result<TaskMessage, String> {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str());
+        protocol::decode(
+            &delivery.data,
+            content_type,
+            self.shared.config.max_request_bytes,
+        )
+        .and_then(|m: TaskMessage| protocol::check_message_version(m.version).map(|()| m))
+        .map_err(|err| err.to_string())
+    }
+}

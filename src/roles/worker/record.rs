@@ -1,0 +1,254 @@
+//! Recording outcomes: a batch of outcomes in one transaction, the retries and the
+//! one finished-event message it causes, every confirm, then the acks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::amqp::acks::Settlement;
+use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending};
+use crate::amqp::parking::park;
+use crate::amqp::topology::Topology;
+use crate::error::Error;
+use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
+use crate::state::TaskStatus;
+use crate::store::{TaskOutcome, Transition};
+
+use super::{Finished, Runner};
+
+/// Outcomes recorded in one transaction at most.
+const RECORD_BATCH: usize = 256;
+
+impl Runner {
+    /// Records outcomes in batches: whatever finished while the previous batch was
+    /// being recorded goes into the next one.
+    pub(super) async fn record_loop(
+        self: Arc<Self>,
+        mut outcomes: mpsc::UnboundedReceiver<Finished>,
+    ) {
+        while let Some(first) = outcomes.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH {
+                match outcomes.try_recv() {
+                    Ok(finished) => batch.push(finished),
+                    Err(_) => break,
+                }
+            }
+            self.record(batch).await;
+        }
+    }
+
+    /// Commits a batch of outcomes, sends what they cause (retries, one finished-event
+    /// message), waits for every confirm, then acks.
+    pub(super) async fn record(&self, batch: Vec<Finished>) {
+        let transitions: Vec<Transition> = batch
+            .iter()
+            .map(|f| Transition {
+                job_id: f.message.job_id.clone(),
+                task_id: f.message.task_id,
+                attempt: f.message.attempt,
+                outcome: f.outcome.clone(),
+            })
+            .collect();
+        let recorded = match self.shared.store.finish_tasks(&transitions).await {
+            Ok(recorded) => recorded,
+            Err(err) if batch.len() > 1 && !err.is_transient() => {
+                // One bad row must not fail its neighbours: record them one by one.
+                for finished in batch {
+                    Box::pin(self.record(vec![finished])).await;
+                }
+                return;
+            }
+            Err(err) if !err.is_transient() => {
+                let mut finished = batch.into_iter().next().expect("one outcome");
+                if let TaskOutcome::Done(_) = finished.outcome {
+                    // A result the database refuses for good would fail the same way
+                    // on every redelivery: fail the task with the reason instead.
+                    tracing::error!(task_id = finished.message.task_id, %err, "could not record the task's result");
+                    finished.outcome =
+                        TaskOutcome::Failed(format!("could not record the result: {err}"));
+                    return Box::pin(self.record(vec![finished])).await;
+                }
+                return self.settle(finished.delivery, finished.slot, Err(err.into()));
+            }
+            Err(err) => {
+                tracing::error!(%err, outcomes = batch.len(), "recording outcomes failed; returning their messages to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for finished in batch {
+                    self.settle(
+                        finished.delivery,
+                        finished.slot,
+                        Err(Error::Other(err.to_string())),
+                    );
+                }
+                return;
+            }
+        };
+        let (done, stale): (Vec<Finished>, Vec<Finished>) = batch
+            .into_iter()
+            .partition(|f| recorded.contains(&f.message.task_id));
+        let mut pending = Vec::new();
+        let mut finished_tasks = Vec::new();
+        let mut sent = Ok(());
+        for finished in &done {
+            match &finished.outcome {
+                TaskOutcome::Retrying(_) => match self.send_retry(&finished.message).await {
+                    Ok(confirm) => pending.push(confirm),
+                    Err(err) => sent = Err(err),
+                },
+                outcome => finished_tasks.push(finished_task(&finished.message, outcome.status())),
+            }
+        }
+        if !finished_tasks.is_empty() && sent.is_ok() {
+            match self.send_finished(finished_tasks).await {
+                Ok(confirm) => pending.push(confirm),
+                Err(err) => sent = Err(err),
+            }
+        }
+        if sent.is_ok() {
+            sent = all_confirmed(pending).await.map_err(Error::from);
+        }
+        for finished in done {
+            // Each delivery gets the error; a broker one stays one, so that a lost
+            // connection is reported once per outage, not once per message.
+            let result = match &sent {
+                Ok(()) => Ok(()),
+                Err(Error::Broker(err)) => Err(Error::Broker(err.clone())),
+                Err(err) => Err(Error::Other(err.to_string())),
+            };
+            self.settle(finished.delivery, finished.slot, result);
+        }
+        for finished in stale {
+            let settled = self.settle_stale_after_write(&finished.message).await;
+            self.settle(finished.delivery, finished.slot, settled);
+        }
+    }
+
+    /// Acks a delivery whose effects are committed and confirmed, or returns it to the
+    /// queue; its slot is freed once that is on its way.
+    pub(super) fn settle(
+        &self,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        result: Result<(), Error>,
+    ) {
+        match result {
+            Ok(()) => self.acks.settle(delivery, Settlement::Ack, slot),
+            // The channel is gone: the broker returns the message by itself.
+            Err(err) if err.is_broker_connection() => {
+                tracing::debug!(%err, "task message not settled: broker connection lost");
+            }
+            Err(err) => {
+                if let Error::Broker(BrokerError::Returned { .. }) = err {
+                    // A queue this process declared is gone (deleted, a broker reset):
+                    // declare it again on the next send instead of bouncing forever.
+                    self.shared.topology.forget_declared();
+                }
+                tracing::error!(%err, "task message not settled; returning it to the queue");
+                self.acks.settle(delivery, Settlement::Requeue, slot);
+            }
+        }
+    }
+
+    /// A message that claimed nothing: a duplicate, a stale attempt, a message for a
+    /// cancelled task — or for no task at all, which is parked.
+    pub(super) async fn settle_stale(
+        &self,
+        delivery: &Delivery,
+        message: &TaskMessage,
+    ) -> Result<(), Error> {
+        if self.shared.store.task(message.task_id).await?.is_none() {
+            return self
+                .park(
+                    delivery,
+                    &format!("task {} does not exist", message.task_id),
+                )
+                .await;
+        }
+        self.settle_stale_after_write(message).await
+    }
+
+    /// If the row shows that what this attempt should have caused may not have been
+    /// sent (a crash between commit and publish), send it again: duplicates of those
+    /// messages are harmless.
+    pub(super) async fn settle_stale_after_write(
+        &self,
+        message: &TaskMessage,
+    ) -> Result<(), Error> {
+        let Some(row) = self.shared.store.task(message.task_id).await? else {
+            return Ok(());
+        };
+        match row.status.parse::<TaskStatus>().ok() {
+            Some(TaskStatus::Retrying) if row.attempts == message.attempt => {
+                self.send_retry(message).await?.confirmed().await?;
+            }
+            // Re-checking a job that already ended costs one row lock.
+            Some(status @ (TaskStatus::Done | TaskStatus::Failed)) => {
+                self.send_finished(vec![finished_task(message, status)])
+                    .await?
+                    .confirmed()
+                    .await?;
+            }
+            _ => {
+                tracing::debug!(task_id = message.task_id, attempt = message.attempt, status = %row.status, "stale task message acked");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends attempt n+1 into the delay ladder to wait n × retry_delay_ms; the broker
+    /// moves it back to the pool's work queue when the wait is over. No worker sleeps
+    /// meanwhile.
+    pub(super) async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
+        let delay_ms = protocol::retry_wait_ms(message.attempt, message.retry_delay_ms);
+        let topology = &self.shared.topology;
+        topology
+            .declare_delay_ladder(&self.publisher.channel().await?)
+            .await?;
+        let body = message.next_attempt().to_body();
+        let entry = topology.delay_entry(delay_ms);
+        let routing_key = Topology::delay_routing_key(delay_ms, &self.pool);
+        Ok(self
+            .publisher
+            .send(Outgoing {
+                exchange: &entry,
+                routing_key: &routing_key,
+                body: &body,
+                mandatory: true,
+                headers: None,
+            })
+            .await?)
+    }
+
+    pub(super) async fn send_finished(&self, tasks: Vec<FinishedTask>) -> Result<Pending, Error> {
+        let body =
+            serde_json::to_vec(&TasksFinished::new(tasks)).expect("a finished event serializes");
+        let queue = self.shared.topology.completion_queue();
+        Ok(self
+            .publisher
+            .send(Outgoing::to_queue(&queue, &body))
+            .await?)
+    }
+
+    pub(super) async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {
+        Ok(park(
+            &self.publisher,
+            &self.shared.topology,
+            delivery,
+            &self.queue,
+            reason,
+        )
+        .await?)
+    }
+}
+
+pub(super) fn finished_task(message: &TaskMessage, status: TaskStatus) -> FinishedTask {
+    FinishedTask {
+        job_id: message.job_id.clone(),
+        task_id: message.task_id,
+        status: status.as_str().to_owned(),
+        attempt: message.attempt,
+    }
+}

@@ -1,0 +1,231 @@
+//! Running one claimed attempt: its turn (alone in quarantine if it was taken over),
+//! its handler under a lease and a timeout, and the outcome handed to the recorder.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::TaskMessage;
+use crate::registry::{TaskContext, TaskError};
+use crate::store::{Claim, TaskOutcome};
+
+use super::{Finished, Runner};
+
+/// How long a handler whose timeout passed gets to return after its stop token fired,
+/// before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// A claimed attempt's turn to run its handler, held while it runs, with the starts
+/// of its attempt so far.
+struct Turn {
+    starts: i32,
+    _beside: Option<OwnedRwLockReadGuard<()>>,
+    _alone: Option<OwnedRwLockWriteGuard<()>>,
+}
+
+impl Runner {
+    /// Runs one claimed attempt and hands its outcome to the recorder.
+    pub(super) async fn attempt(
+        &self,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        message: TaskMessage,
+        token: &str,
+        claim: Claim,
+    ) {
+        let result = if !self.shared.registry.knows_task_type(&message.task_type) {
+            if let Err(err) = self
+                .park(
+                    &delivery,
+                    &format!("unknown task type {:?}", message.task_type),
+                )
+                .await
+            {
+                return self.settle(delivery, slot, Err(err));
+            }
+            Err(TaskError::permanent(format!(
+                "unknown task type {:?} in pool {:?}",
+                message.task_type, self.pool
+            )))
+        } else {
+            // A taken-over attempt may be what killed the last worker: it runs alone,
+            // so that if it kills this one too, no neighbour was running beside it. Its
+            // start is counted only now, so waiting for its turn costs it nothing.
+            let turn = if claim.taken_over {
+                let alone = tokio::select! {
+                    biased;
+                    alone = self.quarantine.clone().write_owned() => alone,
+                    // Its start not counted yet, it returns to the queue unsettled.
+                    _ = self.shutdown.cancelled() => return,
+                };
+                match self
+                    .shared
+                    .store
+                    .count_start(message.task_id, message.attempt, token)
+                    .await
+                {
+                    Ok(Some(starts)) => Turn {
+                        starts,
+                        _beside: None,
+                        _alone: Some(alone),
+                    },
+                    Ok(None) => {
+                        let settled = self.settle_stale(&delivery, &message).await;
+                        return self.settle(delivery, slot, settled);
+                    }
+                    Err(err) => return self.settle(delivery, slot, Err(err.into())),
+                }
+            } else {
+                // A fresh claim counted its start already, so it runs whenever it can
+                // — at once unless a quarantined attempt runs — even during shutdown,
+                // like any claimed attempt; only a pod stopping while it waits behind
+                // a quarantined one leaves it to redelivery, one start overcounted.
+                tokio::select! {
+                    biased;
+                    beside = self.quarantine.clone().read_owned() => Turn {
+                        starts: claim.deliveries,
+                        _beside: Some(beside),
+                        _alone: None,
+                    },
+                    _ = self.shutdown.cancelled() => return,
+                }
+            };
+            let starts = turn.starts;
+            let result = if starts > self.shared.config.max_deliveries {
+                Err(TaskError::permanent(format!(
+                    "attempt {} was started {starts} times without finishing: the task keeps killing its worker",
+                    message.attempt
+                )))
+            } else {
+                self.run_handler(&message, token).await
+            };
+            drop(turn);
+            result
+        };
+        let outcome = match result {
+            Ok(value) => TaskOutcome::Done(value),
+            Err(err) if !err.is_permanent() && message.attempt <= message.max_retries => {
+                tracing::debug!(task_id = message.task_id, attempt = message.attempt, error = %err, "attempt failed; will retry");
+                TaskOutcome::Retrying(err.message().to_owned())
+            }
+            Err(err) => {
+                tracing::warn!(task_id = message.task_id, attempt = message.attempt, error = %err, "task failed for good");
+                TaskOutcome::Failed(err.message().to_owned())
+            }
+        };
+        let finished = Finished {
+            delivery,
+            slot,
+            message,
+            outcome,
+        };
+        if let Err(mpsc::error::SendError(finished)) = self.outcomes.send(finished) {
+            // The recorder is gone (shutdown past its grace): leave it to redelivery.
+            drop(finished);
+        }
+    }
+
+    /// How long this attempt may run: the job's limit, else the handler's, else the
+    /// pod's default.
+    pub(super) fn timeout_of(&self, message: &TaskMessage) -> Duration {
+        message
+            .task_timeout_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis)
+            .or_else(|| self.shared.registry.timeout(&message.task_type))
+            .unwrap_or(self.shared.config.task_timeout)
+    }
+
+    /// Runs the handler in its own task (so a panic is an error, not a dead worker),
+    /// renewing the lease while it runs. When its timeout passes, its stop token
+    /// fires; if it has not returned [`STOP_GRACE`] later it is dropped, and the
+    /// attempt fails (retryably) as timed out, freeing its slot.
+    pub(super) async fn run_handler(
+        &self,
+        message: &TaskMessage,
+        token: &str,
+    ) -> Result<serde_json::Value, TaskError> {
+        let stop = CancellationToken::new();
+        let ctx = TaskContext {
+            job_id: message.job_id.clone(),
+            task_id: message.task_id,
+            task_type: message.task_type.clone(),
+            attempt: message.attempt,
+            max_retries: message.max_retries,
+            payload: message.payload.clone(),
+            shutdown: self.shutdown.clone(),
+            stop: stop.clone(),
+        };
+        let timeout = self.timeout_of(message);
+        let timed_out = || TaskError::retryable(format!("timed out after {timeout:?}"));
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut stopping = false;
+        let Some(future) = self.shared.registry.start(ctx) else {
+            return Err(TaskError::permanent(format!(
+                "unknown task type {:?}",
+                message.task_type
+            )));
+        };
+        let mut handle = tokio::spawn(future);
+        let lease = self.shared.config.lease;
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+        let started = std::time::Instant::now();
+        // RabbitMQ closes the channel of a delivery unacked past consumer_timeout; the
+        // task then comes back as a redelivery and runs a second time. Say so early.
+        let warn_after = self.shared.config.consumer_timeout.mul_f64(0.8);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                joined = &mut handle => {
+                    return match joined {
+                        Ok(Err(_)) if stopping => Err(timed_out()),
+                        Ok(result) => result,
+                        Err(err) if err.is_panic() => Err(TaskError::retryable(format!(
+                            "handler panicked: {}",
+                            panic_message(err.into_panic())
+                        ))),
+                        Err(err) => Err(TaskError::retryable(format!("handler aborted: {err}"))),
+                    };
+                }
+                _ = &mut deadline => {
+                    if stopping {
+                        handle.abort();
+                        tracing::warn!(task_id = message.task_id, attempt = message.attempt, ?timeout, "handler dropped: it did not stop after its timeout");
+                        return Err(timed_out());
+                    }
+                    stopping = true;
+                    stop.cancel();
+                    deadline.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+                }
+                _ = renew.tick() => {
+                    if !warned && started.elapsed() > warn_after {
+                        warned = true;
+                        tracing::warn!(
+                            task_id = message.task_id,
+                            running = ?started.elapsed(),
+                            consumer_timeout = ?self.shared.config.consumer_timeout,
+                            "handler is nearing the broker's consumer_timeout; raise it in rabbitmq.conf for tasks this long"
+                        );
+                    }
+                    match self.shared.store.renew_lease(message.task_id, message.attempt, token, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(task_id = message.task_id, "lease lost while the handler runs"),
+                        Err(err) => tracing::warn!(task_id = message.task_id, %err, "lease renewal failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
