@@ -11,7 +11,7 @@ use sea_orm::{
 };
 use serde_json::Value;
 
-use super::{completion, job, job_event, pg_batch, task, Store, StoreError};
+use super::{job, job_ends, job_event, pg_batch, task, Store, StoreError};
 use crate::protocol::{FailurePolicy, Target};
 use crate::state::{JobStage, TaskStatus};
 
@@ -193,7 +193,7 @@ impl Store {
                         };
                         if expected_tasks == 0 {
                             let event =
-                                completion::end_job(txn, &job, JobStage::Formation, JobStage::Done)
+                                job_ends::end_job(txn, &job, JobStage::Formation, JobStage::Done)
                                     .await?;
                             return Ok(StartOutcome::Ended(event));
                         }
@@ -215,8 +215,8 @@ impl Store {
                         })?;
                         // Tasks published while the job was forming may all have
                         // finished: their finished events found it not yet running.
-                        if let completion::Progress::Ended(event) =
-                            completion::check_in(txn, &job_id).await?
+                        if let job_ends::Progress::Ended(event) =
+                            job_ends::check_in(txn, &job_id).await?
                         {
                             return Ok(StartOutcome::Ended(*event));
                         }

@@ -7,13 +7,13 @@
 //! [`crate::retry`]; a write that timed out but landed is recognised on the retry by
 //! the same conditions.
 
-mod completion;
 mod error;
-mod events;
+mod job_ends;
 mod jobs;
+mod outbox;
 mod pg_batch;
 mod pools;
-mod sweeper;
+mod stuck;
 mod tasks;
 
 use std::time::Duration;
@@ -24,12 +24,12 @@ use sea_orm::{
     TransactionTrait,
 };
 
-pub use completion::Progress;
 pub use error::StoreError;
-pub use events::TargetOutcome;
+pub use job_ends::Progress;
 pub use jobs::{JobStatus, NewJob, NewTask, StartOutcome};
+pub use outbox::TargetOutcome;
 pub use pools::SilentPool;
-pub use sweeper::SWEEP_WRITE_BATCH;
+pub use stuck::SWEEP_WRITE_BATCH;
 pub use tasks::{Claim, TaskOutcome, Transition};
 
 pub use entity::{job, job_event, pool, task};

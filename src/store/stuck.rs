@@ -12,7 +12,7 @@ use sea_orm::{
 };
 
 use super::jobs::lock_job;
-use super::{completion, job, job_event, task, Store, StoreError};
+use super::{job, job_ends, job_event, task, Store, StoreError};
 use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 use entity::lease;
@@ -241,7 +241,7 @@ impl Store {
                         let Some(job) = lock_job(txn, &job_id, JobStage::Formation).await? else {
                             return Ok(None);
                         };
-                        let event = completion::end_job_with(
+                        let event = job_ends::end_job_with(
                             txn,
                             &job,
                             JobStage::Formation,
