@@ -1,0 +1,175 @@
+//! The sweeper: the safety net for work that should be moving but is not.
+//!
+//! After the build system's sync cron: every `sweep_interval`, the one pod holding the
+//! `sweeper` lease scans the tasks table in `sweeper_shards` shards (task id modulo)
+//! in parallel, 1,000 keys at a time, for tasks that have not changed for
+//! `stuck_after`:
+//!
+//! - pending: the task message was lost (a crash between commit and publish, an
+//!   operator's purge): publish it again — but only for pools whose work queue is
+//!   empty, since a task in a backlog is waiting, not lost, and re-publishing a backlog
+//!   would double it;
+//! - retrying, with its wait long over: its retry was lost on the way through the
+//!   delay ladder: publish it again, backlog or not;
+//! - running past its lease: the worker died and the message did not come back:
+//!   publish the same attempt again (the claim takes over an expired lease);
+//!
+//! and for running jobs whose counters say they are over but that stayed quiet for
+//! `stuck_after` (their finished event was lost), it runs the completion check itself.
+//!
+//! Each re-publish first bumps the task's version with a compare-and-set (transactions
+//! of at most 25 rows), so a task that moved since it was read is left alone, and a
+//! swept task is not swept again for `stuck_after`. Duplicates the sweeper causes are
+//! harmless: every transition is conditional. It also fails jobs stuck in formation and
+//! warns of running jobs whose pool no pod has consumed for
+//! [`crate::pools::SILENT_AFTER`]. (Events whose publisher died are the completion
+//! role's: its outbox relay publishes them.)
+
+mod pools;
+mod tasks;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::amqp::broker::Publisher;
+use crate::amqp::events::EventPublisher;
+use crate::clock;
+use crate::error::Error;
+use crate::store::Progress;
+
+const LEASE_NAME: &str = "sweeper";
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub republished: usize,
+    pub taken_over: usize,
+    pub jobs_checked: usize,
+    pub formations_failed: usize,
+}
+
+impl SweepReport {
+    fn add(&mut self, other: SweepReport) {
+        self.republished += other.republished;
+        self.taken_over += other.taken_over;
+        self.jobs_checked += other.jobs_checked;
+        self.formations_failed += other.formations_failed;
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let publisher = Publisher::open(&connection).await?;
+    let sweeper = Sweeper {
+        events: EventPublisher::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            shared.store.clone(),
+        ),
+        shared,
+        connection,
+        publisher,
+        holder: uuid::Uuid::new_v4().to_string(),
+        warned_pools: Default::default(),
+    };
+    let interval = sweeper.shared.config.sweep_interval;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(?interval, "sweeper running");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let store = &sweeper.shared.store;
+        // The lease outlives a few missed sweeps, so one slow sweep does not let a
+        // second sweeper start beside it.
+        match store
+            .acquire_lease(LEASE_NAME, &sweeper.holder, interval * 3)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(err) => {
+                tracing::warn!(%err, "sweeper lease unavailable; skipping this sweep");
+                continue;
+            }
+        }
+        // A sweep only re-sends what its compare-and-sets claimed: dropping it half-way
+        // at shutdown leaves nothing inconsistent, and the next sweeper carries on.
+        let swept = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            swept = sweeper.sweep() => swept,
+        };
+        match swept {
+            Ok(report) if report.is_empty() => tracing::debug!("sweep found nothing stuck"),
+            Ok(report) => tracing::info!(?report, "sweep moved stuck work"),
+            Err(err) if err.is_broker_connection() => return Err(err),
+            Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
+        }
+    }
+    sweeper.publisher.close().await;
+    Ok(())
+}
+
+struct Sweeper {
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    publisher: Publisher,
+    events: EventPublisher,
+    holder: String,
+    warned_pools: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl Sweeper {
+    /// One full sweep: every shard in parallel, then quiet jobs, formations and pools.
+    async fn sweep(&self) -> Result<SweepReport, Error> {
+        let config = &self.shared.config;
+        let shards = config.sweeper_shards;
+        let idle_pools = self.idle_pools().await?;
+        let reports = futures::future::try_join_all(
+            (0..shards).map(|shard| self.sweep_shard(shard, shards, &idle_pools)),
+        )
+        .await?;
+        let mut total = SweepReport::default();
+        for report in reports {
+            total.add(report);
+        }
+        let quiet_since = clock::ago(config.stuck_after);
+        for job_id in self.shared.store.jobs_due_for_check(quiet_since).await? {
+            if let Progress::Ended(event) = self.shared.store.check_job(&job_id).await? {
+                total.jobs_checked += 1;
+                self.events.publish_or_defer(&event).await;
+            }
+        }
+        let formation_deadline = clock::ago(config.formation_timeout);
+        for job in self
+            .shared
+            .store
+            .stale_formations(formation_deadline)
+            .await?
+        {
+            let reason = format!(
+                "the job did not finish forming within {:?}: its request was lost",
+                config.formation_timeout
+            );
+            if let Some(event) = self.shared.store.fail_formation(&job.id, &reason).await? {
+                total.formations_failed += 1;
+                self.events.publish_or_defer(&event).await;
+            }
+        }
+        self.warn_of_silent_pools().await?;
+        Ok(total)
+    }
+}

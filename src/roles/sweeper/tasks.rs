@@ -1,0 +1,145 @@
+//! The tasks sweep: each shard of the tasks table scanned for pending, retrying and
+//! running tasks that should be moving but are not, each re-sent after a
+//! compare-and-set on its version.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+use crate::amqp::broker::all_confirmed;
+use crate::amqp::dispatch;
+use crate::clock;
+use crate::error::Error;
+use crate::protocol::TaskMessage;
+use crate::state::{JobStage, TaskStatus};
+use crate::store::{job, task};
+
+use super::{SweepReport, Sweeper};
+
+/// Task rows read per page of a shard.
+const SCAN_BATCH: u64 = 1_000;
+
+impl Sweeper {
+    /// Pools whose work queue holds no ready message: there a pending task with no
+    /// progress cannot be waiting in a backlog, so its message is lost.
+    pub(super) async fn idle_pools(&self) -> Result<HashMap<String, bool>, Error> {
+        let pools = self.shared.store.running_pools().await?;
+        let mut idle = HashMap::new();
+        for pool in pools {
+            // A passive declare of a missing queue closes the channel: one per check.
+            let channel = self.connection.create_channel().await?;
+            let depth = channel
+                .queue_declare(
+                    self.shared.topology.work_queue(&pool).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|queue| queue.message_count());
+            crate::amqp::broker::close_channel(&channel).await;
+            idle.insert(pool, matches!(depth, Ok(0) | Err(_)));
+        }
+        Ok(idle)
+    }
+
+    pub(super) async fn sweep_shard(
+        &self,
+        shard: u32,
+        shards: u32,
+        idle_pools: &HashMap<String, bool>,
+    ) -> Result<SweepReport, Error> {
+        let store = &self.shared.store;
+        let stuck_after = self.shared.config.stuck_after;
+        let quiet_since = clock::ago(stuck_after);
+        let mut report = SweepReport::default();
+        let mut after = 0;
+        loop {
+            let page = store
+                .stuck_tasks(shard, shards, after, SCAN_BATCH, quiet_since)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let mut job_ids: Vec<String> = page.iter().map(|t| t.job_id.clone()).collect();
+            job_ids.sort();
+            job_ids.dedup();
+            let jobs = store.jobs_by_id(&job_ids).await?;
+            let candidates: Vec<(&task::Model, &job::Model)> = page
+                .iter()
+                .filter_map(|task| jobs.get(&task.job_id).map(|job| (task, job)))
+                .filter(|(task, job)| self.needs_sweep(task, job, idle_pools))
+                .collect();
+            for batch in candidates.chunks(crate::store::SWEEP_WRITE_BATCH) {
+                let seen: Vec<(i64, i64)> = batch
+                    .iter()
+                    .map(|(task, _)| (task.id, task.version))
+                    .collect();
+                let touched = store.touch_tasks(&seen).await?;
+                let mut pending = Vec::with_capacity(touched.len());
+                for (task, job) in batch.iter().filter(|(task, _)| touched.contains(&task.id)) {
+                    pending.push(self.resend(task, job, &mut report).await?);
+                }
+                all_confirmed(pending).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    pub(super) fn needs_sweep(
+        &self,
+        task: &task::Model,
+        job: &job::Model,
+        idle_pools: &HashMap<String, bool>,
+    ) -> bool {
+        if job.stage.parse::<JobStage>().ok() != Some(JobStage::Running) {
+            return false;
+        }
+        match task.status.parse::<TaskStatus>() {
+            Ok(TaskStatus::Pending) => idle_pools.get(&job.queue).copied().unwrap_or(true),
+            Ok(TaskStatus::Retrying) => {
+                // Its retry is due n × delay after it failed; only `stuck_after` later
+                // is it late. Then it is re-sent even into a backlog: a retry can be
+                // lost in the delay ladder (a deleted queue, at-most-once
+                // dead-lettering), where no backlog check can see it, and a copy that
+                // does arrive twice claims nothing the second time.
+                let wait_ms = crate::protocol::retry_wait_ms(task.attempts, job.retry_delay_ms);
+                let due = clock::after(task.updated_at, Duration::from_millis(wait_ms));
+                clock::after(due, self.shared.config.stuck_after) < Utc::now()
+            }
+            Ok(TaskStatus::Running) => true,
+            _ => false,
+        }
+    }
+
+    /// Sends what a stuck task is missing; returns the pending confirm.
+    pub(super) async fn resend(
+        &self,
+        task: &task::Model,
+        job: &job::Model,
+        report: &mut SweepReport,
+    ) -> Result<crate::amqp::broker::Pending, Error> {
+        let status = task.status.parse::<TaskStatus>().ok();
+        // A running task's attempt is taken over as the same attempt; a pending or
+        // retrying one gets its next attempt.
+        let attempt = if status == Some(TaskStatus::Running) {
+            report.taken_over += 1;
+            task.attempts
+        } else {
+            report.republished += 1;
+            task.attempts + 1
+        };
+        let message = TaskMessage::new(
+            dispatch::settings_of(job),
+            task.id,
+            &task.task_type,
+            &task.payload,
+            attempt,
+        );
+        dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message).await
+    }
+}
