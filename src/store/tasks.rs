@@ -289,21 +289,18 @@ impl Store {
 /// stored) or running. A task of a job that ended (a formation that timed out while
 /// its intake was still inserting, say) is never claimed, so it never runs and never
 /// moves a counter.
+///
+/// A scalar subquery, one primary-key lookup per claimed row: written as `EXISTS`,
+/// PostgreSQL planned a semi-join that scanned the whole jobs table for every batch
+/// claim, which made 1,000 jobs of 10 tasks 2.5 times slower (and grows with the table).
 fn job_is_live() -> SimpleExpr {
-    Expr::exists(
-        Query::select()
-            .expr(Expr::val(1))
-            .from(job::Entity)
-            .and_where(
-                Expr::col((job::Entity, job::Column::Id))
-                    .equals((task::Entity, task::Column::JobId)),
-            )
-            .and_where(
-                Expr::col((job::Entity, job::Column::Stage))
-                    .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
-            )
-            .to_owned(),
-    )
+    // The stages are this crate's constants, so they are written into the text: one
+    // text for both backends, whose placeholder styles differ.
+    Expr::cust(format!(
+        "(SELECT jobs.stage FROM jobs WHERE jobs.id = tasks.job_id) IN ('{}', '{}')",
+        JobStage::Formation.as_str(),
+        JobStage::Running.as_str()
+    ))
 }
 
 /// One claim statement per attempt number; returns the ids claimed.
