@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
@@ -96,24 +96,15 @@ impl Sweeper {
         job: &job::Model,
         idle_pools: &HashMap<String, bool>,
     ) -> bool {
-        if job.stage.parse::<JobStage>().ok() != Some(JobStage::Running) {
-            return false;
-        }
-        match task.status.parse::<TaskStatus>() {
-            Ok(TaskStatus::Pending) => idle_pools.get(&job.queue).copied().unwrap_or(true),
-            Ok(TaskStatus::Retrying) => {
-                // Its retry is due n × delay after it failed; only `stuck_after` later
-                // is it late. Then it is re-sent even into a backlog: a retry can be
-                // lost in the delay ladder (a deleted queue, at-most-once
-                // dead-lettering), where no backlog check can see it, and a copy that
-                // does arrive twice claims nothing the second time.
-                let wait_ms = crate::protocol::retry_wait_ms(task.attempts, job.retry_delay_ms);
-                let due = clock::after(task.updated_at, Duration::from_millis(wait_ms));
-                clock::after(due, self.shared.config.stuck_after) < Utc::now()
-            }
-            Ok(TaskStatus::Running) => true,
-            _ => false,
-        }
+        let quiet = Quiet {
+            job_stage: &job.stage,
+            task_status: &task.status,
+            attempts: task.attempts,
+            retry_delay_ms: job.retry_delay_ms,
+            unchanged_since: task.updated_at,
+            pool_idle: idle_pools.get(&job.queue).copied().unwrap_or(true),
+        };
+        quiet.needs_sweep(self.shared.config.stuck_after, Utc::now())
     }
 
     /// Sends what a stuck task is missing; returns the pending confirm.
@@ -141,5 +132,92 @@ impl Sweeper {
             attempt,
         );
         dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message).await
+    }
+}
+
+/// What decides whether a task that stayed unchanged for `stuck_after` is stuck.
+struct Quiet<'a> {
+    job_stage: &'a str,
+    task_status: &'a str,
+    attempts: i32,
+    retry_delay_ms: i64,
+    unchanged_since: DateTime<Utc>,
+    /// The pool's work queue holds no ready message.
+    pool_idle: bool,
+}
+
+impl Quiet<'_> {
+    fn needs_sweep(&self, stuck_after: Duration, now: DateTime<Utc>) -> bool {
+        if self.job_stage.parse::<JobStage>().ok() != Some(JobStage::Running) {
+            return false;
+        }
+        match self.task_status.parse::<TaskStatus>() {
+            // A pending task in a backlog is waiting, not lost.
+            Ok(TaskStatus::Pending) => self.pool_idle,
+            Ok(TaskStatus::Retrying) => {
+                // Its retry is due n × delay after it failed; only `stuck_after` later
+                // is it late. Then it is re-sent even into a backlog: a retry can be
+                // lost in the delay ladder (a deleted queue, at-most-once
+                // dead-lettering), where no backlog check can see it, and a copy that
+                // does arrive twice claims nothing the second time.
+                let wait_ms = crate::protocol::retry_wait_ms(self.attempts, self.retry_delay_ms);
+                let due = clock::after(self.unchanged_since, Duration::from_millis(wait_ms));
+                clock::after(due, stuck_after) < now
+            }
+            Ok(TaskStatus::Running) => true,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(
+        task_status: &str,
+        pool_idle: bool,
+        unchanged_for_s: i64,
+    ) -> (Quiet<'_>, DateTime<Utc>) {
+        let now = Utc::now();
+        let quiet = Quiet {
+            job_stage: "running",
+            task_status,
+            attempts: 2,
+            retry_delay_ms: 10_000,
+            unchanged_since: now - chrono::TimeDelta::seconds(unchanged_for_s),
+            pool_idle,
+        };
+        (quiet, now)
+    }
+
+    const STUCK_AFTER: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_pending_task_is_lost_only_when_its_pool_is_idle() {
+        let (idle, now) = quiet("pending", true, 301);
+        assert!(idle.needs_sweep(STUCK_AFTER, now));
+        let (backlog, now) = quiet("pending", false, 301);
+        assert!(!backlog.needs_sweep(STUCK_AFTER, now));
+    }
+
+    #[test]
+    fn a_retry_is_late_only_after_its_wait_and_stuck_after() {
+        // Attempt 2 waits 20 s: late after 320 s, backlog or not.
+        let (waiting, now) = quiet("retrying", false, 310);
+        assert!(!waiting.needs_sweep(STUCK_AFTER, now));
+        let (late, now) = quiet("retrying", false, 330);
+        assert!(late.needs_sweep(STUCK_AFTER, now));
+    }
+
+    #[test]
+    fn running_tasks_are_swept_and_ended_jobs_are_not() {
+        let (running, now) = quiet("running", false, 301);
+        assert!(running.needs_sweep(STUCK_AFTER, now));
+        let (mut done_job, now) = quiet("running", true, 301);
+        done_job.job_stage = "done";
+        assert!(!done_job.needs_sweep(STUCK_AFTER, now));
+        let (finished, now) = quiet("done", true, 301);
+        assert!(!finished.needs_sweep(STUCK_AFTER, now));
     }
 }
