@@ -470,14 +470,16 @@ pub fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
 /// characters of digits, within AMQP's 255): shorter than other names, and made of
 /// non-empty dot-separated words so that topic bindings match them exactly.
 fn check_pool(pool: &str) -> Result<(), DecodeError> {
-    check_name("queue", pool)?;
-    if pool.len() > MAX_POOL_LEN || pool.split('.').any(str::is_empty) {
-        return Err(DecodeError::Invalid(format!(
-            "queue {pool:?} must be at most {MAX_POOL_LEN} characters, without empty words \
-             between dots"
-        )));
+    let ok = check_name("queue", pool).is_ok()
+        && pool.len() <= MAX_POOL_LEN
+        && !pool.split('.').any(str::is_empty);
+    if ok {
+        return Ok(());
     }
-    Ok(())
+    Err(DecodeError::Invalid(format!(
+        "queue {pool:?} must be 1-{MAX_POOL_LEN} characters: words of A-Z a-z 0-9 - _ : \
+         joined by single dots"
+    )))
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {

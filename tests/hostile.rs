@@ -661,9 +661,6 @@ async fn a_deleted_delay_queue_is_declared_again(backend: Backend) {
 async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let admin = sea_orm::Database::connect(&env.config.database_url)
-        .await
-        .unwrap();
     let trigger = match backend {
         Backend::Sqlite => vec![
             "CREATE TRIGGER formation_timeout AFTER INSERT ON tasks WHEN NEW.ordinal = 100 \
@@ -677,12 +674,7 @@ async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Back
              FOR EACH ROW EXECUTE FUNCTION formation_timeout()",
         ],
     };
-    for statement in trigger {
-        sea_orm::ConnectionTrait::execute_unprepared(&admin, statement)
-            .await
-            .unwrap();
-    }
-    admin.close().await.unwrap();
+    env.execute_sql(&trigger).await;
     let pod = env.start(env.worker());
     let client = env.client().await;
     publish_request(&env, &echo_request("cut-short", 2000)).await;

@@ -305,9 +305,6 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
         .await
         .unwrap();
     // The database refuses every claim of a second attempt.
-    let admin = sea_orm::Database::connect(&env.config.database_url)
-        .await
-        .unwrap();
     let trigger = match backend {
         Backend::Sqlite => vec![
             "CREATE TRIGGER refuse_second BEFORE UPDATE ON tasks WHEN NEW.attempts = 2 \
@@ -321,12 +318,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
              FOR EACH ROW EXECUTE FUNCTION refuse_second()",
         ],
     };
-    for statement in trigger {
-        sea_orm::ConnectionTrait::execute_unprepared(&admin, statement)
-            .await
-            .unwrap();
-    }
-    admin.close().await.unwrap();
+    env.execute_sql(&trigger).await;
 
     let claimed = store
         .claim_tasks(&[(fresh, 1), (retried, 2)], "batch", lease)

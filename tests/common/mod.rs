@@ -195,6 +195,20 @@ impl TestEnv {
         }
     }
 
+    /// Runs SQL of the test's own (a trigger that injects a fault, say) on its database.
+    pub async fn execute_sql(&self, statements: &[&str]) {
+        let admin = Database::connect(&self.config.database_url)
+            .await
+            .expect("database reachable");
+        for statement in statements {
+            admin
+                .execute_unprepared(statement)
+                .await
+                .unwrap_or_else(|err| panic!("{statement}: {err}"));
+        }
+        admin.close().await.unwrap();
+    }
+
     /// Publishes raw bytes (confirmed) with the given content type.
     pub async fn publish_raw(
         &self,
