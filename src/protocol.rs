@@ -497,9 +497,41 @@ fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
     }
 }
 
-/// Checks a decoded task message or finished event for the fields serde cannot check.
-pub fn check_message_version(version: u32) -> Result<(), DecodeError> {
-    check_version(version)
+/// A message taskmill consumes: decoded, then checked for what serde cannot check.
+pub trait Incoming: serde::de::DeserializeOwned {
+    fn check(&self) -> Result<(), DecodeError>;
+}
+
+impl<T> Incoming for JobRequest<T>
+where
+    JobRequest<T>: serde::de::DeserializeOwned,
+{
+    fn check(&self) -> Result<(), DecodeError> {
+        self.validate()
+    }
+}
+
+impl Incoming for TaskMessage {
+    fn check(&self) -> Result<(), DecodeError> {
+        check_version(self.version)
+    }
+}
+
+impl Incoming for TasksFinished {
+    fn check(&self) -> Result<(), DecodeError> {
+        check_version(self.version)
+    }
+}
+
+/// [`decode`], then [`Incoming::check`].
+pub fn decode_incoming<T: Incoming>(
+    body: &[u8],
+    content_type: Option<&str>,
+    limit: usize,
+) -> Result<T, DecodeError> {
+    let message: T = decode(body, content_type, limit)?;
+    message.check()?;
+    Ok(message)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// How a delivery is settled.
@@ -97,11 +97,7 @@ async fn settle_loop(
                 acks.push(settle);
                 continue;
             }
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            };
-            if let Err(err) = settle.delivery.acker.nack(requeue).await {
+            if let Err(err) = super::consumer::settle(&settle.delivery, Settlement::Requeue).await {
                 tracing::debug!(%err, "nack failed; the broker will redeliver");
             }
         }

@@ -27,6 +27,8 @@ pub enum BrokerError {
     ConfirmTimeout(String),
     #[error("the broker did not complete the connection handshake within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout,
+    #[error("the consumer of {0:?} ended: its channel closed")]
+    ConsumerEnded(String),
 }
 
 impl BrokerError {

@@ -12,19 +12,19 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::amqp::broker::Publisher;
+use crate::amqp::acks::Settlement;
+use crate::amqp::broker::{Publisher, CLOSE_TIMEOUT};
+use crate::amqp::consumer::{self, Consumer};
 use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
 use crate::error::Error;
-use crate::protocol::{self, TasksFinished};
+use crate::protocol::TasksFinished;
 use crate::store::Progress;
 
 /// Finished events taken per batch (and the consumer's prefetch).
@@ -40,10 +40,6 @@ pub(crate) async fn run(
     connection: Arc<Connection>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(BATCH as u16, BasicQosOptions::default())
-        .await?;
     let publisher = Publisher::open(&connection).await?;
     let events = EventPublisher::new(
         publisher.clone(),
@@ -54,48 +50,30 @@ pub(crate) async fn run(
     let relay_token = shutdown.child_token();
     let _stop_relay = relay_token.clone().drop_guard();
     let mut relay = tokio::spawn(events.clone().run_relay(RELAY_INTERVAL, relay_token));
-    let queue = shared.topology.completion_queue();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "taskmill-completion".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(queue, "completion consuming");
+    let mut consumer = Consumer::start(
+        &connection,
+        shared.topology.completion_queue(),
+        BATCH,
+        shared.config.max_request_bytes,
+    )
+    .await?;
     let completion = Completion {
         shared,
         publisher,
         events,
-        queue,
     };
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = consumer.next() => match next {
-                Some(delivery) => delivery?,
-                None => return Err(Error::Other("completion consumer ended".into())),
-            },
-        };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match consumer.next().now_or_never() {
-                Some(Some(delivery)) => batch.push(delivery?),
-                _ => break,
-            }
-        }
-        completion.handle_batch(batch).await;
+    while let Some(batch) = consumer.next_batch(BATCH, &shutdown).await? {
+        completion.handle_batch(&consumer, batch).await;
     }
     // The relay may be waiting on the database or a confirm: give it a moment, then
     // drop it (an unpublished event stays in the outbox for the next relay).
-    if tokio::time::timeout(crate::amqp::broker::CLOSE_TIMEOUT, &mut relay)
+    if tokio::time::timeout(CLOSE_TIMEOUT, &mut relay)
         .await
         .is_err()
     {
         relay.abort();
     }
-    crate::amqp::broker::close_channel(&channel).await;
+    consumer.close().await;
     completion.publisher.close().await;
     Ok(())
 }
@@ -104,27 +82,16 @@ struct Completion {
     shared: Arc<Shared>,
     publisher: Publisher,
     events: EventPublisher,
-    queue: String,
 }
 
 impl Completion {
-    async fn handle_batch(&self, batch: Vec<Delivery>) {
+    async fn handle_batch(&self, consumer: &Consumer, batch: Vec<Delivery>) {
         // A message may report tasks of several jobs, and a job's tasks may come in
         // several messages: group by job, and ack a message once all its jobs checked.
         let mut jobs_touched: BTreeSet<String> = BTreeSet::new();
         let mut decoded = Vec::with_capacity(batch.len());
         for delivery in batch {
-            let content_type = delivery
-                .properties
-                .content_type()
-                .as_ref()
-                .map(|s| s.as_str());
-            let finished = protocol::decode::<TasksFinished>(
-                &delivery.data,
-                content_type,
-                self.shared.config.max_request_bytes,
-            )
-            .and_then(|event| protocol::check_message_version(event.version).map(|()| event));
+            let finished = consumer.decode::<TasksFinished>(&delivery);
             match finished {
                 Ok(finished) => {
                     let jobs: BTreeSet<String> =
@@ -137,7 +104,7 @@ impl Completion {
                         &self.publisher,
                         &self.shared.topology,
                         &delivery,
-                        &self.queue,
+                        consumer.queue(),
                         &err.to_string(),
                     )
                     .await;
@@ -179,20 +146,12 @@ impl Completion {
 }
 
 async fn settle(delivery: &Delivery, ok: bool) {
-    {
-        let result = if ok {
-            delivery.acker.ack(BasicAckOptions::default()).await
-        } else {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        };
-        if let Err(err) = result {
-            tracing::warn!(%err, "could not settle finished event; the broker will redeliver");
-        }
+    let settlement = if ok {
+        Settlement::Ack
+    } else {
+        Settlement::Requeue
+    };
+    if let Err(err) = consumer::settle(delivery, settlement).await {
+        tracing::warn!(%err, "could not settle finished event; the broker will redeliver");
     }
 }

@@ -10,16 +10,15 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{take_slot, Shared};
+use crate::amqp::acks::Settlement;
 use crate::amqp::broker::{BrokerError, Pending, Publisher};
+use crate::amqp::consumer::{self, Consumer};
 use crate::amqp::dispatch;
 use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
@@ -59,66 +58,42 @@ pub(crate) async fn run(
 ) -> Result<(), Error> {
     // A new connection may find queues gone (a broker reset): declare them again.
     shared.topology.forget_declared();
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(CONCURRENT_REQUESTS as u16, BasicQosOptions::default())
-        .await?;
     let publisher = Publisher::open(&connection).await?;
     let events = EventPublisher::new(
         publisher.clone(),
         shared.topology.clone(),
         shared.store.clone(),
     );
-    let queue = shared.topology.intake_queue();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "taskmill-intake".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(queue, "intake consuming");
-    loop {
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = consumer.next() => match next {
-                Some(delivery) => delivery?,
-                None => return Err(Error::Other("intake consumer ended".into())),
-            },
-        };
+    let mut consumer = Consumer::start(
+        &connection,
+        shared.topology.intake_queue(),
+        CONCURRENT_REQUESTS,
+        shared.config.max_request_bytes,
+    )
+    .await?;
+    let intake = Arc::new(Intake {
+        shared: shared.clone(),
+        publisher: publisher.clone(),
+        events,
+        queue: consumer.queue().to_owned(),
+        shutdown: shutdown.clone(),
+    });
+    while let Some(delivery) = consumer.next(&shutdown).await? {
         let Some(slot) = take_slot(&slots, &shutdown).await else {
             break;
         };
-        let intake = Intake {
-            shared: shared.clone(),
-            publisher: publisher.clone(),
-            events: events.clone(),
-            shutdown: shutdown.clone(),
-        };
+        let request = consumer.decode(&delivery);
+        let intake = intake.clone();
         tokio::spawn(async move {
-            intake.handle(delivery).await;
+            intake.handle(delivery, request).await;
             drop(slot);
         });
     }
-    // Let requests in flight finish; unacked ones go back to the broker with the channel.
-    let grace = shared.config.grace_period;
-    if tokio::time::timeout(grace, slots.acquire_many(CONCURRENT_REQUESTS as u32))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "job requests still in flight after the grace period; the broker will redeliver them"
-        );
-    }
-    crate::amqp::broker::close_channel(&channel).await;
+    // Requests in flight get the grace period to finish.
+    consumer
+        .stop(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
+        .await;
     publisher.close().await;
-    Ok(())
-}
-
-async fn ack(delivery: &Delivery) -> Result<(), Error> {
-    delivery.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
 }
 
@@ -126,6 +101,7 @@ struct Intake {
     shared: Arc<Shared>,
     publisher: Publisher,
     events: EventPublisher,
+    queue: String,
     shutdown: CancellationToken,
 }
 
@@ -173,10 +149,18 @@ impl Intake {
     /// answers: a bad request is parked with its reason; a transient failure is retried
     /// here with backoff (10 ms growing to 10 s) and parked once 90 s have passed; a
     /// lost connection leaves the request to the broker, which redelivers it.
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        request: Result<JobRequest<Box<RawValue>>, DecodeError>,
+    ) {
+        let request = match request {
+            Ok(request) => request,
+            Err(err) => return self.settle(&delivery, Settle::Park(err.to_string())).await,
+        };
         let mut delays = Delays::transient();
         let verdict = loop {
-            let err = match self.accept(&delivery).await {
+            let err = match self.accept(&delivery, &request).await {
                 Ok(()) => break Ok(()),
                 Err(Rejection::Park(reason)) => break Err(reason),
                 Err(Rejection::Retry(err)) => err,
@@ -209,35 +193,26 @@ impl Intake {
     }
 
     async fn settle(&self, delivery: &Delivery, settle: Settle) {
-        let queue = self.shared.topology.intake_queue();
         let outcome = match settle {
-            Settle::Ack => ack(delivery).await,
+            Settle::Ack => consumer::settle(delivery, Settlement::Ack).await,
             Settle::Park(reason) => {
                 match park(
                     &self.publisher,
                     &self.shared.topology,
                     delivery,
-                    &queue,
+                    &self.queue,
                     &reason,
                 )
                 .await
                 {
                     Ok(()) => {
                         self.answer_rejection(delivery, &reason).await;
-                        ack(delivery).await
+                        consumer::settle(delivery, Settlement::Ack).await
                     }
-                    Err(err) => Err(Error::from(err)),
+                    Err(err) => Err(err),
                 }
             }
-            Settle::Requeue => delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-                .map(drop)
-                .map_err(Error::from),
+            Settle::Requeue => consumer::settle(delivery, Settlement::Requeue).await,
         };
         if let Err(err) = outcome {
             // The broker will redeliver it; the resume path makes that harmless.
@@ -284,18 +259,11 @@ impl Intake {
         }
     }
 
-    async fn accept(&self, delivery: &Delivery) -> Result<(), Rejection> {
-        let content_type = delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str());
-        let mut request: JobRequest<Box<RawValue>> = protocol::decode(
-            &delivery.data,
-            content_type,
-            self.shared.config.max_request_bytes,
-        )?;
-        request.validate()?;
+    async fn accept(
+        &self,
+        delivery: &Delivery,
+        request: &JobRequest<Box<RawValue>>,
+    ) -> Result<(), Rejection> {
         let job_id = match &request.job_id {
             Some(id) => id.clone(),
             // Without a producer id, the AMQP message id (if valid) keeps a redelivered
@@ -325,20 +293,24 @@ impl Intake {
         if !self.shared.registry.knows_task_type(&task_type) {
             return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
         }
-        let payloads = match request.tasks.take() {
+        let split;
+        let payloads: &[Box<RawValue>] = match &request.tasks {
             Some(tasks) => tasks,
             None => match self
                 .shared
                 .registry
                 .split(&request.job_type, &request.params)
             {
-                Some(Ok(tasks)) => tasks
-                    .iter()
-                    .map(serde_json::value::to_raw_value)
-                    .collect::<Result<_, _>>()
-                    .map_err(|err| {
-                        Rejection::Park(format!("splitter output is not JSON: {err}"))
-                    })?,
+                Some(Ok(tasks)) => {
+                    split = tasks
+                        .iter()
+                        .map(serde_json::value::to_raw_value)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|err| {
+                            Rejection::Park(format!("splitter output is not JSON: {err}"))
+                        })?;
+                    &split
+                }
                 Some(Err(err)) => {
                     return Err(Rejection::Park(format!(
                         "splitter for {:?} failed: {err}",
@@ -433,7 +405,7 @@ impl Intake {
         &self,
         job: &NewJob,
         task_type: &str,
-        payloads: Vec<Box<RawValue>>,
+        payloads: &[Box<RawValue>],
         resumed: bool,
     ) -> Result<Option<job::Model>, Rejection> {
         self.shared
@@ -441,7 +413,7 @@ impl Intake {
             .declare_work_queue(&self.publisher.channel().await?, &job.queue)
             .await
             .map_err(Error::from)?;
-        self.insert_adaptively(job, task_type, &payloads).await?;
+        self.insert_adaptively(job, task_type, payloads).await?;
         if !resumed {
             self.shared.store.mark_tasks_published(&job.id).await?;
         }

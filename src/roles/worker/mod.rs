@@ -28,10 +28,7 @@ mod run;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -39,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use super::{take_slot, Shared};
 use crate::amqp::acks::Acks;
 use crate::amqp::broker::Publisher;
+use crate::amqp::consumer::Consumer;
 use crate::error::Error;
-use crate::protocol::{self, TaskMessage};
+use crate::protocol::{DecodeError, TaskMessage};
 use crate::store::{Claim, TaskOutcome};
 
 /// How much of a pool one pod runs at once. It outlives one connection: handlers
@@ -72,31 +70,26 @@ pub(crate) async fn run(
     let slots = &capacity.slots;
     // Normalized: at least 1 and within what basic.qos carries.
     let concurrency = shared.config.concurrency;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(concurrency as u16, BasicQosOptions::default())
-        .await?;
-    shared.topology.forget_declared();
-    shared.topology.declare_work_queue(&channel, &pool).await?;
-    shared.topology.declare_delay_ladder(&channel).await?;
     let publisher = Publisher::open(&connection).await?;
-    let queue = shared.topology.work_queue(&pool);
-    let tag = format!("taskmill-worker-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(queue, concurrency, "worker consuming");
+    shared.topology.forget_declared();
+    {
+        let channel = publisher.channel().await?;
+        shared.topology.declare_work_queue(&channel, &pool).await?;
+        shared.topology.declare_delay_ladder(&channel).await?;
+    }
+    let mut consumer = Consumer::start(
+        &connection,
+        shared.topology.work_queue(&pool),
+        concurrency,
+        shared.config.max_request_bytes,
+    )
+    .await?;
     let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner {
         shared: shared.clone(),
         publisher,
+        queue: consumer.queue().to_owned(),
         pool,
-        queue,
         shutdown: shutdown.clone(),
         outcomes,
         acks: Acks::start(),
@@ -111,30 +104,18 @@ pub(crate) async fn run(
     ));
     let consumed = consume(&mut consumer, &runner, slots, &shutdown, concurrency).await;
     if consumed.is_ok() {
-        // Shutdown: stop deliveries, then give handlers in flight the grace period to
-        // finish and be recorded and acked; whatever is still unacked returns to the
-        // queue when the channel closes.
-        let _ = tokio::time::timeout(
-            crate::amqp::broker::CLOSE_TIMEOUT,
-            channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-        )
-        .await;
-        let grace = shared.config.grace_period;
-        if tokio::time::timeout(grace, slots.acquire_many(concurrency as u32))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "handlers still running after the grace period; leaving their tasks to redelivery"
-            );
-        }
+        // Shutdown: handlers in flight get the grace period to finish and be recorded
+        // and acked.
+        consumer
+            .stop(slots, concurrency, shared.config.grace_period)
+            .await;
+    } else {
+        consumer.close().await;
     }
     // Whether it stops or fails, this run lets go of everything it opened: the recorder
-    // holds the runner (and its channel), and a restarted run makes its own.
+    // holds the runner (and its publisher), and a restarted run makes its own.
     recorder.abort();
     consuming.cancel();
-    crate::amqp::broker::close_channel(&channel).await;
     runner.publisher.close().await;
     consumed
 }
@@ -142,29 +123,23 @@ pub(crate) async fn run(
 /// Takes deliveries in batches (whatever the consumer has buffered, each with a slot)
 /// and dispatches them, until shutdown (`Ok`) or the consumer fails.
 async fn consume(
-    consumer: &mut lapin::Consumer,
+    consumer: &mut Consumer,
     runner: &Arc<Runner>,
     slots: &Arc<Semaphore>,
     shutdown: &CancellationToken,
     concurrency: usize,
 ) -> Result<(), Error> {
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            next = consumer.next() => match next {
-                Some(delivery) => delivery?,
-                None => return Err(Error::Other("worker consumer ended".into())),
-            },
-        };
+    let mut next = consumer.next(shutdown).await?;
+    while let Some(first) = next {
         runner.acks.received(&first);
         // Every delivery holds a slot until it is settled. Deliveries taken without
         // one at shutdown stay unacked and return to the queue with the channel.
         let Some(slot) = take_slot(slots, shutdown).await else {
             return Ok(());
         };
-        let mut batch = vec![(first, slot)];
+        let mut batch = vec![Received::decoded(consumer, first, slot)];
         while batch.len() < concurrency {
-            let Some(Some(delivery)) = consumer.next().now_or_never() else {
+            let Some(delivery) = consumer.buffered() else {
                 break;
             };
             let delivery = delivery?;
@@ -172,9 +147,29 @@ async fn consume(
             let Some(slot) = take_slot(slots, shutdown).await else {
                 break;
             };
-            batch.push((delivery, slot));
+            batch.push(Received::decoded(consumer, delivery, slot));
         }
         runner.dispatch(batch).await;
+        next = consumer.next(shutdown).await?;
+    }
+    Ok(())
+}
+
+/// A delivery with its slot, decoded.
+struct Received {
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+    message: Result<TaskMessage, DecodeError>,
+}
+
+impl Received {
+    fn decoded(consumer: &Consumer, delivery: Delivery, slot: OwnedSemaphorePermit) -> Self {
+        let message = consumer.decode(&delivery);
+        Self {
+            delivery,
+            slot,
+            message,
+        }
     }
 }
 
@@ -204,11 +199,16 @@ struct Runner {
 impl Runner {
     /// Decodes a batch of deliveries, claims the fresh ones in one statement, and
     /// starts a handler for each claimed task.
-    async fn dispatch(self: &Arc<Self>, batch: Vec<(Delivery, OwnedSemaphorePermit)>) {
+    async fn dispatch(self: &Arc<Self>, batch: Vec<Received>) {
         let mut fresh = Vec::with_capacity(batch.len());
         let mut in_batch = HashSet::with_capacity(batch.len());
-        for (delivery, slot) in batch {
-            match self.decode(&delivery) {
+        for Received {
+            delivery,
+            slot,
+            message,
+        } in batch
+        {
+            match message {
                 // A second copy in the same batch must not share the first one's claim.
                 Ok(message)
                     if !delivery.redelivered
@@ -218,10 +218,10 @@ impl Runner {
                 }
                 // A redelivery may need a takeover: the one-task claim handles it.
                 Ok(message) => self.spawn_single(delivery, slot, message, new_token()),
-                Err(reason) => {
+                Err(err) => {
                     let runner = self.clone();
                     tokio::spawn(async move {
-                        let parked = runner.park(&delivery, &reason).await;
+                        let parked = runner.park(&delivery, &err.to_string()).await;
                         runner.settle(delivery, slot, parked);
                     });
                 }
@@ -296,20 +296,5 @@ impl Runner {
                 Err(err) => runner.settle(delivery, slot, Err(err.into())),
             }
         });
-    }
-
-    fn decode(&self, delivery: &Delivery) -> Result<TaskMessage, String> {
-        let content_type = delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str());
-        protocol::decode(
-            &delivery.data,
-            content_type,
-            self.shared.config.max_request_bytes,
-        )
-        .and_then(|m: TaskMessage| protocol::check_message_version(m.version).map(|()| m))
-        .map_err(|err| err.to_string())
     }
 }

@@ -1,0 +1,173 @@
+//! The consumer every consuming role (intake, worker, completion) stands on: one
+//! channel with its prefetch, deliveries one at a time or in batches (whatever the
+//! broker has already pushed), decoding with the protocol's checks, settling one
+//! delivery, and stopping — cancel the consumer, give the work in flight its grace
+//! period, close the channel. Whatever is still unacked then returns to the queue.
+
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::acks::Settlement;
+use super::broker::{close_channel, BrokerError, CLOSE_TIMEOUT};
+use crate::protocol::{self, DecodeError, Incoming};
+
+/// One queue consumed on a channel of its own.
+pub(crate) struct Consumer {
+    channel: Channel,
+    stream: lapin::Consumer,
+    queue: String,
+    tag: String,
+    max_bytes: usize,
+}
+
+impl Consumer {
+    /// Opens a channel that holds at most `prefetch` unacked deliveries (clamped to
+    /// what `basic.qos` carries) and starts consuming `queue`. Bodies over `max_bytes`
+    /// fail to decode.
+    pub async fn start(
+        connection: &Connection,
+        queue: String,
+        prefetch: usize,
+        max_bytes: usize,
+    ) -> Result<Self, BrokerError> {
+        let channel = connection.create_channel().await?;
+        let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        // A tag of its own per run: a restarted role must not collide with the
+        // consumer of its previous connection.
+        let tag = format!("taskmill-{queue}-{}", uuid::Uuid::new_v4());
+        let stream = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue, prefetch, "consuming");
+        Ok(Self {
+            channel,
+            stream,
+            queue,
+            tag,
+            max_bytes,
+        })
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery, or `None` once `shutdown` is cancelled.
+    pub async fn next(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Delivery>, BrokerError> {
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(None),
+            next = self.stream.next() => self.yielded(next).map(Some),
+        }
+    }
+
+    /// A delivery the broker has already pushed, without waiting for one.
+    pub fn buffered(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        let next = self.stream.next().now_or_never()?;
+        Some(self.yielded(next))
+    }
+
+    /// The next delivery and whatever else is buffered, `max` at most; `None` once
+    /// `shutdown` is cancelled.
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Delivery>>, BrokerError> {
+        let Some(first) = self.next(shutdown).await? else {
+            return Ok(None);
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.buffered() {
+                Some(delivery) => batch.push(delivery?),
+                None => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    fn yielded(
+        &self,
+        next: Option<Result<Delivery, lapin::Error>>,
+    ) -> Result<Delivery, BrokerError> {
+        match next {
+            Some(delivery) => Ok(delivery?),
+            None => Err(BrokerError::ConsumerEnded(self.queue.clone())),
+        }
+    }
+
+    /// Decodes a delivery and checks it as its type requires.
+    pub fn decode<T: Incoming>(&self, delivery: &Delivery) -> Result<T, DecodeError> {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str());
+        protocol::decode_incoming(&delivery.data, content_type, self.max_bytes)
+    }
+
+    /// Stops deliveries, waits for the work in flight — it holds permits of `slots`,
+    /// `permits` in all — for at most `grace`, and closes the channel.
+    pub async fn stop(self, slots: &Semaphore, permits: usize, grace: Duration) {
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
+        let permits = u32::try_from(permits).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, slots.acquire_many(permits))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue = self.queue,
+                ?grace,
+                "work still in flight after the grace period; the broker will redeliver its messages"
+            );
+        }
+        self.close().await;
+    }
+
+    /// Closes the channel at once: its unacked deliveries return to the queue.
+    pub async fn close(self) {
+        close_channel(&self.channel).await;
+    }
+}
+
+/// Acks one delivery, or returns it to the queue.
+pub(crate) async fn settle(delivery: &Delivery, settlement: Settlement) -> Result<(), BrokerError> {
+    match settlement {
+        Settlement::Ack => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Settlement::Requeue => {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            delivery.acker.nack(requeue).await?;
+        }
+    }
+    Ok(())
+}
