@@ -6,30 +6,24 @@
 //! arrive: cost is O(events), never O(tasks) per event. The full aggregate over the
 //! job's tasks runs once, when the job ends, and sets the final counts exactly.
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 
-use super::jobs::{count_by_status, lock_job};
-use super::{job, job_event, task, Store, StoreError, EVENT_CLAIM};
+use super::error::StoreError;
+use super::handle::Store;
+use super::outbox::EVENT_CLAIM;
+use super::rows::Progress;
 use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION};
 use crate::state::{JobStage, TaskStatus};
+use entity::{job, job_event, task};
 
 const FAILED_IDS_IN_EVENT: u64 = 100;
-
-/// What a completion check did to a job.
-#[derive(Debug)]
-pub enum Progress {
-    /// The job is not running (already ended, or still forming): nothing to count.
-    NotRunning,
-    /// The job goes on.
-    Running,
-    /// This check ended the job; the event is in the outbox, claimed by the caller.
-    Ended(Box<job_event::Model>),
-}
 
 impl Store {
     /// Ends the job if its counters say it is over: every task terminal, or a failure
@@ -85,13 +79,7 @@ pub(super) async fn check_in<C: ConnectionTrait>(
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
         return Ok(Progress::NotRunning);
     };
-    let policy = FailurePolicy::parse(&job.on_failure);
-    let all_terminal = job.done_count + job.failed_count + job.cancelled_count >= job.task_count;
-    let ending = if job.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
-        JobStage::Failed
-    } else if all_terminal {
-        JobStage::Done
-    } else {
+    let Some(ending) = ending(&job) else {
         return Ok(Progress::Running);
     };
     let event = end_job_with(
@@ -103,6 +91,20 @@ pub(super) async fn check_in<C: ConnectionTrait>(
     )
     .await?;
     Ok(Progress::Ended(Box::new(event)))
+}
+
+/// The stage a running job's counters end it in, if they do: `failed` once a task
+/// failed and the job fails fast or every task is over, else `done` once every task is.
+fn ending(job: &job::Model) -> Option<JobStage> {
+    let policy = FailurePolicy::parse(&job.on_failure);
+    let all_terminal = job.done_count + job.failed_count + job.cancelled_count >= job.task_count;
+    if job.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
+        Some(JobStage::Failed)
+    } else if all_terminal {
+        Some(JobStage::Done)
+    } else {
+        None
+    }
 }
 
 /// Ends a job that is not yet terminal: used when a job has no tasks at all.
@@ -234,4 +236,106 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
         .one(txn)
         .await?
         .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+}
+
+#[derive(FromQueryResult)]
+struct StatusCount {
+    status: String,
+    count: i64,
+}
+
+/// Takes the job's row lock (a no-op UPDATE) if it is at `stage`, and returns it.
+/// Every transaction that changes a job locks the job row first, so transactions on
+/// one job serialise and cannot deadlock on its task rows.
+pub(super) async fn lock_job<C: ConnectionTrait>(
+    txn: &C,
+    job_id: &str,
+    stage: JobStage,
+) -> Result<Option<job::Model>, StoreError> {
+    let rows = job::Entity::update_many()
+        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(job::Column::Id.eq(job_id))
+        .filter(job::Column::Stage.eq(stage.as_str()))
+        .exec_with_returning(txn)
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+pub(super) async fn count_by_status<C: ConnectionTrait>(
+    db: &C,
+    job_id: &str,
+) -> Result<BTreeMap<String, i64>, sea_orm::DbErr> {
+    let counts = task::Entity::find()
+        .select_only()
+        .column(task::Column::Status)
+        .column_as(Expr::col(task::Column::Id).count(), "count")
+        .filter(task::Column::JobId.eq(job_id))
+        .group_by(task::Column::Status)
+        .into_model::<StatusCount>()
+        .all(db)
+        .await?;
+    Ok(counts.into_iter().map(|c| (c.status, c.count)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(
+        policy: FailurePolicy,
+        tasks: i64,
+        done: i64,
+        failed: i64,
+        cancelled: i64,
+    ) -> job::Model {
+        let now = Utc::now();
+        job::Model {
+            id: "j".into(),
+            job_type: "t".into(),
+            queue: "default".into(),
+            stage: JobStage::Running.as_str().into(),
+            params: serde_json::Value::Null,
+            max_retries: 0,
+            retry_delay_ms: 0,
+            on_failure: policy.as_str().into(),
+            task_count: tasks,
+            first_task_id: None,
+            done_count: done,
+            failed_count: failed,
+            cancelled_count: cancelled,
+            first_error: None,
+            on_complete: None,
+            tasks_published: true,
+            created_at: now,
+            updated_at: now,
+            started_at: Some(now),
+            finished_at: None,
+            request_digest: None,
+            task_timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_job_ends_when_its_counters_say_so() {
+        use FailurePolicy::{Continue, FailFast};
+        let cases = [
+            // (policy, tasks, done, failed, cancelled) → stage
+            ((FailFast, 3, 2, 0, 0), None),
+            ((FailFast, 3, 3, 0, 0), Some(JobStage::Done)),
+            ((FailFast, 3, 1, 1, 0), Some(JobStage::Failed)),
+            ((Continue, 3, 1, 1, 0), None),
+            ((Continue, 3, 2, 1, 0), Some(JobStage::Failed)),
+            ((Continue, 3, 2, 0, 1), Some(JobStage::Done)),
+            // A redelivered event counted twice must still end the job once.
+            ((Continue, 3, 4, 0, 0), Some(JobStage::Done)),
+        ];
+        for ((policy, tasks, done, failed, cancelled), stage) in cases {
+            let job = job(policy, tasks, done, failed, cancelled);
+            assert_eq!(
+                ending(&job),
+                stage,
+                "{policy:?} {tasks} tasks, {done} done, {failed} failed, {cancelled} cancelled"
+            );
+        }
+    }
 }

@@ -1,65 +1,20 @@
 //! Job rows: creation (idempotent on the job id), task-row insertion, the move from
 //! `formation` to `running`, and read-only views for status and tests.
 
-use std::collections::BTreeMap;
-
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult,
     PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
-use serde_json::Value;
 
-use super::{job, job_ends, job_event, pg_batch, task, Store, StoreError};
-use crate::protocol::{FailurePolicy, Target};
+use super::error::StoreError;
+use super::handle::Store;
+use super::job_ends::{self, count_by_status, lock_job};
+use super::pg_batch;
+use super::rows::{JobStatus, NewJob, NewTask, Progress, StartOutcome};
 use crate::state::{JobStage, TaskStatus};
-
-/// A job as the intake creates it.
-#[derive(Clone, Debug)]
-pub struct NewJob {
-    pub id: String,
-    pub job_type: String,
-    pub queue: String,
-    pub params: Value,
-    pub max_retries: i32,
-    pub retry_delay_ms: i64,
-    pub on_failure: FailurePolicy,
-    pub on_complete: Option<Target>,
-    /// See [`crate::protocol::JobRequest::digest`].
-    pub request_digest: String,
-    pub task_timeout_ms: Option<i64>,
-}
-
-/// One task row to insert.
-#[derive(Clone, Debug)]
-pub struct NewTask {
-    pub ordinal: i32,
-    pub task_type: String,
-    pub payload: Value,
-}
-
-/// What [`Store::start_job`] did.
-#[derive(Debug)]
-pub enum StartOutcome {
-    /// The job is `running`: its tasks can be published.
-    Running(job::Model),
-    /// The job had no tasks and ended at once; its event is in the outbox.
-    Ended(job_event::Model),
-}
-
-/// A job and how many of its tasks are in each status.
-#[derive(Clone, Debug)]
-pub struct JobStatus {
-    pub job: job::Model,
-    pub tasks_by_status: BTreeMap<String, i64>,
-}
-
-#[derive(FromQueryResult)]
-struct StatusCount {
-    status: String,
-    count: i64,
-}
+use entity::{job, task};
 
 #[derive(FromQueryResult)]
 struct CountAndFirst {
@@ -215,9 +170,7 @@ impl Store {
                         })?;
                         // Tasks published while the job was forming may all have
                         // finished: their finished events found it not yet running.
-                        if let job_ends::Progress::Ended(event) =
-                            job_ends::check_in(txn, &job_id).await?
-                        {
+                        if let Progress::Ended(event) = job_ends::check_in(txn, &job_id).await? {
                             return Ok(StartOutcome::Ended(*event));
                         }
                         Ok(StartOutcome::Running(job))
@@ -360,37 +313,4 @@ fn insert_statement(
         .into_query();
     insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
     insert
-}
-
-/// Takes the job's row lock (a no-op UPDATE) if it is at `stage`, and returns it.
-/// Every transaction that changes a job locks the job row first, so transactions on
-/// one job serialise and cannot deadlock on its task rows.
-pub(super) async fn lock_job<C: ConnectionTrait>(
-    txn: &C,
-    job_id: &str,
-    stage: JobStage,
-) -> Result<Option<job::Model>, StoreError> {
-    let rows = job::Entity::update_many()
-        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(job::Column::Id.eq(job_id))
-        .filter(job::Column::Stage.eq(stage.as_str()))
-        .exec_with_returning(txn)
-        .await?;
-    Ok(rows.into_iter().next())
-}
-
-pub(super) async fn count_by_status<C: ConnectionTrait>(
-    db: &C,
-    job_id: &str,
-) -> Result<BTreeMap<String, i64>, sea_orm::DbErr> {
-    let counts = task::Entity::find()
-        .select_only()
-        .column(task::Column::Status)
-        .column_as(Expr::col(task::Column::Id).count(), "count")
-        .filter(task::Column::JobId.eq(job_id))
-        .group_by(task::Column::Status)
-        .into_model::<StatusCount>()
-        .all(db)
-        .await?;
-    Ok(counts.into_iter().map(|c| (c.status, c.count)).collect())
 }

@@ -9,8 +9,16 @@ use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
-use super::{job_event, Store, StoreError, EVENT_CLAIM};
+use super::error::StoreError;
+use super::handle::Store;
 use crate::clock;
+use entity::job_event;
+
+/// How long the process that ends a job owns the publishing of its event before the
+/// outbox relay may publish it instead: twice the longest a confirm may take, so a
+/// slow confirm does not let the relay send the event a second time beside it.
+pub const EVENT_CLAIM: Duration =
+    Duration::from_secs(2 * crate::amqp::broker::CONFIRM_TIMEOUT.as_secs());
 
 /// What one try at an event's `on_complete` target came to.
 #[derive(Clone, Debug)]
@@ -186,5 +194,15 @@ impl Store {
                 .await?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_event_claim_outlives_a_slow_confirm() {
+        let slowest_publish =
+            crate::amqp::broker::CONFIRM_TIMEOUT + crate::amqp::broker::CLOSE_TIMEOUT;
+        assert!(super::EVENT_CLAIM > slowest_publish);
     }
 }

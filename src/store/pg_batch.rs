@@ -4,14 +4,13 @@
 //! a `CASE` or a `VALUES` list whose length changes from batch to batch is parsed and
 //! planned again every time — on a small machine that was most of PostgreSQL's work
 //! per task. SQLite, which has no arrays and no planning cost worth saving, keeps the
-//! portable forms in [`super::tasks`] and [`super::jobs`].
+//! portable forms, written beside the callers of these.
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{extension::postgres::PgFunc, Expr, ExprTrait, IntoIden, SimpleExpr};
 use sea_orm::{DatabaseBackend, Statement, Value};
 
-use super::jobs::NewTask;
-use super::tasks::{TaskOutcome, Transition};
+use super::rows::{NewTask, TaskOutcome, Transition};
 
 /// `column IN (values)` — on PostgreSQL `column = ANY($1)`, one array parameter.
 pub(super) fn one_of<C, T>(backend: DatabaseBackend, column: C, values: Vec<T>) -> SimpleExpr

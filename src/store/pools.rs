@@ -8,8 +8,10 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 
-use super::{job, Store, StoreError};
+use super::error::StoreError;
+use super::handle::Store;
 use crate::state::JobStage;
+use entity::job;
 use entity::pool;
 
 /// A pool that running jobs wait on but that no pod has consumed since the cut-off.

@@ -11,11 +11,13 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use super::jobs::lock_job;
-use super::{job, job_ends, job_event, task, Store, StoreError};
+use super::error::StoreError;
+use super::handle::Store;
+use super::job_ends::{self, lock_job};
 use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 use entity::lease;
+use entity::{job, job_event, task};
 
 /// Rows per write transaction of the sweeper.
 pub const SWEEP_WRITE_BATCH: usize = 25;

@@ -23,52 +23,14 @@ use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryTrait,
     Statement, TransactionTrait,
 };
-use serde_json::Value;
 
+use super::error::StoreError;
+use super::handle::Store;
 use super::pg_batch::{self, one_of};
-use super::{job, task, Store, StoreError};
+use super::rows::{Claim, TaskOutcome, Transition};
 use crate::clock;
 use crate::state::{JobStage, TaskStatus};
-
-/// A successful claim.
-#[derive(Clone, Copy, Debug)]
-pub struct Claim {
-    /// Starts of this attempt's handler so far (a fresh claim counts its own).
-    pub deliveries: i32,
-    /// The attempt was running already, in a worker that died or lost its channel
-    /// (or whose lease ran out): it may be what killed that worker.
-    pub taken_over: bool,
-}
-
-/// How a running attempt ended.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TaskOutcome {
-    /// `done`, with the handler's result.
-    Done(Value),
-    /// `failed` for good, with the error.
-    Failed(String),
-    /// `retrying`: the error, kept in `info` while the next attempt waits.
-    Retrying(String),
-}
-
-impl TaskOutcome {
-    pub fn status(&self) -> TaskStatus {
-        match self {
-            Self::Done(_) => TaskStatus::Done,
-            Self::Failed(_) => TaskStatus::Failed,
-            Self::Retrying(_) => TaskStatus::Retrying,
-        }
-    }
-}
-
-/// The outcome of attempt `attempt` of task `task_id` of job `job_id`.
-#[derive(Clone, Debug)]
-pub struct Transition {
-    pub job_id: String,
-    pub task_id: i64,
-    pub attempt: i32,
-    pub outcome: TaskOutcome,
-}
+use entity::{job, task};
 
 fn lease_deadline(lease: Duration) -> chrono::DateTime<Utc> {
     clock::from_now(lease)
@@ -434,30 +396,7 @@ async fn count_into_jobs<C: ConnectionTrait>(
     transitions: &[Transition],
     recorded: &HashSet<i64>,
 ) -> Result<(), StoreError> {
-    #[derive(Default)]
-    struct Tally<'a> {
-        done: i64,
-        failed: i64,
-        first_error: Option<(i64, &'a str)>,
-    }
-    let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
-    for transition in transitions.iter().filter(|t| recorded.contains(&t.task_id)) {
-        let tally = tallies.entry(transition.job_id.as_str()).or_default();
-        match &transition.outcome {
-            TaskOutcome::Done(_) => tally.done += 1,
-            TaskOutcome::Failed(info) => {
-                tally.failed += 1;
-                if tally
-                    .first_error
-                    .is_none_or(|(id, _)| transition.task_id < id)
-                {
-                    tally.first_error = Some((transition.task_id, info.as_str()));
-                }
-            }
-            TaskOutcome::Retrying(_) => {}
-        }
-    }
-    for (job_id, tally) in tallies {
+    for (job_id, tally) in tally(transitions, recorded) {
         if tally.done + tally.failed == 0 {
             continue;
         }
@@ -486,4 +425,86 @@ async fn count_into_jobs<C: ConnectionTrait>(
             .await?;
     }
     Ok(())
+}
+
+/// What one batch of outcomes adds to one job's counters.
+#[derive(Debug, Default, PartialEq)]
+struct Tally<'a> {
+    done: i64,
+    failed: i64,
+    /// The lowest-numbered failed task of the batch, and its error.
+    first_error: Option<(i64, &'a str)>,
+}
+
+/// Counts the terminal outcomes that were recorded (a stale one changed no row and
+/// counts nothing), per job.
+fn tally<'a>(
+    transitions: &'a [Transition],
+    recorded: &HashSet<i64>,
+) -> BTreeMap<&'a str, Tally<'a>> {
+    let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
+    for transition in transitions.iter().filter(|t| recorded.contains(&t.task_id)) {
+        let tally = tallies.entry(transition.job_id.as_str()).or_default();
+        match &transition.outcome {
+            TaskOutcome::Done(_) => tally.done += 1,
+            TaskOutcome::Failed(info) => {
+                tally.failed += 1;
+                if tally
+                    .first_error
+                    .is_none_or(|(id, _)| transition.task_id < id)
+                {
+                    tally.first_error = Some((transition.task_id, info.as_str()));
+                }
+            }
+            TaskOutcome::Retrying(_) => {}
+        }
+    }
+    tallies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transition(job_id: &str, task_id: i64, outcome: TaskOutcome) -> Transition {
+        Transition {
+            job_id: job_id.into(),
+            task_id,
+            attempt: 1,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn only_recorded_terminal_outcomes_count_and_the_lowest_failed_task_names_the_error() {
+        let transitions = [
+            transition("a", 1, TaskOutcome::Done(serde_json::Value::Null)),
+            transition("a", 7, TaskOutcome::Failed("seven".into())),
+            transition("a", 3, TaskOutcome::Failed("three".into())),
+            transition("a", 2, TaskOutcome::Retrying("later".into())),
+            transition("b", 4, TaskOutcome::Done(serde_json::Value::Null)),
+            // Stale: its UPDATE changed nothing, so it counts nothing.
+            transition("b", 5, TaskOutcome::Failed("stale".into())),
+            transition("c", 6, TaskOutcome::Retrying("later".into())),
+        ];
+        let recorded: HashSet<i64> = [1, 2, 3, 4, 6, 7].into();
+        let tallies = tally(&transitions, &recorded);
+        assert_eq!(
+            tallies["a"],
+            Tally {
+                done: 1,
+                failed: 2,
+                first_error: Some((3, "three")),
+            }
+        );
+        assert_eq!(
+            tallies["b"],
+            Tally {
+                done: 1,
+                failed: 0,
+                first_error: None,
+            }
+        );
+        assert_eq!(tallies["c"], Tally::default());
+    }
 }

@@ -1,0 +1,101 @@
+//! The values the store's API speaks in, below every file of the store: the rows to
+//! insert, the outcomes to record, and what a transition did.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::protocol::{FailurePolicy, Target};
+use crate::state::TaskStatus;
+use entity::{job, job_event};
+
+/// A job as the intake creates it.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: String,
+    pub job_type: String,
+    pub queue: String,
+    pub params: Value,
+    pub max_retries: i32,
+    pub retry_delay_ms: i64,
+    pub on_failure: FailurePolicy,
+    pub on_complete: Option<Target>,
+    /// See [`crate::protocol::JobRequest::digest`].
+    pub request_digest: String,
+    pub task_timeout_ms: Option<i64>,
+}
+
+/// One task row to insert.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub ordinal: i32,
+    pub task_type: String,
+    pub payload: Value,
+}
+
+/// What [`Store::start_job`](super::handle::Store::start_job) did.
+#[derive(Debug)]
+pub enum StartOutcome {
+    /// The job is `running`: its tasks can be published.
+    Running(job::Model),
+    /// The job had no tasks and ended at once; its event is in the outbox.
+    Ended(job_event::Model),
+}
+
+/// A job and how many of its tasks are in each status.
+#[derive(Clone, Debug)]
+pub struct JobStatus {
+    pub job: job::Model,
+    pub tasks_by_status: BTreeMap<String, i64>,
+}
+
+/// A successful claim.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim {
+    /// Starts of this attempt's handler so far (a fresh claim counts its own).
+    pub deliveries: i32,
+    /// The attempt was running already, in a worker that died or lost its channel
+    /// (or whose lease ran out): it may be what killed that worker.
+    pub taken_over: bool,
+}
+
+/// How a running attempt ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskOutcome {
+    /// `done`, with the handler's result.
+    Done(Value),
+    /// `failed` for good, with the error.
+    Failed(String),
+    /// `retrying`: the error, kept in `info` while the next attempt waits.
+    Retrying(String),
+}
+
+impl TaskOutcome {
+    pub fn status(&self) -> TaskStatus {
+        match self {
+            Self::Done(_) => TaskStatus::Done,
+            Self::Failed(_) => TaskStatus::Failed,
+            Self::Retrying(_) => TaskStatus::Retrying,
+        }
+    }
+}
+
+/// The outcome of attempt `attempt` of task `task_id` of job `job_id`.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub job_id: String,
+    pub task_id: i64,
+    pub attempt: i32,
+    pub outcome: TaskOutcome,
+}
+
+/// What a completion check did to a job.
+#[derive(Debug)]
+pub enum Progress {
+    /// The job is not running (already ended, or still forming): nothing to count.
+    NotRunning,
+    /// The job goes on.
+    Running,
+    /// This check ended the job; the event is in the outbox, claimed by the caller.
+    Ended(Box<job_event::Model>),
+}
