@@ -9,7 +9,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use taskmill::{CancellationToken, Config, TaskContext, TaskError, Worker};
+use taskmill::{CancellationToken, Config, Pod, TaskContext, TaskError};
 
 #[derive(Deserialize)]
 struct Resize {
@@ -43,7 +43,7 @@ async fn main() -> Result<(), taskmill::Error> {
         let _ = tokio::signal::ctrl_c().await;
         on_signal.cancel();
     });
-    Worker::builder()
+    Pod::builder()
         .config(Config::from_env()?)
         .handler("resize", resize)
         .concurrency(16)

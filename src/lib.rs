@@ -4,7 +4,7 @@
 //! task messages; the worker role runs them and records each outcome before acking;
 //! failures come back through the delay ladder's dead-letter queues; the completion role
 //! reads each job's counters and ends it exactly once; the sweeper re-sends what got
-//! lost. A [`Worker`] (a pod) runs any of these roles; a [`Client`] submits and waits.
+//! lost. A [`Pod`] runs any of these roles; a [`Client`] submits and waits.
 //! [`store`] holds every SQL statement and [`amqp::topology`] every queue name. The
 //! repository's `docs/protocol.md` describes the wire protocol and
 //! `docs/architecture.md` the guarantees and how each is kept.
@@ -27,7 +27,7 @@ pub mod store;
 pub use client::{Client, Watch};
 pub use config::{Config, QueueType};
 pub use error::Error;
-pub use pod::{Roles, Worker, WorkerBuilder};
+pub use pod::{Pod, PodBuilder, Roles};
 pub use registry::{Registry, TaskContext, TaskError};
 
 pub use protocol::{FailurePolicy, JobEvent, JobRequest, Target};

@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(watch_signals(shutdown.clone()));
     let code = match cli.command {
         Command::Migrate => cli::migrate::run(&config).await.map(|()| 0),
-        Command::Worker(args) => cli::worker::run(config, args, shutdown).await.map(|()| 0),
+        Command::Worker(args) => cli::pod::run(config, args, shutdown).await.map(|()| 0),
         Command::Submit(args) => cli::submit::run(&config, args).await,
         Command::Status(args) => cli::status::run(&config, args).await,
         Command::Cancel(args) => cli::cancel::run(&config, args).await,

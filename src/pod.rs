@@ -1,15 +1,15 @@
 //! A pod: every role of taskmill in one process, sharing one broker connection and one
-//! database pool. [`Worker::builder`] registers handlers and chooses roles; `run`
+//! database pool. [`Pod::builder`] registers handlers and chooses roles; `run`
 //! serves until the shutdown token is cancelled.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use taskmill::{CancellationToken, Config, TaskContext, Worker};
-//! let worker = Worker::builder()
+//! use taskmill::{CancellationToken, Config, Pod, TaskContext};
+//! let pod = Pod::builder()
 //!     .config(Config::from_env()?)
 //!     .handler("resize", |ctx: TaskContext| async move { Ok(ctx.payload) })
 //!     .build();
-//! worker.run(CancellationToken::new()).await?;
+//! pod.run(CancellationToken::new()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -19,17 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::broker::Publisher;
-use crate::amqp::link::{supervise, BrokerLink};
+use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
 use crate::pools::KnownPools;
 use crate::registry::{HandlerResult, Registry, TaskContext};
-use crate::roles::{self, Shared};
+use crate::roles::{Role, Running, Shared};
 use crate::store::Store;
 
 /// Which roles a pod runs.
@@ -74,44 +73,7 @@ fn shutdown_deadline(config: &Config) -> Duration {
 
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 
-/// Waits for every role; the first failure stops the others. Once `roles_token` is
-/// cancelled, roles get `deadline` to return before they are aborted, so a pod always
-/// stops in bounded time, whatever state its connections are in.
-async fn join_roles(
-    mut roles: JoinSet<Result<(), Error>>,
-    roles_token: &CancellationToken,
-    deadline: Duration,
-) -> Option<Error> {
-    let mut first_error = None;
-    let mut stop_by = None;
-    loop {
-        let joined = tokio::select! {
-            joined = roles.join_next() => joined,
-            _ = roles_token.cancelled(), if stop_by.is_none() => {
-                stop_by = Some(tokio::time::Instant::now() + deadline);
-                continue;
-            }
-            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => {
-                tracing::warn!(?deadline, roles = roles.len(), "roles still stopping past the shutdown deadline; abandoning them (their messages return to the broker)");
-                roles.abort_all();
-                while roles.join_next().await.is_some() {}
-                return first_error;
-            }
-        };
-        let Some(joined) = joined else {
-            return first_error;
-        };
-        let result =
-            joined.unwrap_or_else(|err| Err(Error::Other(format!("role panicked: {err}"))));
-        if let Err(err) = result {
-            tracing::error!(%err, "role failed; stopping the pod");
-            first_error.get_or_insert(err);
-            roles_token.cancel();
-        }
-    }
-}
-
-pub struct WorkerBuilder {
+pub struct PodBuilder {
     config: Config,
     registry: Registry,
     roles: Roles,
@@ -119,7 +81,7 @@ pub struct WorkerBuilder {
     store: Option<Store>,
 }
 
-impl WorkerBuilder {
+impl PodBuilder {
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
@@ -174,13 +136,13 @@ impl WorkerBuilder {
         self
     }
 
-    pub fn build(self) -> Worker {
+    pub fn build(self) -> Pod {
         let queues = if self.queues.is_empty() {
             vec![DEFAULT_QUEUE.to_owned()]
         } else {
             self.queues
         };
-        Worker {
+        Pod {
             config: self.config.normalized(),
             registry: self.registry,
             roles: self.roles,
@@ -191,7 +153,7 @@ impl WorkerBuilder {
 }
 
 /// A pod running taskmill's roles. See the module docs.
-pub struct Worker {
+pub struct Pod {
     config: Config,
     registry: Registry,
     roles: Roles,
@@ -199,13 +161,17 @@ pub struct Worker {
     store: Option<Store>,
 }
 
-impl Worker {
+impl Pod {
     /// A builder with the built-in task types registered and the default
     /// configuration (`.config(Config::from_env()?)` reads the environment).
-    pub fn builder() -> WorkerBuilder {
-        WorkerBuilder {
+    pub fn builder() -> PodBuilder {
+        PodBuilder {
             config: Config::default(),
-            registry: Registry::with_builtins(),
+            registry: {
+                let mut registry = Registry::default();
+                crate::builtin::register(&mut registry);
+                registry
+            },
             roles: Roles::ALL,
             queues: Vec::new(),
             store: None,
@@ -246,59 +212,23 @@ impl Worker {
             topology,
             registry: self.registry,
         });
-        let roles_token = shutdown.child_token();
-        let mut roles = JoinSet::new();
+        let deadline = shutdown_deadline(&shared.config);
+        let mut running = Running::new(shared, link.clone(), shutdown.child_token());
         if self.roles.intake {
-            let slots = roles::intake::slots();
-            let (shared, token) = (shared.clone(), roles_token.clone());
-            roles.spawn(supervise(
-                "intake",
-                link.clone(),
-                roles_token.clone(),
-                move |connection| {
-                    roles::intake::run(shared.clone(), connection, slots.clone(), token.clone())
-                },
-            ));
+            running.start(Role::intake());
         }
         if self.roles.worker {
-            for pool in &self.queues {
-                let capacity = roles::worker::Capacity::new(concurrency);
-                let (shared, token, pool) = (shared.clone(), roles_token.clone(), pool.clone());
-                roles.spawn(supervise(
-                    "worker",
-                    link.clone(),
-                    roles_token.clone(),
-                    move |connection| {
-                        roles::worker::run(
-                            shared.clone(),
-                            connection,
-                            pool.clone(),
-                            capacity.clone(),
-                            token.clone(),
-                        )
-                    },
-                ));
+            for pool in self.queues {
+                running.start(Role::worker(pool, concurrency));
             }
         }
         if self.roles.completion {
-            let (shared, token) = (shared.clone(), roles_token.clone());
-            roles.spawn(supervise(
-                "completion",
-                link.clone(),
-                roles_token.clone(),
-                move |connection| roles::completion::run(shared.clone(), connection, token.clone()),
-            ));
+            running.start(Role::Completion);
         }
         if self.roles.sweeper {
-            let (shared, token) = (shared.clone(), roles_token.clone());
-            roles.spawn(supervise(
-                "sweeper",
-                link.clone(),
-                roles_token.clone(),
-                move |connection| roles::sweeper::run(shared.clone(), connection, token.clone()),
-            ));
+            running.start(Role::Sweeper);
         }
-        let first_error = join_roles(roles, &roles_token, shutdown_deadline(&shared.config)).await;
+        let first_error = running.join(deadline).await;
         link.close().await;
         match first_error {
             Some(err) => Err(err),

@@ -1,7 +1,7 @@
 //! Pools: which worker pools a deployment serves. A producer names a pool in its
 //! request; the intake accepts only known ones, so producers cannot name work queues
 //! into existence. A pool is known when it is the default pool, is configured
-//! ([`crate::Config::known_pools`]), or was registered by a pod consuming it. Pods
+//! ([`crate::config::Config::known_pools`]), or was registered by a pod consuming it. Pods
 //! refresh their registration every [`HEARTBEAT`]; a running job whose pool has not
 //! been consumed for [`SILENT_AFTER`] is reported by the sweeper and by
 //! `taskmill status`.

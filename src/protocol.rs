@@ -1,18 +1,21 @@
 //! The wire protocol: every message taskmill reads or writes, as serde types, and the
-//! checks a message must pass before anything acts on it. The README documents these
-//! shapes for producers in other languages; change both together.
+//! checks a message must pass before anything acts on it. The repository's
+//! `docs/protocol.md` documents these shapes for producers in other languages; change
+//! both together.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::amqp::topology::MAX_DELAY_MS;
 use crate::config::DEFAULT_QUEUE;
 use crate::state::JobStage;
 
 /// The schema version every message carries; a message of another version is parked.
 pub const SCHEMA_VERSION: u32 = 1;
 pub const CONTENT_TYPE: &str = "application/json";
+/// The longest wait a retry may be given: 2^32 - 1 ms (about 49.7 days), RabbitMQ's
+/// limit for a message TTL.
+pub const MAX_DELAY_MS: u64 = (1 << 32) - 1;
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 pub const DEFAULT_RETRY_DELAY_MS: u64 = 5_000;
 const MAX_ID_LEN: usize = 128;
@@ -231,12 +234,10 @@ pub struct TaskMessage {
 }
 
 /// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
-/// linear backoff), at least 1 ms and at most [`crate::amqp::topology::MAX_DELAY_MS`].
+/// linear backoff), at least 1 ms and at most [`MAX_DELAY_MS`].
 pub fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
     let wait = i64::from(attempt).saturating_mul(retry_delay_ms);
-    u64::try_from(wait)
-        .unwrap_or(0)
-        .clamp(1, crate::amqp::topology::MAX_DELAY_MS)
+    u64::try_from(wait).unwrap_or(0).clamp(1, MAX_DELAY_MS)
 }
 
 /// What every task message of a job repeats.
@@ -602,9 +603,6 @@ mod tests {
             "never zero: the ladder needs a digit"
         );
         assert_eq!(retry_wait_ms(-1, 100), 1);
-        assert_eq!(
-            retry_wait_ms(i32::MAX, i64::MAX),
-            crate::amqp::topology::MAX_DELAY_MS
-        );
+        assert_eq!(retry_wait_ms(i32::MAX, i64::MAX), MAX_DELAY_MS);
     }
 }

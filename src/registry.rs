@@ -92,13 +92,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry holding the built-in task types (see [`crate::builtin`]).
-    pub fn with_builtins() -> Self {
-        let mut registry = Self::default();
-        crate::builtin::register(&mut registry);
-        registry
-    }
-
     pub fn add_handler<F, Fut>(&mut self, task_type: impl Into<String>, handler: F)
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,

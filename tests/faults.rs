@@ -377,7 +377,7 @@ async fn poison_pod() {
         term.recv().await;
         stop.cancel();
     });
-    taskmill::Worker::builder()
+    taskmill::Pod::builder()
         .config(config)
         .handler(POISON, |ctx: taskmill::TaskContext| async move {
             if ctx.payload["abort"] == json!(true) {

@@ -58,7 +58,7 @@ async fn shutdown_is_bounded_when_the_broker_stops_answering() {
     let mut config = env.config.clone();
     config.amqp_url = proxy.amqp_url(&env.name);
     let grace = config.grace_period;
-    let pod = env.start(env.worker().config(config));
+    let pod = env.start(env.pod().config(config));
     let client = env.client().await;
     let job_id = client
         .submit(JobRequest::new(
@@ -91,7 +91,7 @@ async fn shutdown_is_bounded_when_the_broker_stops_answering() {
 async fn on_complete_to_a_missing_exchange_stalls_nothing(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let events = env.event_log().await;
     let mut request = echo_request("missing-target", 3);
@@ -127,7 +127,7 @@ async fn on_complete_to_a_missing_exchange_stalls_nothing(backend: Backend) {
 async fn params_the_database_refuses_are_decided_at_once(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let mut request = echo_request("nul-params", 2);
     request["params"] = json!({ "name": "a\u{0}b" });
@@ -156,7 +156,7 @@ async fn params_the_database_refuses_are_decided_at_once(backend: Backend) {
 async fn two_hundred_delays_share_one_ladder(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let ids: Vec<String> = (0..200).map(|n| format!("delay-{n}")).collect();
     for (n, id) in ids.iter().enumerate() {
@@ -185,7 +185,7 @@ async fn two_hundred_delays_share_one_ladder(backend: Backend) {
 async fn a_wait_above_the_ttl_limit_is_parked(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let mut request = echo_request("too-long", 1);
     request["max_retries"] = json!(100);
@@ -201,7 +201,7 @@ async fn a_wait_above_the_ttl_limit_is_parked(backend: Backend) {
 async fn an_unknown_task_type_is_answered_with_a_rejection(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let reply = env.declare_queue("reply").await;
     let watch = client.watch("typo").await.unwrap();
@@ -234,7 +234,7 @@ async fn an_unknown_task_type_is_answered_with_a_rejection(backend: Backend) {
 async fn a_reused_job_id_with_another_request_is_refused(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let mut replies = Vec::new();
     for (name, tasks) in [("first", 300), ("second", 7)] {
@@ -283,7 +283,7 @@ async fn a_reused_job_id_with_another_request_is_refused(backend: Backend) {
 async fn a_restarted_worker_role_leaves_no_channel_behind(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let queue = env.topology().work_queue("default");
     let serving = || async { env.consumers_if_declared(&queue).await == Some(1) };
@@ -321,7 +321,7 @@ async fn a_restarted_worker_role_leaves_no_channel_behind(backend: Backend) {
 async fn hung_tasks_time_out_and_free_their_slots(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker().handler("hang", |_ctx| async {
+    let pod = env.start(env.pod().handler("hang", |_ctx| async {
         std::future::pending::<()>().await;
         Ok(json!("never"))
     }));
@@ -473,9 +473,9 @@ async fn the_ladder_waits_exactly() {
 async fn requests_for_pools_nobody_serves_are_refused(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let gpu = env.start(
-        env.worker()
+        env.pod()
             .roles(taskmill::Roles {
                 worker: true,
                 ..taskmill::Roles::NONE
@@ -530,7 +530,7 @@ async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let mut config = env.config.clone();
     config.known_pools = vec!["later".to_owned()];
-    let pod = env.start(env.worker().config(config));
+    let pod = env.start(env.pod().config(config));
     let mut request = echo_request("waits", 2);
     request["queue"] = json!("later");
     publish_request(&env, &request).await;
@@ -559,7 +559,7 @@ async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
     );
 
     let later = env.start(
-        env.worker()
+        env.pod()
             .roles(taskmill::Roles {
                 worker: true,
                 ..taskmill::Roles::NONE
@@ -597,7 +597,7 @@ async fn a_queue_declared_with_other_arguments_parks_the_request(backend: Backen
     connection.close(200, "done".into()).await.unwrap();
     let mut config = env.config.clone();
     config.known_pools = vec!["odd".to_owned()];
-    let pod = env.start(env.worker().config(config));
+    let pod = env.start(env.pod().config(config));
     let client = env.client().await;
     let mut request = echo_request("odd-queue", 2);
     request["queue"] = json!("odd");
@@ -625,7 +625,7 @@ async fn a_queue_declared_with_other_arguments_parks_the_request(backend: Backen
 async fn a_deleted_delay_queue_is_declared_again(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     assert_still_serving(&env, &client, "before-delete").await;
     let connection = env.connection().await;
@@ -675,7 +675,7 @@ async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Back
         ],
     };
     env.execute_sql(&trigger).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     publish_request(&env, &echo_request("cut-short", 2000)).await;
     let parked = wait_for_parked(&env, 1).await;

@@ -37,7 +37,7 @@ on_both_backends!(
 async fn thousand_task_job_completes(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let tasks = (0..1000).map(|n| json!({ "n": n })).collect();
     let job_id = client
@@ -77,7 +77,7 @@ async fn failing_twice_then_succeeding_waits_linearly(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let seen: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let log = seen.clone();
-    let pod = env.start(env.worker().handler("flaky", move |ctx: TaskContext| {
+    let pod = env.start(env.pod().handler("flaky", move |ctx: TaskContext| {
         let log = log.clone();
         async move {
             log.lock().unwrap().push(Instant::now());
@@ -119,7 +119,7 @@ async fn failing_twice_then_succeeding_waits_linearly(backend: Backend) {
 async fn always_failing_task_fails_the_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let mut request = JobRequest::new(builtin::FAIL, vec![json!({ "times": 1000 })]);
     request.max_retries = 2;
@@ -149,7 +149,7 @@ async fn always_failing_task_fails_the_job(backend: Backend) {
 
 async fn continue_policy_finishes_every_task(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let tasks = (0..20)
         .map(|n| json!({ "times": if n % 5 == 0 { 100 } else { 0 }, "permanent": true }))
@@ -181,7 +181,7 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
     let topology = env.topology();
     let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
     let worker = env.start(
-        env.worker()
+        env.pod()
             .roles(Roles {
                 worker: true,
                 completion: true,
@@ -233,14 +233,14 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
 async fn racing_completion_consumers_send_one_event_per_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let producer_side = env.start(env.worker().roles(Roles {
+    let producer_side = env.start(env.pod().roles(Roles {
         intake: true,
         worker: true,
         ..Roles::NONE
     }));
     let completions: Vec<_> = (0..3)
         .map(|_| {
-            env.start(env.worker().roles(Roles {
+            env.start(env.pod().roles(Roles {
                 completion: true,
                 ..Roles::NONE
             }))
@@ -299,7 +299,7 @@ async fn racing_completion_consumers_send_one_event_per_job(backend: Backend) {
 async fn resubmitting_a_job_id_makes_one_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let mut request = JobRequest::new(builtin::ECHO, (0..30).map(|n| json!(n)).collect());
     request.job_id = Some("order-42".into());
@@ -329,7 +329,7 @@ async fn bad_input_is_parked_and_the_pod_keeps_serving(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let mut config = env.config.clone();
     config.max_request_bytes = 2048;
-    let pod = env.start(env.worker().config(config));
+    let pod = env.start(env.pod().config(config));
     let client = env.client().await;
     let topology = env.topology();
     let jobs = topology.jobs_exchange();
@@ -413,7 +413,7 @@ async fn bad_input_is_parked_and_the_pod_keeps_serving(backend: Backend) {
 async fn panicking_handler_is_a_failed_attempt(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let pod = env.start(
-        env.worker()
+        env.pod()
             .handler("explosive", |ctx: TaskContext| async move {
                 if ctx.attempt == 1 {
                     panic!("boom on attempt {}", ctx.attempt);
@@ -445,7 +445,7 @@ async fn panicking_handler_is_a_failed_attempt(backend: Backend) {
 
 async fn job_without_tasks_completes_at_once(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker());
+    let pod = env.start(env.pod());
     let client = env.client().await;
     let job_id = client
         .submit(JobRequest::new(builtin::ECHO, vec![]))
@@ -461,7 +461,7 @@ async fn splitter_makes_tasks_from_params(backend: Backend) {
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = runs.clone();
     let pod = env.start(
-        env.worker()
+        env.pod()
             .splitter("range", |params| {
                 let n = params
                     .get("n")
@@ -493,7 +493,7 @@ async fn duplicates_inside_one_batch_run_once(backend: Backend) {
     publish_copies(&env, &job_id, &rows).await;
     let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
     let worker = env.start(
-        env.worker()
+        env.pod()
             .concurrency(256)
             .handler("count", counting_handler(&runs)),
     );
@@ -522,7 +522,7 @@ async fn coalesced_acks_never_cover_a_running_task(backend: Backend) {
     let held = rows.iter().find(|row| row.payload == json!(30)).unwrap().id;
     let mut config = env.config.clone();
     config.grace_period = Duration::from_millis(500);
-    let first = env.start(env.worker().config(config).concurrency(64).handler(
+    let first = env.start(env.pod().config(config).concurrency(64).handler(
         "count",
         |ctx: TaskContext| async move {
             if ctx.payload == json!(30) {
@@ -547,7 +547,7 @@ async fn coalesced_acks_never_cover_a_running_task(backend: Backend) {
     assert_eq!(held_row.status, "running");
 
     let second = env.start(
-        env.worker()
+        env.pod()
             .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
     );
     let job = env.wait_for_end(&job_id, LONG).await;
@@ -569,17 +569,18 @@ async fn coalesced_acks_never_cover_a_running_task(backend: Backend) {
 /// still be recorded, and the refused task fails with the reason (SQLite stores it).
 async fn a_refused_result_fails_only_its_task(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.worker().concurrency(64).handler(
-        "nul",
-        |ctx: TaskContext| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if ctx.payload == json!(7) {
-                Ok(json!({ "text": "a\u{0000}b" }))
-            } else {
-                Ok(ctx.payload)
-            }
-        },
-    ));
+    let pod = env.start(
+        env.pod()
+            .concurrency(64)
+            .handler("nul", |ctx: TaskContext| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if ctx.payload == json!(7) {
+                    Ok(json!({ "text": "a\u{0000}b" }))
+                } else {
+                    Ok(ctx.payload)
+                }
+            }),
+    );
     let client = env.client().await;
     let mut request = JobRequest::new("nul", (0..40).map(|n| json!(n)).collect());
     request.on_failure = taskmill::FailurePolicy::Continue;
@@ -615,7 +616,7 @@ async fn a_refused_result_fails_only_its_task(backend: Backend) {
 async fn cancelling_a_job_cancels_what_is_left(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let pod = env.start(env.worker().concurrency(2));
+    let pod = env.start(env.pod().concurrency(2));
     let client = env.client().await;
     let job_id = client
         .submit(JobRequest::new(
@@ -668,7 +669,7 @@ async fn form_job_without_workers(
 ) -> (String, Vec<taskmill::store::task::Model>) {
     // The intake must know the task type to accept the job.
     let intake = env.start(
-        env.worker()
+        env.pod()
             .roles(Roles {
                 intake: true,
                 ..Roles::NONE

@@ -73,7 +73,7 @@ async fn purge(env: &TestEnv, queue: &str) -> u32 {
 
 async fn purged_task_messages_are_swept_back(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let intake = env.start(env.worker().roles(Roles {
+    let intake = env.start(env.pod().roles(Roles {
         intake: true,
         ..Roles::NONE
     }));
@@ -96,7 +96,7 @@ async fn purged_task_messages_are_swept_back(backend: Backend) {
     // An operator's purge: every task message is gone, the rows say pending.
     let purged = purge(&env, &env.topology().work_queue("default")).await;
     assert_eq!(purged, 200);
-    let rest = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+    let rest = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
         worker: true,
         completion: true,
         sweeper: true,
@@ -116,7 +116,7 @@ async fn purged_task_messages_are_swept_back(backend: Backend) {
 async fn lost_finished_events_are_swept_back(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let first = env.start(env.worker().roles(Roles {
+    let first = env.start(env.pod().roles(Roles {
         intake: true,
         worker: true,
         ..Roles::NONE
@@ -142,7 +142,7 @@ async fn lost_finished_events_are_swept_back(backend: Backend) {
         purged > 0,
         "the finished events (one message per batch of tasks) were purged"
     );
-    let rest = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+    let rest = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
         completion: true,
         sweeper: true,
         ..Roles::NONE
@@ -162,7 +162,7 @@ async fn stale_formation_fails_the_job(backend: Backend) {
     assert!(env.store.create_job(&new).await.unwrap().is_none());
     let mut config = eager_sweeper(&env);
     config.formation_timeout = Duration::from_millis(500);
-    let pod = env.start(env.worker().config(config).roles(Roles {
+    let pod = env.start(env.pod().config(config).roles(Roles {
         sweeper: true,
         ..Roles::NONE
     }));
@@ -374,7 +374,7 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
     for _ in 0..5 {
         env.publish_raw("", &queue, b"backlog", None).await;
     }
-    let sweeper = env.start(env.worker().config(eager_sweeper(&env)).roles(Roles {
+    let sweeper = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
         sweeper: true,
         ..Roles::NONE
     }));
@@ -399,7 +399,7 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let topology = env.topology();
     // A pod that does not know task type "late" yet: both requests are parked.
-    let early = env.start(env.worker());
+    let early = env.start(env.pod());
     let client = env.client().await;
     let first = client
         .submit(JobRequest::new("late", vec![json!(1)]))
@@ -427,7 +427,7 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
 
     // Deploy a pod that knows "late", replay one by id, then the rest.
     let late = env.start(
-        env.worker()
+        env.pod()
             .handler("late", |ctx: TaskContext| async move { Ok(ctx.payload) }),
     );
     let first_id = parked

@@ -14,8 +14,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::broker::BrokerError;
 
 /// How a delivery is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +99,7 @@ async fn settle_loop(
                 acks.push(settle);
                 continue;
             }
-            if let Err(err) = super::consumer::settle(&settle.delivery, Settlement::Requeue).await {
+            if let Err(err) = settle_one(&settle.delivery, Settlement::Requeue).await {
                 tracing::debug!(%err, "nack failed; the broker will redeliver");
             }
         }
@@ -144,6 +146,26 @@ fn coalesce(acked: &[u64], oldest_unsettled: u64) -> (Option<u64>, Vec<u64>) {
         .filter(|&tag| tag >= oldest_unsettled)
         .collect();
     (multiple, alone)
+}
+
+/// Acks one delivery, or returns it to the queue.
+pub(crate) async fn settle_one(
+    delivery: &Delivery,
+    settlement: Settlement,
+) -> Result<(), BrokerError> {
+    match settlement {
+        Settlement::Ack => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Settlement::Requeue => {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            delivery.acker.nack(requeue).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

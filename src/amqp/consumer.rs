@@ -1,22 +1,18 @@
 //! The consumer every consuming role (intake, worker, completion) stands on: one
 //! channel with its prefetch, deliveries one at a time or in batches (whatever the
-//! broker has already pushed), decoding with the protocol's checks, settling one
-//! delivery, and stopping — cancel the consumer, give the work in flight its grace
+//! broker has already pushed), decoding with the protocol's checks, and stopping — cancel the consumer, give the work in flight its grace
 //! period, close the channel. Whatever is still unacked then returns to the queue.
 
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::acks::Settlement;
 use super::broker::{close_channel, BrokerError, CLOSE_TIMEOUT};
 use crate::protocol::{self, DecodeError, Incoming};
 
@@ -153,21 +149,4 @@ impl Consumer {
     pub async fn close(self) {
         close_channel(&self.channel).await;
     }
-}
-
-/// Acks one delivery, or returns it to the queue.
-pub(crate) async fn settle(delivery: &Delivery, settlement: Settlement) -> Result<(), BrokerError> {
-    match settlement {
-        Settlement::Ack => {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-        }
-        Settlement::Requeue => {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            };
-            delivery.acker.nack(requeue).await?;
-        }
-    }
-    Ok(())
 }

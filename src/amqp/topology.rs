@@ -40,12 +40,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer, ExchangeKind};
 
 use crate::config::QueueType;
+use crate::protocol::MAX_DELAY_MS;
 
 /// Levels of the delay ladder, and so its queues: level k holds a message 2^k ms.
 pub const DELAY_LEVELS: u32 = 32;
-/// The longest wait the ladder spells: 2^32 - 1 ms (about 49.7 days), which is also
-/// RabbitMQ's limit for a message TTL.
-pub const MAX_DELAY_MS: u64 = (1 << DELAY_LEVELS) - 1;
+// The ladder spells every wait the protocol allows, and no more.
+const _: () = assert!(MAX_DELAY_MS == (1 << DELAY_LEVELS) - 1);
 
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -142,8 +142,8 @@ impl Topology {
         format!("{}.parking", self.prefix)
     }
 
-    /// A queue of one producer's own, for one job's event (see
-    /// [`crate::client::Watch`]).
+    /// A queue of one producer's own, for one job's event (a client watching its
+    /// job).
     pub fn watch_queue(&self, job_id: &str) -> String {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         format!("{}.watch.{job_id}.{}", self.prefix, &tag[..8])

@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 use taskmill::builtin;
 use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobRequest, Worker};
+use taskmill::{CancellationToken, Client, Config, JobRequest, Pod};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -34,7 +34,7 @@ pub async fn run(
     store.migrate().await?;
     let pod_token = shutdown.child_token();
     let pod = tokio::spawn(
-        Worker::builder()
+        Pod::builder()
             .config(config.clone())
             .store(store.clone())
             .build()

@@ -5,9 +5,9 @@ pub mod cancel;
 pub mod dead;
 pub mod demo;
 pub mod migrate;
+pub mod pod;
 pub mod status;
 pub mod submit;
-pub mod worker;
 
 use clap::{Args, Parser, Subcommand};
 use taskmill::config::Config;
@@ -69,8 +69,8 @@ impl GlobalArgs {
 pub enum Command {
     /// Apply database migrations.
     Migrate,
-    /// Run taskmill's roles until SIGINT/SIGTERM.
-    Worker(worker::WorkerArgs),
+    /// Run a worker pod: taskmill's roles, until SIGINT/SIGTERM.
+    Worker(pod::PodArgs),
     /// Submit a job; print its id.
     Submit(submit::SubmitArgs),
     /// Show a job's stage and task counts.

@@ -1,9 +1,9 @@
-//! `taskmill worker`: run the chosen roles until SIGINT/SIGTERM.
+//! `taskmill worker`: run a worker pod — the chosen roles — until SIGINT/SIGTERM.
 
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use taskmill::{CancellationToken, Config, Roles, Worker};
+use taskmill::{CancellationToken, Config, Pod, Roles};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {
@@ -16,7 +16,7 @@ pub enum Role {
 /// Every setting also comes from the environment (`Config::from_env`); a flag given
 /// overrides its variable.
 #[derive(Args, Debug)]
-pub struct WorkerArgs {
+pub struct PodArgs {
     /// Roles to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub roles: Vec<Role>,
@@ -62,7 +62,7 @@ pub struct WorkerArgs {
     pub no_migrate: bool,
 }
 
-impl WorkerArgs {
+impl PodArgs {
     /// The flags given, over the configuration read from the environment.
     fn apply(self, config: &mut Config) {
         let seconds = |flag: Option<u64>, setting: &mut Duration| {
@@ -106,17 +106,17 @@ pub fn roles(selected: &[Role]) -> Roles {
 
 pub async fn run(
     mut config: Config,
-    args: WorkerArgs,
+    args: PodArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let roles = roles(&args.roles);
     let queues = args.queues.clone();
     args.apply(&mut config);
-    let mut builder = Worker::builder().config(config).roles(roles);
+    let mut builder = Pod::builder().config(config).roles(roles);
     for queue in queues {
         builder = builder.queue(queue);
     }
     builder.build().run(shutdown).await?;
-    tracing::info!("worker stopped");
+    tracing::info!("pod stopped");
     Ok(())
 }

@@ -17,10 +17,10 @@ use lapin::message::Delivery;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use crate::amqp::acks::Settlement;
+use super::shared::Shared;
+use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{Publisher, CLOSE_TIMEOUT};
-use crate::amqp::consumer::{self, Consumer};
+use crate::amqp::consumer::Consumer;
 use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
 use crate::error::Error;
@@ -151,7 +151,7 @@ async fn settle(delivery: &Delivery, ok: bool) {
     } else {
         Settlement::Requeue
     };
-    if let Err(err) = consumer::settle(delivery, settlement).await {
+    if let Err(err) = settle_one(delivery, settlement).await {
         tracing::warn!(%err, "could not settle finished event; the broker will redeliver");
     }
 }

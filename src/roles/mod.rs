@@ -1,41 +1,151 @@
 //! The four roles of the pipeline — [`intake`], [`worker`], [`completion`],
-//! [`sweeper`] — and what they share. A role never imports another role or the pod:
-//! the pod starts each under the broker link's supervisor with what it owns here.
+//! [`sweeper`] — what they share, and their one lifecycle: a pod [`Running::start`]s
+//! each [`Role`] under the broker link's supervisor (restarted on a live connection
+//! whenever it fails), the token stops them all, and [`Running::join`] reports the
+//! first failure. A role never imports another role or the pod.
 
 pub(crate) mod completion;
 pub(crate) mod intake;
+mod shared;
 pub(crate) mod sweeper;
 pub(crate) mod worker;
 
-use std::sync::Arc;
+pub(crate) use shared::Shared;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Connection;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::topology::Topology;
-use crate::config::Config;
-use crate::pools::KnownPools;
-use crate::registry::Registry;
-use crate::store::Store;
+use crate::amqp::link::{supervise, BrokerLink};
+use crate::error::Error;
 
-/// What every role of a pod shares.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub store: Store,
-    pub topology: Topology,
-    pub registry: Registry,
-    pub pools: KnownPools,
+/// One role of a pod, with what it keeps across reconnects.
+pub(crate) enum Role {
+    /// Job requests in flight hold these slots, so that requests started before a
+    /// reconnect still count against the limit.
+    Intake {
+        slots: Arc<Semaphore>,
+    },
+    /// The worker of one pool.
+    Worker {
+        pool: String,
+        capacity: Arc<worker::Capacity>,
+    },
+    Completion,
+    Sweeper,
 }
 
-/// Waits for a free slot, or for shutdown (`None`). Slots can stay taken for long —
-/// a handler, or a publish whose confirm is late — and shutdown must not wait behind
-/// them.
-pub(crate) async fn take_slot(
-    slots: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        slot = slots.clone().acquire_owned() => Some(slot.expect("slots are never closed")),
+impl Role {
+    pub fn intake() -> Self {
+        Self::Intake {
+            slots: intake::slots(),
+        }
+    }
+
+    pub fn worker(pool: String, concurrency: usize) -> Self {
+        Self::Worker {
+            pool,
+            capacity: worker::Capacity::new(concurrency),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Intake { .. } => "intake",
+            Self::Worker { .. } => "worker",
+            Self::Completion => "completion",
+            Self::Sweeper => "sweeper",
+        }
+    }
+
+    /// One run on one connection: `Ok` once `shutdown` stopped it.
+    async fn run(
+        &self,
+        shared: Arc<Shared>,
+        connection: Arc<Connection>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        match self {
+            Self::Intake { slots } => {
+                intake::run(shared, connection, slots.clone(), shutdown).await
+            }
+            Self::Worker { pool, capacity } => {
+                worker::run(shared, connection, pool.clone(), capacity.clone(), shutdown).await
+            }
+            Self::Completion => completion::run(shared, connection, shutdown).await,
+            Self::Sweeper => sweeper::run(shared, connection, shutdown).await,
+        }
+    }
+}
+
+/// The roles a pod runs.
+pub(crate) struct Running {
+    shared: Arc<Shared>,
+    link: Arc<BrokerLink>,
+    /// Cancelled by the pod's shutdown, or by the first role to fail.
+    token: CancellationToken,
+    roles: JoinSet<Result<(), Error>>,
+}
+
+impl Running {
+    pub fn new(shared: Arc<Shared>, link: Arc<BrokerLink>, token: CancellationToken) -> Self {
+        Self {
+            shared,
+            link,
+            token,
+            roles: JoinSet::new(),
+        }
+    }
+
+    /// Runs `role` until the token is cancelled, restarting it after a failure.
+    pub fn start(&mut self, role: Role) {
+        let role = Arc::new(role);
+        let (shared, token) = (self.shared.clone(), self.token.clone());
+        self.roles.spawn(supervise(
+            role.name(),
+            self.link.clone(),
+            self.token.clone(),
+            move |connection| {
+                let (role, shared, token) = (role.clone(), shared.clone(), token.clone());
+                async move { role.run(shared, connection, token).await }
+            },
+        ));
+    }
+
+    /// Waits for every role; the first failure stops the others. Once the token is
+    /// cancelled, roles get `deadline` to return before they are aborted, so a pod
+    /// always stops in bounded time, whatever state its connections are in.
+    pub async fn join(mut self, deadline: Duration) -> Option<Error> {
+        let mut first_error = None;
+        let mut stop_by = None;
+        loop {
+            let joined = tokio::select! {
+                joined = self.roles.join_next() => joined,
+                _ = self.token.cancelled(), if stop_by.is_none() => {
+                    stop_by = Some(tokio::time::Instant::now() + deadline);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => {
+                    tracing::warn!(?deadline, roles = self.roles.len(), "roles still stopping past the shutdown deadline; abandoning them (their messages return to the broker)");
+                    self.roles.abort_all();
+                    while self.roles.join_next().await.is_some() {}
+                    return first_error;
+                }
+            };
+            let Some(joined) = joined else {
+                return first_error;
+            };
+            let result =
+                joined.unwrap_or_else(|err| Err(Error::Other(format!("role panicked: {err}"))));
+            if let Err(err) = result {
+                tracing::error!(%err, "role failed; stopping the pod");
+                first_error.get_or_insert(err);
+                self.token.cancel();
+            }
+        }
     }
 }

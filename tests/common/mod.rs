@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, Database};
 use taskmill::amqp::broker::{self, Outgoing, Publisher};
 use taskmill::amqp::topology::Topology;
 use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobEvent, Worker, WorkerBuilder};
+use taskmill::{CancellationToken, Client, Config, JobEvent, PodBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -134,13 +134,13 @@ impl TestEnv {
     }
 
     /// A pod builder wired to this test's broker and database.
-    pub fn worker(&self) -> WorkerBuilder {
-        Worker::builder()
+    pub fn pod(&self) -> PodBuilder {
+        taskmill::Pod::builder()
             .config(self.config.clone())
             .store(self.store.clone())
     }
 
-    pub fn start(&self, builder: WorkerBuilder) -> Pod {
+    pub fn start(&self, builder: PodBuilder) -> Pod {
         let token = CancellationToken::new();
         let handle = tokio::spawn(builder.build().run(token.clone()));
         Pod { token, handle }

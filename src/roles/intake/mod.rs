@@ -6,40 +6,30 @@
 //! workers start on a large job while the rest of it is stored — then move it to
 //! `running` with its task count in one transaction, and only then ack. A redelivered
 //! request for an existing job resumes where the last attempt stopped instead of
-//! duplicating anything.
+//! duplicating anything. This file takes requests and settles them; [`form`] makes
+//! the job.
+
+mod form;
 
 use std::sync::Arc;
 
 use lapin::message::Delivery;
 use lapin::Connection;
+use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{take_slot, Shared};
-use crate::amqp::acks::Settlement;
-use crate::amqp::broker::{BrokerError, Pending, Publisher};
-use crate::amqp::consumer::{self, Consumer};
-use crate::amqp::dispatch;
+use super::shared::{take_slot, Shared};
+use crate::amqp::acks::{settle_one, Settlement};
+use crate::amqp::broker::{BrokerError, Publisher};
+use crate::amqp::consumer::Consumer;
 use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
 use crate::error::Error;
-use serde_json::value::RawValue;
-
-use crate::protocol::{
-    self, DecodeError, JobRequest, JobSettings, ReplyAddress, Target, TaskMessage,
-};
+use crate::protocol::{self, DecodeError, JobRequest, ReplyAddress};
 use crate::retry::Delays;
 use crate::state::JobStage;
-use crate::store::{job, NewJob, NewTask, StartOutcome};
 
-/// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4), as
-/// in the original, and doubled after each success up to `MAX_BATCH`, so a large job
-/// costs few statements while a struggling database still gets small ones.
-const FIRST_BATCH: usize = 64;
-const MIN_BATCH_TO_HALVE: usize = 5;
-const MAX_BATCH: usize = 1_024;
-/// Task messages published before waiting for their confirms.
-const PUBLISH_WINDOW: u64 = 1_000;
 /// Job requests handled at once by one intake.
 const CONCURRENT_REQUESTS: usize = 32;
 
@@ -194,7 +184,7 @@ impl Intake {
 
     async fn settle(&self, delivery: &Delivery, settle: Settle) {
         let outcome = match settle {
-            Settle::Ack => consumer::settle(delivery, Settlement::Ack).await,
+            Settle::Ack => settle_one(delivery, Settlement::Ack).await,
             Settle::Park(reason) => {
                 match park(
                     &self.publisher,
@@ -207,12 +197,12 @@ impl Intake {
                 {
                     Ok(()) => {
                         self.answer_rejection(delivery, &reason).await;
-                        consumer::settle(delivery, Settlement::Ack).await
+                        settle_one(delivery, Settlement::Ack).await
                     }
                     Err(err) => Err(err),
                 }
             }
-            Settle::Requeue => consumer::settle(delivery, Settlement::Requeue).await,
+            Settle::Requeue => settle_one(delivery, Settlement::Requeue).await,
         };
         if let Err(err) = outcome {
             // The broker will redeliver it; the resume path makes that harmless.
@@ -257,352 +247,5 @@ impl Intake {
         } else if !ours {
             self.events.publish_rejection(&reply, reason, false).await;
         }
-    }
-
-    async fn accept(
-        &self,
-        delivery: &Delivery,
-        request: &JobRequest<Box<RawValue>>,
-    ) -> Result<(), Rejection> {
-        let job_id = match &request.job_id {
-            Some(id) => id.clone(),
-            // Without a producer id, the AMQP message id (if valid) keeps a redelivered
-            // request from becoming a second job.
-            None => delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .filter(|id| protocol::check_id("message_id", id).is_ok())
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        };
-        if !self
-            .shared
-            .pools
-            .contains(&self.shared.store, &request.queue)
-            .await?
-        {
-            return Err(Rejection::Park(format!(
-                "unknown pool {:?}: no pod serves it and it is not among the known pools \
-                 (TASKMILL_KNOWN_POOLS)",
-                request.queue
-            )));
-        }
-        let digest = request.digest();
-        let task_type = request.task_type().to_owned();
-        if !self.shared.registry.knows_task_type(&task_type) {
-            return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
-        }
-        let split;
-        let payloads: &[Box<RawValue>] = match &request.tasks {
-            Some(tasks) => tasks,
-            None => match self
-                .shared
-                .registry
-                .split(&request.job_type, &request.params)
-            {
-                Some(Ok(tasks)) => {
-                    split = tasks
-                        .iter()
-                        .map(serde_json::value::to_raw_value)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|err| {
-                            Rejection::Park(format!("splitter output is not JSON: {err}"))
-                        })?;
-                    &split
-                }
-                Some(Err(err)) => {
-                    return Err(Rejection::Park(format!(
-                        "splitter for {:?} failed: {err}",
-                        request.job_type
-                    )))
-                }
-                None => {
-                    return Err(Rejection::Park(format!(
-                        "unknown job type {:?}: no tasks given and no splitter registered",
-                        request.job_type
-                    )))
-                }
-            },
-        };
-        let new_job = NewJob {
-            id: job_id.clone(),
-            job_type: request.job_type.clone(),
-            queue: request.queue.clone(),
-            params: request.params.clone(),
-            max_retries: request.max_retries as i32,
-            retry_delay_ms: request.retry_delay_ms as i64,
-            on_failure: request.on_failure,
-            on_complete: request.on_complete.clone(),
-            request_digest: digest,
-            task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
-        };
-        let job = match self.shared.store.create_job(&new_job).await? {
-            None => {
-                tracing::info!(job_id, job_type = %request.job_type, tasks = payloads.len(), "job created");
-                None
-            }
-            Some(existing)
-                if existing
-                    .request_digest
-                    .as_ref()
-                    .is_some_and(|first| *first != new_job.request_digest) =>
-            {
-                return Err(Rejection::Park(format!(
-                    "job_id {job_id:?} reused with a different request: the job of the first \
-                     request stands"
-                )));
-            }
-            Some(existing) => Some(existing),
-        };
-        let stage = job.as_ref().map(|j| j.stage.parse::<JobStage>());
-        let job = match (job, stage) {
-            (None, _) => self.form(&new_job, &task_type, payloads, false).await?,
-            (Some(_), Some(Ok(JobStage::Formation))) => {
-                tracing::info!(job_id, "resuming the formation of an existing job");
-                self.form(&new_job, &task_type, payloads, true).await?
-            }
-            (Some(job), Some(Ok(JobStage::Running))) if !job.tasks_published => {
-                tracing::info!(job_id, "resuming the publishing of an existing job");
-                Some(job)
-            }
-            (Some(job), stage) => {
-                tracing::info!(job_id, "duplicate job request; the job exists already");
-                if matches!(stage, Some(Ok(stage)) if stage.is_terminal()) {
-                    self.answer_duplicate(&job.id, request.on_complete.as_ref())
-                        .await?;
-                }
-                None
-            }
-        };
-        if let Some(job) = job {
-            self.publish_tasks(&job).await?;
-        }
-        Ok(())
-    }
-
-    /// A producer that resubmits an ended job (after a lost confirm, say) still gets an
-    /// answer: the stored event goes to the resubmission's own `on_complete` target.
-    /// Not to the events exchange, which carries exactly one event per job.
-    async fn answer_duplicate(
-        &self,
-        job_id: &str,
-        target: Option<&Target>,
-    ) -> Result<(), Rejection> {
-        let Some(target) = target else { return Ok(()) };
-        let Some(event) = self.shared.store.job_event(job_id).await? else {
-            return Ok(());
-        };
-        self.events.publish_to(target, &event).await?;
-        Ok(())
-    }
-
-    /// Inserts the task rows, publishing each batch's task messages as soon as its
-    /// rows are committed — workers start while the rest of a large job is still being
-    /// stored — then starts the job. Returns the job if it still needs a publishing
-    /// pass: a resumed formation, whose earlier batches may never have been published.
-    async fn form(
-        &self,
-        job: &NewJob,
-        task_type: &str,
-        payloads: &[Box<RawValue>],
-        resumed: bool,
-    ) -> Result<Option<job::Model>, Rejection> {
-        self.shared
-            .topology
-            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
-            .await
-            .map_err(Error::from)?;
-        self.insert_adaptively(job, task_type, payloads).await?;
-        if !resumed {
-            self.shared.store.mark_tasks_published(&job.id).await?;
-        }
-        match self
-            .shared
-            .store
-            .start_job(&job.id, payloads.len() as i64)
-            .await?
-        {
-            StartOutcome::Running(started) => Ok(resumed.then_some(started)),
-            StartOutcome::Ended(event) => {
-                self.events.publish_or_defer(&event).await;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Inserts rows in adaptive batches and publishes the task messages of the rows
-    /// each batch inserted (confirmed before the next batch); on an error, halves the
-    /// batch (while it is above 5) and waits with exponential backoff before going
-    /// on. Payloads are parsed one batch at a time, so only the raw request stays in
-    /// memory.
-    async fn insert_adaptively(
-        &self,
-        job: &NewJob,
-        task_type: &str,
-        payloads: &[Box<RawValue>],
-    ) -> Result<(), Rejection> {
-        let settings = JobSettings {
-            job_id: &job.id,
-            max_retries: job.max_retries,
-            retry_delay_ms: job.retry_delay_ms,
-            task_timeout_ms: job.task_timeout_ms,
-        };
-        let mut batch = FIRST_BATCH;
-        let mut delays = Delays::transient();
-        let mut done = 0;
-        while done < payloads.len() {
-            if done > 0 {
-                self.check_still_forming(&job.id).await?;
-            }
-            let end = (done + batch).min(payloads.len());
-            let tasks = payloads[done..end]
-                .iter()
-                .enumerate()
-                .map(|(offset, raw)| {
-                    Ok(NewTask {
-                        ordinal: (done + offset) as i32,
-                        task_type: task_type.to_owned(),
-                        payload: serde_json::from_str(raw.get())?,
-                    })
-                })
-                .collect::<Result<Vec<_>, serde_json::Error>>()
-                .map_err(|err| Rejection::Park(format!("malformed task payload: {err}")))?;
-            match self.shared.store.insert_tasks(&job.id, &tasks).await {
-                Ok(inserted) => {
-                    let mut pending = Vec::with_capacity(inserted.len());
-                    for (task_id, ordinal) in inserted {
-                        let task = &tasks[ordinal as usize - done];
-                        pending.push(
-                            self.send_first_attempt(
-                                settings,
-                                &job.queue,
-                                task_id,
-                                &task.task_type,
-                                &task.payload,
-                            )
-                            .await?,
-                        );
-                    }
-                    crate::amqp::broker::all_confirmed(pending).await?;
-                    done = end;
-                    batch = grown(batch);
-                }
-                Err(err) if err.is_transient() => {
-                    let Some(delay) = delays.next() else {
-                        return Err(err.into());
-                    };
-                    batch = shrunk(batch);
-                    tracing::warn!(job_id = %job.id, %err, batch, ?delay, "task insert failed; retrying smaller");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops storing a job that left `formation` meanwhile (the sweeper failed it after
-    /// the formation timeout): its tasks would never run.
-    async fn check_still_forming(&self, job_id: &str) -> Result<(), Rejection> {
-        let stage = self
-            .shared
-            .store
-            .job(job_id)
-            .await?
-            .map(|job| job.stage)
-            .unwrap_or_default();
-        if stage == JobStage::Formation.as_str() {
-            return Ok(());
-        }
-        Err(Rejection::Park(format!(
-            "job {job_id:?} left formation ({stage}) while its request was being stored"
-        )))
-    }
-
-    /// Publishes a message for every task never claimed, pipelining confirms, then
-    /// marks the job's tasks published.
-    async fn publish_tasks(&self, job: &job::Model) -> Result<(), Rejection> {
-        self.shared
-            .topology
-            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
-            .await
-            .map_err(Error::from)?;
-        let settings = dispatch::settings_of(job);
-        let mut after = -1;
-        loop {
-            let page = self
-                .shared
-                .store
-                .unpublished_tasks(&job.id, after, PUBLISH_WINDOW)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = last.ordinal;
-            let mut pending = Vec::with_capacity(page.len());
-            for task in page {
-                pending.push(
-                    self.send_first_attempt(
-                        settings,
-                        &job.queue,
-                        task.id,
-                        &task.task_type,
-                        &task.payload,
-                    )
-                    .await?,
-                );
-            }
-            crate::amqp::broker::all_confirmed(pending).await?;
-        }
-        self.shared.store.mark_tasks_published(&job.id).await?;
-        tracing::info!(job_id = %job.id, tasks = job.task_count, pool = %job.queue, "job tasks published");
-        Ok(())
-    }
-
-    /// Publishes attempt 1 of a task (the confirm is awaited by the caller).
-    async fn send_first_attempt(
-        &self,
-        job: JobSettings<'_>,
-        pool: &str,
-        task_id: i64,
-        task_type: &str,
-        payload: &serde_json::Value,
-    ) -> Result<Pending, Rejection> {
-        let message = TaskMessage::new(job, task_id, task_type, payload, 1);
-        Ok(dispatch::send_task(&self.publisher, &self.shared.topology, pool, &message).await?)
-    }
-}
-
-/// The batch after one that landed: twice as large, up to [`MAX_BATCH`].
-fn grown(batch: usize) -> usize {
-    (batch * 2).min(MAX_BATCH)
-}
-
-/// The batch after one that failed: half as large while above [`MIN_BATCH_TO_HALVE`].
-fn shrunk(batch: usize) -> usize {
-    if batch > MIN_BATCH_TO_HALVE {
-        batch / 2
-    } else {
-        batch
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{grown, shrunk, FIRST_BATCH, MAX_BATCH};
-
-    #[test]
-    fn batches_double_after_success_up_to_the_cap() {
-        let sizes: Vec<usize> = std::iter::successors(Some(FIRST_BATCH), |&b| Some(grown(b)))
-            .take(6)
-            .collect();
-        assert_eq!(sizes, [64, 128, 256, 512, 1024, MAX_BATCH]);
-    }
-
-    #[test]
-    fn batches_halve_after_errors_down_to_four() {
-        let sizes: Vec<usize> = std::iter::successors(Some(FIRST_BATCH), |&b| Some(shrunk(b)))
-            .take(7)
-            .collect();
-        assert_eq!(sizes, [64, 32, 16, 8, 4, 4, 4]);
     }
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::shared::Shared;
 use crate::amqp::broker::Publisher;
 use crate::amqp::events::EventPublisher;
 use crate::clock;

@@ -33,7 +33,7 @@ use lapin::Connection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{take_slot, Shared};
+use super::shared::{take_slot, Shared};
 use crate::amqp::acks::Acks;
 use crate::amqp::broker::Publisher;
 use crate::amqp::consumer::Consumer;
