@@ -11,10 +11,16 @@ use serde_json::{json, Value};
 
 use crate::registry::{HandlerResult, Registry, TaskContext, TaskError};
 
+/// `taskmill.echo`: its result is its payload.
 pub const ECHO: &str = "taskmill.echo";
+/// `taskmill.sleep`: `{"ms": N}` waits N milliseconds and returns `{"slept_ms": N}`;
+/// stopped by its timeout, it fails retryably.
 pub const SLEEP: &str = "taskmill.sleep";
+/// `taskmill.fail`: `{"times": K, "permanent": bool}` fails attempts 1 to K
+/// (permanently if `permanent`), then returns its payload.
 pub const FAIL: &str = "taskmill.fail";
 
+/// Registers the built-in handlers; every pod's builder starts from them.
 pub fn register(registry: &mut Registry) {
     registry.add_handler(ECHO, echo);
     registry.add_handler(SLEEP, sleep);

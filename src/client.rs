@@ -24,11 +24,13 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{JobEvent, JobRequest};
 use crate::retry::Delays;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How long `connect` and `submit` keep trying while the broker is away.
 const PATIENCE: Duration = Duration::from_secs(60);
 
+/// A producer's handle on taskmill: submits job requests, waits for their events, and
+/// (given a store) cancels jobs.
 pub struct Client {
     link: Arc<BrokerLink>,
     publisher: tokio::sync::Mutex<Option<Publisher>>,
@@ -103,6 +105,7 @@ impl Client {
         self
     }
 
+    /// The exchange and queue names the client uses.
     pub fn topology(&self) -> &Topology {
         &self.topology
     }
@@ -193,9 +196,10 @@ impl Client {
         .await;
         serde_json::from_value(event.body)
             .map(Some)
-            .map_err(|err| Error::Other(format!("stored event of {job_id} is unreadable: {err}")))
+            .map_err(|err| unreadable_event(job_id, &err))
     }
 
+    /// Closes the publishing channel and the broker connection.
     pub async fn close(self) -> Result<(), Error> {
         if let Some(publisher) = self.publisher.lock().await.take() {
             publisher.close().await;
@@ -277,12 +281,9 @@ impl Watch {
         let Some(row) = store.job_event(&self.job_id).await? else {
             return Ok(None);
         };
-        serde_json::from_value(row.body).map(Some).map_err(|err| {
-            Error::Other(format!(
-                "stored event of {} is unreadable: {err}",
-                self.job_id
-            ))
-        })
+        serde_json::from_value(row.body)
+            .map(Some)
+            .map_err(|err| unreadable_event(&self.job_id, &err))
     }
 
     /// Removes the watch queue: it has served its purpose.
@@ -292,4 +293,12 @@ impl Watch {
             .await;
         crate::amqp::broker::close_channel(channel).await;
     }
+}
+
+/// A stored event that does not parse is corrupt, not transient: waiting would not
+/// mend it.
+fn unreadable_event(job_id: &str, err: &serde_json::Error) -> Error {
+    Error::Store(StoreError::Corrupt(format!(
+        "stored event of {job_id} is unreadable: {err}"
+    )))
 }

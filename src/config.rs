@@ -4,16 +4,23 @@
 
 use std::time::Duration;
 
+/// The default [`Config::amqp_url`]: RabbitMQ on 127.0.0.1:5672, user `guest`.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The default [`Config::database_url`]: the SQLite file `taskmill.db` in the working
+/// directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://taskmill.db?mode=rwc";
+/// The default [`Config::prefix`].
 pub const DEFAULT_PREFIX: &str = "taskmill";
+/// The pool a request goes to when it names none; requests may always name it.
 pub const DEFAULT_QUEUE: &str = "default";
 
 /// Classic queues suit one node; quorum queues replicate across a RabbitMQ cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum QueueType {
+    /// Classic queues: the default.
     #[default]
     Classic,
+    /// Quorum queues (`TASKMILL_QUEUE_TYPE=quorum`); watch queues stay classic.
     Quorum,
 }
 
@@ -21,18 +28,28 @@ pub enum QueueType {
 #[derive(Debug, thiserror::Error)]
 #[error("{variable}={value:?}: {expected}")]
 pub struct ConfigError {
+    /// The variable's name.
     pub variable: &'static str,
+    /// What it held.
     pub value: String,
+    /// What it should hold, such as `a whole number`.
     pub expected: &'static str,
 }
 
+/// Everything a pod or client is configured with: [`Config::default`] holds the
+/// defaults, [`Config::from_env`] reads the environment over them.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The broker's URL (`AMQP_URL`); [`DEFAULT_AMQP_URL`] by default.
     pub amqp_url: String,
+    /// The database's URL, PostgreSQL or SQLite (`DATABASE_URL`);
+    /// [`DEFAULT_DATABASE_URL`] by default.
     pub database_url: String,
     /// Every exchange and queue name starts with it, so several deployments can share
     /// a broker.
     pub prefix: String,
+    /// The type of the queues the deployment declares (`TASKMILL_QUEUE_TYPE`); classic by
+    /// default.
     pub queue_type: QueueType,
     /// Job requests larger than this are parked unread.
     pub max_request_bytes: usize,

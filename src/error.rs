@@ -4,19 +4,32 @@ use crate::amqp::broker::BrokerError;
 use crate::protocol::DecodeError;
 use crate::store::StoreError;
 
+/// Any failure of the library; [`Error::is_transient`] says whether another try may
+/// succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A database failure.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A broker failure.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// A message that cannot be decoded or fails the protocol's checks.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A configuration that cannot work: an environment variable that does not parse,
+    /// or a call the setup does not allow (a cancel without a store).
     #[error("configuration: {0}")]
     Config(String),
     /// The request was parked instead of becoming a job.
     #[error("job {job_id} was rejected: {reason}")]
-    Rejected { job_id: String, reason: String },
+    Rejected {
+        /// The id the request was answered for.
+        job_id: String,
+        /// Why it was parked.
+        reason: String,
+    },
+    /// Any other failure, by its text; counted as transient.
     #[error("{0}")]
     Other(String),
 }

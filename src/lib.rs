@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! taskmill: a durable job queue for Rust services on RabbitMQ and SQL.
 //!
 //! A producer publishes a job request; the intake role splits it into task rows and
@@ -19,7 +20,7 @@ pub mod pod;
 pub mod pools;
 pub mod protocol;
 pub mod registry;
-pub mod retry;
+mod retry;
 mod roles;
 pub mod state;
 pub mod store;

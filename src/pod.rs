@@ -34,13 +34,19 @@ use crate::store::Store;
 /// Which roles a pod runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Roles {
+    /// Turn job requests into jobs and publish their tasks.
     pub intake: bool,
+    /// Run the tasks of the pod's pools.
     pub worker: bool,
+    /// End jobs whose tasks are over, and relay their unpublished events.
     pub completion: bool,
+    /// Re-send lost or stuck work and fail stale formations; one pod at a time holds
+    /// its lease.
     pub sweeper: bool,
 }
 
 impl Roles {
+    /// Every role: the default.
     pub const ALL: Roles = Roles {
         intake: true,
         worker: true,
@@ -48,6 +54,8 @@ impl Roles {
         sweeper: true,
     };
 
+    /// No role: a base to turn single roles on, as in
+    /// `Roles { worker: true, ..Roles::NONE }`.
     pub const NONE: Roles = Roles {
         intake: false,
         worker: false,
@@ -73,6 +81,7 @@ fn shutdown_deadline(config: &Config) -> Duration {
 
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 
+/// Configures a [`Pod`]; made by [`Pod::builder`].
 pub struct PodBuilder {
     config: Config,
     registry: Registry,
@@ -82,6 +91,7 @@ pub struct PodBuilder {
 }
 
 impl PodBuilder {
+    /// Replaces the whole configuration, including a [`Self::concurrency`] set before.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
@@ -114,6 +124,7 @@ impl PodBuilder {
         self
     }
 
+    /// Chooses the roles to run; [`Roles::ALL`] by default.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
         self
@@ -125,6 +136,8 @@ impl PodBuilder {
         self
     }
 
+    /// Sets [`Config::concurrency`]: handlers running at once per pool, also the
+    /// prefetch. Call it after [`Self::config`], which would replace it.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.config.concurrency = concurrency;
         self
@@ -136,6 +149,8 @@ impl PodBuilder {
         self
     }
 
+    /// The pod, its configuration [normalized](Config::normalized); it serves `default`
+    /// when no pool was added.
     pub fn build(self) -> Pod {
         let queues = if self.queues.is_empty() {
             vec![DEFAULT_QUEUE.to_owned()]

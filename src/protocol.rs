@@ -12,11 +12,15 @@ use crate::state::JobStage;
 
 /// The schema version every message carries; a message of another version is parked.
 pub const SCHEMA_VERSION: u32 = 1;
+/// The content type of every message taskmill sends. A consumed message whose content
+/// type does not start with it is refused; one without a content type is accepted.
 pub const CONTENT_TYPE: &str = "application/json";
 /// The longest wait a retry may be given: 2^32 - 1 ms (about 49.7 days), RabbitMQ's
 /// limit for a message TTL.
 pub const MAX_DELAY_MS: u64 = (1 << 32) - 1;
+/// Retries per task of a request that names no `max_retries`: up to 4 attempts.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// The `retry_delay_ms` of a request that names none: attempt n then waits n × 5 s.
 pub const DEFAULT_RETRY_DELAY_MS: u64 = 5_000;
 const MAX_ID_LEN: usize = 128;
 const MAX_NAME_LEN: usize = 200;
@@ -37,6 +41,7 @@ pub enum FailurePolicy {
 }
 
 impl FailurePolicy {
+    /// The policy as written in requests and job rows: `fail_fast` or `continue`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::FailFast => "fail_fast",
@@ -44,6 +49,8 @@ impl FailurePolicy {
         }
     }
 
+    /// Reads the form [`Self::as_str`] writes; anything but `continue` is
+    /// [`Self::FailFast`].
     pub fn parse(s: &str) -> Self {
         if s == "continue" {
             Self::Continue
@@ -57,8 +64,10 @@ impl FailurePolicy {
 /// routing key alone names a queue).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
+    /// The exchange; `""` (also when absent) is the default exchange.
     #[serde(default)]
     pub exchange: String,
+    /// The routing key: a queue's name when `exchange` is `""`.
     pub routing_key: String,
 }
 
@@ -70,10 +79,13 @@ pub struct Target {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest<T = Value> {
+    /// Must be [`SCHEMA_VERSION`].
     pub version: u32,
     /// Idempotency key: a second request with the same id creates nothing new.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// The job's type, also the request's routing key: 1 to 200 characters of
+    /// `A-Z a-z 0-9 - _ . :`.
     pub job_type: String,
     /// The handler that runs each task; the job type when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,21 +93,32 @@ pub struct JobRequest<T = Value> {
     /// The worker pool whose queue the tasks go to.
     #[serde(default = "default_queue")]
     pub queue: String,
+    /// Any JSON, kept on the job; the splitter's input when `tasks` is absent. `null`
+    /// when absent.
     #[serde(default)]
     pub params: Value,
     /// One payload per task; when absent, a splitter registered for the job type makes
     /// them from `params`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<Vec<T>>,
+    /// Retries per task after its first attempt fails: [`DEFAULT_MAX_RETRIES`] when
+    /// absent, at most 100.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// In milliseconds: attempt n, failing, waits n × this before the next one.
+    /// [`DEFAULT_RETRY_DELAY_MS`] when absent; 1 to 86,400,000.
     #[serde(default = "default_retry_delay_ms")]
     pub retry_delay_ms: u64,
+    /// What a task failing for good does to the job; [`FailurePolicy::FailFast`] when
+    /// absent.
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// Where the job's event is also published, beside the events exchange; `None`:
+    /// only there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_complete: Option<Target>,
-    /// How long one attempt of a task may run; the worker's default when absent.
+    /// How long one attempt of a task may run, in milliseconds; when absent, the
+    /// handler's own timeout, else the pod's `TASKMILL_TASK_TIMEOUT_SECS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_timeout_ms: Option<u64>,
 }
@@ -131,6 +154,7 @@ impl JobRequest {
 }
 
 impl<T> JobRequest<T> {
+    /// The handler of every task: `task_type` when set, else `job_type`.
     pub fn task_type(&self) -> &str {
         self.task_type.as_deref().unwrap_or(&self.job_type)
     }
@@ -219,40 +243,51 @@ impl<T> JobRequest<T> {
 /// One task, sent to the work queue of its job's pool.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskMessage {
+    /// Always [`SCHEMA_VERSION`].
     pub version: u32,
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's row id.
     pub task_id: i64,
+    /// The handler that runs it.
     pub task_type: String,
     /// 1 for the first run; a retry carries the next number.
     pub attempt: i32,
+    /// Retries the job allows after a task's first attempt.
     pub max_retries: i32,
+    /// The job's retry delay in milliseconds: attempt n waits n × this, at most `MAX_DELAY_MS`.
     pub retry_delay_ms: i64,
     /// The job's limit on one attempt, when it set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_timeout_ms: Option<i64>,
+    /// The task's JSON input, handed to the handler.
     pub payload: Value,
 }
 
 /// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
 /// linear backoff), at least 1 ms and at most [`MAX_DELAY_MS`].
-pub fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
+pub(crate) fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
     let wait = i64::from(attempt).saturating_mul(retry_delay_ms);
     u64::try_from(wait).unwrap_or(0).clamp(1, MAX_DELAY_MS)
 }
 
 /// What every task message of a job repeats.
 #[derive(Clone, Copy, Debug)]
-pub struct JobSettings<'a> {
+pub(crate) struct JobSettings<'a> {
+    /// The job's id.
     pub job_id: &'a str,
+    /// Retries the job allows after a task's first attempt.
     pub max_retries: i32,
+    /// The job's retry delay in milliseconds.
     pub retry_delay_ms: i64,
+    /// The job's limit on one attempt in milliseconds, when it set one.
     pub task_timeout_ms: Option<i64>,
 }
 
 impl TaskMessage {
     /// Attempt `attempt` of task `task_id` of the job `job`: the one place a task
     /// message is built.
-    pub fn new(
+    pub(crate) fn new(
         job: JobSettings<'_>,
         task_id: i64,
         task_type: &str,
@@ -290,20 +325,27 @@ impl TaskMessage {
 /// each batch of outcomes a worker records.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TasksFinished {
+    /// Always [`SCHEMA_VERSION`].
     pub version: u32,
+    /// The tasks that ended, one entry each.
     pub tasks: Vec<FinishedTask>,
 }
 
+/// One task that reached a terminal status, in a [`TasksFinished`] message.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FinishedTask {
+    /// The task's job: the one the completion role checks.
     pub job_id: String,
+    /// The task's row id.
     pub task_id: i64,
     /// `done` or `failed`.
     pub status: String,
+    /// The attempt that ended it.
     pub attempt: i32,
 }
 
 impl TasksFinished {
+    /// A message of this schema version carrying `tasks`.
     pub fn new(tasks: Vec<FinishedTask>) -> Self {
         Self {
             version: SCHEMA_VERSION,
@@ -316,21 +358,37 @@ impl TasksFinished {
 /// `job.<done|failed|cancelled>.<job_id>`, and to the request's `on_complete` target.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
+    /// Always [`SCHEMA_VERSION`].
     pub version: u32,
     /// `job.done`, `job.failed` or `job.cancelled`.
     pub event: String,
+    /// The job's id; for a rejection, the request's `job_id` or AMQP `message_id`.
     pub job_id: String,
+    /// The job's type; for a rejection, empty when the request had no valid one.
     pub job_type: String,
+    /// The stage the job ended in: `done`, `failed` or `cancelled`, or `rejected` for a
+    /// parked request.
     pub stage: String,
+    /// Tasks the job had; 0 for a rejection.
     pub task_count: i64,
+    /// Tasks that ended `done`.
     pub done: i64,
+    /// Tasks that ended `failed`.
     pub failed: i64,
+    /// Tasks that ended `cancelled`: never finished because the job failed fast, failed
+    /// in formation, or was cancelled.
     pub cancelled: i64,
+    /// Why the job did not end `done`: the error of the first task that failed for good,
+    /// `cancelled` for a cancelled job, or the reason of a failed formation or a
+    /// rejection. `None` when there is none.
     pub first_error: Option<String>,
     /// Ids of failed tasks (at most 100).
     pub failed_task_ids: Vec<i64>,
+    /// When the job was created; for a rejection, when the request was answered.
     pub created_at: DateTime<Utc>,
+    /// When the job started `running`; `None` if it never did.
     pub started_at: Option<DateTime<Utc>>,
+    /// When the job ended; always set by taskmill.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -360,14 +418,17 @@ impl JobEvent {
         }
     }
 
+    /// Whether this answers a parked request ([`REJECTED`]) rather than an ended job.
     pub fn is_rejected(&self) -> bool {
         self.event == REJECTED
     }
 
+    /// The stage the job ended in; `None` for a rejection.
     pub fn stage(&self) -> Option<JobStage> {
         self.stage.parse().ok()
     }
 
+    /// Whether the job ended `done`: every task succeeded.
     pub fn is_done(&self) -> bool {
         self.stage() == Some(JobStage::Done)
     }
@@ -377,13 +438,19 @@ impl JobEvent {
 /// readable: its `job_id` (or a usable AMQP `message_id`), its job type, and its
 /// `on_complete` target. Nothing when there is no usable id to answer for.
 #[derive(Clone, Debug, Default)]
-pub struct ReplyAddress {
+pub(crate) struct ReplyAddress {
+    /// The request's `job_id`, or its AMQP `message_id` when it has none; always a
+    /// valid id.
     pub job_id: String,
+    /// The request's job type; empty when it has no valid one.
     pub job_type: String,
+    /// The request's `on_complete` target, when it names a readable one.
     pub on_complete: Option<Target>,
 }
 
 impl ReplyAddress {
+    /// Reads what it can of a request body, whatever else is wrong with it; `None` when
+    /// neither its `job_id` nor `message_id` is a valid id to answer for.
     pub fn read(body: &[u8], message_id: Option<&str>) -> Option<Self> {
         let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let job_id = value
@@ -410,14 +477,25 @@ impl ReplyAddress {
 /// Why a message cannot be acted on; the text goes into the parking lot's reason header.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The body is over the consumer's size limit.
     #[error("message of {size} bytes is over the limit of {limit} bytes")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The message has another content type than `application/json`; holds it.
     #[error("content type {0:?} is not application/json")]
     ContentType(String),
+    /// The body is not JSON of the expected shape: malformed, a field missing or
+    /// unknown, or a value of the wrong type.
     #[error("malformed JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The message carries another schema version than [`SCHEMA_VERSION`]; holds it.
     #[error("unsupported schema version {0} (this build speaks {SCHEMA_VERSION})")]
     Version(u32),
+    /// A value breaks a rule serde cannot check (an id's alphabet, a limit); says which.
     #[error("invalid message: {0}")]
     Invalid(String),
 }
@@ -452,7 +530,7 @@ fn check_version(version: u32) -> Result<(), DecodeError> {
 }
 
 /// Job ids end up in routing keys and URLs: keep them to a safe alphabet.
-pub fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
+pub(crate) fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id
@@ -499,7 +577,8 @@ fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
 }
 
 /// A message taskmill consumes: decoded, then checked for what serde cannot check.
-pub trait Incoming: serde::de::DeserializeOwned {
+pub(crate) trait Incoming: serde::de::DeserializeOwned {
+    /// The checks serde cannot make; an error means the message cannot be acted on.
     fn check(&self) -> Result<(), DecodeError>;
 }
 
@@ -525,7 +604,7 @@ impl Incoming for TasksFinished {
 }
 
 /// [`decode`], then [`Incoming::check`].
-pub fn decode_incoming<T: Incoming>(
+pub(crate) fn decode_incoming<T: Incoming>(
     body: &[u8],
     content_type: Option<&str>,
     limit: usize,

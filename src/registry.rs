@@ -17,12 +17,17 @@ use tokio_util::sync::CancellationToken;
 /// What a handler gets to run one attempt of a task.
 #[derive(Clone, Debug)]
 pub struct TaskContext {
+    /// The task's job.
     pub job_id: String,
+    /// The task's row id.
     pub task_id: i64,
+    /// The task type the handler was registered for.
     pub task_type: String,
     /// 1 on the first run.
     pub attempt: i32,
+    /// Retries the job allows: attempt `max_retries + 1` is the last.
     pub max_retries: i32,
+    /// The task's JSON input.
     pub payload: Value,
     /// Cancelled when the pod starts shutting down. The handler may still finish
     /// within the grace period (the attempt then counts as usual), or stop early and
@@ -43,6 +48,7 @@ pub struct TaskError {
 }
 
 impl TaskError {
+    /// A failure worth another attempt, while the job's `max_retries` allows.
     pub fn retryable(message: impl fmt::Display) -> Self {
         Self {
             message: message.to_string(),
@@ -50,6 +56,7 @@ impl TaskError {
         }
     }
 
+    /// A failure that fails the task at once, whatever retries are left.
     pub fn permanent(message: impl fmt::Display) -> Self {
         Self {
             message: message.to_string(),
@@ -57,10 +64,12 @@ impl TaskError {
         }
     }
 
+    /// The error text, recorded as the task's `info`.
     pub fn message(&self) -> &str {
         &self.message
     }
 
+    /// Whether it fails the task without retries.
     pub fn is_permanent(&self) -> bool {
         self.permanent
     }
@@ -79,11 +88,13 @@ impl<E: std::error::Error> From<E> for TaskError {
     }
 }
 
+/// What a handler returns: the task's JSON result, or the attempt's failure.
 pub type HandlerResult = Result<Value, TaskError>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type HandlerFn = Arc<dyn Fn(TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 type SplitterFn = Arc<dyn Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync>;
 
+/// Task handlers by task type, splitters by job type, and per-task-type timeouts.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, HandlerFn>,
@@ -92,6 +103,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Registers the handler of `task_type`, replacing any earlier one.
     pub fn add_handler<F, Fut>(&mut self, task_type: impl Into<String>, handler: F)
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
@@ -101,6 +113,9 @@ impl Registry {
         self.handlers.insert(task_type.into(), handler);
     }
 
+    /// Registers the splitter of `job_type`, replacing any earlier one: it makes the task
+    /// payloads from `params` when a request has no `tasks`; an `Err` parks the request
+    /// with its text.
     pub fn add_splitter<F>(&mut self, job_type: impl Into<String>, splitter: F)
     where
         F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
@@ -118,7 +133,8 @@ impl Registry {
         self.timeouts.get(task_type).copied()
     }
 
-    pub fn knows_task_type(&self, task_type: &str) -> bool {
+    /// Whether a handler is registered for `task_type`.
+    pub(crate) fn knows_task_type(&self, task_type: &str) -> bool {
         self.handlers.contains_key(task_type)
     }
 

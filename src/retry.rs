@@ -67,6 +67,7 @@ impl Delays {
         Self(policy(Duration::from_millis(100), cap, None))
     }
 
+    /// Starts over from the first wait.
     pub fn reset(&mut self) {
         self.0.reset();
     }

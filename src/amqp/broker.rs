@@ -15,18 +15,32 @@ use lapin::{Confirmation, PublisherConfirm};
 
 use crate::protocol::CONTENT_TYPE;
 
+/// A failure talking to the broker; [`Self::is_transient`] and
+/// [`Self::is_connection_lost`] classify it.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// An error of the AMQP client, such as a lost connection or a channel the broker
+    /// closed.
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker refused a publish (a negative confirm); holds its routing key.
     #[error("the broker nacked a publish to {0:?}")]
     Nacked(String),
+    /// The broker returned a `mandatory` publish that no queue took.
     #[error("the broker returned a publish to {routing_key:?} as unroutable: {reply}")]
-    Returned { routing_key: String, reply: String },
+    Returned {
+        /// The publish's routing key.
+        routing_key: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+    /// No confirm came within [`CONFIRM_TIMEOUT`]; holds the publish's routing key.
     #[error("no confirm for a publish to {0:?} within {CONFIRM_TIMEOUT:?}")]
     ConfirmTimeout(String),
+    /// The connection handshake took longer than [`CONNECT_TIMEOUT`].
     #[error("the broker did not complete the connection handshake within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout,
+    /// A consumer's stream ended because its channel closed; holds the queue.
     #[error("the consumer of {0:?} ended: its channel closed")]
     ConsumerEnded(String),
 }
@@ -57,7 +71,7 @@ impl BrokerError {
 }
 
 /// A lapin error that means the connection is lost, not just a channel.
-pub fn is_connection_error(err: &lapin::Error) -> bool {
+pub(crate) fn is_connection_error(err: &lapin::Error) -> bool {
     use lapin::ErrorKind;
     match err.kind() {
         ErrorKind::ProtocolError(_) => err.is_amqp_hard_error(),
@@ -74,6 +88,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing a channel or connection may wait for the broker's answer.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Opens a connection to `url`, named `taskmill-<pid>`, giving up after
+/// [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &str) -> Result<Arc<Connection>, BrokerError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("taskmill-{}", std::process::id()).into());
@@ -100,12 +116,17 @@ pub async fn close_connection(connection: &Connection) {
 
 /// One outgoing JSON message.
 pub struct Outgoing<'a> {
+    /// The exchange; `""` is the default exchange.
     pub exchange: &'a str,
+    /// The routing key: a queue's name on the default exchange.
     pub routing_key: &'a str,
+    /// The JSON body.
     pub body: &'a [u8],
     /// Unroutable is an error (for queues that must exist); off for fan-out targets
     /// that may legitimately have no listener.
     pub mandatory: bool,
+    /// Headers sent by [`Publisher::send`]; [`Publisher::send_with`] takes its headers
+    /// from the properties it is given instead.
     pub headers: Option<FieldTable>,
 }
 
@@ -141,6 +162,7 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError
 }
 
 impl Publisher {
+    /// Opens a channel in confirm mode on `connection`.
     pub async fn open(connection: &Arc<Connection>) -> Result<Self, BrokerError> {
         let channel = confirm_channel(connection).await?;
         Ok(Self {
@@ -149,6 +171,7 @@ impl Publisher {
         })
     }
 
+    /// The connection the channel is on.
     pub fn connection(&self) -> &Arc<Connection> {
         &self.connection
     }
@@ -247,6 +270,7 @@ pub async fn all_confirmed(pending: Vec<Pending>) -> Result<(), BrokerError> {
     results.into_iter().collect()
 }
 
-pub fn string_header(value: impl AsRef<str>) -> AMQPValue {
+/// A text value for an AMQP header.
+pub(crate) fn string_header(value: impl AsRef<str>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_ref()))
 }

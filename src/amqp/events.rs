@@ -27,14 +27,18 @@ pub const TARGET_ATTEMPTS: i32 = 5;
 /// The wait after the first failed publish to a target; each later one doubles it.
 pub const TARGET_FIRST_WAIT: Duration = Duration::from_secs(2);
 
+/// Publishes job events from the outbox: to the events exchange and each job's
+/// `on_complete` target, and, as the relay, whatever a publisher left behind.
 #[derive(Clone)]
-pub struct EventPublisher {
+pub(crate) struct EventPublisher {
     publisher: Publisher,
     topology: Topology,
     store: Store,
 }
 
 impl EventPublisher {
+    /// An event publisher over `store`'s outbox, publishing on `publisher` to the names
+    /// of `topology`.
     pub fn new(publisher: Publisher, topology: Topology, store: Store) -> Self {
         Self {
             publisher,

@@ -21,6 +21,8 @@ use crate::retry::Delays;
 /// Longest wait between reconnect attempts.
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
 
+/// A broker connection shared by everything in a pod (or a client), re-established
+/// when lost.
 pub struct BrokerLink {
     url: String,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
@@ -29,6 +31,8 @@ pub struct BrokerLink {
 }
 
 impl BrokerLink {
+    /// A link to the broker at `url`; it connects on the first call of
+    /// [`Self::connection`].
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),

@@ -15,11 +15,18 @@ use serde::Serialize;
 use crate::amqp::broker::{string_header, BrokerError, Outgoing, Publisher};
 use crate::amqp::topology::Topology;
 
+/// Header of a parked message: why it was parked (at most 1,000 characters).
 pub const REASON_HEADER: &str = "x-taskmill-reason";
+/// Header of a parked message: the queue it was consumed from.
 pub const SOURCE_HEADER: &str = "x-taskmill-source-queue";
+/// Header of a parked message: when it was parked (RFC 3339).
 pub const PARKED_AT_HEADER: &str = "x-taskmill-parked-at";
+/// Header of a parked message: the exchange it was first published to, where
+/// [`replay`] sends it.
 pub const EXCHANGE_HEADER: &str = "x-taskmill-original-exchange";
+/// Header of a parked message: its original routing key.
 pub const ROUTING_KEY_HEADER: &str = "x-taskmill-original-routing-key";
+/// Header of a parked message: a UUID that names it for [`replay`].
 pub const PARKED_ID_HEADER: &str = "x-taskmill-parked-id";
 const OUR_HEADER_PREFIX: &str = "x-taskmill-";
 
@@ -81,13 +88,22 @@ pub async fn park(
 /// A parked message as an operator sees it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Parked {
+    /// Its [`PARKED_ID_HEADER`], the id [`replay`] takes; empty when missing, as are the
+    /// other header fields.
     pub id: String,
+    /// Why it was parked.
     pub reason: String,
+    /// The queue it was consumed from.
     pub source_queue: String,
+    /// When it was parked (RFC 3339).
     pub parked_at: String,
+    /// The exchange it was first published to.
     pub exchange: String,
+    /// Its original routing key.
     pub routing_key: String,
+    /// Its AMQP content type, when it has one.
     pub content_type: Option<String>,
+    /// Its body's size in bytes.
     pub bytes: usize,
     /// The body as text when it is UTF-8 (lossy otherwise), cut at 2,000 characters.
     pub body_preview: String,

@@ -47,6 +47,8 @@ pub const DELAY_LEVELS: u32 = 32;
 // The ladder spells every wait the protocol allows, and no more.
 const _: () = assert!(MAX_DELAY_MS == (1 << DELAY_LEVELS) - 1);
 
+/// The names of one deployment's exchanges and queues, all under one prefix, and their
+/// declaration. Clones share what was declared.
 #[derive(Clone, Debug)]
 pub struct Topology {
     prefix: String,
@@ -57,6 +59,7 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The names under `prefix`, whose queues are declared as `queue_type`.
     pub fn new(prefix: impl Into<String>, queue_type: QueueType) -> Self {
         Self {
             prefix: prefix.into(),
@@ -65,22 +68,27 @@ impl Topology {
         }
     }
 
+    /// The prefix every name starts with.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
+    /// `<prefix>.jobs`: the topic exchange producers publish job requests to.
     pub fn jobs_exchange(&self) -> String {
         format!("{}.jobs", self.prefix)
     }
 
+    /// `<prefix>.events`: the topic exchange job events are published to.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }
 
+    /// `<prefix>.intake`: the queue of job requests the intake role consumes.
     pub fn intake_queue(&self) -> String {
         format!("{}.intake", self.prefix)
     }
 
+    /// `<prefix>.work.<pool>`: the queue of one worker pool's task messages.
     pub fn work_queue(&self, pool: &str) -> String {
         format!("{}.work.{pool}", self.prefix)
     }
@@ -134,10 +142,12 @@ impl Topology {
         format!("{}{pool}", "*.".repeat(DELAY_LEVELS as usize))
     }
 
+    /// `<prefix>.completion`: the queue of finished events the completion role consumes.
     pub fn completion_queue(&self) -> String {
         format!("{}.completion", self.prefix)
     }
 
+    /// `<prefix>.parking`: the parking lot.
     pub fn parking_queue(&self) -> String {
         format!("{}.parking", self.prefix)
     }

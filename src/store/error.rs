@@ -2,20 +2,29 @@
 
 use sea_orm::DbErr;
 
+/// A database failure; [`StoreError::is_transient`] says whether to retry it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// An error of the database driver.
     #[error("database: {0}")]
     Db(#[from] DbErr),
+    /// A database error known by its message only.
     #[error("database: {0}")]
     Transaction(String),
+    /// A job row that should exist does not; holds its id.
     #[error("job {0:?} not found")]
     JobNotFound(String),
+    /// Starting a job found another number of task rows than the job was formed with.
     #[error("job {job_id:?}: expected {expected} task rows, found {found}")]
     TaskCountMismatch {
+        /// The job.
         job_id: String,
+        /// Task rows it was formed with.
         expected: i64,
+        /// Task rows found.
         found: i64,
     },
+    /// Rows in a state the store's own rules exclude; says which.
     #[error("unexpected row state: {0}")]
     Corrupt(String),
 }
@@ -41,6 +50,7 @@ impl StoreError {
         }
     }
 
+    /// [`Self::is_transient`] for a driver error.
     pub fn db_is_transient(err: &DbErr) -> bool {
         match err {
             DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,

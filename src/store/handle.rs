@@ -13,12 +13,17 @@ use super::error::StoreError;
 
 const SQLITE_POOL: u32 = 4;
 
+/// The database: a connection pool to PostgreSQL or SQLite, every statement retried on
+/// transient errors. Clones share the pool.
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(super) db: DatabaseConnection,
 }
 
 impl Store {
+    /// Connects to `url` with at most `pool_size` connections (at most 4 on SQLite, in
+    /// WAL mode), retrying transient failures for up to 90 s. It does not migrate: see
+    /// [`Self::migrate`].
     pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         // SQLite has one writer at a time: more connections add page caches and lock
         // contention, not throughput.
@@ -47,6 +52,7 @@ impl Store {
         Ok(Self { db })
     }
 
+    /// Which database it is: PostgreSQL or SQLite.
     pub fn backend(&self) -> DatabaseBackend {
         self.db.get_database_backend()
     }
@@ -66,6 +72,7 @@ impl Store {
         Ok(())
     }
 
+    /// Closes the connection pool.
     pub async fn close(self) -> Result<(), StoreError> {
         Ok(self.db.close().await?)
     }

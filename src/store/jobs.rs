@@ -185,7 +185,7 @@ impl Store {
     /// range scan of the job's `(job_id, ordinal)` index, so paging through a job
     /// costs O(tasks), not O(tasks²)): what the
     /// intake publishes (again, when it resumes).
-    pub async fn unpublished_tasks(
+    pub(crate) async fn unpublished_tasks(
         &self,
         job_id: &str,
         after_ordinal: i32,
@@ -205,7 +205,9 @@ impl Store {
         .await
     }
 
-    pub async fn mark_tasks_published(&self, job_id: &str) -> Result<(), StoreError> {
+    /// Records that every task message of the job was published, so that a redelivered
+    /// request does not publish them again.
+    pub(crate) async fn mark_tasks_published(&self, job_id: &str) -> Result<(), StoreError> {
         self.retrying("mark tasks published", || async {
             job::Entity::update_many()
                 .col_expr(job::Column::TasksPublished, Expr::value(true))
@@ -217,6 +219,7 @@ impl Store {
         .await
     }
 
+    /// The job row, if there is one.
     pub async fn job(&self, job_id: &str) -> Result<Option<job::Model>, StoreError> {
         self.retrying("read job", || async {
             Ok(job::Entity::find_by_id(job_id.to_owned())
@@ -272,6 +275,7 @@ impl Store {
         .await
     }
 
+    /// How many job rows exist, in any stage.
     pub async fn count_jobs(&self) -> Result<u64, StoreError> {
         self.retrying("count jobs", || async {
             Ok(job::Entity::find().count(&self.db).await?)

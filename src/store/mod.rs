@@ -4,7 +4,7 @@
 //! stale or duplicate message changes nothing (`rows_affected = 0`) instead of
 //! counting twice. Every call is retried on transient errors (lost connection,
 //! deadlock, serialization failure, a busy SQLite file) with the policy in
-//! [`crate::retry`]; a write that timed out but landed is recognised on the retry by
+//! `retry.rs`; a write that timed out but landed is recognised on the retry by
 //! the same conditions.
 
 mod error;

@@ -23,11 +23,16 @@ pub const EVENT_CLAIM: Duration =
 /// What one try at an event's `on_complete` target came to.
 #[derive(Clone, Debug)]
 pub enum TargetOutcome {
+    /// The target took the event.
     Sent {
+        /// Tries at the target so far, this one included.
         attempts: i32,
     },
+    /// The try failed.
     Failed {
+        /// Tries at the target so far, this one included.
         attempts: i32,
+        /// What went wrong, naming the exchange and routing key.
         error: String,
         /// When to try again; `None`: given up.
         retry_in: Option<Duration>,
@@ -186,6 +191,7 @@ impl Store {
         .await
     }
 
+    /// The outbox row of the job's event; `None` until the job has ended.
     pub async fn job_event(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
         self.retrying("read event", || async {
             Ok(job_event::Entity::find()

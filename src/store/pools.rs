@@ -17,9 +17,11 @@ use entity::pool;
 /// A pool that running jobs wait on but that no pod has consumed since the cut-off.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SilentPool {
+    /// The pool's name.
     pub name: String,
     /// When a pod last consumed it; `None` if none ever did.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// Running jobs that wait on it.
     pub running_jobs: u64,
 }
 

@@ -12,24 +12,36 @@ use entity::{job, job_event};
 /// A job as the intake creates it.
 #[derive(Clone, Debug)]
 pub struct NewJob {
+    /// The job id: the request's, else its AMQP `message_id`, else a new UUID.
     pub id: String,
+    /// The request's job type.
     pub job_type: String,
+    /// The worker pool its tasks go to.
     pub queue: String,
+    /// The request's `params`.
     pub params: Value,
+    /// Retries per task after its first attempt.
     pub max_retries: i32,
+    /// In milliseconds: attempt n, failing, waits n × this.
     pub retry_delay_ms: i64,
+    /// What a task failing for good does to the job.
     pub on_failure: FailurePolicy,
+    /// Where the job's event also goes, if anywhere.
     pub on_complete: Option<Target>,
     /// See [`crate::protocol::JobRequest::digest`].
     pub request_digest: String,
+    /// The limit on one attempt in milliseconds, when the request set one.
     pub task_timeout_ms: Option<i64>,
 }
 
 /// One task row to insert.
 #[derive(Clone, Debug)]
 pub struct NewTask {
+    /// The task's position in the job, from 0.
     pub ordinal: i32,
+    /// The handler that runs it.
     pub task_type: String,
+    /// Its JSON input.
     pub payload: Value,
 }
 
@@ -45,7 +57,9 @@ pub enum StartOutcome {
 /// A job and how many of its tasks are in each status.
 #[derive(Clone, Debug)]
 pub struct JobStatus {
+    /// The job row.
     pub job: job::Model,
+    /// Task counts by status name; a status no task has is absent.
     pub tasks_by_status: BTreeMap<String, i64>,
 }
 
@@ -71,6 +85,7 @@ pub enum TaskOutcome {
 }
 
 impl TaskOutcome {
+    /// The status this outcome gives the task.
     pub fn status(&self) -> TaskStatus {
         match self {
             Self::Done(_) => TaskStatus::Done,
@@ -83,9 +98,13 @@ impl TaskOutcome {
 /// The outcome of attempt `attempt` of task `task_id` of job `job_id`.
 #[derive(Clone, Debug)]
 pub struct Transition {
+    /// The task's job.
     pub job_id: String,
+    /// The task's row id.
     pub task_id: i64,
+    /// The attempt that ended: only a task running this attempt changes.
     pub attempt: i32,
+    /// How it ended.
     pub outcome: TaskOutcome,
 }
 

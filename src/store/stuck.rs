@@ -154,7 +154,8 @@ impl Store {
         Ok(touched)
     }
 
-    pub async fn jobs_by_id(
+    /// The jobs with these ids, by id; an id without a job is left out.
+    pub(crate) async fn jobs_by_id(
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, job::Model>, StoreError> {

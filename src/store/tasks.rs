@@ -239,6 +239,7 @@ impl Store {
             .collect()
     }
 
+    /// The task row, if there is one.
     pub async fn task(&self, task_id: i64) -> Result<Option<task::Model>, StoreError> {
         self.retrying("read task", || async {
             Ok(task::Entity::find_by_id(task_id).one(&self.db).await?)
