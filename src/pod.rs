@@ -26,7 +26,7 @@ use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
-use crate::pools::KnownPools;
+use crate::known_pools::KnownPools;
 use crate::registry::{HandlerResult, Registry, TaskContext};
 use crate::roles::{Role, Running, Shared};
 use crate::store::Store;

@@ -544,7 +544,7 @@ async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
     .await;
     let silent = env
         .store
-        .silent_pools(taskmill::pools::silent_since(chrono::Utc::now()))
+        .silent_pools(taskmill::known_pools::silent_since(chrono::Utc::now()))
         .await
         .unwrap();
     assert_eq!(silent.len(), 1, "{silent:?}");

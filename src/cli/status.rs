@@ -4,7 +4,7 @@ use clap::Args;
 use serde_json::json;
 use taskmill::state::JobStage;
 use taskmill::store::Store;
-use taskmill::{pools, Config};
+use taskmill::{known_pools, Config};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -73,8 +73,8 @@ async fn pool_report(
     }
     let now = chrono::Utc::now();
     let last_seen_at = store.pool(&job.queue).await?.map(|pool| pool.last_seen_at);
-    let silent = last_seen_at.is_none_or(|at| at < pools::silent_since(now));
-    Ok(silent.then(|| pools::describe_silence(&job.queue, last_seen_at, now)))
+    let silent = last_seen_at.is_none_or(|at| at < known_pools::silent_since(now));
+    Ok(silent.then(|| known_pools::describe_silence(&job.queue, last_seen_at, now)))
 }
 
 /// What went wrong with the job event's `on_complete` target, if anything.

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::topology::Topology;
 use crate::config::Config;
-use crate::pools::KnownPools;
+use crate::known_pools::KnownPools;
 use crate::registry::Registry;
 use crate::store::Store;
 

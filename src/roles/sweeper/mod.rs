@@ -22,10 +22,10 @@
 //! swept task is not swept again for `stuck_after`. Duplicates the sweeper causes are
 //! harmless: every transition is conditional. It also fails jobs stuck in formation and
 //! warns of running jobs whose pool no pod has consumed for
-//! [`crate::pools::SILENT_AFTER`]. (Events whose publisher died are the completion
+//! [`crate::known_pools::SILENT_AFTER`]. (Events whose publisher died are the completion
 //! role's: its outbox relay publishes them.)
 
-mod pools;
+mod silent_pools;
 mod tasks;
 
 use std::collections::HashMap;

@@ -97,7 +97,7 @@ pub(crate) async fn run(
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     let consuming = shutdown.child_token();
-    tokio::spawn(crate::pools::keep_registered(
+    tokio::spawn(crate::known_pools::keep_registered(
         shared.store.clone(),
         vec![runner.pool.clone()],
         consuming.clone(),

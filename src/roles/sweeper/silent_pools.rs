@@ -1,5 +1,5 @@
 //! The pools sweep: running jobs whose pool no pod has consumed for
-//! [`crate::pools::SILENT_AFTER`] are warned of, once per pool every
+//! [`crate::known_pools::SILENT_AFTER`] are warned of, once per pool every
 //! [`SILENT_POOL_WARNING_EVERY`].
 
 use std::time::Duration;
@@ -21,7 +21,7 @@ impl Sweeper {
         let silent = self
             .shared
             .store
-            .silent_pools(crate::pools::silent_since(now))
+            .silent_pools(crate::known_pools::silent_since(now))
             .await?;
         let mut warned = self.warned_pools.lock().expect("warned pools lock");
         warned.retain(|pool, _| silent.iter().any(|s| &s.name == pool));
@@ -34,7 +34,7 @@ impl Sweeper {
                     pool = %pool.name,
                     running_jobs = pool.running_jobs,
                     "jobs are waiting on a pool nobody serves: {}",
-                    crate::pools::describe_silence(&pool.name, pool.last_seen_at, now)
+                    crate::known_pools::describe_silence(&pool.name, pool.last_seen_at, now)
                 );
                 warned.insert(pool.name, std::time::Instant::now());
             }
