@@ -13,6 +13,8 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://taskmill.db?mode=rwc";
 pub const DEFAULT_PREFIX: &str = "taskmill";
 /// The pool a request goes to when it names none; requests may always name it.
 pub const DEFAULT_QUEUE: &str = "default";
+/// Task messages a worker holds per pool by default (see [`Config::prefetch`]).
+pub const DEFAULT_PREFETCH: usize = 256;
 
 /// Classic queues suit one node; quorum queues replicate across a RabbitMQ cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -53,8 +55,13 @@ pub struct Config {
     pub queue_type: QueueType,
     /// Job requests larger than this are parked unread.
     pub max_request_bytes: usize,
-    /// Handlers running at once per worker pod and queue; also the prefetch.
+    /// Handlers running at once per worker pod and pool.
     pub concurrency: usize,
+    /// Task messages a worker pod holds per pool (the channel's prefetch): waiting for a
+    /// handler, running, or being recorded and acked. Past `concurrency`, the rest keep
+    /// the database and broker busy while handlers run: a handler's slot frees when it
+    /// returns, not when its outcome is committed and acked. Never below `concurrency`.
+    pub prefetch: usize,
     /// A running task's claim lasts this long unless renewed; past it, another worker
     /// may take the task over.
     pub lease: Duration,
@@ -95,6 +102,7 @@ impl Default for Config {
             queue_type: QueueType::Classic,
             max_request_bytes: 16 * 1024 * 1024,
             concurrency: 32,
+            prefetch: DEFAULT_PREFETCH,
             lease: Duration::from_secs(300),
             max_deliveries: 5,
             grace_period: Duration::from_secs(30),
@@ -115,7 +123,7 @@ impl Config {
     /// The defaults, overridden by every variable that is set: `AMQP_URL`,
     /// `DATABASE_URL`, `TASKMILL_PREFIX`, `TASKMILL_QUEUE_TYPE` (`classic` or
     /// `quorum`), `TASKMILL_KNOWN_POOLS` (comma-separated), `TASKMILL_CONCURRENCY`,
-    /// `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
+    /// `TASKMILL_PREFETCH`, `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
     /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
     /// `TASKMILL_TASK_TIMEOUT_SECS` and `TASKMILL_CONSUMER_TIMEOUT_SECS`. A value that
     /// does not parse is an error, not a silent default.
@@ -153,6 +161,7 @@ impl Config {
             config.known_pools = list(&pools);
         }
         vars.number("TASKMILL_CONCURRENCY", &mut config.concurrency)?;
+        vars.number("TASKMILL_PREFETCH", &mut config.prefetch)?;
         vars.seconds("TASKMILL_GRACE_SECS", &mut config.grace_period)?;
         vars.seconds("TASKMILL_LEASE_SECS", &mut config.lease)?;
         vars.number("TASKMILL_MAX_REQUEST_BYTES", &mut config.max_request_bytes)?;
@@ -169,9 +178,11 @@ impl Config {
 
     /// The settings a pod runs with: numbers that would stall or panic are raised to
     /// their least workable value (one handler, one shard, a one-second sweep interval
-    /// and task timeout), and `concurrency` — also the prefetch — fits `basic.qos`.
+    /// and task timeout); `prefetch` fits `basic.qos` and holds at least `concurrency`
+    /// messages, which holds at least one.
     pub fn normalized(mut self) -> Self {
         self.concurrency = self.concurrency.clamp(1, u16::MAX as usize);
+        self.prefetch = self.prefetch.clamp(self.concurrency, u16::MAX as usize);
         self.sweeper_shards = self.sweeper_shards.max(1);
         self.sweep_interval = self.sweep_interval.max(Duration::from_millis(1));
         self.task_timeout = self.task_timeout.max(Duration::from_millis(1));
@@ -255,6 +266,7 @@ mod tests {
             ("TASKMILL_QUEUE_TYPE", "quorum"),
             ("TASKMILL_KNOWN_POOLS", "gpu, cpu,,"),
             ("TASKMILL_CONCURRENCY", "7"),
+            ("TASKMILL_PREFETCH", "16"),
             ("TASKMILL_GRACE_SECS", "8"),
             ("TASKMILL_LEASE_SECS", "9"),
             ("TASKMILL_MAX_REQUEST_BYTES", "10"),
@@ -271,6 +283,7 @@ mod tests {
         assert_eq!(config.queue_type, QueueType::Quorum);
         assert_eq!(config.known_pools, ["gpu", "cpu"]);
         assert_eq!(config.concurrency, 7);
+        assert_eq!(config.prefetch, 16);
         assert_eq!(config.grace_period, Duration::from_secs(8));
         assert_eq!(config.lease, Duration::from_secs(9));
         assert_eq!(config.max_request_bytes, 10);
@@ -313,8 +326,22 @@ mod tests {
         let wide = Config {
             concurrency: 1 << 20,
             ..Config::default()
-        };
-        assert_eq!(wide.normalized().concurrency, u16::MAX as usize);
+        }
+        .normalized();
+        assert_eq!(
+            (wide.concurrency, wide.prefetch),
+            (u16::MAX as usize, u16::MAX as usize)
+        );
+        let shallow = Config {
+            concurrency: 64,
+            prefetch: 8,
+            ..Config::default()
+        }
+        .normalized();
+        assert_eq!(
+            shallow.prefetch, 64,
+            "a handler never waits for a message slot"
+        );
     }
 
     #[test]

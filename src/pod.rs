@@ -219,7 +219,6 @@ impl Pod {
             // accepted from the first one on.
             store.register_pools(&self.queues).await?;
         }
-        let concurrency = self.config.concurrency;
         let shared = Arc::new(Shared {
             pools: KnownPools::new(&self.config.known_pools),
             config: self.config,
@@ -228,13 +227,13 @@ impl Pod {
             registry: self.registry,
         });
         let deadline = shutdown_deadline(&shared.config);
-        let mut running = Running::new(shared, link.clone(), shutdown.child_token());
+        let mut running = Running::new(shared.clone(), link.clone(), shutdown.child_token());
         if self.roles.intake {
             running.start(Role::intake());
         }
         if self.roles.worker {
             for pool in self.queues {
-                running.start(Role::worker(pool, concurrency));
+                running.start(Role::worker(pool, &shared.config));
             }
         }
         if self.roles.completion {

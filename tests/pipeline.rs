@@ -32,6 +32,7 @@ on_both_backends!(
     a_refused_result_fails_only_its_task,
     coalesced_acks_never_cover_a_running_task,
     cancelling_a_job_cancels_what_is_left,
+    slow_handlers_leave_their_messages_in_the_queue,
 );
 
 async fn thousand_task_job_completes(backend: Backend) {
@@ -767,4 +768,58 @@ async fn wait_for_rows(
         assert!(Instant::now() < deadline, "job {job_id} was not formed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Past `concurrency`, a worker holds messages only as many as its handlers run in
+/// about a second: slow handlers must not pile deliveries up in the pod, where they
+/// would wait toward the broker's consumer_timeout instead of going to another pod.
+async fn slow_handlers_leave_their_messages_in_the_queue(backend: Backend) {
+    const TASKS: usize = 40;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(
+        env.pod()
+            .concurrency(2)
+            .handler("slow", |ctx: TaskContext| async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok(ctx.payload)
+            }),
+    );
+    let client = env.client().await;
+    let tasks = (0..TASKS).map(|n| json!({ "n": n })).collect();
+    let job_id = client.submit(JobRequest::new("slow", tasks)).await.unwrap();
+    let queue = env.topology().work_queue("default");
+    // Two handlers of 400 ms run five more messages a second: the pod holds 7.
+    let most_held = 2 + 5;
+    let mut samples = 0;
+    loop {
+        // The pod declares its queue as it starts, maybe after the submit.
+        let Some(ready) = env.message_count_if_declared(&queue).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ready = ready as usize;
+        let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+        let finished = rows.iter().filter(|r| r.status == "done").count();
+        if rows.len() == TASKS && finished == TASKS {
+            break;
+        }
+        // Once the job runs, every task message is published and confirmed.
+        let job = env.store.job(&job_id).await.unwrap();
+        let running = job.is_some_and(|job| job.stage == "running");
+        if running && finished < TASKS {
+            let held = TASKS - finished - ready;
+            assert!(
+                held <= most_held + 3,
+                "the pod holds {held} messages of slow tasks ({ready} ready, {finished} done)"
+            );
+            samples += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        samples >= 10,
+        "the job was watched while it ran ({samples} samples)"
+    );
+    assert_eq!(client.wait(&job_id).await.unwrap().event, "job.done");
+    pod.stop().await;
 }

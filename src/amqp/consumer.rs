@@ -3,6 +3,7 @@
 //! broker has already pushed), decoding with the protocol's checks, and stopping — cancel the consumer, give the work in flight its grace
 //! period, close the channel. Whatever is still unacked then returns to the queue.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -19,9 +20,13 @@ use crate::protocol::{self, DecodeError, Incoming};
 /// One queue consumed on a channel of its own.
 pub(crate) struct Consumer {
     channel: Channel,
-    stream: lapin::Consumer,
+    /// The current broker consumer last; before it, any cancelled by
+    /// [`Consumer::set_prefetch`] that still hold deliveries. Their tags are lower,
+    /// so taking them first keeps deliveries in tag order, which acks rely on.
+    streams: VecDeque<lapin::Consumer>,
     queue: String,
     tag: String,
+    prefetch: u16,
     max_bytes: usize,
 }
 
@@ -36,31 +41,40 @@ impl Consumer {
         max_bytes: usize,
     ) -> Result<Self, BrokerError> {
         let channel = connection.create_channel().await?;
-        let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        // A tag of its own per run: a restarted role must not collide with the
-        // consumer of its previous connection.
-        let tag = format!("taskmill-{queue}-{}", uuid::Uuid::new_v4());
-        let stream = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let prefetch = qos(prefetch);
+        let (tag, stream) = consume(&channel, &queue, prefetch).await?;
         tracing::info!(queue, prefetch, "consuming");
         Ok(Self {
             channel,
-            stream,
+            streams: VecDeque::from([stream]),
             queue,
             tag,
+            prefetch,
             max_bytes,
         })
     }
 
+    /// Changes how many unacked deliveries the consumer holds. RabbitMQ applies a
+    /// prefetch to consumers started after it, so this replaces the broker consumer
+    /// on the same channel: the old one is cancelled first (deliveries it holds stay
+    /// unacked on the channel and are still taken, before any of the new one's), then
+    /// the new one starts with the new prefetch.
+    pub async fn set_prefetch(&mut self, prefetch: usize) -> Result<(), BrokerError> {
+        let prefetch = qos(prefetch);
+        if prefetch == self.prefetch {
+            return Ok(());
+        }
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await?;
+        let (tag, stream) = consume(&self.channel, &self.queue, prefetch).await?;
+        self.streams.push_back(stream);
+        self.tag = tag;
+        self.prefetch = prefetch;
+        Ok(())
+    }
+
+    /// The queue consumed.
     pub fn queue(&self) -> &str {
         &self.queue
     }
@@ -70,16 +84,27 @@ impl Consumer {
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<Option<Delivery>, BrokerError> {
-        tokio::select! {
-            _ = shutdown.cancelled() => Ok(None),
-            next = self.stream.next() => self.yielded(next).map(Some),
+        loop {
+            let stream = self.streams.front_mut().expect("a consumer is running");
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                next = stream.next() => next,
+            };
+            if let Some(delivery) = self.yielded(next) {
+                return delivery.map(Some);
+            }
         }
     }
 
     /// A delivery the broker has already pushed, without waiting for one.
     pub fn buffered(&mut self) -> Option<Result<Delivery, BrokerError>> {
-        let next = self.stream.next().now_or_never()?;
-        Some(self.yielded(next))
+        loop {
+            let stream = self.streams.front_mut().expect("a consumer is running");
+            let next = stream.next().now_or_never()?;
+            if let Some(delivery) = self.yielded(next) {
+                return Some(delivery);
+            }
+        }
     }
 
     /// The next delivery and whatever else is buffered, `max` at most; `None` once
@@ -102,13 +127,19 @@ impl Consumer {
         Ok(Some(batch))
     }
 
+    /// What the front stream yielded: a delivery, an error, or — `None` — the end of
+    /// a cancelled consumer, which the next one takes over from.
     fn yielded(
-        &self,
+        &mut self,
         next: Option<Result<Delivery, lapin::Error>>,
-    ) -> Result<Delivery, BrokerError> {
+    ) -> Option<Result<Delivery, BrokerError>> {
         match next {
-            Some(delivery) => Ok(delivery?),
-            None => Err(BrokerError::ConsumerEnded(self.queue.clone())),
+            Some(delivery) => Some(delivery.map_err(BrokerError::from)),
+            None if self.streams.len() > 1 => {
+                self.streams.pop_front();
+                None
+            }
+            None => Some(Err(BrokerError::ConsumerEnded(self.queue.clone()))),
         }
     }
 
@@ -149,4 +180,30 @@ impl Consumer {
     pub async fn close(self) {
         close_channel(&self.channel).await;
     }
+}
+
+fn qos(prefetch: usize) -> u16 {
+    u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX)
+}
+
+/// Starts a broker consumer of `queue` with `prefetch` and a tag of its own: a
+/// restarted role, or a new prefetch, must not collide with an earlier consumer.
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(String, lapin::Consumer), BrokerError> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("taskmill-{queue}-{}", uuid::Uuid::new_v4());
+    let stream = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((tag, stream))
 }

@@ -30,6 +30,10 @@ pub struct PodArgs {
     /// Handlers running at once per pool [TASKMILL_CONCURRENCY, 32].
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Task messages held per pool: waiting, running, being recorded and acked; at
+    /// least --concurrency [TASKMILL_PREFETCH, 256].
+    #[arg(long)]
+    pub prefetch: Option<usize>,
     /// Seconds in-flight handlers get to finish on shutdown [TASKMILL_GRACE_SECS, 30].
     #[arg(long)]
     pub grace_secs: Option<u64>,
@@ -81,6 +85,9 @@ impl PodArgs {
         }
         if let Some(concurrency) = self.concurrency {
             config.concurrency = concurrency;
+        }
+        if let Some(prefetch) = self.prefetch {
+            config.prefetch = prefetch;
         }
         if let Some(bytes) = self.max_request_bytes {
             config.max_request_bytes = bytes;

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::link::{supervise, BrokerLink};
+use crate::config::Config;
 use crate::error::Error;
 
 /// One role of a pod, with what it keeps across reconnects.
@@ -46,10 +47,12 @@ impl Role {
         }
     }
 
-    pub fn worker(pool: String, concurrency: usize) -> Self {
+    /// The worker of `pool`, holding the pod's normalized `prefetch` and
+    /// `concurrency`.
+    pub fn worker(pool: String, config: &Config) -> Self {
         Self::Worker {
             pool,
-            capacity: worker::Capacity::new(concurrency),
+            capacity: worker::Capacity::new(config.prefetch, config.concurrency),
         }
     }
 

@@ -340,6 +340,14 @@ impl TestEnv {
         self.passive_declare(queue).await.message_count()
     }
 
+    /// Ready messages in a queue, exactly; `None` while the queue does not exist.
+    pub async fn message_count_if_declared(&self, queue: &str) -> Option<u32> {
+        self.try_passive_declare(queue)
+            .await
+            .ok()
+            .map(|queue| queue.message_count())
+    }
+
     /// Consumers of a queue right now.
     pub async fn consumer_count(&self, queue: &str) -> u32 {
         self.passive_declare(queue).await.consumer_count()

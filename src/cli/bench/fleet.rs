@@ -11,7 +11,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn spawn(config: &Config, workers: usize, concurrency: usize) -> anyhow::Result<Self> {
+    /// `workers` processes with the configuration's concurrency and prefetch.
+    pub fn spawn(config: &Config, workers: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         for _ in 0..workers {
@@ -21,7 +22,9 @@ impl Fleet {
                         "worker",
                         "--no-migrate",
                         "--concurrency",
-                        &concurrency.to_string(),
+                        &config.concurrency.to_string(),
+                        "--prefetch",
+                        &config.prefetch.to_string(),
                     ])
                     .env("AMQP_URL", &config.amqp_url)
                     .env("DATABASE_URL", &config.database_url)

@@ -39,10 +39,14 @@ pub struct BenchArgs {
     /// Worker processes for S1–S4.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Handlers at once per worker process (also its prefetch: the batch size of
-    /// claims and outcomes). No-op tasks need many to keep the batches large.
-    #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
+    /// Handlers at once per worker process (default: what `taskmill worker` uses,
+    /// TASKMILL_CONCURRENCY or 32).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Task messages held per worker process (default: what `taskmill worker` uses,
+    /// TASKMILL_PREFETCH or 256).
+    #[arg(long)]
+    pub prefetch: Option<usize>,
     /// Messages for the broker baseline.
     #[arg(long, default_value_t = 50_000)]
     pub baseline_messages: usize,
@@ -77,6 +81,13 @@ async fn measure(
     let mut config = config.clone();
     config.database_url = scratch.url.clone();
     config.prefix = format!("bench-{run_id}");
+    if let Some(concurrency) = args.concurrency {
+        config.concurrency = concurrency;
+    }
+    if let Some(prefetch) = args.prefetch {
+        config.prefetch = prefetch;
+    }
+    let config = config.normalized();
     let store = Store::connect(&config.database_url, 1).await?;
     store.migrate().await?;
     store.close().await?;
@@ -90,7 +101,7 @@ async fn measure(
     let database = baseline::database(&scratch_db).await?;
     scratch_db.drop_table().await?;
     scratch_db.close().await?;
-    let mut report = Report::new(&config, args, broker, database);
+    let mut report = Report::new(&config, broker, database);
 
     let n = args.tasks;
     let mut specs = vec![
@@ -130,7 +141,7 @@ async fn measure(
     });
 
     let counters = database::BenchDb::connect(&config.database_url, 1).await?;
-    let bench = scenario::Bench::start(&config, counters, args.concurrency).await?;
+    let bench = scenario::Bench::start(&config, counters).await?;
     // Let the baselines' traffic reach the broker's sampled statistics first.
     tokio::time::sleep(scenario::STATS_SETTLE).await;
     for spec in specs {

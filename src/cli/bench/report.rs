@@ -5,25 +5,22 @@ use taskmill::Config;
 
 use super::baseline::{BrokerBaseline, DatabaseBaseline};
 use super::scenario::ScenarioResult;
-use super::BenchArgs;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub cores: usize,
     pub backend: String,
     pub worker_concurrency: usize,
+    pub worker_prefetch: usize,
+    /// Whether the workers ran with `taskmill worker`'s default settings.
+    pub defaults: bool,
     pub broker: BrokerBaseline,
     pub database: DatabaseBaseline,
     pub scenarios: Vec<ScenarioResult>,
 }
 
 impl Report {
-    pub fn new(
-        config: &Config,
-        args: &BenchArgs,
-        broker: BrokerBaseline,
-        database: DatabaseBaseline,
-    ) -> Self {
+    pub fn new(config: &Config, broker: BrokerBaseline, database: DatabaseBaseline) -> Self {
         Self {
             cores: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -34,7 +31,12 @@ impl Report {
                 "SQLite"
             }
             .to_owned(),
-            worker_concurrency: args.concurrency,
+            worker_concurrency: config.concurrency,
+            worker_prefetch: config.prefetch,
+            defaults: {
+                let default = Config::default();
+                (config.concurrency, config.prefetch) == (default.concurrency, default.prefetch)
+            },
             broker,
             database,
             scenarios: Vec::new(),
@@ -47,8 +49,12 @@ impl Report {
 
     pub fn print(&self) {
         println!(
-            "taskmill bench: {} cores shared by broker, database and workers; {}; {} handlers per worker process",
-            self.cores, self.backend, self.worker_concurrency
+            "taskmill bench: {} cores shared by broker, database and workers; {}; per worker process {} handlers, prefetch {} ({})",
+            self.cores,
+            self.backend,
+            self.worker_concurrency,
+            self.worker_prefetch,
+            if self.defaults { "the defaults" } else { "tuned" }
         );
         println!();
         println!("baselines");

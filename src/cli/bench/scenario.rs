@@ -103,18 +103,13 @@ pub struct Bench {
     config: Config,
     counters: BenchDb,
     client: Client,
-    concurrency: usize,
     events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
     listener: std::sync::Arc<Connection>,
     api: Option<ManagementApi>,
 }
 
 impl Bench {
-    pub async fn start(
-        config: &Config,
-        counters: BenchDb,
-        concurrency: usize,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(config: &Config, counters: BenchDb) -> anyhow::Result<Self> {
         let client = Client::connect(config).await?;
         let listener = taskmill::amqp::broker::connect(&config.amqp_url).await?;
         let channel = listener.create_channel().await?;
@@ -137,7 +132,6 @@ impl Bench {
             config: config.clone(),
             counters,
             client,
-            concurrency,
             events,
             listener,
             api: ManagementApi::from_url(&config.amqp_url),
@@ -145,7 +139,7 @@ impl Bench {
     }
 
     pub async fn run(&self, spec: &Spec) -> anyhow::Result<ScenarioResult> {
-        let fleet = Fleet::spawn(&self.config, spec.workers, self.concurrency)?;
+        let fleet = Fleet::spawn(&self.config, spec.workers)?;
         let db_before = self.counters.server_counters().await?;
         let published_before = self.api.as_ref().and_then(ManagementApi::published);
 

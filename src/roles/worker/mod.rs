@@ -16,12 +16,19 @@
 //! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
 //! acks that never cover a delivery still running). A handler panic is a failed attempt.
 //!
+//! A delivery holds one of `prefetch` message slots from receipt until it is settled,
+//! and one of `concurrency` handler slots from just before its claim until its handler
+//! returns: recording and acking never hold a handler back, and a claimed task never
+//! waits for a handler while its lease runs. How many messages the channel holds
+//! beyond the handlers follows their pace ([`pace`]).
+//!
 //! Poison tasks fail alone: an attempt taken over from a worker that died (or lost its
 //! channel) runs in quarantine — alone in its pod — and only then is its start
 //! counted, so a task that keeps killing its worker fails once it was started more
 //! than `max_deliveries` times, while the tasks that happened to run beside it are
 //! never charged for its crashes.
 
+mod pace;
 mod record;
 mod run;
 
@@ -41,20 +48,29 @@ use crate::error::Error;
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::store::{Claim, TaskOutcome};
 
-/// How much of a pool one pod runs at once. It outlives one connection: handlers
-/// started before a reconnect still count against it.
+/// How much of a pool one pod holds and runs at once. It outlives one connection:
+/// work started before a reconnect still counts against it.
 pub(crate) struct Capacity {
-    /// One per delivery being handled (`config.concurrency`).
+    /// One per delivery held, from receipt until it is settled (`config.prefetch`).
     slots: Arc<Semaphore>,
+    /// One per handler running (`config.concurrency`): taken before the claim, so a
+    /// claimed task never waits for a handler while its lease runs, and freed when the
+    /// handler returns, so recording and acking never hold a handler back.
+    handlers: Arc<Semaphore>,
+    /// The handlers' mean time, which sets the channel's prefetch.
+    pace: Arc<pace::Pace>,
     /// Handlers run under its read side; a taken-over attempt, which may be what
     /// killed a worker, runs under its write side: alone.
     quarantine: Arc<RwLock<()>>,
 }
 
 impl Capacity {
-    pub fn new(concurrency: usize) -> Arc<Self> {
+    /// `prefetch` and `concurrency` as normalized by the configuration.
+    pub fn new(prefetch: usize, concurrency: usize) -> Arc<Self> {
         Arc::new(Self {
-            slots: Arc::new(Semaphore::new(concurrency)),
+            slots: Arc::new(Semaphore::new(prefetch)),
+            handlers: Arc::new(Semaphore::new(concurrency)),
+            pace: Arc::default(),
             quarantine: Arc::new(RwLock::new(())),
         })
     }
@@ -67,9 +83,8 @@ pub(crate) async fn run(
     capacity: Arc<Capacity>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let slots = &capacity.slots;
-    // Normalized: at least 1 and within what basic.qos carries.
-    let concurrency = shared.config.concurrency;
+    // Normalized: prefetch ≥ concurrency ≥ 1, within what basic.qos carries.
+    let (prefetch, concurrency) = (shared.config.prefetch, shared.config.concurrency);
     let publisher = Publisher::open(&connection).await?;
     shared.topology.forget_declared();
     {
@@ -80,6 +95,7 @@ pub(crate) async fn run(
     let mut consumer = Consumer::start(
         &connection,
         shared.topology.work_queue(&pool),
+        // Deeper once the handlers' pace is known (see `pace`).
         concurrency,
         shared.config.max_request_bytes,
     )
@@ -94,6 +110,7 @@ pub(crate) async fn run(
         outcomes,
         acks: Acks::start(),
         quarantine: capacity.quarantine.clone(),
+        pace: capacity.pace.clone(),
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     let consuming = shutdown.child_token();
@@ -102,12 +119,12 @@ pub(crate) async fn run(
         vec![runner.pool.clone()],
         consuming.clone(),
     ));
-    let consumed = consume(&mut consumer, &runner, slots, &shutdown, concurrency).await;
+    let consumed = consume(&mut consumer, &runner, &capacity, &shutdown).await;
     if consumed.is_ok() {
         // Shutdown: handlers in flight get the grace period to finish and be recorded
         // and acked.
         consumer
-            .stop(slots, concurrency, shared.config.grace_period)
+            .stop(&capacity.slots, prefetch, shared.config.grace_period)
             .await;
     } else {
         consumer.close().await;
@@ -120,54 +137,69 @@ pub(crate) async fn run(
     consumed
 }
 
-/// Takes deliveries in batches (whatever the consumer has buffered, each with a slot)
-/// and dispatches them, until shutdown (`Ok`) or the consumer fails.
+/// Takes deliveries in batches — whatever the consumer has buffered while handlers
+/// are free, each with its slot and a handler's — and dispatches them, until shutdown
+/// (`Ok`) or the consumer fails.
 async fn consume(
     consumer: &mut Consumer,
     runner: &Arc<Runner>,
-    slots: &Arc<Semaphore>,
+    capacity: &Capacity,
     shutdown: &CancellationToken,
-    concurrency: usize,
 ) -> Result<(), Error> {
+    let config = &runner.shared.config;
+    let mut depth = pace::Depth::new(config.concurrency, config.prefetch);
     let mut next = consumer.next(shutdown).await?;
     while let Some(first) = next {
         runner.acks.received(&first);
         // Every delivery holds a slot until it is settled. Deliveries taken without
         // one at shutdown stay unacked and return to the queue with the channel.
-        let Some(slot) = take_slot(slots, shutdown).await else {
+        let Some(slot) = take_slot(&capacity.slots, shutdown).await else {
             return Ok(());
         };
-        let mut batch = vec![Received::decoded(consumer, first, slot)];
-        while batch.len() < concurrency {
+        let Some(handler) = take_slot(&capacity.handlers, shutdown).await else {
+            return Ok(());
+        };
+        let mut batch = vec![Received::decoded(consumer, first, slot, handler)];
+        while let Ok(handler) = capacity.handlers.clone().try_acquire_owned() {
             let Some(delivery) = consumer.buffered() else {
                 break;
             };
             let delivery = delivery?;
             runner.acks.received(&delivery);
-            let Some(slot) = take_slot(slots, shutdown).await else {
+            let Some(slot) = take_slot(&capacity.slots, shutdown).await else {
                 break;
             };
-            batch.push(Received::decoded(consumer, delivery, slot));
+            batch.push(Received::decoded(consumer, delivery, slot, handler));
         }
         runner.dispatch(batch).await;
+        if let Some(prefetch) = depth.next(&capacity.pace) {
+            consumer.set_prefetch(prefetch).await?;
+        }
         next = consumer.next(shutdown).await?;
     }
     Ok(())
 }
 
-/// A delivery with its slot, decoded.
+/// A delivery with its slots, decoded.
 struct Received {
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
+    handler: OwnedSemaphorePermit,
     message: Result<TaskMessage, DecodeError>,
 }
 
 impl Received {
-    fn decoded(consumer: &Consumer, delivery: Delivery, slot: OwnedSemaphorePermit) -> Self {
+    fn decoded(
+        consumer: &Consumer,
+        delivery: Delivery,
+        slot: OwnedSemaphorePermit,
+        handler: OwnedSemaphorePermit,
+    ) -> Self {
         let message = consumer.decode(&delivery);
         Self {
             delivery,
             slot,
+            handler,
             message,
         }
     }
@@ -194,6 +226,7 @@ struct Runner {
     outcomes: mpsc::UnboundedSender<Finished>,
     acks: Acks,
     quarantine: Arc<RwLock<()>>,
+    pace: Arc<pace::Pace>,
 }
 
 impl Runner {
@@ -205,6 +238,7 @@ impl Runner {
         for Received {
             delivery,
             slot,
+            handler,
             message,
         } in batch
         {
@@ -214,11 +248,12 @@ impl Runner {
                     if !delivery.redelivered
                         && in_batch.insert((message.task_id, message.attempt)) =>
                 {
-                    fresh.push((delivery, slot, message))
+                    fresh.push((delivery, slot, handler, message))
                 }
                 // A redelivery may need a takeover: the one-task claim handles it.
-                Ok(message) => self.spawn_single(delivery, slot, message, new_token()),
+                Ok(message) => self.spawn_single(delivery, slot, handler, message, new_token()),
                 Err(err) => {
+                    drop(handler);
                     let runner = self.clone();
                     tokio::spawn(async move {
                         let parked = runner.park(&delivery, &err.to_string()).await;
@@ -233,7 +268,7 @@ impl Runner {
         let token = new_token();
         let claims: Vec<(i64, i32)> = fresh
             .iter()
-            .map(|(_, _, m)| (m.task_id, m.attempt))
+            .map(|(_, _, _, m)| (m.task_id, m.attempt))
             .collect();
         let claimed = match self
             .shared
@@ -249,7 +284,7 @@ impl Runner {
                 HashSet::new()
             }
         };
-        for (delivery, slot, message) in fresh {
+        for (delivery, slot, handler, message) in fresh {
             if claimed.contains(&message.task_id) {
                 let (runner, token) = (self.clone(), token.clone());
                 let claim = Claim {
@@ -257,10 +292,12 @@ impl Runner {
                     taken_over: false,
                 };
                 tokio::spawn(async move {
-                    runner.attempt(delivery, slot, message, &token, claim).await
+                    runner
+                        .attempt(delivery, slot, handler, message, &token, claim)
+                        .await
                 });
             } else {
-                self.spawn_single(delivery, slot, message, token.clone());
+                self.spawn_single(delivery, slot, handler, message, token.clone());
             }
         }
     }
@@ -271,6 +308,7 @@ impl Runner {
         self: &Arc<Self>,
         delivery: Delivery,
         slot: OwnedSemaphorePermit,
+        handler: OwnedSemaphorePermit,
         message: TaskMessage,
         token: Arc<str>,
     ) {
@@ -288,7 +326,11 @@ impl Runner {
                 )
                 .await;
             match claim {
-                Ok(Some(claim)) => runner.attempt(delivery, slot, message, &token, claim).await,
+                Ok(Some(claim)) => {
+                    runner
+                        .attempt(delivery, slot, handler, message, &token, claim)
+                        .await
+                }
                 Ok(None) => {
                     let settled = runner.settle_stale(&delivery, &message).await;
                     runner.settle(delivery, slot, settled);

@@ -21,6 +21,7 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// of its attempt so far.
 struct Turn {
     starts: i32,
+    _handler: OwnedSemaphorePermit,
     _beside: Option<OwnedRwLockReadGuard<()>>,
     _alone: Option<OwnedRwLockWriteGuard<()>>,
 }
@@ -31,11 +32,13 @@ impl Runner {
         &self,
         delivery: Delivery,
         slot: OwnedSemaphorePermit,
+        handler: OwnedSemaphorePermit,
         message: TaskMessage,
         token: &str,
         claim: Claim,
     ) {
         let result = if !self.shared.registry.knows_task_type(&message.task_type) {
+            drop(handler);
             if let Err(err) = self
                 .park(
                     &delivery,
@@ -68,6 +71,7 @@ impl Runner {
                 {
                     Ok(Some(starts)) => Turn {
                         starts,
+                        _handler: handler,
                         _beside: None,
                         _alone: Some(alone),
                     },
@@ -86,6 +90,7 @@ impl Runner {
                     biased;
                     beside = self.quarantine.clone().read_owned() => Turn {
                         starts: claim.deliveries,
+                        _handler: handler,
                         _beside: Some(beside),
                         _alone: None,
                     },
@@ -99,7 +104,10 @@ impl Runner {
                     message.attempt
                 )))
             } else {
-                self.run_handler(&message, token).await
+                let started = std::time::Instant::now();
+                let result = self.run_handler(&message, token).await;
+                self.pace.record(started.elapsed());
+                result
             };
             drop(turn);
             result
