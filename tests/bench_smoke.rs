@@ -15,8 +15,10 @@ fn bench_reports_every_scenario_as_json() {
             "20",
             "--baseline-messages",
             "2000",
+            "--open-loop-secs",
+            "1",
             "--only",
-            "S1,S3,S4",
+            "S1,S3,S4,S6",
         ])
         // The bench makes its own scratch SQLite file and broker prefix, and removes both.
         .env_remove("DATABASE_URL")
@@ -49,4 +51,15 @@ fn bench_reports_every_scenario_as_json() {
     }
     assert_eq!(scenarios[1]["jobs"], 20);
     assert_eq!(scenarios[2]["tasks"], 200);
+    // S6 at 200 jobs/s, then at half of S3's rate.
+    let open_loop = report["open_loop"].as_array().unwrap();
+    assert_eq!(open_loop.len(), 2, "{open_loop:?}");
+    assert_eq!(open_loop[0]["name"], "S6/200");
+    for rate in open_loop {
+        assert!(rate["published"].as_u64().unwrap() > 0, "{rate}");
+        assert_eq!(
+            rate["published"], rate["arrived"],
+            "every event arrived: {rate}"
+        );
+    }
 }

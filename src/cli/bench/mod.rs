@@ -6,7 +6,9 @@
 //!    statement).
 //! 2. Scenarios, each from submit to the job event, run by fresh `taskmill worker`
 //!    processes: S1 one job of N tasks, S2 one job of 10 × N, S3 1,000 jobs of 10, S4 S1
-//!    with 10% of tasks failing once, S5 S1 with 1, 2 and 4 worker processes.
+//!    with 10% of tasks failing once, S5 S1 with 1, 2 and 4 worker processes; S6
+//!    single-task jobs published at a fixed rate (200/s, and half S3's rate), each
+//!    timed from its publish to its event.
 //! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
 //!    the ratios to the baselines: the machine is shared and noisy, so ratios measured
 //!    in the same run are what compare across runs.
@@ -17,6 +19,7 @@
 mod baseline;
 mod database;
 mod fleet;
+mod open_loop;
 mod report;
 mod scenario;
 mod scratch;
@@ -26,6 +29,9 @@ use taskmill::store::Store;
 use taskmill::Config;
 
 use report::Report;
+
+/// S6's first rate, in jobs per second.
+const OPEN_LOOP_RATE: f64 = 200.0;
 use scenario::Spec;
 
 #[derive(Args, Debug)]
@@ -47,6 +53,9 @@ pub struct BenchArgs {
     /// TASKMILL_PREFETCH or 256).
     #[arg(long)]
     pub prefetch: Option<usize>,
+    /// Seconds each S6 rate publishes for.
+    #[arg(long, default_value_t = 15.0)]
+    pub open_loop_secs: f64,
     /// Messages for the broker baseline.
     #[arg(long, default_value_t = 50_000)]
     pub baseline_messages: usize,
@@ -132,13 +141,14 @@ async fn measure(
             workers,
         ));
     }
-    specs.retain(|spec| {
+    let selected = |name: &str| {
         args.only.is_empty()
             || args
                 .only
                 .iter()
-                .any(|s| spec.name.eq_ignore_ascii_case(s) || spec.name.starts_with(s.as_str()))
-    });
+                .any(|s| name.eq_ignore_ascii_case(s) || name.starts_with(s.as_str()))
+    };
+    specs.retain(|spec| selected(&spec.name));
 
     let counters = database::BenchDb::connect(&config.database_url, 1).await?;
     let bench = scenario::Bench::start(&config, counters).await?;
@@ -148,6 +158,21 @@ async fn measure(
         eprintln!("scenario {}: {}…", spec.name, spec.title);
         let result = bench.run(&spec).await?;
         report.scenarios.push(result);
+    }
+    if selected("S6") {
+        // 200 jobs/s, and half the rate S3 ended jobs at when it ran.
+        let mut rates = vec![OPEN_LOOP_RATE];
+        rates.extend(
+            report
+                .scenario("S3")
+                .map(|s3| (s3.jobs_per_s / 2.0).round()),
+        );
+        for rate in rates {
+            let name = format!("S6/{rate:.0}");
+            eprintln!("scenario {name}: single-task jobs at {rate:.0}/s…");
+            let result = bench.open_loop(&name, rate, args.open_loop_secs).await?;
+            report.open_loop.push(result);
+        }
     }
     bench.stop().await;
     Ok(report)

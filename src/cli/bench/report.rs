@@ -4,6 +4,7 @@ use serde::Serialize;
 use taskmill::Config;
 
 use super::baseline::{BrokerBaseline, DatabaseBaseline};
+use super::open_loop::OpenLoopResult;
 use super::scenario::ScenarioResult;
 
 #[derive(Debug, Serialize)]
@@ -17,6 +18,7 @@ pub struct Report {
     pub broker: BrokerBaseline,
     pub database: DatabaseBaseline,
     pub scenarios: Vec<ScenarioResult>,
+    pub open_loop: Vec<OpenLoopResult>,
 }
 
 impl Report {
@@ -40,10 +42,11 @@ impl Report {
             broker,
             database,
             scenarios: Vec::new(),
+            open_loop: Vec::new(),
         }
     }
 
-    fn scenario(&self, name: &str) -> Option<&ScenarioResult> {
+    pub fn scenario(&self, name: &str) -> Option<&ScenarioResult> {
         self.scenarios.iter().find(|s| s.name == name)
     }
 
@@ -116,6 +119,35 @@ impl Report {
                 println!(
                     "goal S2 worker peak RSS < 64 MiB:        {}",
                     opt(s2.worker_peak_rss_mib, 1)
+                );
+            }
+        }
+        if !self.open_loop.is_empty() {
+            println!();
+            println!(
+                "{:<8} {:<40} {:>9} {:>7} {:>22}",
+                "",
+                "open loop: single-task jobs",
+                "published",
+                "ended",
+                "publish → event p50/p99/max ms"
+            );
+            for s in &self.open_loop {
+                println!(
+                    "{:<8} {:<40} {:>9} {:>7} {:>22}{}",
+                    s.name,
+                    format!("{:.0} jobs/s for {:.0} s", s.jobs_per_s, s.seconds),
+                    s.published,
+                    s.arrived,
+                    format!(
+                        "{:.0}/{:.0}/{:.0}",
+                        s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+                    ),
+                    if s.arrived == s.published {
+                        ""
+                    } else {
+                        "  (events missing!)"
+                    },
                 );
             }
         }

@@ -100,11 +100,13 @@ pub struct ScenarioResult {
 }
 
 pub struct Bench {
-    config: Config,
+    pub(super) config: Config,
     counters: BenchDb,
-    client: Client,
-    events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
-    listener: std::sync::Arc<Connection>,
+    pub(super) client: Client,
+    /// Every job event seen, by job id, with when it arrived.
+    pub(super) events: Arc<Mutex<HashMap<String, (Instant, JobEvent)>>>,
+    /// The bench's own connection (events, clean-up, readiness checks).
+    pub(super) listener: std::sync::Arc<Connection>,
     api: Option<ManagementApi>,
 }
 
@@ -266,7 +268,7 @@ impl Bench {
     }
 }
 
-fn percentile(values: &mut [f64], q: f64) -> f64 {
+pub(super) fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
