@@ -791,7 +791,12 @@ async fn slow_handlers_leave_their_messages_in_the_queue(backend: Backend) {
     // Two handlers of 400 ms run five more messages a second: the pod holds 7.
     let most_held = 2 + 5;
     let mut samples = 0;
+    let deadline = Instant::now() + LONG;
     loop {
+        assert!(
+            Instant::now() < deadline,
+            "the slow job did not end within {LONG:?}"
+        );
         // The pod declares its queue as it starts, maybe after the submit.
         let Some(ready) = env.message_count_if_declared(&queue).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
