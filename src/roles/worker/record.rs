@@ -136,8 +136,13 @@ impl Runner {
     ) {
         match result {
             Ok(()) => self.acks.settle(delivery, Settlement::Ack, slot),
-            // The channel is gone: the broker returns the message by itself.
-            Err(err) if err.is_broker_connection() => {
+            // The connection is gone: the broker returns the message by itself. A publish
+            // on one of its channels may fail first with a channel error, so its status
+            // decides, and an outage is reported once, by the link, not per message.
+            Err(err)
+                if err.is_broker_connection()
+                    || !self.publisher.connection().status().connected() =>
+            {
                 tracing::debug!(%err, "task message not settled: broker connection lost");
             }
             Err(err) => {
