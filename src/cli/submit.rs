@@ -87,7 +87,14 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
         .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
         .clone();
     let watch = if args.wait {
-        Some(client.watch(&job_id).await?)
+        let watch = client.watch(&job_id).await?;
+        // A job id of the producer's own may belong to another job already: the
+        // refusal, or the stored event of an ended job, can only come to a target of
+        // the request's own. (A fresh id cannot collide; its queue is deleted at once.)
+        if args.job_id.is_some() {
+            request.on_complete = Some(watch.reply_target());
+        }
+        Some(watch)
     } else {
         None
     };
