@@ -22,7 +22,7 @@ use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{JobEvent, JobRequest, Target};
+use crate::protocol::{JobEvent, JobRequest};
 use crate::retry::Delays;
 use crate::store::{Store, StoreError};
 
@@ -49,10 +49,6 @@ pub struct Watch {
     store: Option<Store>,
     job_id: String,
     queue: String,
-    /// Set once [`Watch::reply_target`] was handed out: a second copy of the event
-    /// may still be on its way here, so the queue is left to expire, not deleted
-    /// under it (a publish to a deleted queue would come back as a failed target).
-    replied_to: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -172,7 +168,6 @@ impl Client {
             store: self.store.clone(),
             job_id: job_id.to_owned(),
             queue,
-            replied_to: Default::default(),
         })
     }
 
@@ -215,21 +210,6 @@ impl Client {
 }
 
 impl Watch {
-    /// This watch's queue as an `on_complete` target. A request that names it is
-    /// answered here even when its event cannot go to the events exchange: a request
-    /// refused because its `job_id` belongs to another job, or a resubmission of a
-    /// job that already ended. Its digest ignores the target, so a retried submit
-    /// with a new watch is still the same request. The queue then outlives the wait
-    /// by [`WATCH_EXPIRES`] instead of being deleted at once.
-    pub fn reply_target(&self) -> Target {
-        self.replied_to
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        Target {
-            exchange: String::new(),
-            routing_key: self.queue.clone(),
-        }
-    }
-
     /// Waits for the job's event, riding out lost connections (it reconnects and
     /// consumes its queue again) for as long as it takes; wrap it in a timeout to
     /// bound the wait. A rejected request is [`Error::Rejected`].
@@ -308,9 +288,6 @@ impl Watch {
 
     /// Removes the watch queue: it has served its purpose.
     async fn finish(&self, channel: &Channel) {
-        if self.replied_to.load(std::sync::atomic::Ordering::Relaxed) {
-            return crate::amqp::broker::close_channel(channel).await;
-        }
         let _ = channel
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await;

@@ -272,18 +272,6 @@ async fn a_reused_job_id_with_another_request_is_refused(backend: Backend) {
     }
     kinds.sort();
     assert_eq!(kinds, ["job.done", "job.rejected"]);
-    // `taskmill submit --wait` with that id hears the refusal instead of waiting
-    // forever, and an identical resubmission gets the ended job's event.
-    let refused = submit_and_wait(&env, "shared-id", r#"{"other":true}"#).await;
-    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("reused with a different request"),
-        "{refused:?}"
-    );
-    submit_and_wait(&env, "again-id", r#"{"n":1}"#).await;
-    let resubmitted = submit_and_wait(&env, "again-id", r#"{"n":1}"#).await;
-    assert_eq!(resubmitted.status.code(), Some(0), "{resubmitted:?}");
-    assert!(String::from_utf8_lossy(&resubmitted.stdout).contains("job.done"));
     assert_still_serving(&env, &client, "after-reuse").await;
     pod.stop().await;
 }
@@ -798,31 +786,6 @@ async fn assert_queue_bound(env: &TestEnv) {
         "{} queues, more than the bound of {bound}: {fixed:?}",
         fixed.len()
     );
-}
-
-/// `taskmill submit --job-id ID --task TASK --wait` against the test's broker and
-/// prefix; it must answer within a minute.
-async fn submit_and_wait(env: &TestEnv, job_id: &str, task: &str) -> std::process::Output {
-    let submit = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
-        .args([
-            "submit",
-            "--type",
-            builtin::ECHO,
-            "--task",
-            task,
-            "--job-id",
-            job_id,
-            "--wait",
-        ])
-        .env("AMQP_URL", &env.config.amqp_url)
-        .env("DATABASE_URL", &env.config.database_url)
-        .env("TASKMILL_PREFIX", &env.config.prefix)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(60), submit)
-        .await
-        .expect("submit --wait answers")
-        .expect("taskmill submit runs")
 }
 
 /// What `taskmill status` prints for a job.

@@ -87,14 +87,7 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
         .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
         .clone();
     let watch = if args.wait {
-        let watch = client.watch(&job_id).await?;
-        // A job id of the producer's own may belong to another job already: the
-        // refusal, or the stored event of an ended job, can only come to a target of
-        // the request's own. (A fresh id cannot collide; its queue is deleted at once.)
-        if args.job_id.is_some() {
-            request.on_complete = Some(watch.reply_target());
-        }
-        Some(watch)
+        Some(client.watch(&job_id).await?)
     } else {
         None
     };
