@@ -192,7 +192,7 @@ impl Client {
             self.topology.clone(),
             store.clone(),
         )
-        .publish_or_defer(&event)
+        .publish_or_defer(std::slice::from_ref(&event))
         .await;
         serde_json::from_value(event.body)
             .map(Some)

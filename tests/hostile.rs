@@ -24,6 +24,7 @@ static QUIET: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 on_both_backends!(
     on_complete_to_a_missing_exchange_stalls_nothing,
     params_the_database_refuses_are_decided_at_once,
+    one_refused_request_fails_none_of_its_group,
     two_hundred_delays_share_one_ladder,
     a_wait_above_the_ttl_limit_is_parked,
     an_unknown_task_type_is_answered_with_a_rejection,
@@ -150,6 +151,75 @@ async fn params_the_database_refuses_are_decided_at_once(backend: Backend) {
         }
     }
     assert_still_serving(&env, &client, "after-nul").await;
+    pod.stop().await;
+}
+
+/// Small jobs that arrive together are made in one transaction. A request in such a
+/// group that the database refuses, and two requests sharing one job id, are decided
+/// alone: every other job of the burst runs.
+async fn one_refused_request_fails_none_of_its_group(backend: Backend) {
+    const JOBS: usize = 30;
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let client = env.client().await;
+    // The burst waits in the intake queue (declared by a first pod) for a pod that
+    // takes it all at once.
+    let first = env.start(env.pod());
+    assert_still_serving(&env, &client, "before-burst").await;
+    first.stop().await;
+    let mut bad = echo_request("burst-nul", 1);
+    bad["params"] = json!({ "name": "a\u{0}b" });
+    for n in 0..JOBS {
+        publish_request(&env, &echo_request(&format!("burst-{n}"), 3)).await;
+        if n == JOBS / 2 {
+            publish_request(&env, &bad).await;
+            publish_request(&env, &echo_request("burst-shared", 2)).await;
+            publish_request(&env, &echo_request("burst-shared", 5)).await;
+        }
+    }
+    let pod = env.start(env.pod());
+    for n in 0..JOBS {
+        let job = env.wait_for_end(&format!("burst-{n}"), SOON).await;
+        assert_eq!(
+            (job.stage.as_str(), job.done_count),
+            ("done", 3),
+            "burst-{n}"
+        );
+    }
+    // Requests are taken concurrently: either of the two may make the job.
+    let shared = env.wait_for_end("burst-shared", SOON).await;
+    let rows = env.store.tasks_of_job("burst-shared").await.unwrap();
+    assert!(
+        shared.stage == "done"
+            && [2, 5].contains(&shared.task_count)
+            && rows.len() as i64 == shared.task_count,
+        "one request's tasks only: {} rows, task count {}",
+        rows.len(),
+        shared.task_count
+    );
+    let parked = wait_for_parked(&env, if backend == Backend::Postgres { 2 } else { 1 }).await;
+    assert!(
+        parked
+            .iter()
+            .any(|reason| reason.contains("reused with a different request")),
+        "{parked:?}"
+    );
+    match backend {
+        Backend::Postgres => {
+            assert!(
+                parked
+                    .iter()
+                    .any(|reason| reason.to_lowercase().contains("unicode")
+                        || reason.contains("\\u0000")),
+                "the database's reason: {parked:?}"
+            );
+            assert!(env.store.job("burst-nul").await.unwrap().is_none());
+        }
+        Backend::Sqlite => {
+            assert_eq!(env.wait_for_end("burst-nul", SOON).await.stage, "done");
+        }
+    }
+    assert_still_serving(&env, &client, "after-burst").await;
     pod.stop().await;
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::broker::{Outgoing, Publisher};
+use crate::amqp::broker::{all_confirmed, Outgoing, Publisher};
 use crate::amqp::topology::Topology;
 use crate::error::Error;
 use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED};
@@ -47,30 +47,39 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes one event (confirmed) and marks it published; its target, if any, is
-    /// tried once beside it and its fate recorded.
-    pub async fn publish(&self, event: &job_event::Model) -> Result<(), Error> {
-        let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
+    /// Publishes events to the events exchange (confirms pipelined) and marks them
+    /// published; each event's target, if any, is tried once beside it and its fate
+    /// recorded.
+    pub async fn publish(&self, events: &[job_event::Model]) -> Result<(), Error> {
         let exchange = self.topology.events_exchange();
-        let routing_key = Topology::event_routing_key(&event.kind, &event.job_id);
-        // Not mandatory: an events exchange with no listener bound is normal.
-        let pending = self
-            .publisher
-            .send(Outgoing {
-                exchange: &exchange,
-                routing_key: &routing_key,
-                body: &body,
-                mandatory: false,
-                headers: None,
-            })
-            .await?;
-        let target = match event_target(event) {
-            Some(target) => Some(self.attempt_target(event, &target, &body).await),
-            None => None,
-        };
-        pending.confirmed().await?;
-        self.store.mark_event_published(event.id, target).await?;
-        tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
+        let mut pending = Vec::with_capacity(events.len());
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
+            let routing_key = Topology::event_routing_key(&event.kind, &event.job_id);
+            // Not mandatory: an events exchange with no listener bound is normal.
+            pending.push(
+                self.publisher
+                    .send(Outgoing {
+                        exchange: &exchange,
+                        routing_key: &routing_key,
+                        body: &body,
+                        mandatory: false,
+                        headers: None,
+                    })
+                    .await?,
+            );
+            let target = match event_target(event) {
+                Some(target) => Some(self.attempt_target(event, &target, &body).await),
+                None => None,
+            };
+            outcomes.push((event.id, target));
+        }
+        all_confirmed(pending).await?;
+        self.store.mark_events_published(&outcomes).await?;
+        for event in events {
+            tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
+        }
         Ok(())
     }
 
@@ -150,10 +159,14 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes a freshly written event, leaving it to the relay on failure.
-    pub async fn publish_or_defer(&self, event: &job_event::Model) {
-        if let Err(err) = self.publish(event).await {
-            tracing::warn!(job_id = %event.job_id, %err, "job event not published yet; the relay will retry");
+    /// Publishes freshly written events, leaving them to the relay on failure.
+    pub async fn publish_or_defer(&self, events: &[job_event::Model]) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(err) = self.publish(events).await {
+            let jobs: Vec<&str> = events.iter().map(|e| e.job_id.as_str()).collect();
+            tracing::warn!(?jobs, %err, "job events not published yet; the relay will retry");
         }
     }
 
@@ -163,7 +176,7 @@ impl EventPublisher {
         let mut published = 0;
         for event in self.store.stray_events(RELAY_BATCH).await? {
             if self.store.claim_event(event.id).await? {
-                self.publish(&event).await?;
+                self.publish(std::slice::from_ref(&event)).await?;
                 published += 1;
             }
         }

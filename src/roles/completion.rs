@@ -3,16 +3,15 @@
 //! Workers count finished tasks into their jobs in the transaction that finishes them
 //! and then send a finished event (one message per batch of tasks). This role takes
 //! those events in batches (whatever the consumer has buffered, up to the prefetch)
-//! and checks each job they touch once per batch, in its own transaction
-//! ([`crate::store::Store::check_job`]), jobs in parallel. The transaction that ends a
-//! job writes its event to the outbox; the event is published after the commit, and
-//! the batch is acked only after that.
+//! and checks each job they touch once per batch: the jobs whose counters say they
+//! are over end together in one transaction ([`crate::store::Store::check_jobs`]),
+//! which writes their events to the outbox; the events are published after the
+//! commit, and the batch is acked only after that.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
@@ -25,12 +24,9 @@ use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
 use crate::error::Error;
 use crate::protocol::TasksFinished;
-use crate::store::Progress;
 
 /// Finished events taken per batch (and the consumer's prefetch).
 const BATCH: usize = 500;
-/// Jobs of one batch checked at once.
-const PARALLEL_JOBS: usize = 16;
 /// How often the outbox relay looks for events whose publisher died. The relay runs
 /// here only: every deployment runs the completion role, the one that ends jobs.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
@@ -87,17 +83,15 @@ struct Completion {
 impl Completion {
     async fn handle_batch(&self, consumer: &Consumer, batch: Vec<Delivery>) {
         // A message may report tasks of several jobs, and a job's tasks may come in
-        // several messages: group by job, and ack a message once all its jobs checked.
+        // several messages: each job is checked once per batch.
         let mut jobs_touched: BTreeSet<String> = BTreeSet::new();
         let mut decoded = Vec::with_capacity(batch.len());
         for delivery in batch {
             let finished = consumer.decode::<TasksFinished>(&delivery);
             match finished {
                 Ok(finished) => {
-                    let jobs: BTreeSet<String> =
-                        finished.tasks.into_iter().map(|t| t.job_id).collect();
-                    jobs_touched.extend(jobs.iter().cloned());
-                    decoded.push((delivery, jobs));
+                    jobs_touched.extend(finished.tasks.into_iter().map(|t| t.job_id));
+                    decoded.push(delivery);
                 }
                 Err(err) => {
                     let parked = park(
@@ -112,32 +106,27 @@ impl Completion {
                 }
             }
         }
-        let failed: BTreeSet<String> = futures::stream::iter(jobs_touched)
-            .map(|job_id| async move {
-                let ok = self.check_job(&job_id).await;
-                (!ok).then_some(job_id)
-            })
-            .buffer_unordered(PARALLEL_JOBS)
-            .filter_map(|failed| async move { failed })
-            .collect()
-            .await;
-        for (delivery, jobs) in decoded {
-            settle(&delivery, jobs.is_disjoint(&failed)).await;
+        let jobs: Vec<String> = jobs_touched.into_iter().collect();
+        let checked = self.check_jobs(&jobs).await;
+        for delivery in decoded {
+            settle(&delivery, checked).await;
         }
     }
 
-    /// Checks the job once for the whole batch and publishes its event if this ended
-    /// it. `false`: the check failed and the events go back to the queue.
-    async fn check_job(&self, job_id: &str) -> bool {
-        match self.shared.store.check_job(job_id).await {
-            Ok(Progress::Ended(event)) => {
-                tracing::info!(job_id, kind = %event.kind, "job ended");
-                self.events.publish_or_defer(&event).await;
+    /// Checks every job the batch touched, ending those that are over in one
+    /// transaction, and publishes their events. `false`: the check failed and the
+    /// batch goes back to the queue.
+    async fn check_jobs(&self, job_ids: &[String]) -> bool {
+        match self.shared.store.check_jobs(job_ids).await {
+            Ok(ended) => {
+                for event in &ended {
+                    tracing::info!(job_id = %event.job_id, kind = %event.kind, "job ended");
+                }
+                self.events.publish_or_defer(&ended).await;
                 true
             }
-            Ok(Progress::Running | Progress::NotRunning) => true,
             Err(err) => {
-                tracing::error!(job_id, %err, "completion check failed; events return to the queue");
+                tracing::error!(jobs = job_ids.len(), %err, "completion check failed; events return to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 false
             }

@@ -18,7 +18,7 @@ use sea_orm::{
 use super::error::StoreError;
 use super::handle::Store;
 use super::outbox::EVENT_CLAIM;
-use super::rows::Progress;
+use super::pg_batch::one_of;
 use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION};
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, task};
@@ -26,16 +26,74 @@ use entity::{job, job_event, task};
 const FAILED_IDS_IN_EVENT: u64 = 100;
 
 impl Store {
-    /// Ends the job if its counters say it is over: every task terminal, or a failure
-    /// under `fail_fast`. The stage change is a compare-and-set on `running` under the
-    /// job's row lock, so of any number of racing consumers exactly one ends the job.
-    pub async fn check_job(&self, job_id: &str) -> Result<Progress, StoreError> {
-        self.retrying("check job", || async {
-            let job_id = job_id.to_owned();
+    /// Ends every running job among `job_ids` whose counters say it is over, all in
+    /// one transaction, and returns their events (in the outbox, claimed by the
+    /// caller). The counters are read first without a lock: most checks find a job
+    /// still going and need no transaction at all. Those that look over are locked
+    /// and checked again, so of racing consumers exactly one ends each job.
+    pub async fn check_jobs(
+        &self,
+        job_ids: &[String],
+    ) -> Result<Vec<job_event::Model>, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let backend = self.backend();
+        let counters: Vec<Counters> = self
+            .retrying("read job counters", || async {
+                Ok(job::Entity::find()
+                    .select_only()
+                    .columns([
+                        job::Column::Id,
+                        job::Column::OnFailure,
+                        job::Column::TaskCount,
+                        job::Column::DoneCount,
+                        job::Column::FailedCount,
+                        job::Column::CancelledCount,
+                    ])
+                    .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
+                    .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+                    .into_model::<Counters>()
+                    .all(&self.db)
+                    .await?)
+            })
+            .await?;
+        let mut over: Vec<String> = counters
+            .into_iter()
+            .filter(|job| job.ending().is_some())
+            .map(|job| job.id)
+            .collect();
+        if over.is_empty() {
+            return Ok(Vec::new());
+        }
+        over.sort();
+        self.retrying("end jobs", || async {
+            let over = over.clone();
             Ok(self
                 .db
-                .transaction::<_, Progress, StoreError>(move |txn| {
-                    Box::pin(async move { check_in(txn, &job_id).await })
+                .transaction::<_, Vec<job_event::Model>, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        let mut ending = Vec::with_capacity(over.len());
+                        for job in lock_jobs(txn, &over, JobStage::Running).await? {
+                            if let Some(to) = Counters::of(&job).ending() {
+                                cancel_rest(txn, &job, JobStage::Running, to).await?;
+                                ending.push((job, to));
+                            }
+                        }
+                        let ids: Vec<String> =
+                            ending.iter().map(|(job, _)| job.id.clone()).collect();
+                        let mut counts = count_by_job_and_status(txn, &ids).await?;
+                        let mut events = Vec::with_capacity(ending.len());
+                        for (job, to) in ending {
+                            let counts = counts.remove(&job.id).unwrap_or_default();
+                            let first_error = job.first_error.clone();
+                            events.push(
+                                finish_job(txn, &job, JobStage::Running, to, first_error, counts)
+                                    .await?,
+                            );
+                        }
+                        Ok(events)
+                    })
                 })
                 .await?)
         })
@@ -72,38 +130,61 @@ impl Store {
     }
 }
 
+/// Ends the job if it is running and its counters say it is over, returning its
+/// event. The stage change is a compare-and-set on `running` under the job's row
+/// lock, so of any number of racing transactions exactly one ends the job.
 pub(super) async fn check_in<C: ConnectionTrait>(
     txn: &C,
     job_id: &str,
-) -> Result<Progress, StoreError> {
+) -> Result<Option<job_event::Model>, StoreError> {
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
-        return Ok(Progress::NotRunning);
+        return Ok(None);
     };
-    let Some(ending) = ending(&job) else {
-        return Ok(Progress::Running);
+    let Some(ending) = Counters::of(&job).ending() else {
+        return Ok(None);
     };
-    let event = end_job_with(
-        txn,
-        &job,
-        JobStage::Running,
-        ending,
-        job.first_error.clone(),
-    )
-    .await?;
-    Ok(Progress::Ended(Box::new(event)))
+    let first_error = job.first_error.clone();
+    Ok(Some(
+        end_job_with(txn, &job, JobStage::Running, ending, first_error).await?,
+    ))
 }
 
-/// The stage a running job's counters end it in, if they do: `failed` once a task
-/// failed and the job fails fast or every task is over, else `done` once every task is.
-fn ending(job: &job::Model) -> Option<JobStage> {
-    let policy = FailurePolicy::parse(&job.on_failure);
-    let all_terminal = job.done_count + job.failed_count + job.cancelled_count >= job.task_count;
-    if job.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
-        Some(JobStage::Failed)
-    } else if all_terminal {
-        Some(JobStage::Done)
-    } else {
-        None
+/// What decides whether a running job is over: its failure policy and counters.
+#[derive(FromQueryResult)]
+struct Counters {
+    id: String,
+    on_failure: String,
+    task_count: i64,
+    done_count: i64,
+    failed_count: i64,
+    cancelled_count: i64,
+}
+
+impl Counters {
+    fn of(job: &job::Model) -> Self {
+        Self {
+            id: job.id.clone(),
+            on_failure: job.on_failure.clone(),
+            task_count: job.task_count,
+            done_count: job.done_count,
+            failed_count: job.failed_count,
+            cancelled_count: job.cancelled_count,
+        }
+    }
+
+    /// The stage the counters end the job in, if they do: `failed` once a task failed
+    /// and the job fails fast or every task is over, else `done` once every task is.
+    fn ending(&self) -> Option<JobStage> {
+        let policy = FailurePolicy::parse(&self.on_failure);
+        let all_terminal =
+            self.done_count + self.failed_count + self.cancelled_count >= self.task_count;
+        if self.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
+            Some(JobStage::Failed)
+        } else if all_terminal {
+            Some(JobStage::Done)
+        } else {
+            None
+        }
     }
 }
 
@@ -128,48 +209,79 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
     to: JobStage,
     first_error: Option<String>,
 ) -> Result<job_event::Model, StoreError> {
-    let now = Utc::now();
+    cancel_rest(txn, job, from, to).await?;
+    let counts = count_by_status(txn, &job.id).await?;
+    finish_job(txn, job, from, to, first_error, counts).await
+}
+
+/// Cancels the unfinished tasks of a job ending as `to`, if it cancels them: a
+/// cancelled job, or a failed one that fails fast (or never finished forming).
+async fn cancel_rest<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    from: JobStage,
+    to: JobStage,
+) -> Result<(), StoreError> {
     let policy = FailurePolicy::parse(&job.on_failure);
-    let cancel_rest = to == JobStage::Cancelled
+    let cancels = to == JobStage::Cancelled
         || (to == JobStage::Failed
             && (policy == FailurePolicy::FailFast || from == JobStage::Formation));
-    if cancel_rest {
-        task::Entity::update_many()
-            .col_expr(
-                task::Column::Status,
-                Expr::value(TaskStatus::Cancelled.as_str()),
-            )
-            .col_expr(
-                task::Column::LeaseUntil,
-                Expr::value(Option::<chrono::DateTime<Utc>>::None),
-            )
-            .col_expr(task::Column::FinishedAt, Expr::value(now))
-            .col_expr(
-                task::Column::Version,
-                Expr::col(task::Column::Version).add(1),
-            )
-            .col_expr(task::Column::UpdatedAt, Expr::value(now))
-            .filter(task::Column::JobId.eq(job.id.as_str()))
-            .filter(task::Column::Status.is_in([
-                TaskStatus::Pending.as_str(),
-                TaskStatus::Running.as_str(),
-                TaskStatus::Retrying.as_str(),
-            ]))
-            .exec(txn)
-            .await?;
+    if !cancels {
+        return Ok(());
     }
-    let counts = count_by_status(txn, &job.id).await?;
-    let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
-    let failed_task_ids: Vec<i64> = task::Entity::find()
-        .select_only()
-        .column(task::Column::Id)
+    let now = Utc::now();
+    task::Entity::update_many()
+        .col_expr(
+            task::Column::Status,
+            Expr::value(TaskStatus::Cancelled.as_str()),
+        )
+        .col_expr(
+            task::Column::LeaseUntil,
+            Expr::value(Option::<chrono::DateTime<Utc>>::None),
+        )
+        .col_expr(task::Column::FinishedAt, Expr::value(now))
+        .col_expr(
+            task::Column::Version,
+            Expr::col(task::Column::Version).add(1),
+        )
+        .col_expr(task::Column::UpdatedAt, Expr::value(now))
         .filter(task::Column::JobId.eq(job.id.as_str()))
-        .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
-        .order_by_asc(task::Column::Id)
-        .limit(FAILED_IDS_IN_EVENT)
-        .into_tuple()
-        .all(txn)
+        .filter(task::Column::Status.is_in([
+            TaskStatus::Pending.as_str(),
+            TaskStatus::Running.as_str(),
+            TaskStatus::Retrying.as_str(),
+        ]))
+        .exec(txn)
         .await?;
+    Ok(())
+}
+
+/// The stage change, final counts (`counts`: the job's tasks by status) and outbox
+/// event of [`end_job_with`], once what it cancels is cancelled.
+async fn finish_job<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    from: JobStage,
+    to: JobStage,
+    first_error: Option<String>,
+    counts: BTreeMap<String, i64>,
+) -> Result<job_event::Model, StoreError> {
+    let now = Utc::now();
+    let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
+    let failed_task_ids: Vec<i64> = if count_of(TaskStatus::Failed) == 0 {
+        Vec::new()
+    } else {
+        task::Entity::find()
+            .select_only()
+            .column(task::Column::Id)
+            .filter(task::Column::JobId.eq(job.id.as_str()))
+            .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
+            .order_by_asc(task::Column::Id)
+            .limit(FAILED_IDS_IN_EVENT)
+            .into_tuple()
+            .all(txn)
+            .await?
+    };
     let ended = job::Entity::update_many()
         .col_expr(job::Column::Stage, Expr::value(to.as_str()))
         .col_expr(
@@ -223,25 +335,51 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
         created_at: Set(now),
         ..Default::default()
     };
-    job_event::Entity::insert(row)
+    let inserted = job_event::Entity::insert(row)
         .on_conflict(
             OnConflict::column(job_event::Column::JobId)
                 .do_nothing()
                 .to_owned(),
         )
-        .exec_without_returning(txn)
-        .await?;
-    job_event::Entity::find()
-        .filter(job_event::Column::JobId.eq(job.id.as_str()))
-        .one(txn)
-        .await?
-        .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+        .exec_with_returning(txn)
+        .await;
+    match inserted {
+        Ok(event) => Ok(event),
+        // The event of a job that ended before (and was restored, say) stands.
+        Err(sea_orm::DbErr::RecordNotInserted | sea_orm::DbErr::RecordNotFound(_)) => {
+            job_event::Entity::find()
+                .filter(job_event::Column::JobId.eq(job.id.as_str()))
+                .one(txn)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 #[derive(FromQueryResult)]
 struct StatusCount {
     status: String,
     count: i64,
+}
+
+/// Takes the row locks of those of `job_ids` at `stage` in one statement (as
+/// [`lock_job`] does for one) and returns their rows.
+async fn lock_jobs<C: ConnectionTrait>(
+    txn: &C,
+    job_ids: &[String],
+    stage: JobStage,
+) -> Result<Vec<job::Model>, StoreError> {
+    Ok(job::Entity::update_many()
+        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(one_of(
+            txn.get_database_backend(),
+            job::Column::Id,
+            job_ids.to_vec(),
+        ))
+        .filter(job::Column::Stage.eq(stage.as_str()))
+        .exec_with_returning(txn)
+        .await?)
 }
 
 /// Takes the job's row lock (a no-op UPDATE) if it is at `stage`, and returns it.
@@ -259,6 +397,46 @@ pub(super) async fn lock_job<C: ConnectionTrait>(
         .exec_with_returning(txn)
         .await?;
     Ok(rows.into_iter().next())
+}
+
+#[derive(FromQueryResult)]
+struct JobStatusCount {
+    job_id: String,
+    status: String,
+    count: i64,
+}
+
+/// [`count_by_status`] for several jobs in one query, by job id.
+async fn count_by_job_and_status<C: ConnectionTrait>(
+    db: &C,
+    job_ids: &[String],
+) -> Result<BTreeMap<String, BTreeMap<String, i64>>, sea_orm::DbErr> {
+    let mut by_job: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    if job_ids.is_empty() {
+        return Ok(by_job);
+    }
+    let counts = task::Entity::find()
+        .select_only()
+        .column(task::Column::JobId)
+        .column(task::Column::Status)
+        .column_as(Expr::col(task::Column::Id).count(), "count")
+        .filter(one_of(
+            db.get_database_backend(),
+            task::Column::JobId,
+            job_ids.to_vec(),
+        ))
+        .group_by(task::Column::JobId)
+        .group_by(task::Column::Status)
+        .into_model::<JobStatusCount>()
+        .all(db)
+        .await?;
+    for count in counts {
+        by_job
+            .entry(count.job_id)
+            .or_default()
+            .insert(count.status, count.count);
+    }
+    Ok(by_job)
 }
 
 pub(super) async fn count_by_status<C: ConnectionTrait>(
@@ -332,7 +510,7 @@ mod tests {
         for ((policy, tasks, done, failed, cancelled), stage) in cases {
             let job = job(policy, tasks, done, failed, cancelled);
             assert_eq!(
-                ending(&job),
+                Counters::of(&job).ending(),
                 stage,
                 "{policy:?} {tasks} tasks, {done} done, {failed} failed, {cancelled} cancelled"
             );

@@ -1,18 +1,21 @@
 //! Job rows: creation (idempotent on the job id), task-row insertion, the move from
 //! `formation` to `running`, and read-only views for status and tests.
 
-use chrono::Utc;
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    TransactionTrait,
 };
 
 use super::error::StoreError;
 use super::handle::Store;
 use super::job_ends::{self, count_by_status, lock_job};
-use super::pg_batch;
-use super::rows::{JobStatus, NewJob, NewTask, Progress, StartOutcome};
+use super::pg_batch::{self, one_of};
+use super::rows::{JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, task};
 
@@ -26,37 +29,8 @@ impl Store {
     /// Inserts the job in `formation`. Returns `None` when it was created, or the
     /// existing row when a job with this id exists (a duplicate request).
     pub async fn create_job(&self, new: &NewJob) -> Result<Option<job::Model>, StoreError> {
-        let on_complete = new
-            .on_complete
-            .as_ref()
-            .map(|target| serde_json::to_value(target).expect("a target serializes"));
         self.retrying("create job", || async {
-            let now = Utc::now();
-            let row = job::ActiveModel {
-                id: Set(new.id.clone()),
-                job_type: Set(new.job_type.clone()),
-                queue: Set(new.queue.clone()),
-                stage: Set(JobStage::Formation.as_str().to_owned()),
-                params: Set(new.params.clone()),
-                max_retries: Set(new.max_retries),
-                retry_delay_ms: Set(new.retry_delay_ms),
-                on_failure: Set(new.on_failure.as_str().to_owned()),
-                task_count: Set(0),
-                first_task_id: Set(None),
-                done_count: Set(0),
-                failed_count: Set(0),
-                cancelled_count: Set(0),
-                first_error: Set(None),
-                on_complete: Set(on_complete.clone()),
-                tasks_published: Set(false),
-                created_at: Set(now),
-                updated_at: Set(now),
-                started_at: Set(None),
-                finished_at: Set(None),
-                request_digest: Set(Some(new.request_digest.clone())),
-                task_timeout_ms: Set(new.task_timeout_ms),
-            };
-            let inserted = job::Entity::insert(row)
+            let inserted = job::Entity::insert(job_row(new, JobStage::Formation, 0, Utc::now()))
                 .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
                 .exec_without_returning(&self.db)
                 .await?;
@@ -72,6 +46,69 @@ impl Store {
         .await
     }
 
+    /// Creates several jobs whole — each `running` at once, with every task row — in
+    /// one transaction: what small jobs cost when many arrive together. Returns, for
+    /// each job in order, the `(id, ordinal)` of its task rows, or `None` when a job
+    /// with its id exists already (left as it is: the caller takes the path of a
+    /// duplicate request). A retry after a commit whose answer was lost finds every job
+    /// existing, so nothing is created twice. Each job needs at least one task: a job
+    /// without tasks ends at once ([`Store::start_job`]).
+    pub async fn create_whole_jobs(
+        &self,
+        jobs: &[WholeJob],
+    ) -> Result<Vec<Option<Vec<(i64, i32)>>>, StoreError> {
+        let backend = self.backend();
+        self.retrying("create whole jobs", || async {
+            let txn = self.db.begin().await?;
+            let now = Utc::now();
+            let rows = jobs.iter().map(|whole| {
+                let mut row = job_row(&whole.job, JobStage::Running, whole.tasks.len(), now);
+                row.started_at = Set(Some(now));
+                row
+            });
+            let created: HashSet<String> = match job::Entity::insert_many(rows)
+                .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
+                .exec_with_returning_keys(&txn)
+                .await
+            {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(DbErr::RecordNotInserted) => HashSet::new(),
+                Err(err) => return Err(err.into()),
+            };
+            let mut results = Vec::with_capacity(jobs.len());
+            // A job's first task id, from the rows just inserted: asked of the table,
+            // `MIN(id)` for a new job is planned as a walk up the primary key from the
+            // oldest task, which grows with every task ever stored.
+            let mut first_ids = CaseStatement::new();
+            for whole in jobs {
+                if !created.contains(&whole.job.id) {
+                    results.push(None);
+                    continue;
+                }
+                let rows =
+                    insert_task_rows(&txn, backend, &whole.job.id, &whole.tasks, now).await?;
+                if let Some(first) = rows.iter().map(|(id, _)| *id).min() {
+                    first_ids = first_ids.case(job::Column::Id.eq(whole.job.id.as_str()), first);
+                }
+                results.push(Some(rows));
+            }
+            if !created.is_empty() {
+                job::Entity::update_many()
+                    .col_expr(job::Column::FirstTaskId, Expr::Case(Box::new(first_ids)))
+                    .filter(one_of(
+                        backend,
+                        job::Column::Id,
+                        created.into_iter().collect::<Vec<_>>(),
+                    ))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
+            Ok(results)
+        })
+        .await
+    }
+
     /// Inserts task rows and returns `(id, ordinal)` of the rows it inserted; rows
     /// whose ordinal already exists are skipped, so a resumed intake can insert the
     /// same batch again.
@@ -83,24 +120,7 @@ impl Store {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let now = Utc::now();
-        let rows = if self.backend() == DatabaseBackend::Postgres {
-            self.db
-                .query_all_raw(pg_batch::insert_tasks(job_id, tasks, now))
-                .await?
-        } else {
-            self.db
-                .query_all(&insert_statement(job_id, tasks, now))
-                .await?
-        };
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get::<i64>("", "id")?,
-                    row.try_get::<i32>("", "ordinal")?,
-                ))
-            })
-            .collect()
+        insert_task_rows(&self.db, self.backend(), job_id, tasks, Utc::now()).await
     }
 
     /// Moves a job from `formation` to `running` with its task count, in one
@@ -170,8 +190,8 @@ impl Store {
                         })?;
                         // Tasks published while the job was forming may all have
                         // finished: their finished events found it not yet running.
-                        if let Progress::Ended(event) = job_ends::check_in(txn, &job_id).await? {
-                            return Ok(StartOutcome::Ended(*event));
+                        if let Some(event) = job_ends::check_in(txn, &job_id).await? {
+                            return Ok(StartOutcome::Ended(event));
                         }
                         Ok(StartOutcome::Running(job))
                     })
@@ -205,13 +225,14 @@ impl Store {
         .await
     }
 
-    /// Records that every task message of the job was published, so that a redelivered
+    /// Records that every task message of the jobs was published, so that a redelivered
     /// request does not publish them again.
-    pub(crate) async fn mark_tasks_published(&self, job_id: &str) -> Result<(), StoreError> {
+    pub(crate) async fn mark_tasks_published(&self, job_ids: &[String]) -> Result<(), StoreError> {
+        let backend = self.backend();
         self.retrying("mark tasks published", || async {
             job::Entity::update_many()
                 .col_expr(job::Column::TasksPublished, Expr::value(true))
-                .filter(job::Column::Id.eq(job_id))
+                .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
                 .exec(&self.db)
                 .await?;
             Ok(())
@@ -282,6 +303,68 @@ impl Store {
         })
         .await
     }
+}
+
+/// A job's row as the intake creates it, at `stage` with `task_count` tasks.
+fn job_row(
+    new: &NewJob,
+    stage: JobStage,
+    task_count: usize,
+    now: DateTime<Utc>,
+) -> job::ActiveModel {
+    let on_complete = new
+        .on_complete
+        .as_ref()
+        .map(|target| serde_json::to_value(target).expect("a target serializes"));
+    job::ActiveModel {
+        id: Set(new.id.clone()),
+        job_type: Set(new.job_type.clone()),
+        queue: Set(new.queue.clone()),
+        stage: Set(stage.as_str().to_owned()),
+        params: Set(new.params.clone()),
+        max_retries: Set(new.max_retries),
+        retry_delay_ms: Set(new.retry_delay_ms),
+        on_failure: Set(new.on_failure.as_str().to_owned()),
+        task_count: Set(task_count as i64),
+        first_task_id: Set(None),
+        done_count: Set(0),
+        failed_count: Set(0),
+        cancelled_count: Set(0),
+        first_error: Set(None),
+        on_complete: Set(on_complete),
+        tasks_published: Set(false),
+        created_at: Set(now),
+        updated_at: Set(now),
+        started_at: Set(None),
+        finished_at: Set(None),
+        request_digest: Set(Some(new.request_digest.clone())),
+        task_timeout_ms: Set(new.task_timeout_ms),
+    }
+}
+
+/// Inserts task rows (skipping ordinals that exist) and returns `(id, ordinal)` of
+/// those it inserted: one statement.
+async fn insert_task_rows<C: ConnectionTrait>(
+    db: &C,
+    backend: DatabaseBackend,
+    job_id: &str,
+    tasks: &[NewTask],
+    now: DateTime<Utc>,
+) -> Result<Vec<(i64, i32)>, StoreError> {
+    let rows = if backend == DatabaseBackend::Postgres {
+        db.query_all_raw(pg_batch::insert_tasks(job_id, tasks, now))
+            .await?
+    } else {
+        db.query_all(&insert_statement(job_id, tasks, now)).await?
+    };
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i64>("", "id")?,
+                row.try_get::<i32>("", "ordinal")?,
+            ))
+        })
+        .collect()
 }
 
 /// The portable form of [`Store::insert_tasks`]: one multi-row INSERT.

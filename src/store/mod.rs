@@ -23,7 +23,7 @@ pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use pools::SilentPool;
 pub use rows::{
-    Claim, JobStatus, NewJob, NewTask, Progress, StartOutcome, TaskOutcome, Transition,
+    Claim, JobStatus, NewJob, NewTask, StartOutcome, TaskOutcome, Transition, WholeJob,
 };
 pub use stuck::SWEEP_WRITE_BATCH;
 

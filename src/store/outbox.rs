@@ -11,6 +11,7 @@ use sea_orm::{
 
 use super::error::StoreError;
 use super::handle::Store;
+use super::pg_batch::one_of;
 use crate::clock;
 use entity::job_event;
 
@@ -106,23 +107,37 @@ impl Store {
         .await
     }
 
-    /// Marks an event confirmed by the events exchange, with what became of its target
-    /// (if it has one) on the same try.
-    pub async fn mark_event_published(
+    /// Marks events confirmed by the events exchange, each with what became of its
+    /// target (if it has one) on the same try: one statement for all the events
+    /// without a target, one for each with.
+    pub async fn mark_events_published(
         &self,
-        event_id: i64,
-        target: Option<TargetOutcome>,
+        events: &[(i64, Option<TargetOutcome>)],
     ) -> Result<(), StoreError> {
-        self.retrying("mark event published", || async {
-            let mut update = job_event::Entity::update_many()
-                .col_expr(job_event::Column::PublishedAt, Expr::value(Utc::now()));
-            if let Some(target) = &target {
-                update = target.apply(update);
+        let plain: Vec<i64> = events
+            .iter()
+            .filter(|(_, target)| target.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        let backend = self.backend();
+        self.retrying("mark events published", || async {
+            let now = Utc::now();
+            if !plain.is_empty() {
+                job_event::Entity::update_many()
+                    .col_expr(job_event::Column::PublishedAt, Expr::value(now))
+                    .filter(one_of(backend, job_event::Column::Id, plain.clone()))
+                    .exec(&self.db)
+                    .await?;
             }
-            update
-                .filter(job_event::Column::Id.eq(event_id))
-                .exec(&self.db)
-                .await?;
+            for (id, target) in events {
+                let Some(target) = target else { continue };
+                target
+                    .apply(job_event::Entity::update_many())
+                    .col_expr(job_event::Column::PublishedAt, Expr::value(now))
+                    .filter(job_event::Column::Id.eq(*id))
+                    .exec(&self.db)
+                    .await?;
+            }
             Ok(())
         })
         .await

@@ -45,6 +45,15 @@ pub struct NewTask {
     pub payload: Value,
 }
 
+/// A job made in one go: its row and every task row ([`Store::create_whole_jobs`](super::handle::Store::create_whole_jobs)).
+#[derive(Clone, Debug)]
+pub struct WholeJob {
+    /// The job.
+    pub job: NewJob,
+    /// All its tasks, at least one.
+    pub tasks: Vec<NewTask>,
+}
+
 /// What [`Store::start_job`](super::handle::Store::start_job) did.
 #[derive(Debug)]
 pub enum StartOutcome {
@@ -106,15 +115,4 @@ pub struct Transition {
     pub attempt: i32,
     /// How it ended.
     pub outcome: TaskOutcome,
-}
-
-/// What a completion check did to a job.
-#[derive(Debug)]
-pub enum Progress {
-    /// The job is not running (already ended, or still forming): nothing to count.
-    NotRunning,
-    /// The job goes on.
-    Running,
-    /// This check ended the job; the event is in the outbox, claimed by the caller.
-    Ended(Box<job_event::Model>),
 }

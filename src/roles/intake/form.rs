@@ -1,9 +1,11 @@
-//! Forming a job: the checks a request must pass to become a job, its rows inserted
-//! in adaptive batches, and its task messages published as each batch commits.
+//! Forming a job: the checks a request must pass to become a job; a small job handed
+//! to the group former ([`super::group`]), a larger one's rows inserted in adaptive
+//! batches with its task messages published as each batch commits.
 
 use lapin::message::Delivery;
 use serde_json::value::RawValue;
 
+use super::group::{Grouped, WHOLE_JOB_TASKS};
 use super::{Intake, Rejection};
 use crate::amqp::broker::Pending;
 use crate::amqp::dispatch;
@@ -11,7 +13,7 @@ use crate::error::Error;
 use crate::protocol::{self, JobRequest, JobSettings, Target, TaskMessage};
 use crate::retry::Delays;
 use crate::state::JobStage;
-use crate::store::{job, NewJob, NewTask, StartOutcome};
+use crate::store::{job, NewJob, NewTask, StartOutcome, WholeJob};
 
 /// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4), as
 /// in the original, and doubled after each success up to `MAX_BATCH`, so a large job
@@ -103,6 +105,15 @@ impl Intake {
             request_digest: digest,
             task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
         };
+        if (1..=WHOLE_JOB_TASKS).contains(&payloads.len()) {
+            let whole = WholeJob {
+                tasks: new_tasks(&task_type, payloads, 0)?,
+                job: new_job.clone(),
+            };
+            if let Grouped::Formed = self.groups.form(whole).await? {
+                return Ok(());
+            }
+        }
         let job = match self.shared.store.create_job(&new_job).await? {
             None => {
                 tracing::info!(job_id, job_type = %request.job_type, tasks = payloads.len(), "job created");
@@ -181,7 +192,10 @@ impl Intake {
             .map_err(Error::from)?;
         self.insert_adaptively(job, task_type, payloads).await?;
         if !resumed {
-            self.shared.store.mark_tasks_published(&job.id).await?;
+            self.shared
+                .store
+                .mark_tasks_published(std::slice::from_ref(&job.id))
+                .await?;
         }
         match self
             .shared
@@ -191,7 +205,7 @@ impl Intake {
         {
             StartOutcome::Running(started) => Ok(resumed.then_some(started)),
             StartOutcome::Ended(event) => {
-                self.events.publish_or_defer(&event).await;
+                self.events.publish_or_defer(&[event]).await;
                 Ok(None)
             }
         }
@@ -222,18 +236,7 @@ impl Intake {
                 self.check_still_forming(&job.id).await?;
             }
             let end = (done + batch).min(payloads.len());
-            let tasks = payloads[done..end]
-                .iter()
-                .enumerate()
-                .map(|(offset, raw)| {
-                    Ok(NewTask {
-                        ordinal: (done + offset) as i32,
-                        task_type: task_type.to_owned(),
-                        payload: serde_json::from_str(raw.get())?,
-                    })
-                })
-                .collect::<Result<Vec<_>, serde_json::Error>>()
-                .map_err(|err| Rejection::Park(format!("malformed task payload: {err}")))?;
+            let tasks = new_tasks(task_type, &payloads[done..end], done)?;
             match self.shared.store.insert_tasks(&job.id, &tasks).await {
                 Ok(inserted) => {
                     let mut pending = Vec::with_capacity(inserted.len());
@@ -319,7 +322,10 @@ impl Intake {
             }
             crate::amqp::broker::all_confirmed(pending).await?;
         }
-        self.shared.store.mark_tasks_published(&job.id).await?;
+        self.shared
+            .store
+            .mark_tasks_published(std::slice::from_ref(&job.id))
+            .await?;
         tracing::info!(job_id = %job.id, tasks = job.task_count, pool = %job.queue, "job tasks published");
         Ok(())
     }
@@ -336,6 +342,26 @@ impl Intake {
         let message = TaskMessage::new(job, task_id, task_type, payload, 1);
         Ok(dispatch::send_task(&self.publisher, &self.shared.topology, pool, &message).await?)
     }
+}
+
+/// The rows of `payloads`, numbered from `first_ordinal`.
+fn new_tasks(
+    task_type: &str,
+    payloads: &[Box<RawValue>],
+    first_ordinal: usize,
+) -> Result<Vec<NewTask>, Rejection> {
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(offset, raw)| {
+            Ok(NewTask {
+                ordinal: (first_ordinal + offset) as i32,
+                task_type: task_type.to_owned(),
+                payload: serde_json::from_str(raw.get())?,
+            })
+        })
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map_err(|err| Rejection::Park(format!("malformed task payload: {err}")))
 }
 
 /// The batch after one that landed: twice as large, up to [`MAX_BATCH`].

@@ -1,15 +1,19 @@
 //! Intake: turns job requests into a job row, task rows and task messages.
 //!
-//! Per request: decode and check it (or park it), create the job in `formation`
-//! (idempotent on the job id), insert its task rows in adaptive batches — publishing
-//! each batch's task messages, confirmed, as soon as its rows are committed, so that
-//! workers start on a large job while the rest of it is stored — then move it to
-//! `running` with its task count in one transaction, and only then ack. A redelivered
-//! request for an existing job resumes where the last attempt stopped instead of
-//! duplicating anything. This file takes requests and settles them; [`form`] makes
-//! the job.
+//! Per request: decode and check it (or park it). A job of at most
+//! [`group::WHOLE_JOB_TASKS`] tasks goes to the group former, which makes the small jobs
+//! of every request waiting at that moment in one transaction, `running` at once, and
+//! publishes their task messages. A larger job is created in `formation` (idempotent on
+//! the job id), its task rows inserted in adaptive batches — publishing each batch's
+//! task messages, confirmed, as soon as its rows are committed, so that workers start
+//! on a large job while the rest of it is stored — then moved to `running` with its
+//! task count in one transaction. Either way the request is acked only then. A
+//! redelivered request for an existing job resumes where the last attempt stopped
+//! instead of duplicating anything. This file takes requests and settles them;
+//! [`form`] makes the job, [`group`] many at once.
 
 mod form;
+mod group;
 
 use std::sync::Arc;
 
@@ -19,6 +23,7 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use self::group::GroupFormer;
 use super::shared::{take_slot, Shared};
 use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{BrokerError, Publisher};
@@ -67,6 +72,11 @@ pub(crate) async fn run(
         events,
         queue: consumer.queue().to_owned(),
         shutdown: shutdown.clone(),
+        groups: GroupFormer::start(
+            publisher.clone(),
+            shared.topology.clone(),
+            shared.store.clone(),
+        ),
     });
     while let Some(delivery) = consumer.next(&shutdown).await? {
         let Some(slot) = take_slot(&slots, &shutdown).await else {
@@ -93,6 +103,7 @@ struct Intake {
     events: EventPublisher,
     queue: String,
     shutdown: CancellationToken,
+    groups: GroupFormer,
 }
 
 /// How a request is settled.
@@ -106,25 +117,32 @@ enum Settle {
 enum Rejection {
     /// The request itself is bad: park it.
     Park(String),
-    /// Something failed on the way: [`Error::is_transient`] decides what next.
-    Retry(Error),
+    /// Something failed on the way: [`Error::is_transient`] decides what next. Shared:
+    /// a failure of a group of jobs reaches every request of the group.
+    Retry(Arc<Error>),
+}
+
+impl From<Arc<Error>> for Rejection {
+    fn from(err: Arc<Error>) -> Self {
+        Self::Retry(err)
+    }
 }
 
 impl From<Error> for Rejection {
     fn from(err: Error) -> Self {
-        Self::Retry(err)
+        Self::Retry(Arc::new(err))
     }
 }
 
 impl From<crate::store::StoreError> for Rejection {
     fn from(err: crate::store::StoreError) -> Self {
-        Self::Retry(err.into())
+        Error::from(err).into()
     }
 }
 
 impl From<crate::amqp::broker::BrokerError> for Rejection {
     fn from(err: crate::amqp::broker::BrokerError) -> Self {
-        Self::Retry(err.into())
+        Error::from(err).into()
     }
 }
 
@@ -162,7 +180,7 @@ impl Intake {
             if !err.is_transient() {
                 break Err(err.to_string());
             }
-            if let Error::Broker(BrokerError::Returned { .. }) = err {
+            if let Error::Broker(BrokerError::Returned { .. }) = *err {
                 // A queue this process declared is gone: declare it again.
                 self.shared.topology.forget_declared();
             }
@@ -238,7 +256,7 @@ impl Intake {
             .is_ok_and(|request| job.request_digest.as_deref() == Some(request.digest().as_str()));
         if ours && job.stage == JobStage::Formation.as_str() {
             match self.shared.store.fail_formation(&job.id, reason).await {
-                Ok(Some(event)) => self.events.publish_or_defer(&event).await,
+                Ok(Some(event)) => self.events.publish_or_defer(&[event]).await,
                 Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(job_id = %job.id, %err, "could not fail the formation of a parked request; the sweeper will")

@@ -39,7 +39,6 @@ use crate::amqp::broker::Publisher;
 use crate::amqp::events::EventPublisher;
 use crate::clock;
 use crate::error::Error;
-use crate::store::Progress;
 
 const LEASE_NAME: &str = "sweeper";
 
@@ -147,12 +146,10 @@ impl Sweeper {
             total.add(report);
         }
         let quiet_since = clock::ago(config.stuck_after);
-        for job_id in self.shared.store.jobs_due_for_check(quiet_since).await? {
-            if let Progress::Ended(event) = self.shared.store.check_job(&job_id).await? {
-                total.jobs_checked += 1;
-                self.events.publish_or_defer(&event).await;
-            }
-        }
+        let due = self.shared.store.jobs_due_for_check(quiet_since).await?;
+        let ended = self.shared.store.check_jobs(&due).await?;
+        total.jobs_checked += ended.len();
+        self.events.publish_or_defer(&ended).await;
         let formation_deadline = clock::ago(config.formation_timeout);
         for job in self
             .shared
@@ -166,7 +163,9 @@ impl Sweeper {
             );
             if let Some(event) = self.shared.store.fail_formation(&job.id, &reason).await? {
                 total.formations_failed += 1;
-                self.events.publish_or_defer(&event).await;
+                self.events
+                    .publish_or_defer(std::slice::from_ref(&event))
+                    .await;
             }
         }
         self.warn_of_silent_pools().await?;
