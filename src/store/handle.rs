@@ -43,6 +43,14 @@ impl Store {
             .map_sqlx_sqlite_opts(|opts| {
                 opts.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .busy_timeout(Duration::from_secs(30))
+            })
+            // Statements are prepared once per connection, and PostgreSQL keeps the
+            // generic plan it chose for the table as it was then: prepared while the
+            // tasks table was nearly empty, the batch UPDATEs kept scanning the whole
+            // table per batch as it grew (until an ANALYZE, which may never come),
+            // 4,700 pages per call at 110,000 rows. Plan every execution for its values.
+            .map_sqlx_postgres_opts(|opts| {
+                opts.options([("plan_cache_mode", "force_custom_plan")])
             });
         let db =
             crate::retry::transient("connect to database", StoreError::db_is_transient, || {
