@@ -797,20 +797,23 @@ async fn slow_handlers_leave_their_messages_in_the_queue(backend: Backend) {
             Instant::now() < deadline,
             "the slow job did not end within {LONG:?}"
         );
+        // Once the job says so, every task message is published and confirmed: asked
+        // first, so that the queue's count read next is of the published messages (read
+        // before, it may predate the publish and count all 40 as held).
+        let job = env.store.job(&job_id).await.unwrap();
+        let published = job.is_some_and(|job| job.tasks_published);
         // The pod declares its queue as it starts, maybe after the submit.
         let Some(ready) = env.message_count_if_declared(&queue).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let ready = ready as usize;
+        // Read last: tasks finishing meanwhile only lower the count of held messages.
         let rows = env.store.tasks_of_job(&job_id).await.unwrap();
         let finished = rows.iter().filter(|r| r.status == "done").count();
         if rows.len() == TASKS && finished == TASKS {
             break;
         }
-        // Once the job says so, every task message is published and confirmed.
-        let job = env.store.job(&job_id).await.unwrap();
-        let published = job.is_some_and(|job| job.tasks_published);
         if published && finished < TASKS {
             let held = TASKS - finished - ready;
             assert!(
