@@ -173,7 +173,11 @@ impl Intake {
                 Err(Rejection::Park(reason)) => break Err(reason),
                 Err(Rejection::Retry(err)) => err,
             };
-            if err.is_broker_connection() {
+            // A publish on a dead connection's channel may fail first with a channel
+            // error: the connection's status decides. Retrying there would race the
+            // redelivered copy on the new connection (and, once that copy has made the
+            // job, try to park this one as "left formation").
+            if err.is_broker_connection() || !self.publisher.connection().status().connected() {
                 tracing::debug!(%err, "job request left to redelivery: broker connection lost");
                 return;
             }
