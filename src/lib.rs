@@ -30,6 +30,7 @@ pub use config::{Config, QueueType};
 pub use error::Error;
 pub use pod::{Pod, PodBuilder, Roles};
 pub use registry::{Registry, TaskContext, TaskError};
+pub use roles::intake::FEED_DEPTH;
 
 pub use protocol::{FailurePolicy, JobEvent, JobRequest, Target};
 

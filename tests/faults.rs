@@ -46,6 +46,7 @@ on_both_backends!(
     bad_input_flood_is_parked,
     closed_connections_are_ridden_out,
     a_poison_task_fails_alone,
+    a_killed_feeder_is_taken_over,
 );
 
 mod postgres_only {
@@ -397,6 +398,29 @@ async fn poison_pod() {
 // ---------------------------------------------------------------- the checks
 
 /// Waits for the jobs to end, then checks every invariant; returns a summary.
+/// The pod feeding a large job is killed once its request is acked: the job's
+/// messages are half out, and no request will come back to finish them. Another pod's
+/// intake takes the feeder's lease once it expires and feeds the rest.
+async fn a_killed_feeder_is_taken_over(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut feeder = Fleet::start(&env, 1, &["--roles", "intake"]).await;
+    let job_id = submit(&env, builtin::ECHO, (0..5_000).map(|n| json!(n)).collect()).await;
+    env.wait_for_feeding(&job_id, JOB_TIMEOUT).await;
+    feeder.kill_9(0).await;
+
+    let mut fleet = Fleet::start(&env, 2, &[]).await;
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(
+        rows.iter().all(|row| row.attempts == 1),
+        "the copies a takeover publishes claim nothing"
+    );
+    fleet.stop_all().await;
+    eprintln!("feeder killed: 5000 tasks, {report}");
+}
+
 async fn check_invariants(
     env: &TestEnv,
     jobs: &[(&str, &str)],

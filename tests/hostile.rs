@@ -725,9 +725,10 @@ async fn a_deleted_delay_queue_is_declared_again(backend: Backend) {
 }
 
 /// The job leaves `formation` while its intake is still storing it (the sweeper's
-/// formation timeout; here a trigger fails it once task 100 is stored): the intake
-/// stops and parks the request, and the tasks it had already published are not run
-/// and move no counter.
+/// formation timeout; here a trigger fails it as task 100 is stored): the batch that
+/// found it so is not stored, the intake stops and parks the request, the job ends
+/// `failed`, and no task of it is left to run: each is done (it ran while the job was
+/// forming, and is counted) or cancelled.
 async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
@@ -750,7 +751,8 @@ async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Back
     publish_request(&env, &echo_request("cut-short", 2000)).await;
     let parked = wait_for_parked(&env, 1).await;
     assert!(parked[0].contains("left formation"), "{}", parked[0]);
-    // What was published before the check reaches the workers and is not run.
+    env.wait_for_end("cut-short", SOON).await;
+    // What was published before the job failed reaches the workers and is not run.
     let queue = env.topology().work_queue("default");
     common::wait_until(SOON, || async { env.message_count(&queue).await == 0 }).await;
     let rows = env.store.tasks_of_job("cut-short").await.unwrap();
@@ -760,14 +762,19 @@ async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Back
         rows.len()
     );
     assert!(
+        rows.iter().all(|row| row.ordinal < 100),
+        "the batch that found the job failed stored nothing"
+    );
+    let done = rows.iter().filter(|row| row.status == "done").count() as i64;
+    assert!(
         rows.iter()
-            .all(|row| row.status == "pending" && row.attempts == 0),
-        "no task of the failed job ran"
+            .all(|row| row.status == "done" || row.status == "cancelled"),
+        "no task of the failed job is left to run"
     );
     let job = env.store.job("cut-short").await.unwrap().unwrap();
     assert_eq!(
         (job.stage.as_str(), job.done_count, job.failed_count),
-        ("failed", 0, 0)
+        ("failed", done, 0)
     );
     assert_still_serving(&env, &client, "after-cut").await;
     pod.stop().await;

@@ -33,6 +33,7 @@ on_both_backends!(
     coalesced_acks_never_cover_a_running_task,
     cancelling_a_job_cancels_what_is_left,
     slow_handlers_leave_their_messages_in_the_queue,
+    a_large_job_is_fed_as_its_pool_drains,
 );
 
 async fn thousand_task_job_completes(backend: Backend) {
@@ -830,4 +831,57 @@ async fn slow_handlers_leave_their_messages_in_the_queue(backend: Backend) {
     );
     assert_eq!(client.wait(&job_id).await.unwrap().event, "job.done");
     pod.stop().await;
+}
+
+/// A job larger than the feed depth: with no worker, its feeder publishes at most
+/// `FEED_DEPTH` messages and waits; once a worker drains the queue it feeds the rest,
+/// and each task runs once.
+async fn a_large_job_is_fed_as_its_pool_drains(backend: Backend) {
+    const TASKS: usize = 5_000;
+    let env = TestEnv::new(backend).await;
+    let intake_only = taskmill::Roles {
+        intake: true,
+        worker: false,
+        completion: false,
+        sweeper: false,
+    };
+    let intake = env.start(env.pod().roles(intake_only));
+    let client = env.client().await;
+    let tasks = (0..TASKS).map(|n| json!(n)).collect();
+    let job_id = client
+        .submit(JobRequest::new(builtin::ECHO, tasks))
+        .await
+        .unwrap();
+    let queue = env.topology().work_queue("default");
+    env.wait_for_feeding(&job_id, LONG).await;
+    // The feeder keeps looking at the queue, and tops it up only as it drains: after
+    // its last top-up, the count stays.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ready = env.message_count(&queue).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.message_count(&queue).await, ready);
+    assert!(ready <= taskmill::FEED_DEPTH, "{ready} messages ready");
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert!(
+        !job.tasks_published,
+        "the feeder has not published every task yet"
+    );
+
+    let worker = env.start(env.pod());
+    assert_eq!(client.wait(&job_id).await.unwrap().event, "job.done");
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert_eq!(rows.len(), TASKS);
+    assert!(rows
+        .iter()
+        .all(|row| row.status == "done" && row.attempts == 1));
+    assert!(
+        env.store
+            .job(&job_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .tasks_published
+    );
+    worker.stop().await;
+    intake.stop().await;
 }

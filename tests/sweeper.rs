@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::options::QueuePurgeOptions;
 use serde_json::json;
 use taskmill::amqp::parking;
-use taskmill::store::{NewJob, NewTask, StartOutcome, TaskOutcome, Transition};
+use taskmill::store::{NewJob, NewTask, StartOutcome, Store, TaskOutcome, Transition};
 use taskmill::{builtin, FailurePolicy, JobRequest, Roles, TaskContext};
 
 use common::{Backend, TestEnv};
@@ -50,6 +50,20 @@ fn echo_tasks(count: i32) -> Vec<NewTask> {
             payload: json!(n),
         })
         .collect()
+}
+
+/// Inserts the rows of a forming job; their `(id, ordinal)` in ordinal order.
+async fn insert_rows(store: &Store, job_id: &str, tasks: &[NewTask]) -> Vec<(i64, i32)> {
+    assert!(store.insert_tasks(job_id, tasks).await.unwrap());
+    let mut rows: Vec<(i64, i32)> = store
+        .tasks_of_job(job_id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.id, row.ordinal))
+        .collect();
+    rows.sort_by_key(|&(_, ordinal)| ordinal);
+    rows
 }
 
 /// A config whose sweeper runs often and calls work stuck quickly.
@@ -183,17 +197,17 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     let new = echo_job("fast-job", FailurePolicy::FailFast);
     store.create_job(&new).await.unwrap();
     let tasks = echo_tasks(3);
-    let inserted = store.insert_tasks("fast-job", &tasks).await.unwrap();
-    assert_eq!(inserted.len(), 3);
-    assert!(
-        store
-            .insert_tasks("fast-job", &tasks)
-            .await
-            .unwrap()
-            .is_empty(),
-        "a resumed insert adds nothing"
-    );
-    let claims: Vec<(i64, i32)> = inserted.iter().map(|&(id, _)| (id, 1)).collect();
+    assert!(store.insert_tasks("fast-job", &tasks).await.unwrap());
+    assert!(store.insert_tasks("fast-job", &tasks).await.unwrap());
+    let inserted: Vec<i64> = store
+        .tasks_of_job("fast-job")
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(inserted.len(), 3, "a resumed insert adds nothing");
+    let claims: Vec<(i64, i32)> = inserted.iter().map(|&id| (id, 1)).collect();
     assert_eq!(
         store
             .claim_tasks(&claims, "token", Duration::from_secs(60))
@@ -204,7 +218,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     );
     let transitions: Vec<Transition> = inserted
         .iter()
-        .map(|&(task_id, _)| Transition {
+        .map(|&task_id| Transition {
             job_id: "fast-job".into(),
             task_id,
             attempt: 1,
@@ -233,6 +247,14 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
         (job.stage.as_str(), job.done_count, job.task_count),
         ("done", 3, 3)
     );
+    assert!(
+        !store
+            .insert_tasks("fast-job", &echo_tasks(4))
+            .await
+            .unwrap(),
+        "no task row goes into a job that left formation"
+    );
+    assert_eq!(store.tasks_of_job("fast-job").await.unwrap().len(), 3);
 }
 
 /// A redelivery can take over an attempt whose first copy is still running, and both
@@ -246,7 +268,7 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         .await
         .unwrap();
     let tasks = echo_tasks(2);
-    let inserted = store.insert_tasks("twice", &tasks).await.unwrap();
+    let inserted = insert_rows(store, "twice", &tasks).await;
     assert!(matches!(
         store.start_job("twice", 2).await.unwrap(),
         StartOutcome::Running(_)
@@ -288,10 +310,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
         .create_job(&echo_job("split-claim", FailurePolicy::Continue))
         .await
         .unwrap();
-    let inserted = store
-        .insert_tasks("split-claim", &echo_tasks(2))
-        .await
-        .unwrap();
+    let inserted = insert_rows(store, "split-claim", &echo_tasks(2)).await;
     store.start_job("split-claim", 2).await.unwrap();
     let (fresh, retried) = (inserted[0].0, inserted[1].0);
     let lease = Duration::from_secs(60);
@@ -354,10 +373,7 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
         .create_job(&echo_job("lost-retry", FailurePolicy::Continue))
         .await
         .unwrap();
-    let inserted = store
-        .insert_tasks("lost-retry", &echo_tasks(1))
-        .await
-        .unwrap();
+    let inserted = insert_rows(store, "lost-retry", &echo_tasks(1)).await;
     store.start_job("lost-retry", 1).await.unwrap();
     let task_id = inserted[0].0;
     store

@@ -8,6 +8,7 @@ mod m20261125_000002_create_leases;
 mod m20261125_000003_lean_task_indexes;
 mod m20261126_000004_untrusted_producers;
 mod m20261126_000005_pools;
+mod m20261127_000006_unfinished_by_finished_at;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_lean_task_indexes::Migration),
             Box::new(m20261126_000004_untrusted_producers::Migration),
             Box::new(m20261126_000005_pools::Migration),
+            Box::new(m20261127_000006_unfinished_by_finished_at::Migration),
         ]
     }
 }

@@ -342,6 +342,23 @@ impl Topology {
         Ok(())
     }
 
+    /// The messages waiting in `pool`'s work queue, not counting those delivered and
+    /// not yet acked, by a passive declare: on a missing queue the broker closes
+    /// `channel`.
+    pub async fn ready_messages(&self, channel: &Channel, pool: &str) -> Result<u32, lapin::Error> {
+        let queue = channel
+            .queue_declare(
+                self.work_queue(pool).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.message_count())
+    }
+
     /// Declares the delay ladder: per level, a topic exchange and a queue whose
     /// messages live 2^k ms and then dead-letter to the level below. Idempotent; done
     /// once per connection by each pod that sends retries.

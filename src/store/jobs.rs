@@ -109,18 +109,31 @@ impl Store {
         .await
     }
 
-    /// Inserts task rows and returns `(id, ordinal)` of the rows it inserted; rows
-    /// whose ordinal already exists are skipped, so a resumed intake can insert the
-    /// same batch again.
-    pub async fn insert_tasks(
-        &self,
-        job_id: &str,
-        tasks: &[NewTask],
-    ) -> Result<Vec<(i64, i32)>, StoreError> {
-        if tasks.is_empty() {
-            return Ok(Vec::new());
+    /// Inserts task rows of a job in `formation`; rows whose ordinal already exists are
+    /// skipped, so a resumed intake can insert the same batch again. `false`, inserting
+    /// nothing, if the job has left formation: the rows go in under a share lock on the job's row, so that
+    /// a task is pending only in a live job (every job end cancels its unfinished
+    /// tasks; a row added after it would be pending in an ended job). The claim relies
+    /// on it. Not retried here: the intake retries with smaller batches.
+    pub async fn insert_tasks(&self, job_id: &str, tasks: &[NewTask]) -> Result<bool, StoreError> {
+        let txn = self.db.begin().await?;
+        // Rows first, then the check: on SQLite a transaction that reads before it
+        // writes fails at its first write if another one wrote meanwhile.
+        insert_task_rows(&txn, self.backend(), job_id, tasks, Utc::now()).await?;
+        let forming: Option<String> = job::Entity::find_by_id(job_id.to_owned())
+            .select_only()
+            .column(job::Column::Id)
+            .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
+            .lock_shared()
+            .into_tuple()
+            .one(&txn)
+            .await?;
+        if forming.is_none() {
+            txn.rollback().await?;
+            return Ok(false);
         }
-        insert_task_rows(&self.db, self.backend(), job_id, tasks, Utc::now()).await
+        txn.commit().await?;
+        Ok(true)
     }
 
     /// Moves a job from `formation` to `running` with its task count, in one
@@ -196,30 +209,6 @@ impl Store {
                         Ok(StartOutcome::Running(job))
                     })
                 })
-                .await?)
-        })
-        .await
-    }
-
-    /// Tasks that have never been claimed, in ordinal order after `after_ordinal` (a
-    /// range scan of the job's `(job_id, ordinal)` index, so paging through a job
-    /// costs O(tasks), not O(tasks²)): what the
-    /// intake publishes (again, when it resumes).
-    pub(crate) async fn unpublished_tasks(
-        &self,
-        job_id: &str,
-        after_ordinal: i32,
-        limit: u64,
-    ) -> Result<Vec<task::Model>, StoreError> {
-        self.retrying("list tasks to publish", || async {
-            Ok(task::Entity::find()
-                .filter(task::Column::JobId.eq(job_id))
-                .filter(task::Column::Ordinal.gt(after_ordinal))
-                .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
-                .filter(task::Column::Attempts.eq(0))
-                .order_by_asc(task::Column::Ordinal)
-                .limit(limit)
-                .all(&self.db)
                 .await?)
         })
         .await

@@ -8,6 +8,7 @@
 //! the same conditions.
 
 mod error;
+mod feed;
 mod handle;
 mod job_ends;
 mod jobs;

@@ -1,5 +1,6 @@
 //! What the sweeper reads and writes: stuck tasks in shards, compare-and-set touches
-//! on their version, stale formations, and the lease that keeps one sweeper active.
+//! on their version, stale formations, and named leases (the one that keeps one
+//! sweeper active, a feeder's lease on its job).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -65,6 +66,20 @@ impl Store {
         .await
     }
 
+    /// Gives up the lease `name` if `holder` holds it, so that the next holder need
+    /// not wait for it to expire.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.retrying("release lease", || async {
+            lease::Entity::delete_many()
+                .filter(lease::Column::Name.eq(name))
+                .filter(lease::Column::Holder.eq(holder))
+                .exec(&self.db)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Tasks of shard `shard` (of `shards`, by id modulo) after `after_id` that have
     /// not changed since `quiet_since` although they should be moving: pending or
     /// retrying (their message may be lost), or running past their lease (their
@@ -90,6 +105,8 @@ impl Store {
                         .add(task::Column::LeaseUntil.lt(now)),
                 );
             Ok(task::Entity::find()
+                // What the partial index `tasks_unfinished_since` covers.
+                .filter(task::Column::FinishedAt.is_null())
                 .filter(task::Column::Status.is_in([
                     TaskStatus::Pending.as_str(),
                     TaskStatus::Running.as_str(),

@@ -413,6 +413,21 @@ impl TestEnv {
         messages
     }
 
+    /// Waits until the job runs with its feeder holding the default pool's queue more
+    /// than half full: the feeder has started and, with no worker, waits for room.
+    pub async fn wait_for_feeding(&self, job_id: &str, timeout: Duration) {
+        let queue = self.topology().work_queue("default");
+        wait_until(timeout, || async {
+            let job = self.store.job(job_id).await.unwrap();
+            job.is_some_and(|job| job.stage == "running")
+                && self
+                    .message_count_if_declared(&queue)
+                    .await
+                    .is_some_and(|ready| ready > taskmill::FEED_DEPTH / 2)
+        })
+        .await;
+    }
+
     /// Polls the store until the job has left `running`/`formation`.
     pub async fn wait_for_end(
         &self,

@@ -1,19 +1,16 @@
 //! Forming a job: the checks a request must pass to become a job; a small job handed
 //! to the group former ([`super::group`]), a larger one's rows inserted in adaptive
-//! batches with its task messages published as each batch commits.
+//! batches while a feeder ([`super::feed`]) publishes its task messages.
 
 use lapin::message::Delivery;
 use serde_json::value::RawValue;
 
 use super::group::{Grouped, WHOLE_JOB_TASKS};
 use super::{Intake, Rejection};
-use crate::amqp::broker::Pending;
-use crate::amqp::dispatch;
-use crate::error::Error;
-use crate::protocol::{self, JobRequest, JobSettings, Target, TaskMessage};
+use crate::protocol::{self, JobRequest, Target};
 use crate::retry::Delays;
 use crate::state::JobStage;
-use crate::store::{job, NewJob, NewTask, StartOutcome, WholeJob};
+use crate::store::{NewJob, NewTask, StartOutcome, WholeJob};
 
 /// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4), as
 /// in the original, and doubled after each success up to `MAX_BATCH`, so a large job
@@ -21,12 +18,10 @@ use crate::store::{job, NewJob, NewTask, StartOutcome, WholeJob};
 const FIRST_BATCH: usize = 64;
 const MIN_BATCH_TO_HALVE: usize = 5;
 const MAX_BATCH: usize = 1_024;
-/// Task messages published before waiting for their confirms.
-const PUBLISH_WINDOW: u64 = 1_000;
 
 impl Intake {
-    /// Turns a decoded request into a job (or finds the job it already made) and
-    /// publishes the task messages not yet published.
+    /// Turns a decoded request into a job (or finds the job it already made), its task
+    /// messages published or handed to a feeder.
     pub(super) async fn accept(
         &self,
         delivery: &Delivery,
@@ -133,15 +128,15 @@ impl Intake {
             Some(existing) => Some(existing),
         };
         let stage = job.as_ref().map(|j| j.stage.parse::<JobStage>());
-        let job = match (job, stage) {
-            (None, _) => self.form(&new_job, &task_type, payloads, false).await?,
+        match (job, stage) {
+            (None, _) => self.form(&new_job, &task_type, payloads).await?,
             (Some(_), Some(Ok(JobStage::Formation))) => {
                 tracing::info!(job_id, "resuming the formation of an existing job");
-                self.form(&new_job, &task_type, payloads, true).await?
+                self.form(&new_job, &task_type, payloads).await?
             }
             (Some(job), Some(Ok(JobStage::Running))) if !job.tasks_published => {
                 tracing::info!(job_id, "resuming the publishing of an existing job");
-                Some(job)
+                self.feeder.feed(&job.id);
             }
             (Some(job), stage) => {
                 tracing::info!(job_id, "duplicate job request; the job exists already");
@@ -149,11 +144,7 @@ impl Intake {
                     self.answer_duplicate(&job.id, request.on_complete.as_ref())
                         .await?;
                 }
-                None
             }
-        };
-        if let Some(job) = job {
-            self.publish_tasks(&job).await?;
         }
         Ok(())
     }
@@ -174,88 +165,54 @@ impl Intake {
         Ok(())
     }
 
-    /// Inserts the task rows, publishing each batch's task messages as soon as its
-    /// rows are committed — workers start while the rest of a large job is still being
-    /// stored — then starts the job. Returns the job if it still needs a publishing
-    /// pass: a resumed formation, whose earlier batches may never have been published.
+    /// Inserts the task rows while a feeder publishes their messages as they are
+    /// committed — workers start while the rest of a large job is still being stored —
+    /// then starts the job.
     async fn form(
         &self,
         job: &NewJob,
         task_type: &str,
         payloads: &[Box<RawValue>],
-        resumed: bool,
-    ) -> Result<Option<job::Model>, Rejection> {
-        self.shared
-            .topology
-            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
-            .await
-            .map_err(Error::from)?;
+    ) -> Result<(), Rejection> {
+        self.feeder.feed(&job.id);
         self.insert_adaptively(job, task_type, payloads).await?;
-        if !resumed {
-            self.shared
-                .store
-                .mark_tasks_published(std::slice::from_ref(&job.id))
-                .await?;
-        }
         match self
             .shared
             .store
             .start_job(&job.id, payloads.len() as i64)
             .await?
         {
-            StartOutcome::Running(started) => Ok(resumed.then_some(started)),
-            StartOutcome::Ended(event) => {
-                self.events.publish_or_defer(&[event]).await;
-                Ok(None)
-            }
+            StartOutcome::Running(_) => {}
+            StartOutcome::Ended(event) => self.events.publish_or_defer(&[event]).await,
         }
+        Ok(())
     }
 
-    /// Inserts rows in adaptive batches and publishes the task messages of the rows
-    /// each batch inserted (confirmed before the next batch); on an error, halves the
-    /// batch (while it is above 5) and waits with exponential backoff before going
-    /// on. Payloads are parsed one batch at a time, so only the raw request stays in
-    /// memory.
+    /// Inserts rows in adaptive batches; on an error, halves the batch (while it is
+    /// above 5) and waits with exponential backoff before going on. Payloads are parsed
+    /// one batch at a time, so only the raw request stays in memory.
     async fn insert_adaptively(
         &self,
         job: &NewJob,
         task_type: &str,
         payloads: &[Box<RawValue>],
     ) -> Result<(), Rejection> {
-        let settings = JobSettings {
-            job_id: &job.id,
-            max_retries: job.max_retries,
-            retry_delay_ms: job.retry_delay_ms,
-            task_timeout_ms: job.task_timeout_ms,
-        };
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
         let mut done = 0;
         while done < payloads.len() {
-            if done > 0 {
-                self.check_still_forming(&job.id).await?;
-            }
             let end = (done + batch).min(payloads.len());
             let tasks = new_tasks(task_type, &payloads[done..end], done)?;
             match self.shared.store.insert_tasks(&job.id, &tasks).await {
-                Ok(inserted) => {
-                    let mut pending = Vec::with_capacity(inserted.len());
-                    for (task_id, ordinal) in inserted {
-                        let task = &tasks[ordinal as usize - done];
-                        pending.push(
-                            self.send_first_attempt(
-                                settings,
-                                &job.queue,
-                                task_id,
-                                &task.task_type,
-                                &task.payload,
-                            )
-                            .await?,
-                        );
-                    }
-                    crate::amqp::broker::all_confirmed(pending).await?;
+                Ok(true) => {
                     done = end;
                     batch = grown(batch);
+                }
+                Ok(false) => {
+                    return Err(Rejection::Park(format!(
+                        "job {:?} left formation while its request was being stored",
+                        job.id
+                    )))
                 }
                 Err(err) if err.is_transient() => {
                     let Some(delay) = delays.next() else {
@@ -269,78 +226,6 @@ impl Intake {
             }
         }
         Ok(())
-    }
-
-    /// Stops storing a job that left `formation` meanwhile (the sweeper failed it after
-    /// the formation timeout): its tasks would never run.
-    async fn check_still_forming(&self, job_id: &str) -> Result<(), Rejection> {
-        let stage = self
-            .shared
-            .store
-            .job(job_id)
-            .await?
-            .map(|job| job.stage)
-            .unwrap_or_default();
-        if stage == JobStage::Formation.as_str() {
-            return Ok(());
-        }
-        Err(Rejection::Park(format!(
-            "job {job_id:?} left formation ({stage}) while its request was being stored"
-        )))
-    }
-
-    /// Publishes a message for every task never claimed, pipelining confirms, then
-    /// marks the job's tasks published.
-    async fn publish_tasks(&self, job: &job::Model) -> Result<(), Rejection> {
-        self.shared
-            .topology
-            .declare_work_queue(&self.publisher.channel().await?, &job.queue)
-            .await
-            .map_err(Error::from)?;
-        let settings = dispatch::settings_of(job);
-        let mut after = -1;
-        loop {
-            let page = self
-                .shared
-                .store
-                .unpublished_tasks(&job.id, after, PUBLISH_WINDOW)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = last.ordinal;
-            let mut pending = Vec::with_capacity(page.len());
-            for task in page {
-                pending.push(
-                    self.send_first_attempt(
-                        settings,
-                        &job.queue,
-                        task.id,
-                        &task.task_type,
-                        &task.payload,
-                    )
-                    .await?,
-                );
-            }
-            crate::amqp::broker::all_confirmed(pending).await?;
-        }
-        self.shared
-            .store
-            .mark_tasks_published(std::slice::from_ref(&job.id))
-            .await?;
-        tracing::info!(job_id = %job.id, tasks = job.task_count, pool = %job.queue, "job tasks published");
-        Ok(())
-    }
-
-    /// Publishes attempt 1 of a task (the confirm is awaited by the caller).
-    async fn send_first_attempt(
-        &self,
-        job: JobSettings<'_>,
-        pool: &str,
-        task_id: i64,
-        task_type: &str,
-        payload: &serde_json::Value,
-    ) -> Result<Pending, Rejection> {
-        let message = TaskMessage::new(job, task_id, task_type, payload, 1);
-        Ok(dispatch::send_task(&self.publisher, &self.shared.topology, pool, &message).await?)
     }
 }
 

@@ -12,8 +12,11 @@
 //! instead of duplicating anything. This file takes requests and settles them;
 //! [`form`] makes the job, [`group`] many at once.
 
+mod feed;
 mod form;
 mod group;
+
+pub use feed::FEED_DEPTH;
 
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use self::feed::Feeder;
 use self::group::GroupFormer;
 use super::shared::{take_slot, Shared};
 use crate::amqp::acks::{settle_one, Settlement};
@@ -66,6 +70,10 @@ pub(crate) async fn run(
         shared.config.max_request_bytes,
     )
     .await?;
+    // Feeders publish on this connection: they stop with it, and a pod whose intake
+    // runs again on a new connection takes their jobs back by the orphan scan.
+    let feeding = shutdown.child_token();
+    let _stop_feeding = feeding.clone().drop_guard();
     let intake = Arc::new(Intake {
         shared: shared.clone(),
         publisher: publisher.clone(),
@@ -77,6 +85,7 @@ pub(crate) async fn run(
             shared.topology.clone(),
             shared.store.clone(),
         ),
+        feeder: Feeder::start(shared.clone(), publisher.clone(), feeding),
     });
     while let Some(delivery) = consumer.next(&shutdown).await? {
         let Some(slot) = take_slot(&slots, &shutdown).await else {
@@ -104,6 +113,7 @@ struct Intake {
     queue: String,
     shutdown: CancellationToken,
     groups: GroupFormer,
+    feeder: Feeder,
 }
 
 /// How a request is settled.

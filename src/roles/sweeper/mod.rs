@@ -8,7 +8,8 @@
 //! - pending: the task message was lost (a crash between commit and publish, an
 //!   operator's purge): publish it again — but only for pools whose work queue is
 //!   empty, since a task in a backlog is waiting, not lost, and re-publishing a backlog
-//!   would double it;
+//!   would double it; and only for jobs whose messages were all published once (the
+//!   rest are their feeder's, see the intake);
 //! - retrying, with its wait long over: its retry was lost on the way through the
 //!   delay ladder: publish it again, backlog or not;
 //! - running past its lease: the worker died and the message did not come back:

@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 use crate::amqp::broker::all_confirmed;
 use crate::amqp::dispatch;
@@ -31,17 +29,7 @@ impl Sweeper {
         for pool in pools {
             // A passive declare of a missing queue closes the channel: one per check.
             let channel = self.connection.create_channel().await?;
-            let depth = channel
-                .queue_declare(
-                    self.shared.topology.work_queue(&pool).as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|queue| queue.message_count());
+            let depth = self.shared.topology.ready_messages(&channel, &pool).await;
             crate::amqp::broker::close_channel(&channel).await;
             idle.insert(pool, matches!(depth, Ok(0) | Err(_)));
         }
@@ -103,6 +91,7 @@ impl Sweeper {
             retry_delay_ms: job.retry_delay_ms,
             unchanged_since: task.updated_at,
             pool_idle: idle_pools.get(&job.queue).copied().unwrap_or(true),
+            tasks_published: job.tasks_published,
         };
         quiet.needs_sweep(self.shared.config.stuck_after, Utc::now())
     }
@@ -144,6 +133,8 @@ struct Quiet<'a> {
     unchanged_since: DateTime<Utc>,
     /// The pool's work queue holds no ready message.
     pool_idle: bool,
+    /// Every task message of the job was published once.
+    tasks_published: bool,
 }
 
 impl Quiet<'_> {
@@ -152,8 +143,9 @@ impl Quiet<'_> {
             return false;
         }
         match self.task_status.parse::<TaskStatus>() {
-            // A pending task in a backlog is waiting, not lost.
-            Ok(TaskStatus::Pending) => self.pool_idle,
+            // A pending task in a backlog is waiting, not lost; one its feeder has not
+            // published yet is the feeder's (re-sending it would undo the pacing).
+            Ok(TaskStatus::Pending) => self.pool_idle && self.tasks_published,
             Ok(TaskStatus::Retrying) => {
                 // Its retry is due n × delay after it failed; only `stuck_after` later
                 // is it late. Then it is re-sent even into a backlog: a retry can be
@@ -187,6 +179,7 @@ mod tests {
             retry_delay_ms: 10_000,
             unchanged_since: now - chrono::TimeDelta::seconds(unchanged_for_s),
             pool_idle,
+            tasks_published: true,
         };
         (quiet, now)
     }
@@ -199,6 +192,13 @@ mod tests {
         assert!(idle.needs_sweep(STUCK_AFTER, now));
         let (backlog, now) = quiet("pending", false, 301);
         assert!(!backlog.needs_sweep(STUCK_AFTER, now));
+    }
+
+    #[test]
+    fn a_pending_task_not_yet_fed_is_left_to_its_feeder() {
+        let (mut unfed, now) = quiet("pending", true, 301);
+        unfed.tasks_published = false;
+        assert!(!unfed.needs_sweep(STUCK_AFTER, now));
     }
 
     #[test]

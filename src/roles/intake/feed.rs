@@ -1,0 +1,288 @@
+//! Feeding: a large job's task messages published at the pace its pool takes them.
+//!
+//! The intake stores a large job's task rows and leaves their messages to a feeder,
+//! which holds a lease on the job (`feed:<job id>` in the leases table) and keeps the
+//! pool's work queue at most [`FEED_DEPTH`] ready messages deep: it tops the queue up
+//! whenever [`FEED_CHUNK`] or more have been taken, reading the next tasks from the
+//! store in ordinal order. Workers start on the first rows while the rest are still
+//! being inserted; the broker never holds a 100,000-message backlog (a message that
+//! waits in a deep queue costs it about half again what one passing through does);
+//! and several jobs of one pool interleave instead of queueing behind each other.
+//!
+//! The request is acked once the rows are stored and the job runs: from then on the
+//! lease is what makes the feeding survive a crash. Every pod running the intake looks
+//! every [`ORPHAN_SCAN`] for running jobs whose messages are not all published and no
+//! live feeder holds, and feeds them. A takeover publishes again the messages that
+//! were waiting in the queue, at most a queue's depth: the claim's compare-and-set
+//! makes such a copy a no-op.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::super::shared::Shared;
+use crate::amqp::broker::{all_confirmed, close_channel, Publisher};
+use crate::amqp::dispatch;
+use crate::clock;
+use crate::error::Error;
+use crate::protocol::TaskMessage;
+use crate::state::{JobStage, TaskStatus};
+use crate::store::{job, task};
+
+/// Ready messages a feeder keeps in its pool's work queue at most: enough for every
+/// worker's prefetch to refill between two looks at the queue.
+pub const FEED_DEPTH: u32 = 2_048;
+/// A feeder publishes once at least this many messages have left the queue, so that
+/// each top-up is one page read and one round of confirms.
+const FEED_CHUNK: u32 = 512;
+/// How often a feeder looks at the queue while it is full, or at the store while the
+/// job's rows are still being inserted.
+const POLL: Duration = Duration::from_millis(20);
+/// A feeder's lease on its job; renewed at a third of it.
+const FEED_LEASE: Duration = Duration::from_secs(10);
+/// How often a pod looks for jobs whose feeder stopped.
+const ORPHAN_SCAN: Duration = Duration::from_secs(5);
+/// A job is looked at by the orphan scan only this long after it started, so that a
+/// group of small jobs is not fed while its own former publishes it.
+const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+/// The pod's feeders: one task per job being fed, and the scan for orphaned jobs. Both
+/// stop when `stop` is cancelled, giving up their leases.
+#[derive(Clone)]
+pub(super) struct Feeder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    holder: String,
+    /// Jobs this pod feeds now, so that a job handed over twice is fed once.
+    feeding: Mutex<HashSet<String>>,
+    stop: CancellationToken,
+}
+
+/// Whether a feeder waits for another holder's lease to expire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// The intake hands over a job it is storing: its last feeder may have crashed.
+    Wait,
+    /// The orphan scan found the job: a live lease means a live feeder.
+    TryOnce,
+}
+
+impl Feeder {
+    /// Starts the orphan scan; feeders publish on `publisher`.
+    pub fn start(shared: Arc<Shared>, publisher: Publisher, stop: CancellationToken) -> Self {
+        let feeder = Self {
+            inner: Arc::new(Inner {
+                shared,
+                publisher,
+                holder: uuid::Uuid::new_v4().to_string(),
+                feeding: Mutex::default(),
+                stop,
+            }),
+        };
+        tokio::spawn(feeder.clone().scan_for_orphans());
+        feeder
+    }
+
+    /// Feeds `job_id` from this pod from now on (once its lease is free): a job whose
+    /// rows the intake is storing, or a running one whose messages are not all out.
+    pub fn feed(&self, job_id: &str) {
+        self.spawn(job_id, Patience::Wait);
+    }
+
+    fn spawn(&self, job_id: &str, patience: Patience) {
+        if !self.inner.feeding.lock().unwrap().insert(job_id.to_owned()) {
+            return;
+        }
+        let (inner, job_id) = (self.inner.clone(), job_id.to_owned());
+        tokio::spawn(async move {
+            let lease = format!("feed:{job_id}");
+            if let Err(err) = inner.feed(&job_id, &lease, patience).await {
+                tracing::warn!(%job_id, %err, "feeding stopped; a feeder will carry on");
+            }
+            if let Err(err) = inner
+                .shared
+                .store
+                .release_lease(&lease, &inner.holder)
+                .await
+            {
+                tracing::debug!(%job_id, %err, "feed lease not released; it expires");
+            }
+            inner.feeding.lock().unwrap().remove(&job_id);
+        });
+    }
+
+    async fn scan_for_orphans(self) {
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tokio::time::sleep(ORPHAN_SCAN) => {}
+            }
+            match self
+                .inner
+                .shared
+                .store
+                .unfed_jobs(clock::ago(ORPHAN_GRACE))
+                .await
+            {
+                Ok(jobs) => {
+                    for job_id in jobs {
+                        self.spawn(&job_id, Patience::TryOnce);
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "could not look for unfed jobs"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Holds the job's lease and publishes its tasks in ordinal order, each top-up
+    /// confirmed before the next, until every task has been published once; then marks
+    /// the job's tasks published. Returns early, leaving the rest to another feeder,
+    /// when the job ends or stops forming, the lease is lost, or the pod stops.
+    async fn feed(&self, job_id: &str, lease: &str, patience: Patience) -> Result<(), Error> {
+        let store = &self.shared.store;
+        while !store.acquire_lease(lease, &self.holder, FEED_LEASE).await? {
+            if patience == Patience::TryOnce {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(FEED_LEASE / 4) => {}
+            }
+            if store
+                .job(job_id)
+                .await?
+                .and_then(|job| forming(&job))
+                .is_none()
+            {
+                return Ok(());
+            }
+        }
+        // Passive declares get a channel of their own: on a deleted queue the broker
+        // closes it, and the publisher's must stay up.
+        let looks = self.publisher.connection().create_channel().await?;
+        let fed = self.feed_leased(job_id, lease, &looks).await;
+        close_channel(&looks).await;
+        fed
+    }
+
+    async fn feed_leased(
+        &self,
+        job_id: &str,
+        lease: &str,
+        looks: &lapin::Channel,
+    ) -> Result<(), Error> {
+        let store = &self.shared.store;
+        let mut renewed = Instant::now();
+        let mut after: i32 = -1;
+        let mut pool: Option<String> = None;
+        loop {
+            if renewed.elapsed() >= FEED_LEASE / 3 {
+                if !store.acquire_lease(lease, &self.holder, FEED_LEASE).await? {
+                    tracing::warn!(%job_id, "feed lease lost; leaving the job to its new feeder");
+                    return Ok(());
+                }
+                renewed = Instant::now();
+            }
+            let room = match &pool {
+                Some(pool) => FEED_DEPTH
+                    .saturating_sub(self.shared.topology.ready_messages(looks, pool).await?),
+                None => FEED_DEPTH,
+            };
+            if room >= FEED_CHUNK {
+                let Some(job) = store.job(job_id).await? else {
+                    return Ok(());
+                };
+                let Some(forming) = forming(&job) else {
+                    return Ok(());
+                };
+                pool = Some(job.queue.clone());
+                let through = after.saturating_add(room as i32);
+                let page = store.feed_page(job_id, after, through, forming).await?;
+                let fed = match forming {
+                    true => &page[..stored_run(page.iter().map(|task| task.ordinal), after)],
+                    false => &page[..],
+                };
+                self.publish(&job, fed).await?;
+                if !forming {
+                    after = through;
+                    if i64::from(after) >= job.task_count - 1 {
+                        store
+                            .mark_tasks_published(std::slice::from_ref(&job.id))
+                            .await?;
+                        tracing::info!(%job_id, tasks = job.task_count, pool = %job.queue, "job fed");
+                        return Ok(());
+                    }
+                    continue;
+                }
+                if let Some(last) = fed.last() {
+                    after = last.ordinal;
+                }
+                if fed.len() == room as usize {
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// Publishes attempt 1 of every task in `tasks` never claimed, confirms pipelined.
+    async fn publish(&self, job: &job::Model, tasks: &[task::Model]) -> Result<(), Error> {
+        let settings = dispatch::settings_of(job);
+        let mut pending = Vec::with_capacity(tasks.len());
+        for task in tasks.iter().filter(|task| never_claimed(task)) {
+            let message = TaskMessage::new(settings, task.id, &task.task_type, &task.payload, 1);
+            pending.push(
+                dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message)
+                    .await?,
+            );
+        }
+        Ok(all_confirmed(pending).await?)
+    }
+}
+
+/// Whether the job is still forming (`Some(true)`), running with messages to publish
+/// (`Some(false)`), or needs no feeder (`None`).
+fn forming(job: &job::Model) -> Option<bool> {
+    match job.stage.parse::<JobStage>() {
+        Ok(JobStage::Formation) => Some(true),
+        Ok(JobStage::Running) if !job.tasks_published => Some(false),
+        _ => None,
+    }
+}
+
+/// How many of `ordinals` follow `after` without a gap. While a job forms, a gap is a
+/// row not committed yet: feeding stops there until it is.
+fn stored_run(ordinals: impl IntoIterator<Item = i32>, after: i32) -> usize {
+    ordinals
+        .into_iter()
+        .zip(after + 1..)
+        .take_while(|(ordinal, expected)| ordinal == expected)
+        .count()
+}
+
+fn never_claimed(task: &task::Model) -> bool {
+    task.status == TaskStatus::Pending.as_str() && task.attempts == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feeding_a_forming_job_stops_at_the_first_row_not_stored() {
+        assert_eq!(stored_run([3, 4, 5, 7, 8], 2), 3);
+        assert_eq!(stored_run([3, 4, 5, 7, 8], 1), 0, "ordinal 2 is missing");
+        assert_eq!(stored_run([], 1), 0);
+    }
+}

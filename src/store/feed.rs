@@ -1,0 +1,67 @@
+//! What a feeder reads: a job's task rows in ordinal pages, and the jobs whose task
+//! messages nobody is publishing.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+
+use super::error::StoreError;
+use super::handle::Store;
+use crate::state::{JobStage, TaskStatus};
+use entity::{job, task};
+
+/// Jobs handed to a feeder per scan at most.
+const ORPHANS_PER_SCAN: u64 = 100;
+
+impl Store {
+    /// The job's tasks with ordinals in `after..=through`, in ordinal order: while the
+    /// job is forming every row there (so that the feeder can see which ordinals are
+    /// stored yet), once it runs only tasks never claimed. The range, not a LIMIT,
+    /// bounds the read: planned from statistics older than the job, a LIMIT query
+    /// became a bitmap scan of all the job's remaining rows, sorted, per page.
+    pub(crate) async fn feed_page(
+        &self,
+        job_id: &str,
+        after: i32,
+        through: i32,
+        forming: bool,
+    ) -> Result<Vec<task::Model>, StoreError> {
+        self.retrying("read tasks to feed", || async {
+            let mut page = task::Entity::find()
+                .filter(task::Column::JobId.eq(job_id))
+                .filter(task::Column::Ordinal.gt(after))
+                .filter(task::Column::Ordinal.lte(through));
+            if !forming {
+                page = page
+                    .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
+                    .filter(task::Column::Attempts.eq(0));
+            }
+            Ok(page
+                .order_by_asc(task::Column::Ordinal)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+
+    /// Running jobs started before `started_before` whose task messages are not all
+    /// published: their feeder stopped (a crash, a lost connection, a shutdown) and
+    /// another one should carry on.
+    pub(crate) async fn unfed_jobs(
+        &self,
+        started_before: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.retrying("find unfed jobs", || async {
+            Ok(job::Entity::find()
+                .select_only()
+                .column(job::Column::Id)
+                .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+                .filter(job::Column::TasksPublished.eq(false))
+                .filter(job::Column::StartedAt.lt(started_before))
+                .limit(ORPHANS_PER_SCAN)
+                .into_tuple()
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+}
