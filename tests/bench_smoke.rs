@@ -51,15 +51,38 @@ fn bench_reports_every_scenario_as_json() {
     }
     assert_eq!(scenarios[1]["jobs"], 20);
     assert_eq!(scenarios[2]["tasks"], 200);
-    // S6 at 200 jobs/s, then at half of S3's rate.
+    // S6 at 200 jobs/s, then at half of S3's rate, then from 200/s up by half while
+    // every event arrives with p99 under 250 ms.
     let open_loop = report["open_loop"].as_array().unwrap();
-    assert_eq!(open_loop.len(), 2, "{open_loop:?}");
+    assert!(open_loop.len() >= 2, "{open_loop:?}");
     assert_eq!(open_loop[0]["name"], "S6/200");
-    for rate in open_loop {
+    for rate in &open_loop[..2] {
         assert!(rate["published"].as_u64().unwrap() > 0, "{rate}");
         assert_eq!(
             rate["published"], rate["arrived"],
             "every event arrived: {rate}"
+        );
+    }
+    let kept_up = |rate: &serde_json::Value| {
+        rate["published"] == rate["arrived"] && rate["latency_p99_ms"].as_f64().unwrap() < 250.0
+    };
+    let mut previous = 200.0;
+    let climb = &open_loop[2..];
+    for (step, rate) in climb.iter().enumerate() {
+        let jobs_per_s = rate["jobs_per_s"].as_f64().unwrap();
+        assert_eq!(jobs_per_s, (previous * 1.5_f64).round(), "{open_loop:?}");
+        previous = jobs_per_s;
+        if step + 1 < climb.len() {
+            assert!(
+                kept_up(rate),
+                "the climb goes on only while kept up: {rate}"
+            );
+        }
+    }
+    if kept_up(&open_loop[0]) {
+        assert!(
+            !climb.is_empty(),
+            "a rate that kept up is followed by a higher one"
         );
     }
 }

@@ -12,6 +12,11 @@ use sea_orm::{
 use super::error::StoreError;
 
 const SQLITE_POOL: u32 = 4;
+/// Prepared statements kept per SQLite connection (sqlx keeps 100). The batch
+/// statements differ in text with their row count, and each compiled one holds its
+/// whole program in the worker's memory: 100 of them per connection cost S2's worker
+/// tens of MiB. The few statements that repeat stay cached.
+const SQLITE_STATEMENT_CACHE: usize = 24;
 
 /// The database: a connection pool to PostgreSQL or SQLite, every statement retried on
 /// transient errors. Clones share the pool.
@@ -43,6 +48,7 @@ impl Store {
             .map_sqlx_sqlite_opts(|opts| {
                 opts.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .busy_timeout(Duration::from_secs(30))
+                    .statement_cache_capacity(SQLITE_STATEMENT_CACHE)
             })
             // Statements are prepared once per connection, and PostgreSQL keeps the
             // generic plan it chose for the table as it was then: prepared while the

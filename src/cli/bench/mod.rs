@@ -32,6 +32,8 @@ use report::Report;
 
 /// S6's first rate, in jobs per second.
 const OPEN_LOOP_RATE: f64 = 200.0;
+/// Where S6's search for the saturation rate stops.
+const MAX_OPEN_LOOP_RATE: f64 = 5_000.0;
 use scenario::Spec;
 
 #[derive(Args, Debug)]
@@ -168,12 +170,31 @@ async fn measure(
                 .map(|s3| (s3.jobs_per_s / 2.0).round()),
         );
         for rate in rates {
-            let name = format!("S6/{rate:.0}");
-            eprintln!("scenario {name}: single-task jobs at {rate:.0}/s…");
-            let result = bench.open_loop(&name, rate, args.open_loop_secs).await?;
+            let result = open_loop(&bench, rate, args.open_loop_secs).await?;
+            report.open_loop.push(result);
+        }
+        // Saturation: from 200/s up by half at a time, while every event arrives with
+        // p99 under 250 ms.
+        let mut rate = OPEN_LOOP_RATE;
+        let mut kept_up = report.open_loop.first().is_some_and(|s6| s6.kept_up());
+        while kept_up && rate < MAX_OPEN_LOOP_RATE {
+            rate = (rate * 1.5).round();
+            let result = open_loop(&bench, rate, args.open_loop_secs).await?;
+            kept_up = result.kept_up();
             report.open_loop.push(result);
         }
     }
     bench.stop().await;
     Ok(report)
+}
+
+/// One S6 rate.
+async fn open_loop(
+    bench: &scenario::Bench,
+    rate: f64,
+    secs: f64,
+) -> anyhow::Result<open_loop::OpenLoopResult> {
+    let name = format!("S6/{rate:.0}");
+    eprintln!("scenario {name}: single-task jobs at {rate:.0}/s…");
+    bench.open_loop(&name, rate, secs).await
 }

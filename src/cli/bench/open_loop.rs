@@ -34,6 +34,16 @@ pub struct OpenLoopResult {
     pub latency_max_ms: f64,
 }
 
+/// The p99 a rate must stay under to count as kept up with.
+pub const KEPT_UP_P99_MS: f64 = 250.0;
+
+impl OpenLoopResult {
+    /// Every event arrived, and 99% of them within [`KEPT_UP_P99_MS`] of the publish.
+    pub fn kept_up(&self) -> bool {
+        self.arrived == self.published && self.latency_p99_ms < KEPT_UP_P99_MS
+    }
+}
+
 impl Bench {
     /// Waits until the intake, work and completion queues each have a consumer.
     async fn until_consumed(&self) -> anyhow::Result<()> {

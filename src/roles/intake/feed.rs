@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::super::shared::Shared;
 use crate::amqp::broker::{all_confirmed, close_channel, Publisher};
@@ -62,6 +63,8 @@ struct Inner {
     /// Jobs this pod feeds now, so that a job handed over twice is fed once.
     feeding: Mutex<HashSet<String>>,
     stop: CancellationToken,
+    /// The feeds and the scan, so that a stop can wait for them.
+    tasks: TaskTracker,
 }
 
 /// Whether a feeder waits for another holder's lease to expire.
@@ -83,10 +86,19 @@ impl Feeder {
                 holder: uuid::Uuid::new_v4().to_string(),
                 feeding: Mutex::default(),
                 stop,
+                tasks: TaskTracker::new(),
             }),
         };
-        tokio::spawn(feeder.clone().scan_for_orphans());
+        feeder.inner.tasks.spawn(feeder.clone().scan_for_orphans());
         feeder
+    }
+
+    /// Stops every feed and the scan, and waits until their leases are given up and
+    /// their channels closed: before the connection closes under them.
+    pub async fn stop(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// Feeds `job_id` from this pod from now on (once its lease is free): a job whose
@@ -100,7 +112,7 @@ impl Feeder {
             return;
         }
         let (inner, job_id) = (self.inner.clone(), job_id.to_owned());
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             let lease = format!("feed:{job_id}");
             if let Err(err) = inner.feed(&job_id, &lease, patience).await {
                 tracing::warn!(%job_id, %err, "feeding stopped; a feeder will carry on");

@@ -102,6 +102,7 @@ pub(crate) async fn run(
     consumer
         .stop(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
         .await;
+    intake.feeder.stop().await;
     publisher.close().await;
     Ok(())
 }
