@@ -1,4 +1,4 @@
-//! The producer side: submit a job request and wait for its job event.
+//! The producer side: submit a job request, wait for its job event, read its results.
 //!
 //! Needs only the broker (any AMQP client can do the same, see the README); given a
 //! store too, [`Client::wait`] also answers for jobs that ended before it was called.
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use futures::StreamExt;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -22,8 +22,9 @@ use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{JobEvent, JobRequest};
+use crate::protocol::{JobEvent, JobRequest, TaskResult};
 use crate::retry::Delays;
+use crate::state::TaskStatus;
 use crate::store::{Store, StoreError};
 
 /// How long `connect` and `submit` keep trying while the broker is away.
@@ -197,6 +198,25 @@ impl Client {
         serde_json::from_value(event.body)
             .map(Some)
             .map_err(|err| unreadable_event(job_id, &err))
+    }
+
+    /// The job's task results and errors in task order, read from the store a page at
+    /// a time as the stream is polled (a job of a million tasks needs little memory);
+    /// only tasks in `status` when given. A task that has not ended comes with its
+    /// status and no result. Needs a store ([`Client::with_store`]).
+    pub async fn results(
+        &self,
+        job_id: &str,
+        status: Option<TaskStatus>,
+    ) -> Result<BoxStream<'static, Result<TaskResult, Error>>, Error> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            Error::Config("reading results needs a store: Client::with_store".into())
+        })?;
+        let results = store
+            .results(job_id, status)
+            .await?
+            .ok_or_else(|| Error::UnknownJob(job_id.to_owned()))?;
+        Ok(results.map_err(Error::from).boxed())
     }
 
     /// Closes the publishing channel and the broker connection.

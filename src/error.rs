@@ -29,6 +29,9 @@ pub enum Error {
         /// Why it was parked.
         reason: String,
     },
+    /// No job has this id.
+    #[error("no job {0:?}")]
+    UnknownJob(String),
     /// Any other failure, by its text; counted as transient.
     #[error("{0}")]
     Other(String),
@@ -52,7 +55,9 @@ impl Error {
         match self {
             Self::Store(err) => err.is_transient(),
             Self::Broker(err) => err.is_transient(),
-            Self::Decode(_) | Self::Config(_) | Self::Rejected { .. } => false,
+            Self::Decode(_) | Self::Config(_) | Self::Rejected { .. } | Self::UnknownJob(_) => {
+                false
+            }
             Self::Other(_) => true,
         }
     }

@@ -32,7 +32,7 @@ pub use pod::{Pod, PodBuilder, Roles};
 pub use registry::{Registry, TaskContext, TaskError};
 pub use roles::intake::FEED_DEPTH;
 
-pub use protocol::{FailurePolicy, JobEvent, JobRequest, Target};
+pub use protocol::{FailurePolicy, JobEvent, JobRequest, ResultsWithheld, Target, TaskResult};
 
 pub use state::{JobStage, TaskStatus};
 pub use tokio_util::sync::CancellationToken;

@@ -28,6 +28,12 @@ const MAX_RETRIES_LIMIT: u32 = 100;
 const MAX_RETRY_DELAY_MS: u64 = 24 * 3600 * 1000;
 const MAX_POOL_LEN: usize = 100;
 const MAX_TASK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// A job event carries its job's results (when the request asked) for jobs of at most
+/// this many tasks; a larger job's event says how many there are instead.
+pub const RESULTS_IN_EVENT_MAX_TASKS: i64 = 1_000;
+/// ... and only while they take at most this many bytes of JSON, so that an event stays
+/// a small message whatever the handlers return.
+pub const RESULTS_IN_EVENT_MAX_BYTES: usize = 64 * 1024;
 
 /// What happens to a job when one of its tasks fails for good.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +127,12 @@ pub struct JobRequest<T = Value> {
     /// handler's own timeout, else the pod's `TASKMILL_TASK_TIMEOUT_SECS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_timeout_ms: Option<u64>,
+    /// The job event should carry the tasks' results and errors (see
+    /// [`RESULTS_IN_EVENT_MAX_TASKS`] and [`RESULTS_IN_EVENT_MAX_BYTES`]). Like
+    /// `on_complete`, it shapes the answer, not the job: a second request with the same
+    /// `job_id` that differs only here is the same request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub results_in_event: bool,
 }
 
 fn default_queue() -> String {
@@ -149,6 +161,7 @@ impl JobRequest {
             on_failure: FailurePolicy::FailFast,
             on_complete: None,
             task_timeout_ms: None,
+            results_in_event: false,
         }
     }
 }
@@ -390,6 +403,44 @@ pub struct JobEvent {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job ended; always set by taskmill.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The tasks that ended `done` or `failed`, in task order, when the request asked
+    /// for `results_in_event` and they fit the event; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<TaskResult>>,
+    /// Why `results` is absent although the request asked for it: too many or too
+    /// large, and how many there are to read with `taskmill results` or
+    /// `Client::results`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_withheld: Option<ResultsWithheld>,
+}
+
+/// One task's outcome, as a job event's `results`, `taskmill results` and
+/// `Client::results` give it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The task's position in its job, from 0 (its index in the request's `tasks`).
+    pub ordinal: i32,
+    /// The task's row id.
+    pub task_id: i64,
+    /// The task's status: `done` and `failed` are final.
+    pub status: String,
+    /// Attempts started.
+    pub attempts: i32,
+    /// What the handler returned, for a `done` task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The last error: why a `failed` task failed, or what a `retrying` one last hit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// In a job event, in place of results that do not fit it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultsWithheld {
+    /// Tasks of the job that ended `done` or `failed`: the results there are to read.
+    pub count: i64,
+    /// Which cap the results passed, and where to read them.
+    pub reason: String,
 }
 
 /// The kind of the event that answers a request that was parked instead of becoming a
@@ -415,6 +466,8 @@ impl JobEvent {
             created_at: now,
             started_at: None,
             finished_at: Some(now),
+            results: None,
+            results_withheld: None,
         }
     }
 

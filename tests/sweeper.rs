@@ -38,6 +38,7 @@ fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
         on_complete: None,
         request_digest: format!("digest of {id}"),
         task_timeout_ms: None,
+        results_in_event: false,
     }
 }
 

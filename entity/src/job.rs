@@ -38,6 +38,8 @@ pub struct Model {
     pub request_digest: Option<String>,
     /// How long one attempt of a task may run, when the request said.
     pub task_timeout_ms: Option<i64>,
+    /// The job event carries the tasks' results (up to a cap), as the request asked.
+    pub results_in_event: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

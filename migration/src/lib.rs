@@ -9,6 +9,7 @@ mod m20261125_000003_lean_task_indexes;
 mod m20261126_000004_untrusted_producers;
 mod m20261126_000005_pools;
 mod m20261127_000006_unfinished_by_finished_at;
+mod m20261127_000007_results_in_event;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000004_untrusted_producers::Migration),
             Box::new(m20261126_000005_pools::Migration),
             Box::new(m20261127_000006_unfinished_by_finished_at::Migration),
+            Box::new(m20261127_000007_results_in_event::Migration),
         ]
     }
 }

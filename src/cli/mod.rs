@@ -6,6 +6,7 @@ pub mod dead;
 pub mod demo;
 pub mod migrate;
 pub mod pod;
+pub mod results;
 pub mod status;
 pub mod submit;
 
@@ -75,6 +76,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Show a job's stage and task counts.
     Status(status::StatusArgs),
+    /// Stream a job's task results and errors in task order.
+    Results(results::ResultsArgs),
     /// Cancel a running job.
     Cancel(cancel::CancelArgs),
     /// Run every role in-process, submit a demo job, wait, and print a summary.

@@ -37,6 +37,9 @@ pub struct SubmitArgs {
     /// Idempotency key: a second submit with the same id creates no second job.
     #[arg(long)]
     pub job_id: Option<String>,
+    /// Ask for the tasks' results in the job event (small jobs; see the protocol).
+    #[arg(long)]
+    pub results_in_event: bool,
     /// Wait for the job event; exit 0 when done, 1 when failed.
     #[arg(long)]
     pub wait: bool,
@@ -69,6 +72,7 @@ pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     request.queue = args.queue.clone();
     request.max_retries = args.max_retries;
     request.retry_delay_ms = args.retry_delay_ms;
+    request.results_in_event = args.results_in_event;
     if args.continue_on_failure {
         request.on_failure = FailurePolicy::Continue;
     }

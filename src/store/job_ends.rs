@@ -19,6 +19,7 @@ use super::error::StoreError;
 use super::handle::Store;
 use super::outbox::EVENT_CLAIM;
 use super::pg_batch::one_of;
+use super::results::results_for_event;
 use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION};
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, task};
@@ -309,6 +310,8 @@ async fn finish_job<C: ConnectionTrait>(
             job.id
         )));
     }
+    let finished = count_of(TaskStatus::Done) + count_of(TaskStatus::Failed);
+    let (results, results_withheld) = results_for_event(txn, job, finished).await?;
     let event = JobEvent {
         version: SCHEMA_VERSION,
         event: to.event_kind().to_owned(),
@@ -324,6 +327,8 @@ async fn finish_job<C: ConnectionTrait>(
         created_at: job.created_at,
         started_at: job.started_at,
         finished_at: Some(now),
+        results,
+        results_withheld,
     };
     let row = job_event::ActiveModel {
         job_id: Set(job.id.clone()),
@@ -490,6 +495,7 @@ mod tests {
             finished_at: None,
             request_digest: None,
             task_timeout_ms: None,
+            results_in_event: false,
         }
     }
 

@@ -328,6 +328,7 @@ fn job_row(
         finished_at: Set(None),
         request_digest: Set(Some(new.request_digest.clone())),
         task_timeout_ms: Set(new.task_timeout_ms),
+        results_in_event: Set(new.results_in_event),
     }
 }
 

@@ -15,6 +15,7 @@ mod jobs;
 mod outbox;
 mod pg_batch;
 mod pools;
+mod results;
 mod rows;
 mod stuck;
 mod tasks;
@@ -23,6 +24,7 @@ pub use error::StoreError;
 pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use pools::SilentPool;
+pub use results::ResultStream;
 pub use rows::{
     Claim, JobStatus, NewJob, NewTask, StartOutcome, TaskOutcome, Transition, WholeJob,
 };

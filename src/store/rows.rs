@@ -32,6 +32,8 @@ pub struct NewJob {
     pub request_digest: String,
     /// The limit on one attempt in milliseconds, when the request set one.
     pub task_timeout_ms: Option<i64>,
+    /// The job event should carry the tasks' results.
+    pub results_in_event: bool,
 }
 
 /// One task row to insert.

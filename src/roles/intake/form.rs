@@ -99,6 +99,7 @@ impl Intake {
             on_complete: request.on_complete.clone(),
             request_digest: digest,
             task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
+            results_in_event: request.results_in_event,
         };
         if (1..=WHOLE_JOB_TASKS).contains(&payloads.len()) {
             let whole = WholeJob {
