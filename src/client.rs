@@ -219,6 +219,19 @@ impl Client {
         Ok(results.map_err(Error::from).boxed())
     }
 
+    /// A multi-stage job's result ([`crate::stages`]): `None` while it runs, for a job of
+    /// one stage, or one that did not end `done`. Needs a store.
+    pub async fn job_result(&self, job_id: &str) -> Result<Option<serde_json::Value>, Error> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            Error::Config("reading a job's result needs a store: Client::with_store".into())
+        })?;
+        let job = store
+            .job(job_id)
+            .await?
+            .ok_or_else(|| Error::UnknownJob(job_id.to_owned()))?;
+        Ok(job.result)
+    }
+
     /// Closes the publishing channel and the broker connection.
     pub async fn close(self) -> Result<(), Error> {
         if let Some(publisher) = self.publisher.lock().await.take() {
@@ -280,6 +293,8 @@ impl Watch {
             let delivery = delivery?;
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             match serde_json::from_slice::<JobEvent>(&delivery.data) {
+                // A multi-stage job's progress: the end is still to come.
+                Ok(event) if event.is_progress() => {}
                 Ok(event) if event.job_id == self.job_id => {
                     self.finish(&channel).await;
                     return Ok(event);

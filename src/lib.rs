@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod registry;
 mod retry;
 mod roles;
+pub mod stages;
 pub mod state;
 pub mod store;
 
@@ -29,7 +30,7 @@ pub use client::{Client, Watch};
 pub use config::{Config, QueueType};
 pub use error::Error;
 pub use pod::{Pod, PodBuilder, Roles};
-pub use registry::{Registry, TaskContext, TaskError};
+pub use registry::{JobType, Registry, TaskContext, TaskError};
 pub use roles::intake::FEED_DEPTH;
 
 pub use protocol::{FailurePolicy, JobEvent, JobRequest, ResultsWithheld, Target, TaskResult};

@@ -27,7 +27,7 @@ use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
 use crate::known_pools::KnownPools;
-use crate::registry::{HandlerResult, Registry, TaskContext};
+use crate::registry::{HandlerResult, JobType, Registry, TaskContext};
 use crate::roles::{Role, Running, Shared};
 use crate::store::Store;
 
@@ -121,6 +121,12 @@ impl PodBuilder {
         F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
     {
         self.registry.add_splitter(job_type, splitter);
+        self
+    }
+
+    /// Registers a multi-stage job type: its splitter, map, reduce and finalize handlers.
+    pub fn job_type(mut self, job_type: JobType) -> Self {
+        self.registry.add_job_type(job_type);
         self
     }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::DEFAULT_QUEUE;
+use crate::stages::MAX_REDUCE_SHARDS;
 use crate::state::JobStage;
 
 /// The schema version every message carries; a message of another version is parked.
@@ -133,6 +134,14 @@ pub struct JobRequest<T = Value> {
     /// `job_id` that differs only here is the same request.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub results_in_event: bool,
+    /// For a job type with a reduce stage: reduce tasks at most, 1 to 10,000; the job
+    /// type's setting when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_shards: Option<u32>,
+    /// For a job type with a reduce stage: one reduce task per key (`true`) or shards
+    /// (`false`); the job type's setting when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_per_key: Option<bool>,
 }
 
 fn default_queue() -> String {
@@ -162,6 +171,8 @@ impl JobRequest {
             on_complete: None,
             task_timeout_ms: None,
             results_in_event: false,
+            reduce_shards: None,
+            reduce_per_key: None,
         }
     }
 }
@@ -172,10 +183,11 @@ impl<T> JobRequest<T> {
         self.task_type.as_deref().unwrap_or(&self.job_type)
     }
 
-    /// A SHA-256 digest (hex) of everything the request asks for but its reply target:
-    /// two requests with one `job_id` and different digests are different jobs, and
-    /// the second is refused. The reply target may differ: resubmitting a job to hear
-    /// back on a new `on_complete` is the same request.
+    /// A SHA-256 digest (hex) of everything the request asks for but how it is
+    /// answered: two requests with one `job_id` and different digests are different
+    /// jobs, and the second is refused. The answer may differ: resubmitting a job to
+    /// hear back on a new `on_complete`, or with `results_in_event`, is the same
+    /// request.
     pub fn digest(&self) -> String
     where
         T: Serialize,
@@ -192,6 +204,12 @@ impl<T> JobRequest<T> {
             retry_delay_ms: u64,
             on_failure: FailurePolicy,
             task_timeout_ms: Option<u64>,
+            // Absent from older requests: left out when unset, so that their digests
+            // stay what they were.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reduce_shards: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reduce_per_key: Option<bool>,
         }
         let asked = Asked {
             job_type: &self.job_type,
@@ -203,6 +221,8 @@ impl<T> JobRequest<T> {
             retry_delay_ms: self.retry_delay_ms,
             on_failure: self.on_failure,
             task_timeout_ms: self.task_timeout_ms,
+            reduce_shards: self.reduce_shards,
+            reduce_per_key: self.reduce_per_key,
         };
         let mut hasher = sha2::Sha256::new();
         serde_json::to_writer(&mut hasher, &asked).expect("a request serializes");
@@ -238,6 +258,13 @@ impl<T> JobRequest<T> {
             if timeout == 0 || timeout > MAX_TASK_TIMEOUT_MS {
                 return Err(DecodeError::Invalid(format!(
                     "task_timeout_ms {timeout} is outside 1..={MAX_TASK_TIMEOUT_MS}"
+                )));
+            }
+        }
+        if let Some(shards) = self.reduce_shards {
+            if shards == 0 || shards > MAX_REDUCE_SHARDS {
+                return Err(DecodeError::Invalid(format!(
+                    "reduce_shards {shards} is outside 1..={MAX_REDUCE_SHARDS}"
                 )));
             }
         }
@@ -412,6 +439,18 @@ pub struct JobEvent {
     /// `Client::results`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results_withheld: Option<ResultsWithheld>,
+    /// For a `job.stage` event, the phase the job entered (`reduce`, `finalize`); absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// A multi-stage job's result, when it is done and the result takes at most
+    /// [`RESULTS_IN_EVENT_MAX_BYTES`] of JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why `result` is absent from the event of a done multi-stage job: too large, and
+    /// where to read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_withheld: Option<String>,
 }
 
 /// One task's outcome, as a job event's `results`, `taskmill results` and
@@ -446,6 +485,10 @@ pub struct ResultsWithheld {
 /// The kind of the event that answers a request that was parked instead of becoming a
 /// job: `job.rejected.<job_id>`.
 pub const REJECTED: &str = "job.rejected";
+/// The kind of the event a multi-stage job publishes as it enters a phase:
+/// `job.stage.<job_id>`. It is progress, not an end: a producer waiting for the end
+/// goes on waiting.
+pub const STAGE: &str = "job.stage";
 
 impl JobEvent {
     /// The answer to a parked request: no job exists, `first_error` says why.
@@ -468,7 +511,15 @@ impl JobEvent {
             finished_at: Some(now),
             results: None,
             results_withheld: None,
+            phase: None,
+            result: None,
+            result_withheld: None,
         }
+    }
+
+    /// Whether this reports a phase change ([`STAGE`]) rather than an end.
+    pub fn is_progress(&self) -> bool {
+        self.event == STAGE
     }
 
     /// Whether this answers a parked request ([`REJECTED`]) rather than an ended job.
@@ -684,14 +735,23 @@ mod tests {
     }
 
     #[test]
-    fn the_digest_ignores_only_the_reply_target() {
+    fn the_digest_ignores_only_how_the_request_is_answered() {
         let mut request = JobRequest::new("x", vec![serde_json::json!(1)]);
         let digest = request.digest();
+        // Jobs made before the optional fields existed keep their digests.
+        assert_eq!(
+            digest,
+            "1d72c3acdafb646f026cd1e276ce06a9dab0f0835ee623195e5ec5f8895543a9"
+        );
         request.on_complete = Some(Target {
             exchange: String::new(),
             routing_key: "reply".into(),
         });
+        request.results_in_event = true;
         assert_eq!(request.digest(), digest);
+        request.reduce_shards = Some(3);
+        assert_ne!(request.digest(), digest);
+        request.reduce_shards = None;
         request.tasks = Some(vec![serde_json::json!(2)]);
         assert_ne!(request.digest(), digest);
     }

@@ -1,8 +1,9 @@
-//! Task handlers and job splitters, registered by name.
+//! Task handlers, job splitters and multi-stage job types, registered by name.
 //!
 //! A handler is an async function from a [`TaskContext`] to a JSON result or a
 //! [`TaskError`]; a splitter turns a job's `params` into task payloads when the
-//! request carries no `tasks`.
+//! request carries no `tasks`; a [`JobType`] adds a reduce stage and a finalizer after
+//! its map handler (see [`crate::stages`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,6 +14,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+use crate::stages::{
+    finalize_task_type, reduce_task_type, FinalizePlan, ReducePlan, StagePlan,
+    DEFAULT_REDUCE_SHARDS, MAX_REDUCE_SHARDS,
+};
 
 /// What a handler gets to run one attempt of a task.
 #[derive(Clone, Debug)]
@@ -94,12 +100,138 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type HandlerFn = Arc<dyn Fn(TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 type SplitterFn = Arc<dyn Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync>;
 
-/// Task handlers by task type, splitters by job type, and per-task-type timeouts.
+fn boxed<F, Fut>(handler: F) -> HandlerFn
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    Arc::new(move |ctx| Box::pin(handler(ctx)))
+}
+
+/// Task handlers by task type, splitters by job type, per-task-type timeouts, and the
+/// stage plans of multi-stage job types.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, HandlerFn>,
     splitters: HashMap<String, SplitterFn>,
     timeouts: HashMap<String, Duration>,
+    plans: HashMap<String, StagePlan>,
+}
+
+/// A job type of up to three stages: its tasks (made by the request or the splitter)
+/// run the **map** handler, whose output the **reduce** handler reduces key by key,
+/// and an optional **finalizer** turns the reduce output into the job's result. See
+/// [`crate::stages`] for the payloads each stage gets.
+///
+/// ```
+/// use serde_json::{json, Value};
+/// use taskmill::{JobType, TaskContext, TaskError};
+///
+/// async fn count(ctx: TaskContext) -> Result<Value, TaskError> {
+///     let text = ctx.payload.as_str().unwrap_or_default();
+///     let mut counts = serde_json::Map::new();
+///     for word in text.split_whitespace() {
+///         let n = counts.get(word).and_then(Value::as_u64).unwrap_or(0);
+///         counts.insert(word.to_owned(), json!(n + 1));
+///     }
+///     Ok(Value::Object(counts))
+/// }
+///
+/// async fn sum(ctx: TaskContext) -> Result<Value, TaskError> {
+///     // Shards get {"shard": i, "groups": {key: [values]}} and return {key: value}.
+///     let groups = ctx.payload["groups"].as_object().cloned().unwrap_or_default();
+///     let sums = groups.into_iter().map(|(word, counts)| {
+///         let total: u64 = counts.as_array().into_iter().flatten().filter_map(Value::as_u64).sum();
+///         (word, json!(total))
+///     });
+///     Ok(Value::Object(sums.collect()))
+/// }
+///
+/// let words = JobType::new("words").map(count).reduce(sum).reduce_shards(4);
+/// let pod = taskmill::Pod::builder().job_type(words);
+/// ```
+pub struct JobType {
+    name: String,
+    splitter: Option<SplitterFn>,
+    map: Option<HandlerFn>,
+    reduce: Option<HandlerFn>,
+    finalize: Option<HandlerFn>,
+    shards: u32,
+    per_key: bool,
+}
+
+impl JobType {
+    /// A job type named `name` (also its map handler's task type).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            splitter: None,
+            map: None,
+            reduce: None,
+            finalize: None,
+            shards: DEFAULT_REDUCE_SHARDS,
+            per_key: false,
+        }
+    }
+
+    /// Makes the map tasks' payloads from the job's `params` when a request carries no
+    /// `tasks` (the same as `PodBuilder::splitter`).
+    pub fn splitter<F>(mut self, splitter: F) -> Self
+    where
+        F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
+    {
+        self.splitter = Some(Arc::new(splitter));
+        self
+    }
+
+    /// The map handler: runs each of the job's tasks and returns a JSON object of key →
+    /// value (or `null`: no output).
+    pub fn map<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.map = Some(boxed(handler));
+        self
+    }
+
+    /// The reduce handler (task type `<name>.reduce`): gets `{"key", "values"}` per key
+    /// and returns the key's value, or gets `{"shard", "groups": {key: [values]}}` per
+    /// shard and returns an object of key → value. Without one the job type has one
+    /// stage.
+    pub fn reduce<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.reduce = Some(boxed(handler));
+        self
+    }
+
+    /// Reduce tasks per job at most ([`DEFAULT_REDUCE_SHARDS`] unless set; a request's
+    /// `reduce_shards` overrides it).
+    pub fn reduce_shards(mut self, shards: u32) -> Self {
+        self.shards = shards.clamp(1, MAX_REDUCE_SHARDS);
+        self
+    }
+
+    /// One reduce task per key instead of shards, unless a request says otherwise.
+    pub fn reduce_per_key(mut self, per_key: bool) -> Self {
+        self.per_key = per_key;
+        self
+    }
+
+    /// The finalizer (task type `<name>.finalize`): one task whose payload is the reduce
+    /// stage's merged output (an object of key → value) and whose result is the job's
+    /// result. Runs only after a reduce stage.
+    pub fn finalizer<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.finalize = Some(boxed(handler));
+        self
+    }
 }
 
 impl Registry {
@@ -109,8 +241,48 @@ impl Registry {
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
-        let handler: HandlerFn = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.handlers.insert(task_type.into(), handler);
+        self.handlers.insert(task_type.into(), boxed(handler));
+    }
+
+    /// Registers a job type's splitter, handlers and stage plan, replacing what was
+    /// registered under its names before. A finalizer without a reduce handler is
+    /// ignored, with a warning: it would have no reduce output to finalize.
+    pub fn add_job_type(&mut self, job_type: JobType) {
+        let name = job_type.name;
+        self.plans.remove(&name);
+        if let Some(splitter) = job_type.splitter {
+            self.splitters.insert(name.clone(), splitter);
+        }
+        if let Some(map) = job_type.map {
+            self.handlers.insert(name.clone(), map);
+        }
+        let Some(reduce) = job_type.reduce else {
+            if job_type.finalize.is_some() {
+                tracing::warn!(job_type = %name, "finalizer ignored: the job type has no reduce handler");
+            }
+            return;
+        };
+        let reduce_type = reduce_task_type(&name);
+        self.handlers.insert(reduce_type.clone(), reduce);
+        let finalize = job_type.finalize.map(|finalize| {
+            let task_type = finalize_task_type(&name);
+            self.handlers.insert(task_type.clone(), finalize);
+            FinalizePlan { task_type }
+        });
+        let plan = StagePlan {
+            reduce: ReducePlan {
+                task_type: reduce_type,
+                shards: job_type.shards,
+                per_key: job_type.per_key,
+            },
+            finalize,
+        };
+        self.plans.insert(name, plan);
+    }
+
+    /// The stages after the map stage of `job_type`; `None` for a one-stage job type.
+    pub fn plan(&self, job_type: &str) -> Option<&StagePlan> {
+        self.plans.get(job_type)
     }
 
     /// Registers the splitter of `job_type`, replacing any earlier one: it makes the task
@@ -160,6 +332,7 @@ impl fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
             .field("splitters", &self.splitters.keys().collect::<Vec<_>>())
+            .field("plans", &self.plans)
             .finish()
     }
 }

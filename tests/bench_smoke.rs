@@ -18,7 +18,7 @@ fn bench_reports_every_scenario_as_json() {
             "--open-loop-secs",
             "1",
             "--only",
-            "S1,S3,S4,S6",
+            "S1,S3,S4,S6,S8",
         ])
         // The bench makes its own scratch SQLite file and broker prefix, and removes both.
         .env_remove("DATABASE_URL")
@@ -43,7 +43,7 @@ fn bench_reports_every_scenario_as_json() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["S1", "S3", "S4"]);
+    assert_eq!(names, ["S1", "S3", "S4", "S8"]);
     for scenario in scenarios {
         assert_eq!(scenario["all_done"], true, "{scenario}");
         assert!(scenario["tasks_per_s"].as_f64().unwrap() > 0.0);
@@ -51,6 +51,9 @@ fn bench_reports_every_scenario_as_json() {
     }
     assert_eq!(scenarios[1]["jobs"], 20);
     assert_eq!(scenarios[2]["tasks"], 200);
+    // 200 map tasks, 100 reduce shards (the texts have more than 100 distinct words),
+    // one finalize task.
+    assert_eq!(scenarios[3]["tasks"], 301);
     // S6 at 200 jobs/s, then at half of S3's rate, then from 200/s up by half while
     // every event arrives with p99 under 250 ms.
     let open_loop = report["open_loop"].as_array().unwrap();

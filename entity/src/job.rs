@@ -1,5 +1,6 @@
 //! A job: one producer request, split into tasks, moving through stages
-//! `formation` → `running` → `done` | `failed` | `cancelled`.
+//! `formation` → `running` → `done` | `failed` | `cancelled`; a multi-stage job runs
+//! its phases (`map` → `reduce` → `finalize`) while `running`.
 
 use sea_orm::entity::prelude::*;
 
@@ -40,6 +41,16 @@ pub struct Model {
     pub task_timeout_ms: Option<i64>,
     /// The job event carries the tasks' results (up to a cap), as the request asked.
     pub results_in_event: bool,
+    /// The stages after the map stage, for a job type that has them: `{"reduce":
+    /// {"task_type", "shards", "per_key"}, "finalize": {"task_type"}}`. None: one stage.
+    pub stage_plan: Option<Json>,
+    /// The stage of a multi-stage job while it runs: `map`, `reduce` or `finalize`.
+    pub phase: Option<String>,
+    /// The ordinal of the current stage's first task: earlier ordinals belong to
+    /// earlier stages.
+    pub phase_first_ordinal: i64,
+    /// A multi-stage job's result: its finalizer's, else its reduce stage's merged.
+    pub result: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -10,6 +10,7 @@ mod m20261126_000004_untrusted_producers;
 mod m20261126_000005_pools;
 mod m20261127_000006_unfinished_by_finished_at;
 mod m20261127_000007_results_in_event;
+mod m20261127_000008_stages;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000005_pools::Migration),
             Box::new(m20261127_000006_unfinished_by_finished_at::Migration),
             Box::new(m20261127_000007_results_in_event::Migration),
+            Box::new(m20261127_000008_stages::Migration),
         ]
     }
 }

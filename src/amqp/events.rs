@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::broker::{all_confirmed, Outgoing, Publisher};
+use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publisher};
 use crate::amqp::topology::Topology;
 use crate::error::Error;
-use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED};
-use crate::store::{job_event, Store, TargetOutcome};
+use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED, STAGE};
+use crate::store::{job_event, PhaseChange, Store, TargetOutcome};
 
 const RELAY_BATCH: u64 = 100;
 /// Publishes to an `on_complete` target before it is given up.
@@ -51,24 +51,11 @@ impl EventPublisher {
     /// published; each event's target, if any, is tried once beside it and its fate
     /// recorded.
     pub async fn publish(&self, events: &[job_event::Model]) -> Result<(), Error> {
-        let exchange = self.topology.events_exchange();
         let mut pending = Vec::with_capacity(events.len());
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
-            let routing_key = Topology::event_routing_key(&event.kind, &event.job_id);
-            // Not mandatory: an events exchange with no listener bound is normal.
-            pending.push(
-                self.publisher
-                    .send(Outgoing {
-                        exchange: &exchange,
-                        routing_key: &routing_key,
-                        body: &body,
-                        mandatory: false,
-                        headers: None,
-                    })
-                    .await?,
-            );
+            pending.push(self.send(&event.kind, &event.job_id, &body).await?);
             let target = match event_target(event) {
                 Some(target) => Some(self.attempt_target(event, &target, &body).await),
                 None => None,
@@ -157,6 +144,43 @@ impl EventPublisher {
                 tracing::warn!(job_id = %reply.job_id, %err, "job.rejected event not delivered to on_complete");
             }
         }
+    }
+
+    /// Publishes the `job.stage` events of jobs that entered a phase, to the events
+    /// exchange only. Best effort: they report progress, and the phase's tasks are safe
+    /// in the store whatever happens here.
+    pub async fn publish_progress(&self, changes: &[PhaseChange]) {
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(err) = self.try_publish_progress(changes).await {
+            tracing::warn!(%err, "job.stage events not published");
+        }
+    }
+
+    async fn try_publish_progress(&self, changes: &[PhaseChange]) -> Result<(), BrokerError> {
+        let mut pending = Vec::with_capacity(changes.len());
+        for change in changes {
+            let body = serde_json::to_vec(&change.event).expect("an event serializes");
+            pending.push(self.send(STAGE, &change.job.id, &body).await?);
+        }
+        all_confirmed(pending).await
+    }
+
+    /// Sends an event of `kind` about `job_id` to the events exchange, its confirm
+    /// pending. Not mandatory: an events exchange with no listener bound is normal.
+    async fn send(&self, kind: &str, job_id: &str, body: &[u8]) -> Result<Pending, BrokerError> {
+        let exchange = self.topology.events_exchange();
+        let routing_key = Topology::event_routing_key(kind, job_id);
+        self.publisher
+            .send(Outgoing {
+                exchange: &exchange,
+                routing_key: &routing_key,
+                body,
+                mandatory: false,
+                headers: None,
+            })
+            .await
     }
 
     /// Publishes freshly written events, leaving them to the relay on failure.

@@ -1,11 +1,15 @@
 //! `taskmill demo`: migrate, start every role in this process, submit one job of
 //! `--tasks` tasks (every `--fail-every`th fails its first attempt and succeeds on
-//! retry), wait for its event, and print a summary.
+//! retry) — or, with `--wordcount DIR`, the built-in map → reduce word count over the
+//! files in DIR — wait for its event, and print a summary.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 use taskmill::builtin;
 use taskmill::store::Store;
 use taskmill::{CancellationToken, Client, Config, JobRequest, Pod};
@@ -22,6 +26,62 @@ pub struct DemoArgs {
     /// Handlers at once (and prefetch, the batch size of claims and outcomes).
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Count the words of the files in DIR (not its subdirectories) with the built-in
+    /// map → reduce job `taskmill.wordcount`: one map task per file.
+    #[arg(long, value_name = "DIR")]
+    pub wordcount: Option<PathBuf>,
+}
+
+/// The demo's job: failing-once tasks, or a word count of a directory's files.
+fn demo_request(args: &DemoArgs) -> anyhow::Result<JobRequest> {
+    let Some(dir) = &args.wordcount else {
+        let tasks = (1..=args.tasks)
+            .map(|n| {
+                let fails = args.fail_every > 0 && n % args.fail_every == 0;
+                json!({ "n": n, "times": u8::from(fails) })
+            })
+            .collect();
+        let mut request = JobRequest::new(builtin::FAIL, tasks);
+        request.retry_delay_ms = args.retry_delay_ms;
+        return Ok(request);
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let tasks = paths
+        .iter()
+        .map(|path| {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(json!({ "text": String::from_utf8_lossy(&bytes) }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(JobRequest::new(builtin::WORDCOUNT, tasks))
+}
+
+/// The word count's figures and its ten most common words.
+fn print_word_count(result: &Value) {
+    let counts = result["counts"].as_object().cloned().unwrap_or_default();
+    let mut common: Vec<(&String, u64)> = counts
+        .iter()
+        .map(|(word, count)| (word, count.as_u64().unwrap_or(0)))
+        .collect();
+    common.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let top: Vec<String> = common
+        .iter()
+        .take(10)
+        .map(|(word, count)| format!("{word} {count}"))
+        .collect();
+    println!(
+        "words      {} in all, {} distinct",
+        result["total"], result["words"]
+    );
+    println!("most used  {}", top.join(", "));
 }
 
 pub async fn run(
@@ -41,21 +101,15 @@ pub async fn run(
             .run(pod_token.clone()),
     );
     let client = Client::connect(&config).await?.with_store(store.clone());
-    let tasks = (1..=args.tasks)
-        .map(|n| {
-            let fails = args.fail_every > 0 && n % args.fail_every == 0;
-            json!({ "n": n, "times": u8::from(fails) })
-        })
-        .collect();
-    let mut request = JobRequest::new(builtin::FAIL, tasks);
-    request.retry_delay_ms = args.retry_delay_ms;
+    let mut request = demo_request(&args)?;
+    let task_count = request.tasks.as_ref().map_or(0, Vec::len);
     let job_id = uuid::Uuid::new_v4().to_string();
     request.job_id = Some(job_id.clone());
 
     let started = Instant::now();
     let watch = client.watch(&job_id).await?;
     client.submit(request).await?;
-    println!("submitted job {job_id} with {} tasks", args.tasks);
+    println!("submitted job {job_id} with {task_count} tasks");
     let progress = tokio::spawn(report_progress(store.clone(), job_id.clone()));
     let event = tokio::select! {
         event = watch.event() => event?,
@@ -78,6 +132,10 @@ pub async fn run(
         "throughput {:.0} tasks/s",
         event.task_count as f64 / wall.as_secs_f64()
     );
+    // Read from the store: a large result is not in the event.
+    if let Some(result) = client.job_result(&job_id).await? {
+        print_word_count(&result);
+    }
     println!(
         "database   {}",
         taskmill::config::redacted(&config.database_url)
@@ -100,7 +158,12 @@ async fn report_progress(store: Store, job_id: String) {
                 .iter()
                 .map(|(status, count)| format!("{status} {count}"))
                 .collect();
-            println!("  {} · {}", status.job.stage, counts.join(", "));
+            let phase = status
+                .job
+                .phase
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default();
+            println!("  {}{phase} · {}", status.job.stage, counts.join(", "));
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `taskmill status JOB_ID`: a job's stage, task counts and first error.
+//! `taskmill status JOB_ID`: a job's stage (and phase), task counts, first error and
+//! result.
 
 use clap::Args;
 use serde_json::json;
@@ -32,6 +33,9 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "stage": job.stage,
             "task_count": job.task_count,
             "tasks_by_status": status.tasks_by_status,
+            "phase": job.phase,
+            "phase_tasks": status.phase_tasks_by_status,
+            "result": job.result,
             "first_error": job.first_error,
             "created_at": job.created_at,
             "started_at": job.started_at,
@@ -50,6 +54,21 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     println!("tasks    {}", job.task_count);
     for (status, count) in &status.tasks_by_status {
         println!("  {status:<10} {count}");
+    }
+    if let Some(phase) = &job.phase {
+        let of_phase: i64 = status.phase_tasks_by_status.values().sum();
+        let done = status
+            .phase_tasks_by_status
+            .get("done")
+            .copied()
+            .unwrap_or(0);
+        println!(
+            "phase    {phase}: {done}/{of_phase} done (tasks from ordinal {})",
+            job.phase_first_ordinal
+        );
+    }
+    if let Some(result) = &job.result {
+        println!("result   {result}");
     }
     if let Some(error) = &job.first_error {
         println!("error    {error}");

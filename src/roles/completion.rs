@@ -6,7 +6,10 @@
 //! and checks each job they touch once per batch: the jobs whose counters say they
 //! are over end together in one transaction ([`crate::store::Store::check_jobs`]),
 //! which writes their events to the outbox; the events are published after the
-//! commit, and the batch is acked only after that.
+//! commit, and the batch is acked only after that. A multi-stage job whose phase is
+//! over moves to its next phase in that transaction instead ([`crate::stages`]); after
+//! the commit this role's feeder publishes the new phase's task messages and its
+//! `job.stage` event goes out.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use lapin::message::Delivery;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
+use super::feed::Feeder;
 use super::shared::Shared;
 use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{Publisher, CLOSE_TIMEOUT};
@@ -53,7 +57,10 @@ pub(crate) async fn run(
         shared.config.max_request_bytes,
     )
     .await?;
+    let feeding = shutdown.child_token();
+    let _stop_feeding = feeding.clone().drop_guard();
     let completion = Completion {
+        feeder: Feeder::new(shared.clone(), publisher.clone(), feeding),
         shared,
         publisher,
         events,
@@ -61,6 +68,7 @@ pub(crate) async fn run(
     while let Some(batch) = consumer.next_batch(BATCH, &shutdown).await? {
         completion.handle_batch(&consumer, batch).await;
     }
+    completion.feeder.stop().await;
     // The relay may be waiting on the database or a confirm: give it a moment, then
     // drop it (an unpublished event stays in the outbox for the next relay).
     if tokio::time::timeout(CLOSE_TIMEOUT, &mut relay)
@@ -78,6 +86,7 @@ struct Completion {
     shared: Arc<Shared>,
     publisher: Publisher,
     events: EventPublisher,
+    feeder: Feeder,
 }
 
 impl Completion {
@@ -118,11 +127,16 @@ impl Completion {
     /// batch goes back to the queue.
     async fn check_jobs(&self, job_ids: &[String]) -> bool {
         match self.shared.store.check_jobs(job_ids).await {
-            Ok(ended) => {
-                for event in &ended {
+            Ok(checked) => {
+                for event in &checked.ended {
                     tracing::info!(job_id = %event.job_id, kind = %event.kind, "job ended");
                 }
-                self.events.publish_or_defer(&ended).await;
+                self.events.publish_or_defer(&checked.ended).await;
+                for change in &checked.advanced {
+                    tracing::info!(job_id = %change.job.id, phase = change.phase.as_str(), tasks = change.job.task_count - change.job.phase_first_ordinal, "job entered its next phase");
+                    self.feeder.feed(&change.job.id);
+                }
+                self.events.publish_progress(&checked.advanced).await;
                 true
             }
             Err(err) => {

@@ -5,6 +5,7 @@
 //! first failure. A role never imports another role or the pod.
 
 pub(crate) mod completion;
+mod feed;
 pub(crate) mod intake;
 mod shared;
 pub(crate) mod sweeper;

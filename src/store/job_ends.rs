@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::Value;
+
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
@@ -19,8 +21,11 @@ use super::error::StoreError;
 use super::handle::Store;
 use super::outbox::EVENT_CLAIM;
 use super::pg_batch::one_of;
-use super::results::results_for_event;
-use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION};
+use super::results::{result_for_event, results_for_event};
+use super::rows::{Checked, PhaseChange};
+use super::stages::{self, Advanced};
+use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION, STAGE};
+use crate::stages::Phase;
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, task};
 
@@ -32,12 +37,9 @@ impl Store {
     /// caller). The counters are read first without a lock: most checks find a job
     /// still going and need no transaction at all. Those that look over are locked
     /// and checked again, so of racing consumers exactly one ends each job.
-    pub async fn check_jobs(
-        &self,
-        job_ids: &[String],
-    ) -> Result<Vec<job_event::Model>, StoreError> {
+    pub async fn check_jobs(&self, job_ids: &[String]) -> Result<Checked, StoreError> {
         if job_ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Checked::default());
         }
         let backend = self.backend();
         let counters: Vec<Counters> = self
@@ -51,6 +53,7 @@ impl Store {
                         job::Column::DoneCount,
                         job::Column::FailedCount,
                         job::Column::CancelledCount,
+                        job::Column::Phase,
                     ])
                     .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
                     .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
@@ -61,39 +64,46 @@ impl Store {
             .await?;
         let mut over: Vec<String> = counters
             .into_iter()
-            .filter(|job| job.ending().is_some())
+            .filter(|job| job.verdict() != Verdict::Wait)
             .map(|job| job.id)
             .collect();
         if over.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Checked::default());
         }
         over.sort();
         self.retrying("end jobs", || async {
             let over = over.clone();
             Ok(self
                 .db
-                .transaction::<_, Vec<job_event::Model>, StoreError>(move |txn| {
+                .transaction::<_, Checked, StoreError>(move |txn| {
                     Box::pin(async move {
                         let mut ending = Vec::with_capacity(over.len());
+                        let mut advanced = Vec::new();
                         for job in lock_jobs(txn, &over, JobStage::Running).await? {
-                            if let Some(to) = Counters::of(&job).ending() {
-                                cancel_rest(txn, &job, JobStage::Running, to).await?;
-                                ending.push((job, to));
+                            match settle(txn, &job).await? {
+                                Settled::Wait => {}
+                                Settled::Moved(change) => advanced.push(*change),
+                                Settled::Ends(to, first_error, result) => {
+                                    cancel_rest(txn, &job, JobStage::Running, to).await?;
+                                    ending.push((job, to, first_error, result));
+                                }
                             }
                         }
                         let ids: Vec<String> =
-                            ending.iter().map(|(job, _)| job.id.clone()).collect();
+                            ending.iter().map(|(job, ..)| job.id.clone()).collect();
                         let mut counts = count_by_job_and_status(txn, &ids).await?;
-                        let mut events = Vec::with_capacity(ending.len());
-                        for (job, to) in ending {
+                        let mut ended = Vec::with_capacity(ending.len());
+                        for (job, to, first_error, result) in ending {
                             let counts = counts.remove(&job.id).unwrap_or_default();
-                            let first_error = job.first_error.clone();
-                            events.push(
-                                finish_job(txn, &job, JobStage::Running, to, first_error, counts)
-                                    .await?,
-                            );
+                            let end = Ending {
+                                from: JobStage::Running,
+                                to,
+                                first_error,
+                                result,
+                            };
+                            ended.push(finish_job(txn, &job, end, counts).await?);
                         }
-                        Ok(events)
+                        Ok(Checked { ended, advanced })
                     })
                 })
                 .await?)
@@ -131,23 +141,105 @@ impl Store {
     }
 }
 
-/// Ends the job if it is running and its counters say it is over, returning its
-/// event. The stage change is a compare-and-set on `running` under the job's row
-/// lock, so of any number of racing transactions exactly one ends the job.
+/// Ends the job if it is running and its counters say it is over, or moves it to its
+/// next phase if it has one. The stage change is a compare-and-set on `running` under
+/// the job's row lock, so of any number of racing transactions exactly one ends the job
+/// (or moves it on).
 pub(super) async fn check_in<C: ConnectionTrait>(
     txn: &C,
     job_id: &str,
-) -> Result<Option<job_event::Model>, StoreError> {
+) -> Result<CheckedIn, StoreError> {
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
-        return Ok(None);
+        return Ok(CheckedIn::Going);
     };
-    let Some(ending) = Counters::of(&job).ending() else {
-        return Ok(None);
-    };
-    let first_error = job.first_error.clone();
-    Ok(Some(
-        end_job_with(txn, &job, JobStage::Running, ending, first_error).await?,
-    ))
+    Ok(match settle(txn, &job).await? {
+        Settled::Wait => CheckedIn::Going,
+        Settled::Moved(change) => CheckedIn::Moved(change),
+        Settled::Ends(to, first_error, result) => {
+            let end = Ending {
+                from: JobStage::Running,
+                to,
+                first_error,
+                result,
+            };
+            CheckedIn::Ended(end_job_as(txn, &job, end).await?)
+        }
+    })
+}
+
+/// What [`check_in`] did.
+#[derive(Debug)]
+pub(super) enum CheckedIn {
+    /// The job goes on as it was.
+    Going,
+    /// It entered its next phase.
+    Moved(Box<PhaseChange>),
+    /// It ended: its event.
+    Ended(job_event::Model),
+}
+
+/// What the check of one locked running job decided.
+#[derive(Debug)]
+enum Settled {
+    /// Tasks of it are still going.
+    Wait,
+    /// It entered its next phase.
+    Moved(Box<PhaseChange>),
+    /// It ends in this stage, with this first error and result.
+    Ends(JobStage, Option<String>, Option<Value>),
+}
+
+/// Decides a locked running job's fate from its counters, and for a multi-stage job
+/// whose phase is over, makes the next phase ([`stages::advance`]).
+async fn settle<C: ConnectionTrait>(txn: &C, job: &job::Model) -> Result<Settled, StoreError> {
+    Ok(match Counters::of(job).verdict() {
+        Verdict::Wait => Settled::Wait,
+        Verdict::End(to) => Settled::Ends(to, job.first_error.clone(), None),
+        Verdict::Advance => match stages::advance(txn, job).await? {
+            Advanced::Moved { job, phase } => {
+                let event = stage_event(&job, phase);
+                Settled::Moved(Box::new(PhaseChange {
+                    job: *job,
+                    phase,
+                    event,
+                }))
+            }
+            Advanced::Ends {
+                stage,
+                first_error,
+                result,
+            } => Settled::Ends(
+                stage,
+                first_error.or_else(|| job.first_error.clone()),
+                result,
+            ),
+        },
+    })
+}
+
+/// The `job.stage` event of a job that entered `phase`.
+fn stage_event(job: &job::Model, phase: Phase) -> JobEvent {
+    JobEvent {
+        version: SCHEMA_VERSION,
+        event: STAGE.to_owned(),
+        job_id: job.id.clone(),
+        job_type: job.job_type.clone(),
+        stage: job.stage.clone(),
+        task_count: job.task_count,
+        done: job.done_count,
+        failed: job.failed_count,
+        cancelled: job.cancelled_count,
+        first_error: None,
+        failed_task_ids: Vec::new(),
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: None,
+        results: None,
+        results_withheld: None,
+        phase: Some(phase.as_str().to_owned()),
+        result: None,
+        result_withheld: None,
+    }
 }
 
 /// What decides whether a running job is over: its failure policy and counters.
@@ -159,6 +251,18 @@ struct Counters {
     done_count: i64,
     failed_count: i64,
     cancelled_count: i64,
+    phase: Option<String>,
+}
+
+/// What a running job's counters say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Tasks of it are still going.
+    Wait,
+    /// It ends in this stage.
+    End(JobStage),
+    /// Its current phase is done and it has a next one, or a result to make.
+    Advance,
 }
 
 impl Counters {
@@ -170,21 +274,25 @@ impl Counters {
             done_count: job.done_count,
             failed_count: job.failed_count,
             cancelled_count: job.cancelled_count,
+            phase: job.phase.clone(),
         }
     }
 
-    /// The stage the counters end the job in, if they do: `failed` once a task failed
-    /// and the job fails fast or every task is over, else `done` once every task is.
-    fn ending(&self) -> Option<JobStage> {
+    /// `failed` once a task failed and the job fails fast or every task is over; once
+    /// every task is over, `done` — or, for a multi-stage job, on to its next phase
+    /// (the last phase ends it with its result).
+    fn verdict(&self) -> Verdict {
         let policy = FailurePolicy::parse(&self.on_failure);
         let all_terminal =
             self.done_count + self.failed_count + self.cancelled_count >= self.task_count;
         if self.failed_count > 0 && (policy == FailurePolicy::FailFast || all_terminal) {
-            Some(JobStage::Failed)
-        } else if all_terminal {
-            Some(JobStage::Done)
+            Verdict::End(JobStage::Failed)
+        } else if !all_terminal {
+            Verdict::Wait
+        } else if self.phase.is_some() {
+            Verdict::Advance
         } else {
-            None
+            Verdict::End(JobStage::Done)
         }
     }
 }
@@ -210,9 +318,33 @@ pub(super) async fn end_job_with<C: ConnectionTrait>(
     to: JobStage,
     first_error: Option<String>,
 ) -> Result<job_event::Model, StoreError> {
-    cancel_rest(txn, job, from, to).await?;
+    let end = Ending {
+        from,
+        to,
+        first_error,
+        result: None,
+    };
+    end_job_as(txn, job, end).await
+}
+
+/// How a job ends: from which stage to which, why, and with what result.
+#[derive(Debug)]
+struct Ending {
+    from: JobStage,
+    to: JobStage,
+    first_error: Option<String>,
+    result: Option<Value>,
+}
+
+/// [`end_job_with`] for any [`Ending`].
+async fn end_job_as<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    end: Ending,
+) -> Result<job_event::Model, StoreError> {
+    cancel_rest(txn, job, end.from, end.to).await?;
     let counts = count_by_status(txn, &job.id).await?;
-    finish_job(txn, job, from, to, first_error, counts).await
+    finish_job(txn, job, end, counts).await
 }
 
 /// Cancels the unfinished tasks of a job ending as `to`, if it cancels them: a
@@ -262,11 +394,15 @@ async fn cancel_rest<C: ConnectionTrait>(
 async fn finish_job<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
-    from: JobStage,
-    to: JobStage,
-    first_error: Option<String>,
+    end: Ending,
     counts: BTreeMap<String, i64>,
 ) -> Result<job_event::Model, StoreError> {
+    let Ending {
+        from,
+        to,
+        first_error,
+        result,
+    } = end;
     let now = Utc::now();
     let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
     let failed_task_ids: Vec<i64> = if count_of(TaskStatus::Failed) == 0 {
@@ -298,6 +434,7 @@ async fn finish_job<C: ConnectionTrait>(
             Expr::value(count_of(TaskStatus::Cancelled)),
         )
         .col_expr(job::Column::FirstError, Expr::value(first_error.clone()))
+        .col_expr(job::Column::Result, Expr::value(result.clone()))
         .col_expr(job::Column::FinishedAt, Expr::value(now))
         .col_expr(job::Column::UpdatedAt, Expr::value(now))
         .filter(job::Column::Id.eq(job.id.as_str()))
@@ -312,6 +449,7 @@ async fn finish_job<C: ConnectionTrait>(
     }
     let finished = count_of(TaskStatus::Done) + count_of(TaskStatus::Failed);
     let (results, results_withheld) = results_for_event(txn, job, finished).await?;
+    let (result, result_withheld) = result_for_event(&job.id, result);
     let event = JobEvent {
         version: SCHEMA_VERSION,
         event: to.event_kind().to_owned(),
@@ -329,6 +467,9 @@ async fn finish_job<C: ConnectionTrait>(
         finished_at: Some(now),
         results,
         results_withheld,
+        phase: None,
+        result,
+        result_withheld,
     };
     let row = job_event::ActiveModel {
         job_id: Set(job.id.clone()),
@@ -448,11 +589,24 @@ pub(super) async fn count_by_status<C: ConnectionTrait>(
     db: &C,
     job_id: &str,
 ) -> Result<BTreeMap<String, i64>, sea_orm::DbErr> {
-    let counts = task::Entity::find()
+    count_by_status_from(db, job_id, 0).await
+}
+
+/// [`count_by_status`] of the job's tasks from ordinal `first` on.
+pub(super) async fn count_by_status_from<C: ConnectionTrait>(
+    db: &C,
+    job_id: &str,
+    first: i64,
+) -> Result<BTreeMap<String, i64>, sea_orm::DbErr> {
+    let mut query = task::Entity::find()
         .select_only()
         .column(task::Column::Status)
         .column_as(Expr::col(task::Column::Id).count(), "count")
-        .filter(task::Column::JobId.eq(job_id))
+        .filter(task::Column::JobId.eq(job_id));
+    if first > 0 {
+        query = query.filter(task::Column::Ordinal.gte(first));
+    }
+    let counts = query
         .group_by(task::Column::Status)
         .into_model::<StatusCount>()
         .all(db)
@@ -496,30 +650,43 @@ mod tests {
             request_digest: None,
             task_timeout_ms: None,
             results_in_event: false,
+            stage_plan: None,
+            phase: None,
+            phase_first_ordinal: 0,
+            result: None,
         }
     }
 
     #[test]
     fn a_job_ends_when_its_counters_say_so() {
         use FailurePolicy::{Continue, FailFast};
+        use Verdict::{Advance, End, Wait};
         let cases = [
-            // (policy, tasks, done, failed, cancelled) → stage
-            ((FailFast, 3, 2, 0, 0), None),
-            ((FailFast, 3, 3, 0, 0), Some(JobStage::Done)),
-            ((FailFast, 3, 1, 1, 0), Some(JobStage::Failed)),
-            ((Continue, 3, 1, 1, 0), None),
-            ((Continue, 3, 2, 1, 0), Some(JobStage::Failed)),
-            ((Continue, 3, 2, 0, 1), Some(JobStage::Done)),
+            // (policy, tasks, done, failed, cancelled) → verdict
+            ((FailFast, 3, 2, 0, 0), Wait),
+            ((FailFast, 3, 3, 0, 0), End(JobStage::Done)),
+            ((FailFast, 3, 1, 1, 0), End(JobStage::Failed)),
+            ((Continue, 3, 1, 1, 0), Wait),
+            ((Continue, 3, 2, 1, 0), End(JobStage::Failed)),
+            ((Continue, 3, 2, 0, 1), End(JobStage::Done)),
             // A redelivered event counted twice must still end the job once.
-            ((Continue, 3, 4, 0, 0), Some(JobStage::Done)),
+            ((Continue, 3, 4, 0, 0), End(JobStage::Done)),
         ];
-        for ((policy, tasks, done, failed, cancelled), stage) in cases {
-            let job = job(policy, tasks, done, failed, cancelled);
+        for ((policy, tasks, done, failed, cancelled), verdict) in cases {
+            let mut job = job(policy, tasks, done, failed, cancelled);
             assert_eq!(
-                Counters::of(&job).ending(),
-                stage,
+                Counters::of(&job).verdict(),
+                verdict,
                 "{policy:?} {tasks} tasks, {done} done, {failed} failed, {cancelled} cancelled"
             );
+            // A multi-stage job goes on to its next phase where a job of one stage
+            // would be done; it fails as any job does.
+            job.phase = Some("map".to_owned());
+            let staged = match verdict {
+                End(JobStage::Done) => Advance,
+                other => other,
+            };
+            assert_eq!(Counters::of(&job).verdict(), staged);
         }
     }
 }

@@ -1,22 +1,24 @@
 //! Job rows: creation (idempotent on the job id), task-row insertion, the move from
 //! `formation` to `running`, and read-only views for status and tests.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait,
-    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, FromQueryResult, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use super::error::StoreError;
 use super::handle::Store;
-use super::job_ends::{self, count_by_status, lock_job};
-use super::pg_batch::{self, one_of};
+use super::job_ends::CheckedIn;
+use super::job_ends::{self, count_by_status, count_by_status_from, lock_job};
+use super::pg_batch::one_of;
 use super::rows::{JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
-use crate::state::{JobStage, TaskStatus};
+use super::task_rows::insert_task_rows;
+use crate::stages::Phase;
+use crate::state::JobStage;
 use entity::{job, task};
 
 #[derive(FromQueryResult)]
@@ -177,7 +179,7 @@ impl Store {
                                 .one(txn)
                                 .await?
                                 .ok_or_else(|| StoreError::JobNotFound(job_id.clone()))?;
-                            return Ok(StartOutcome::Running(job));
+                            return Ok(StartOutcome::Running(Box::new(job)));
                         };
                         if expected_tasks == 0 {
                             let event =
@@ -203,10 +205,11 @@ impl Store {
                         })?;
                         // Tasks published while the job was forming may all have
                         // finished: their finished events found it not yet running.
-                        if let Some(event) = job_ends::check_in(txn, &job_id).await? {
-                            return Ok(StartOutcome::Ended(event));
-                        }
-                        Ok(StartOutcome::Running(job))
+                        Ok(match job_ends::check_in(txn, &job_id).await? {
+                            CheckedIn::Going => StartOutcome::Running(Box::new(job)),
+                            CheckedIn::Moved(change) => StartOutcome::Advanced(change),
+                            CheckedIn::Ended(event) => StartOutcome::Ended(event),
+                        })
                     })
                 })
                 .await?)
@@ -214,14 +217,22 @@ impl Store {
         .await
     }
 
-    /// Records that every task message of the jobs was published, so that a redelivered
-    /// request does not publish them again.
-    pub(crate) async fn mark_tasks_published(&self, job_ids: &[String]) -> Result<(), StoreError> {
+    /// Records that every task message of the jobs' phase that starts at ordinal
+    /// `phase_first_ordinal` was published, so that a redelivered request does not
+    /// publish them again. A job that has moved on to a later phase since (its tasks
+    /// all finished the moment their messages went out) is left alone: the messages of
+    /// its new phase are not published yet.
+    pub(crate) async fn mark_tasks_published(
+        &self,
+        job_ids: &[String],
+        phase_first_ordinal: i64,
+    ) -> Result<(), StoreError> {
         let backend = self.backend();
         self.retrying("mark tasks published", || async {
             job::Entity::update_many()
                 .col_expr(job::Column::TasksPublished, Expr::value(true))
                 .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
+                .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
                 .exec(&self.db)
                 .await?;
             Ok(())
@@ -249,9 +260,20 @@ impl Store {
                 Ok(count_by_status(&self.db, job_id).await?)
             })
             .await?;
+        let phase_tasks_by_status = match &job.phase {
+            None => BTreeMap::new(),
+            Some(_) if job.phase_first_ordinal == 0 => tasks_by_status.clone(),
+            Some(_) => {
+                self.retrying("count the phase's tasks", || async {
+                    Ok(count_by_status_from(&self.db, job_id, job.phase_first_ordinal).await?)
+                })
+                .await?
+            }
+        };
         Ok(Some(JobStatus {
             job,
             tasks_by_status,
+            phase_tasks_by_status,
         }))
     }
 
@@ -329,65 +351,15 @@ fn job_row(
         request_digest: Set(Some(new.request_digest.clone())),
         task_timeout_ms: Set(new.task_timeout_ms),
         results_in_event: Set(new.results_in_event),
-    }
-}
-
-/// Inserts task rows (skipping ordinals that exist) and returns `(id, ordinal)` of
-/// those it inserted: one statement.
-async fn insert_task_rows<C: ConnectionTrait>(
-    db: &C,
-    backend: DatabaseBackend,
-    job_id: &str,
-    tasks: &[NewTask],
-    now: DateTime<Utc>,
-) -> Result<Vec<(i64, i32)>, StoreError> {
-    let rows = if backend == DatabaseBackend::Postgres {
-        db.query_all_raw(pg_batch::insert_tasks(job_id, tasks, now))
-            .await?
-    } else {
-        db.query_all(&insert_statement(job_id, tasks, now)).await?
-    };
-    rows.iter()
-        .map(|row| {
-            Ok((
-                row.try_get::<i64>("", "id")?,
-                row.try_get::<i32>("", "ordinal")?,
-            ))
-        })
-        .collect()
-}
-
-/// The portable form of [`Store::insert_tasks`]: one multi-row INSERT.
-fn insert_statement(
-    job_id: &str,
-    tasks: &[NewTask],
-    now: chrono::DateTime<Utc>,
-) -> sea_orm::sea_query::InsertStatement {
-    let rows = tasks.iter().map(|new| task::ActiveModel {
-        job_id: Set(job_id.to_owned()),
-        ordinal: Set(new.ordinal),
-        task_type: Set(new.task_type.clone()),
-        payload: Set(new.payload.clone()),
-        status: Set(TaskStatus::Pending.as_str().to_owned()),
-        attempts: Set(0),
-        deliveries: Set(0),
-        info: Set(None),
+        stage_plan: Set(new
+            .stage_plan
+            .as_ref()
+            .map(|plan| serde_json::to_value(plan).expect("a plan serializes"))),
+        phase: Set(new
+            .stage_plan
+            .as_ref()
+            .map(|_| Phase::Map.as_str().to_owned())),
+        phase_first_ordinal: Set(0),
         result: Set(None),
-        version: Set(0),
-        claimed_by: Set(None),
-        lease_until: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-        finished_at: Set(None),
-        ..Default::default()
-    });
-    let mut insert = task::Entity::insert_many(rows)
-        .on_conflict(
-            OnConflict::columns([task::Column::JobId, task::Column::Ordinal])
-                .do_nothing()
-                .to_owned(),
-        )
-        .into_query();
-    insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
-    insert
+    }
 }

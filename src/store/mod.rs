@@ -17,7 +17,9 @@ mod pg_batch;
 mod pools;
 mod results;
 mod rows;
+mod stages;
 mod stuck;
+mod task_rows;
 mod tasks;
 
 pub use error::StoreError;
@@ -26,7 +28,8 @@ pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use pools::SilentPool;
 pub use results::ResultStream;
 pub use rows::{
-    Claim, JobStatus, NewJob, NewTask, StartOutcome, TaskOutcome, Transition, WholeJob,
+    Checked, Claim, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome, Transition,
+    WholeJob,
 };
 pub use stuck::SWEEP_WRITE_BATCH;
 

@@ -172,3 +172,25 @@ pub(super) async fn results_for_event<C: ConnectionTrait>(
     }
     Ok((Some(results), None))
 }
+
+/// What the event of an ended job carries of its result: the result when it takes at
+/// most [`RESULTS_IN_EVENT_MAX_BYTES`] of JSON, else why it is not there.
+pub(super) fn result_for_event(
+    job_id: &str,
+    result: Option<Value>,
+) -> (Option<Value>, Option<String>) {
+    let Some(result) = result else {
+        return (None, None);
+    };
+    let bytes = serde_json::to_vec(&result)
+        .expect("a result serializes")
+        .len();
+    if bytes <= RESULTS_IN_EVENT_MAX_BYTES {
+        return (Some(result), None);
+    }
+    let reason = format!(
+        "the job's result takes {bytes} bytes of JSON, over the {RESULTS_IN_EVENT_MAX_BYTES} \
+         an event carries: read it with `taskmill status --json {job_id}` or Client::job_result"
+    );
+    (None, Some(reason))
+}

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::protocol::{FailurePolicy, Target};
+use crate::protocol::{FailurePolicy, JobEvent, Target};
+use crate::stages::{Phase, StagePlan};
 use crate::state::TaskStatus;
 use entity::{job, job_event};
 
@@ -34,6 +35,8 @@ pub struct NewJob {
     pub task_timeout_ms: Option<i64>,
     /// The job event should carry the tasks' results.
     pub results_in_event: bool,
+    /// The stages after the map stage, for a multi-stage job type.
+    pub stage_plan: Option<StagePlan>,
 }
 
 /// One task row to insert.
@@ -60,9 +63,34 @@ pub struct WholeJob {
 #[derive(Debug)]
 pub enum StartOutcome {
     /// The job is `running`: its tasks can be published.
-    Running(job::Model),
+    Running(Box<job::Model>),
+    /// The job is `running` and its map tasks, all done while it formed, made the
+    /// next phase's tasks: a feeder should publish them.
+    Advanced(Box<PhaseChange>),
     /// The job had no tasks and ended at once; its event is in the outbox.
     Ended(job_event::Model),
+}
+
+/// A multi-stage job that entered a phase ([`crate::stages`]).
+#[derive(Clone, Debug)]
+pub struct PhaseChange {
+    /// The job row as it is now: the new phase's tasks are stored, their messages not
+    /// yet published.
+    pub job: job::Model,
+    /// The phase it entered.
+    pub phase: Phase,
+    /// Its `job.stage` event, published after the commit (at most once: it reports
+    /// progress; nothing waits on it).
+    pub event: JobEvent,
+}
+
+/// What a completion check did with the jobs it looked at.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Events of the jobs it ended, in the outbox, claimed by the caller.
+    pub ended: Vec<job_event::Model>,
+    /// The multi-stage jobs it moved to their next phase.
+    pub advanced: Vec<PhaseChange>,
 }
 
 /// A job and how many of its tasks are in each status.
@@ -72,6 +100,9 @@ pub struct JobStatus {
     pub job: job::Model,
     /// Task counts by status name; a status no task has is absent.
     pub tasks_by_status: BTreeMap<String, i64>,
+    /// The same for the tasks of a multi-stage job's current phase; empty for a job of
+    /// one stage.
+    pub phase_tasks_by_status: BTreeMap<String, i64>,
 }
 
 /// A successful claim.

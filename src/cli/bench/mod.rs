@@ -6,7 +6,8 @@
 //!    statement).
 //! 2. Scenarios, each from submit to the job event, run by fresh `taskmill worker`
 //!    processes: S1 one job of N tasks, S2 one job of 10 × N, S3 1,000 jobs of 10, S4 S1
-//!    with 10% of tasks failing once, S5 S1 with 1, 2 and 4 worker processes; S6
+//!    with 10% of tasks failing once, S8 a map → reduce job (the built-in word count)
+//!    of N map tasks and 100 reduce shards, S5 S1 with 1, 2 and 4 worker processes; S6
 //!    single-task jobs published at a fixed rate (200/s, and half S3's rate), each
 //!    timed from its publish to its event.
 //! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
@@ -34,6 +35,8 @@ use report::Report;
 const OPEN_LOOP_RATE: f64 = 200.0;
 /// Where S6's search for the saturation rate stops.
 const MAX_OPEN_LOOP_RATE: f64 = 5_000.0;
+/// S8's reduce tasks.
+const MAP_REDUCE_SHARDS: u32 = 100;
 use scenario::Spec;
 
 #[derive(Args, Debug)]
@@ -134,6 +137,16 @@ async fn measure(
         )
         .failing_every(10),
     ];
+    specs.push(
+        Spec::new(
+            "S8",
+            format!("1 map → reduce job × {n}, {MAP_REDUCE_SHARDS} shards"),
+            1,
+            n,
+            args.workers,
+        )
+        .map_reduce(MAP_REDUCE_SHARDS),
+    );
     for workers in [1, 2, 4] {
         specs.push(Spec::new(
             &format!("S5/{workers}"),

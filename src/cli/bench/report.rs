@@ -111,6 +111,12 @@ impl Report {
                 "goal S1 ≥ 25% of broker (aim 50%):      {:.0}%",
                 100.0 * s1.tasks_per_s / self.broker.messages_per_s
             );
+            if let Some(s8) = self.scenario("S8") {
+                println!(
+                    "goal S8 map → reduce rate ≥ 80% of S1:   {:.0}% (tasks/s, reduce and finalize tasks counted)",
+                    100.0 * s8.tasks_per_s / s1.tasks_per_s
+                );
+            }
             if let Some(s2) = self.scenario("S2") {
                 println!(
                     "goal S2 time ≤ 11 × S1 time:             {:.1} ×",

@@ -31,6 +31,8 @@ pub struct Spec {
     tasks_per_job: usize,
     workers: usize,
     fail_every: Option<usize>,
+    /// A map → reduce word count with this many reduce shards instead of echo tasks.
+    reduce_shards: Option<u32>,
 }
 
 impl Spec {
@@ -48,7 +50,15 @@ impl Spec {
             tasks_per_job,
             workers,
             fail_every: None,
+            reduce_shards: None,
         }
+    }
+
+    /// The job is the built-in word count: each task counts the words of a short text,
+    /// and `shards` reduce tasks and a finalizer follow.
+    pub fn map_reduce(mut self, shards: u32) -> Self {
+        self.reduce_shards = Some(shards);
+        self
     }
 
     pub fn failing_every(mut self, k: usize) -> Self {
@@ -57,6 +67,21 @@ impl Spec {
     }
 
     fn request(&self) -> JobRequest {
+        if let Some(shards) = self.reduce_shards {
+            // Twelve words from a vocabulary of 1,000: the reduce stage has keys to share.
+            let tasks = (0..self.tasks_per_job)
+                .map(|n| {
+                    let words: Vec<String> = (0..12)
+                        .map(|k| format!("w{}", (n * 7 + k * 131) % 1_000))
+                        .collect();
+                    json!({ "text": words.join(" ") })
+                })
+                .collect();
+            let mut request = JobRequest::new(builtin::WORDCOUNT, tasks);
+            request.reduce_shards = Some(shards);
+            request.job_id = Some(uuid::Uuid::new_v4().to_string());
+            return request;
+        }
         let tasks = (0..self.tasks_per_job)
             .map(|n| match self.fail_every {
                 Some(k) => json!({ "n": n, "times": u8::from(n % k == 0) }),
@@ -123,7 +148,9 @@ impl Bench {
         let sink = events.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                if let Ok(event) = serde_json::from_slice::<JobEvent>(&delivery.data) {
+                let event = serde_json::from_slice::<JobEvent>(&delivery.data);
+                // A multi-stage job's progress is not its end.
+                if let Some(event) = event.ok().filter(|event| !event.is_progress()) {
                     sink.lock()
                         .expect("events lock")
                         .insert(event.job_id.clone(), (Instant::now(), event));
@@ -179,6 +206,8 @@ impl Bench {
         fleet.stop().await;
 
         let (mut job_latencies, mut last_event, mut all_done) = (Vec::new(), started, true);
+        // Every task the jobs ran: a multi-stage job's reduce and finalize tasks count.
+        let mut tasks = 0;
         {
             let events = self.events.lock().expect("events lock");
             for (id, submitted_at) in &submitted {
@@ -186,6 +215,7 @@ impl Bench {
                 job_latencies.push((*at - *submitted_at).as_secs_f64() * 1000.0);
                 last_event = last_event.max(*at);
                 all_done &= event.is_done();
+                tasks += event.task_count as usize;
             }
         }
         let seconds = (last_event - started).as_secs_f64();
@@ -193,7 +223,6 @@ impl Bench {
         // Worker backends exited with their processes, which flushed their statistics;
         // the broker's are sampled every 5 s.
         tokio::time::sleep(STATS_SETTLE).await;
-        let tasks = spec.jobs * spec.tasks_per_job;
         let per_task = |delta: i64| delta as f64 / tasks as f64;
         let db_after = self.counters.server_counters().await?;
         let published_after = self.api.as_ref().and_then(ManagementApi::published);

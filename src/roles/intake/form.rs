@@ -1,6 +1,6 @@
 //! Forming a job: the checks a request must pass to become a job; a small job handed
 //! to the group former ([`super::group`]), a larger one's rows inserted in adaptive
-//! batches while a feeder ([`super::feed`]) publishes its task messages.
+//! batches while a feeder ([`crate::roles::feed`]) publishes its task messages.
 
 use lapin::message::Delivery;
 use serde_json::value::RawValue;
@@ -9,6 +9,7 @@ use super::group::{Grouped, WHOLE_JOB_TASKS};
 use super::{Intake, Rejection};
 use crate::protocol::{self, JobRequest, Target};
 use crate::retry::Delays;
+use crate::stages::StagePlan;
 use crate::state::JobStage;
 use crate::store::{NewJob, NewTask, StartOutcome, WholeJob};
 
@@ -88,6 +89,7 @@ impl Intake {
                 }
             },
         };
+        let stage_plan = self.stage_plan(request)?;
         let new_job = NewJob {
             id: job_id.clone(),
             job_type: request.job_type.clone(),
@@ -100,6 +102,7 @@ impl Intake {
             request_digest: digest,
             task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
             results_in_event: request.results_in_event,
+            stage_plan,
         };
         if (1..=WHOLE_JOB_TASKS).contains(&payloads.len()) {
             let whole = WholeJob {
@@ -184,9 +187,39 @@ impl Intake {
             .await?
         {
             StartOutcome::Running(_) => {}
+            StartOutcome::Advanced(change) => {
+                self.feeder.feed(&change.job.id);
+                self.events.publish_progress(&[*change]).await;
+            }
             StartOutcome::Ended(event) => self.events.publish_or_defer(&[event]).await,
         }
         Ok(())
+    }
+
+    /// The job type's stages after the map stage, with the request's overrides; a
+    /// request that asks for a reduce stage its job type lacks is parked.
+    fn stage_plan(
+        &self,
+        request: &JobRequest<Box<RawValue>>,
+    ) -> Result<Option<StagePlan>, Rejection> {
+        let asks = request.reduce_shards.is_some() || request.reduce_per_key.is_some();
+        let Some(mut plan) = self.shared.registry.plan(&request.job_type).cloned() else {
+            if asks {
+                return Err(Rejection::Park(format!(
+                    "job type {:?} has no reduce stage: reduce_shards and reduce_per_key \
+                     do not apply",
+                    request.job_type
+                )));
+            }
+            return Ok(None);
+        };
+        if let Some(shards) = request.reduce_shards {
+            plan.reduce.shards = shards;
+        }
+        if let Some(per_key) = request.reduce_per_key {
+            plan.reduce.per_key = per_key;
+        }
+        Ok(Some(plan))
     }
 
     /// Inserts rows in adaptive batches; on an error, halves the batch (while it is

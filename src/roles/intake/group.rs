@@ -161,7 +161,7 @@ impl Former {
             published.push(job.id.clone());
         }
         all_confirmed(pending).await?;
-        self.store.mark_tasks_published(&published).await?;
+        self.store.mark_tasks_published(&published, 0).await?;
         Ok(created
             .into_iter()
             .map(|rows| match rows {

@@ -12,11 +12,10 @@
 //! instead of duplicating anything. This file takes requests and settles them;
 //! [`form`] makes the job, [`group`] many at once.
 
-mod feed;
 mod form;
 mod group;
 
-pub use feed::FEED_DEPTH;
+pub use super::feed::FEED_DEPTH;
 
 use std::sync::Arc;
 
@@ -26,8 +25,8 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use self::feed::Feeder;
 use self::group::GroupFormer;
+use super::feed::Feeder;
 use super::shared::{take_slot, Shared};
 use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{BrokerError, Publisher};
@@ -85,7 +84,11 @@ pub(crate) async fn run(
             shared.topology.clone(),
             shared.store.clone(),
         ),
-        feeder: Feeder::start(shared.clone(), publisher.clone(), feeding),
+        feeder: {
+            let feeder = Feeder::new(shared.clone(), publisher.clone(), feeding);
+            feeder.scan_for_orphans();
+            feeder
+        },
     });
     while let Some(delivery) = consumer.next(&shutdown).await? {
         let Some(slot) = take_slot(&slots, &shutdown).await else {

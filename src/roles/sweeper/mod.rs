@@ -148,9 +148,11 @@ impl Sweeper {
         }
         let quiet_since = clock::ago(config.stuck_after);
         let due = self.shared.store.jobs_due_for_check(quiet_since).await?;
-        let ended = self.shared.store.check_jobs(&due).await?;
-        total.jobs_checked += ended.len();
-        self.events.publish_or_defer(&ended).await;
+        // A job moved to its next phase here is fed by an intake's orphan scan.
+        let checked = self.shared.store.check_jobs(&due).await?;
+        total.jobs_checked += checked.ended.len() + checked.advanced.len();
+        self.events.publish_or_defer(&checked.ended).await;
+        self.events.publish_progress(&checked.advanced).await;
         let formation_deadline = clock::ago(config.formation_timeout);
         for job in self
             .shared

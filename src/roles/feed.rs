@@ -1,6 +1,7 @@
 //! Feeding: a large job's task messages published at the pace its pool takes them.
 //!
-//! The intake stores a large job's task rows and leaves their messages to a feeder,
+//! The intake stores a large job's task rows, and the completion role a multi-stage
+//! job's next phase, and leave their messages to a feeder,
 //! which holds a lease on the job (`feed:<job id>` in the leases table) and keeps the
 //! pool's work queue at most [`FEED_DEPTH`] ready messages deep: it tops the queue up
 //! whenever [`FEED_CHUNK`] or more have been taken, reading the next tasks from the
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::super::shared::Shared;
+use super::shared::Shared;
 use crate::amqp::broker::{all_confirmed, close_channel, Publisher};
 use crate::amqp::dispatch;
 use crate::clock;
@@ -52,7 +53,7 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 /// The pod's feeders: one task per job being fed, and the scan for orphaned jobs. Both
 /// stop when `stop` is cancelled, giving up their leases.
 #[derive(Clone)]
-pub(super) struct Feeder {
+pub(crate) struct Feeder {
     inner: Arc<Inner>,
 }
 
@@ -77,9 +78,9 @@ enum Patience {
 }
 
 impl Feeder {
-    /// Starts the orphan scan; feeders publish on `publisher`.
-    pub fn start(shared: Arc<Shared>, publisher: Publisher, stop: CancellationToken) -> Self {
-        let feeder = Self {
+    /// A pod's feeders, publishing on `publisher` until `stop`.
+    pub fn new(shared: Arc<Shared>, publisher: Publisher, stop: CancellationToken) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 shared,
                 publisher,
@@ -88,9 +89,13 @@ impl Feeder {
                 stop,
                 tasks: TaskTracker::new(),
             }),
-        };
-        feeder.inner.tasks.spawn(feeder.clone().scan_for_orphans());
-        feeder
+        }
+    }
+
+    /// Starts looking for jobs nobody feeds, every [`ORPHAN_SCAN`]: the intake's
+    /// feeders do (every deployment runs an intake).
+    pub fn scan_for_orphans(&self) {
+        self.inner.tasks.spawn(self.clone().scan());
     }
 
     /// Stops every feed and the scan, and waits until their leases are given up and
@@ -129,7 +134,7 @@ impl Feeder {
         });
     }
 
-    async fn scan_for_orphans(self) {
+    async fn scan(self) {
         loop {
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
@@ -193,7 +198,9 @@ impl Inner {
     ) -> Result<(), Error> {
         let store = &self.shared.store;
         let mut renewed = Instant::now();
-        let mut after: i32 = -1;
+        // The last ordinal fed; set from the job's first read: a later phase of a
+        // multi-stage job starts past the earlier phases' tasks.
+        let mut after: Option<i32> = None;
         let mut pool: Option<String> = None;
         loop {
             if renewed.elapsed() >= FEED_LEASE / 3 {
@@ -216,18 +223,22 @@ impl Inner {
                     return Ok(());
                 };
                 pool = Some(job.queue.clone());
+                let after = after.get_or_insert(job.phase_first_ordinal as i32 - 1);
                 let through = after.saturating_add(room as i32);
-                let page = store.feed_page(job_id, after, through, forming).await?;
+                let page = store.feed_page(job_id, *after, through, forming).await?;
                 let fed = match forming {
-                    true => &page[..stored_run(page.iter().map(|task| task.ordinal), after)],
+                    true => &page[..stored_run(page.iter().map(|task| task.ordinal), *after)],
                     false => &page[..],
                 };
                 self.publish(&job, fed).await?;
                 if !forming {
-                    after = through;
-                    if i64::from(after) >= job.task_count - 1 {
+                    *after = through;
+                    if i64::from(*after) >= job.task_count - 1 {
                         store
-                            .mark_tasks_published(std::slice::from_ref(&job.id))
+                            .mark_tasks_published(
+                                std::slice::from_ref(&job.id),
+                                job.phase_first_ordinal,
+                            )
                             .await?;
                         tracing::info!(%job_id, tasks = job.task_count, pool = %job.queue, "job fed");
                         return Ok(());
@@ -235,7 +246,7 @@ impl Inner {
                     continue;
                 }
                 if let Some(last) = fed.last() {
-                    after = last.ordinal;
+                    *after = last.ordinal;
                 }
                 if fed.len() == room as usize {
                     continue;
