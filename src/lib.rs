@@ -16,6 +16,7 @@ pub mod client;
 mod clock;
 pub mod config;
 pub mod error;
+pub mod external;
 pub mod known_pools;
 pub mod pod;
 pub mod protocol;

@@ -26,6 +26,7 @@ use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
+use crate::external::Backend;
 use crate::known_pools::KnownPools;
 use crate::registry::{HandlerResult, JobType, Registry, TaskContext};
 use crate::roles::{Role, Running, Shared};
@@ -121,6 +122,14 @@ impl PodBuilder {
         F: Fn(&Value) -> Result<Vec<Value>, String> + Send + Sync + 'static,
     {
         self.registry.add_splitter(job_type, splitter);
+        self
+    }
+
+    /// Hands every task of `task_type` to an external system instead of a handler; the
+    /// syncer (which runs with the sweeper role) keeps the tasks in step with it. See
+    /// [`crate::external`].
+    pub fn backend(mut self, task_type: impl Into<String>, backend: impl Backend) -> Self {
+        self.registry.add_backend(task_type, Arc::new(backend));
         self
     }
 
@@ -247,6 +256,10 @@ impl Pod {
         }
         if self.roles.sweeper {
             running.start(Role::Sweeper);
+            // External tasks are synced where they can be: by a pod that has their backend.
+            if shared.registry.has_backends() {
+                running.start(Role::Syncer);
+            }
         }
         let first_error = running.join(deadline).await;
         link.close().await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::external::Backend;
 use crate::stages::{
     finalize_task_type, reduce_task_type, FinalizePlan, ReducePlan, StagePlan,
     DEFAULT_REDUCE_SHARDS, MAX_REDUCE_SHARDS,
@@ -116,6 +117,7 @@ pub struct Registry {
     splitters: HashMap<String, SplitterFn>,
     timeouts: HashMap<String, Duration>,
     plans: HashMap<String, StagePlan>,
+    backends: HashMap<String, Arc<dyn Backend>>,
 }
 
 /// A job type of up to three stages: its tasks (made by the request or the splitter)
@@ -241,7 +243,9 @@ impl Registry {
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
-        self.handlers.insert(task_type.into(), boxed(handler));
+        let task_type = task_type.into();
+        self.backends.remove(&task_type);
+        self.handlers.insert(task_type, boxed(handler));
     }
 
     /// Registers a job type's splitter, handlers and stage plan, replacing what was
@@ -280,6 +284,24 @@ impl Registry {
         self.plans.insert(name, plan);
     }
 
+    /// Hands every task of `task_type` to `backend` instead of running a handler (see
+    /// [`crate::external`]), replacing any earlier handler or backend of that type.
+    pub fn add_backend(&mut self, task_type: impl Into<String>, backend: Arc<dyn Backend>) {
+        let task_type = task_type.into();
+        self.handlers.remove(&task_type);
+        self.backends.insert(task_type, backend);
+    }
+
+    /// Whether any task type is external.
+    pub fn has_backends(&self) -> bool {
+        !self.backends.is_empty()
+    }
+
+    /// The backend tasks of `task_type` are handed to, if they are external.
+    pub fn backend(&self, task_type: &str) -> Option<&Arc<dyn Backend>> {
+        self.backends.get(task_type)
+    }
+
     /// The stages after the map stage of `job_type`; `None` for a one-stage job type.
     pub fn plan(&self, job_type: &str) -> Option<&StagePlan> {
         self.plans.get(job_type)
@@ -307,7 +329,7 @@ impl Registry {
 
     /// Whether a handler is registered for `task_type`.
     pub(crate) fn knows_task_type(&self, task_type: &str) -> bool {
-        self.handlers.contains_key(task_type)
+        self.handlers.contains_key(task_type) || self.backends.contains_key(task_type)
     }
 
     /// Starts the handler for `ctx.task_type`, if one is registered.
@@ -333,6 +355,7 @@ impl fmt::Debug for Registry {
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
             .field("splitters", &self.splitters.keys().collect::<Vec<_>>())
             .field("plans", &self.plans)
+            .field("backends", &self.backends.keys().collect::<Vec<_>>())
             .finish()
     }
 }

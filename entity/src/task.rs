@@ -32,6 +32,19 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,
+    /// The backend an external task was handed to, and its id there.
+    pub external_backend: Option<String>,
+    pub external_id: Option<String>,
+    /// The attempt that made the hand-off: only that attempt is synced.
+    pub external_attempt: Option<i32>,
+    /// The highest update id the backend reported: lower ones are stale.
+    pub external_update_id: Option<i64>,
+    /// When the syncer next asks the backend; cleared once the task leaves it.
+    pub next_sync_at: Option<DateTimeUtc>,
+    /// When the backend last answered for it, moving or not.
+    pub last_poll_at: Option<DateTimeUtc>,
+    /// When it last moved (a higher update id, or the hand-off).
+    pub last_progress_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

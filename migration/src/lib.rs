@@ -11,6 +11,7 @@ mod m20261126_000005_pools;
 mod m20261127_000006_unfinished_by_finished_at;
 mod m20261127_000007_results_in_event;
 mod m20261127_000008_stages;
+mod m20261127_000009_external_tasks;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000006_unfinished_by_finished_at::Migration),
             Box::new(m20261127_000007_results_in_event::Migration),
             Box::new(m20261127_000008_stages::Migration),
+            Box::new(m20261127_000009_external_tasks::Migration),
         ]
     }
 }

@@ -1,5 +1,5 @@
-//! The four roles of the pipeline — [`intake`], [`worker`], [`completion`],
-//! [`sweeper`] — what they share, and their one lifecycle: a pod [`Running::start`]s
+//! The roles of the pipeline — [`intake`], [`worker`], [`completion`], [`sweeper`],
+//! and [`syncer`] for external tasks — what they share, and their one lifecycle: a pod [`Running::start`]s
 //! each [`Role`] under the broker link's supervisor (restarted on a live connection
 //! whenever it fails), the token stops them all, and [`Running::join`] reports the
 //! first failure. A role never imports another role or the pod.
@@ -9,6 +9,7 @@ mod feed;
 pub(crate) mod intake;
 mod shared;
 pub(crate) mod sweeper;
+pub(crate) mod syncer;
 pub(crate) mod worker;
 
 pub(crate) use shared::Shared;
@@ -39,6 +40,8 @@ pub(crate) enum Role {
     },
     Completion,
     Sweeper,
+    /// Runs in the sweeper's pods that have a backend for external tasks.
+    Syncer,
 }
 
 impl Role {
@@ -63,6 +66,7 @@ impl Role {
             Self::Worker { .. } => "worker",
             Self::Completion => "completion",
             Self::Sweeper => "sweeper",
+            Self::Syncer => "syncer",
         }
     }
 
@@ -82,6 +86,7 @@ impl Role {
             }
             Self::Completion => completion::run(shared, connection, shutdown).await,
             Self::Sweeper => sweeper::run(shared, connection, shutdown).await,
+            Self::Syncer => syncer::run(shared, connection, shutdown).await,
         }
     }
 }

@@ -373,6 +373,11 @@ async fn cancel_rest<C: ConnectionTrait>(
             Expr::value(Option::<chrono::DateTime<Utc>>::None),
         )
         .col_expr(task::Column::FinishedAt, Expr::value(now))
+        // An external task leaves the syncer's care (its backend's work is not undone).
+        .col_expr(
+            task::Column::NextSyncAt,
+            Expr::value(Option::<chrono::DateTime<Utc>>::None),
+        )
         .col_expr(
             task::Column::Version,
             Expr::col(task::Column::Version).add(1),
@@ -625,35 +630,13 @@ mod tests {
         failed: i64,
         cancelled: i64,
     ) -> job::Model {
-        let now = Utc::now();
         job::Model {
-            id: "j".into(),
-            job_type: "t".into(),
-            queue: "default".into(),
-            stage: JobStage::Running.as_str().into(),
-            params: serde_json::Value::Null,
-            max_retries: 0,
-            retry_delay_ms: 0,
             on_failure: policy.as_str().into(),
             task_count: tasks,
-            first_task_id: None,
             done_count: done,
             failed_count: failed,
             cancelled_count: cancelled,
-            first_error: None,
-            on_complete: None,
-            tasks_published: true,
-            created_at: now,
-            updated_at: now,
-            started_at: Some(now),
-            finished_at: None,
-            request_digest: None,
-            task_timeout_ms: None,
-            results_in_event: false,
-            stage_plan: None,
-            phase: None,
-            phase_first_ordinal: 0,
-            result: None,
+            ..crate::store::running_job_for_tests()
         }
     }
 

@@ -8,6 +8,7 @@
 //! the same conditions.
 
 mod error;
+mod external;
 mod feed;
 mod handle;
 mod job_ends;
@@ -23,6 +24,7 @@ mod task_rows;
 mod tasks;
 
 pub use error::StoreError;
+pub use external::SyncWrite;
 pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use pools::SilentPool;
@@ -34,3 +36,38 @@ pub use rows::{
 pub use stuck::SWEEP_WRITE_BATCH;
 
 pub use entity::{job, job_event, pool, task};
+
+/// A running job's row as unit tests start from: one task, nothing counted yet.
+#[cfg(test)]
+pub(crate) fn running_job_for_tests() -> job::Model {
+    let now = chrono::Utc::now();
+    job::Model {
+        id: "j".into(),
+        job_type: "t".into(),
+        queue: "default".into(),
+        stage: crate::state::JobStage::Running.as_str().into(),
+        params: serde_json::Value::Null,
+        max_retries: 0,
+        retry_delay_ms: 0,
+        on_failure: crate::protocol::FailurePolicy::FailFast.as_str().into(),
+        task_count: 1,
+        first_task_id: None,
+        done_count: 0,
+        failed_count: 0,
+        cancelled_count: 0,
+        first_error: None,
+        on_complete: None,
+        tasks_published: true,
+        created_at: now,
+        updated_at: now,
+        started_at: Some(now),
+        finished_at: None,
+        request_digest: None,
+        task_timeout_ms: None,
+        results_in_event: false,
+        stage_plan: None,
+        phase: None,
+        phase_first_ordinal: 0,
+        result: None,
+    }
+}

@@ -48,7 +48,7 @@ impl From<ResultRow> for TaskResult {
 impl Store {
     /// The results and errors of the job's tasks in ordinal order, only those in
     /// `status` when given; `None` when there is no such job. A task that has not ended
-    /// is listed with its status and no result. Reads [`PAGE`] ordinals at a time, as
+    /// is listed with its status and no result. Reads 1,000 ordinals at a time, as
     /// the stream is polled.
     pub async fn results(
         &self,

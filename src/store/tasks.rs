@@ -183,6 +183,21 @@ impl Store {
         &self,
         transitions: &[Transition],
     ) -> Result<HashSet<i64>, StoreError> {
+        let finishing = self.finishing(transitions);
+        self.retrying("finish tasks", || async {
+            let finishing = finishing.clone();
+            Ok(self
+                .db
+                .transaction::<_, HashSet<i64>, StoreError>(move |txn| {
+                    Box::pin(async move { finish_in(txn, &finishing).await })
+                })
+                .await?)
+        })
+        .await
+    }
+
+    /// What [`finish_in`] runs for `transitions`.
+    pub(super) fn finishing(&self, transitions: &[Transition]) -> Finishing {
         // Two deliveries of one attempt (a redelivery that took over a running copy)
         // can land in one batch: the row moves once, so only the first outcome is
         // written and counted.
@@ -196,29 +211,11 @@ impl Store {
         let mut job_ids: Vec<String> = transitions.iter().map(|t| t.job_id.clone()).collect();
         job_ids.sort();
         job_ids.dedup();
-        self.retrying("finish tasks", || async {
-            let (statements, job_ids, transitions) =
-                (statements.clone(), job_ids.clone(), transitions.clone());
-            Ok(self
-                .db
-                .transaction::<_, HashSet<i64>, StoreError>(move |txn| {
-                    Box::pin(async move {
-                        // Jobs first, in id order, like every transaction that changes
-                        // a job: transactions on one job queue up instead of deadlocking.
-                        lock_running_jobs(txn, &job_ids).await?;
-                        let mut recorded = HashSet::new();
-                        for statement in &statements {
-                            for row in txn.query_all_raw(statement.clone()).await? {
-                                recorded.insert(row.try_get::<i64>("", "id")?);
-                            }
-                        }
-                        count_into_jobs(txn, &transitions, &recorded).await?;
-                        Ok(recorded)
-                    })
-                })
-                .await?)
-        })
-        .await
+        Finishing {
+            statements,
+            job_ids,
+            transitions,
+        }
     }
 
     /// The statements of [`Store::finish_tasks`]: one for the whole batch on
@@ -251,6 +248,36 @@ impl Store {
         })
         .await
     }
+}
+
+/// The statements and bookkeeping of one batch of outcomes ([`Store::finish_tasks`]).
+#[derive(Clone, Debug)]
+pub(super) struct Finishing {
+    statements: Vec<Statement>,
+    job_ids: Vec<String>,
+    transitions: Vec<Transition>,
+}
+
+/// Records a batch of outcomes inside `txn` (see [`Store::finish_tasks`]); returns the
+/// ids recorded.
+pub(super) async fn finish_in<C: ConnectionTrait>(
+    txn: &C,
+    finishing: &Finishing,
+) -> Result<HashSet<i64>, StoreError> {
+    if finishing.transitions.is_empty() {
+        return Ok(HashSet::new());
+    }
+    // Jobs first, in id order, like every transaction that changes a job: transactions
+    // on one job queue up instead of deadlocking.
+    lock_running_jobs(txn, &finishing.job_ids).await?;
+    let mut recorded = HashSet::new();
+    for statement in &finishing.statements {
+        for row in txn.query_all_raw(statement.clone()).await? {
+            recorded.insert(row.try_get::<i64>("", "id")?);
+        }
+    }
+    count_into_jobs(txn, &finishing.transitions, &recorded).await?;
+    Ok(recorded)
 }
 
 /// One claim statement per attempt number; returns the ids claimed.

@@ -8,11 +8,11 @@ use lapin::message::Delivery;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::amqp::acks::Settlement;
-use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending};
+use crate::amqp::broker::{all_confirmed, BrokerError, Pending};
+use crate::amqp::dispatch;
 use crate::amqp::parking::park;
-use crate::amqp::topology::Topology;
 use crate::error::Error;
-use crate::protocol::{self, FinishedTask, TaskMessage, TasksFinished};
+use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
 use crate::store::{TaskOutcome, Transition};
 
@@ -203,38 +203,13 @@ impl Runner {
         Ok(())
     }
 
-    /// Sends attempt n+1 into the delay ladder to wait n × retry_delay_ms; the broker
-    /// moves it back to the pool's work queue when the wait is over. No worker sleeps
-    /// meanwhile.
+    /// Sends attempt n+1 into the delay ladder ([`dispatch::send_retry`]).
     pub(super) async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
-        let delay_ms = protocol::retry_wait_ms(message.attempt, message.retry_delay_ms);
-        let topology = &self.shared.topology;
-        topology
-            .declare_delay_ladder(&self.publisher.channel().await?)
-            .await?;
-        let body = message.next_attempt().to_body();
-        let entry = topology.delay_entry(delay_ms);
-        let routing_key = Topology::delay_routing_key(delay_ms, &self.pool);
-        Ok(self
-            .publisher
-            .send(Outgoing {
-                exchange: &entry,
-                routing_key: &routing_key,
-                body: &body,
-                mandatory: true,
-                headers: None,
-            })
-            .await?)
+        dispatch::send_retry(&self.publisher, &self.shared.topology, &self.pool, message).await
     }
 
     pub(super) async fn send_finished(&self, tasks: Vec<FinishedTask>) -> Result<Pending, Error> {
-        let body =
-            serde_json::to_vec(&TasksFinished::new(tasks)).expect("a finished event serializes");
-        let queue = self.shared.topology.completion_queue();
-        Ok(self
-            .publisher
-            .send(Outgoing::to_queue(&queue, &body))
-            .await?)
+        dispatch::send_finished(&self.publisher, &self.shared.topology, tasks).await
     }
 
     pub(super) async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {

@@ -7,6 +7,8 @@ use lapin::message::Delivery;
 use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
+use crate::external::Backend;
 use crate::protocol::TaskMessage;
 use crate::registry::{TaskContext, TaskError};
 use crate::store::{Claim, TaskOutcome};
@@ -103,6 +105,17 @@ impl Runner {
                     "attempt {} was started {starts} times without finishing: the task keeps killing its worker",
                     message.attempt
                 )))
+            } else if let Some(backend) = self.shared.registry.backend(&message.task_type) {
+                match self.hand_off(&message, backend.as_ref()).await {
+                    Ok(external_id) => {
+                        drop(turn);
+                        let recorded = self
+                            .record_hand_off(&delivery, &message, &external_id)
+                            .await;
+                        return self.settle(delivery, slot, recorded);
+                    }
+                    Err(err) => Err(err),
+                }
             } else {
                 let started = std::time::Instant::now();
                 let result = self.run_handler(&message, token).await;
@@ -133,6 +146,49 @@ impl Runner {
             // The recorder is gone (shutdown past its grace): leave it to redelivery.
             drop(finished);
         }
+    }
+
+    /// Hands an external task's attempt to its backend, keyed `"<task id>:<attempt>"`
+    /// so that a second hand-off of the attempt (after a crash before the commit) makes
+    /// no second external task. A failure or a timeout fails the attempt retryably.
+    async fn hand_off(
+        &self,
+        message: &TaskMessage,
+        backend: &dyn Backend,
+    ) -> Result<String, TaskError> {
+        let key = format!("{}:{}", message.task_id, message.attempt);
+        let timeout = self.timeout_of(message);
+        match tokio::time::timeout(timeout, backend.hand_off(&key, &message.payload)).await {
+            Ok(Ok(external_id)) => Ok(external_id),
+            Ok(Err(err)) => Err(TaskError::retryable(format!("hand-off failed: {err}"))),
+            Err(_) => Err(TaskError::retryable(format!(
+                "hand-off timed out after {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Commits a hand-off; the message is acked after it. A task that moved meanwhile
+    /// is settled as any stale message.
+    async fn record_hand_off(
+        &self,
+        delivery: &Delivery,
+        message: &TaskMessage,
+        external_id: &str,
+    ) -> Result<(), Error> {
+        let store = &self.shared.store;
+        if store
+            .record_hand_off(
+                message.task_id,
+                message.attempt,
+                &message.task_type,
+                external_id,
+            )
+            .await?
+        {
+            tracing::debug!(task_id = message.task_id, attempt = message.attempt, %external_id, "task handed off");
+            return Ok(());
+        }
+        self.settle_stale(delivery, message).await
     }
 
     /// How long this attempt may run: the job's limit, else the handler's, else the

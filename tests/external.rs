@@ -1,0 +1,306 @@
+//! External tasks against a real HTTP backend (an axum service in the test process),
+//! real RabbitMQ and a real database: the hand-off, the syncer's rules for update ids,
+//! per-item errors, wrong counts, slow answers, no progress, and failures.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use taskmill::external::HttpBackend;
+use taskmill::protocol::TaskMessage;
+use taskmill::{JobRequest, TaskStatus};
+
+use common::{Backend, TestEnv};
+
+const LONG: Duration = Duration::from_secs(120);
+
+on_both_backends!(
+    external_tasks_finish_through_the_syncer,
+    bad_answers_leave_tasks_due,
+    no_progress_fails_the_attempt_and_it_is_handed_off_again,
+);
+
+/// How the test service treats one external task.
+#[derive(Clone, Debug, Default)]
+struct Job {
+    key: String,
+    payload: Value,
+    /// States reported so far; the task is done after `steps` of them.
+    update_id: i64,
+}
+
+/// What the test service does, scenario by scenario.
+#[derive(Default)]
+struct Service {
+    /// External id by idempotency key.
+    by_key: HashMap<String, String>,
+    jobs: HashMap<String, Job>,
+    /// Hand-off calls, with repeats.
+    hand_offs: usize,
+    fetches: usize,
+    /// Fetches answered with one state missing.
+    wrong_counts: usize,
+    /// Fetches answered only after this long (once each).
+    slow_answers: usize,
+    /// Task payloads whose states never move (their update id repeats).
+    stuck: Vec<Value>,
+    /// Task payloads that end failed.
+    failing: Vec<Value>,
+}
+
+type Shared = Arc<Mutex<Service>>;
+
+/// Every third fetch of a task first reports a per-item error, then a stale update id,
+/// then its state moves on; a task is done at update id 3.
+async fn fetch(State(service): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
+    let slow = {
+        let mut s = service.lock().unwrap();
+        s.fetches += 1;
+        if s.slow_answers > 0 {
+            s.slow_answers -= 1;
+            true
+        } else {
+            false
+        }
+    };
+    if slow {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let mut s = service.lock().unwrap();
+    let fetch_no = s.fetches;
+    let ids: Vec<String> = serde_json::from_value(body["ids"].clone()).unwrap();
+    let mut states = Vec::new();
+    let (stuck, failing) = (s.stuck.clone(), s.failing.clone());
+    for id in &ids {
+        let job = s.jobs.get_mut(id).expect("a known id");
+        let state = match fetch_no % 3 {
+            0 => json!({ "id": id, "error": "try again" }),
+            1 if job.update_id > 0 => {
+                json!({ "id": id, "update_id": job.update_id - 1, "state": "running" })
+            }
+            _ if stuck.contains(&job.payload) => {
+                json!({ "id": id, "update_id": job.update_id, "state": "running" })
+            }
+            _ => {
+                job.update_id += 1;
+                match job.update_id {
+                    3 if failing.contains(&job.payload) => {
+                        json!({ "id": id, "update_id": 3, "state": "failed", "message": "the build broke" })
+                    }
+                    3 => {
+                        json!({ "id": id, "update_id": 3, "state": "done", "result": { "built": job.key, "payload": job.payload } })
+                    }
+                    n => json!({ "id": id, "update_id": n, "state": "running" }),
+                }
+            }
+        };
+        states.push(state);
+    }
+    if s.wrong_counts > 0 {
+        s.wrong_counts -= 1;
+        states.pop();
+    }
+    Json(json!({ "states": states }))
+}
+
+async fn hand_off(State(service): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
+    let mut s = service.lock().unwrap();
+    s.hand_offs += 1;
+    let key = body["key"].as_str().unwrap().to_owned();
+    let next = format!("ext-{}", s.by_key.len() + 1);
+    let id = s.by_key.entry(key.clone()).or_insert(next).clone();
+    s.jobs.entry(id.clone()).or_insert(Job {
+        key,
+        payload: body["payload"].clone(),
+        update_id: 0,
+    });
+    Json(json!({ "id": id }))
+}
+
+/// Starts the service; returns its state and base URL.
+async fn start_service(service: Service) -> (Shared, String) {
+    let shared: Shared = Arc::new(Mutex::new(service));
+    let app = Router::new()
+        .route("/hand-off", post(hand_off))
+        .route("/states", post(fetch))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (shared, format!("http://{addr}"))
+}
+
+fn backend(base: &str) -> HttpBackend {
+    HttpBackend::new(format!("{base}/hand-off"), format!("{base}/states"))
+        .poll_every(Duration::from_millis(100))
+        .timeout(Duration::from_secs(1))
+}
+
+async fn external_tasks_finish_through_the_syncer(backend_kind: Backend) {
+    const TASKS: i64 = 20;
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service::default()).await;
+    let pod = env.start(env.pod().backend("build", backend(&base)));
+    let client = env.client().await;
+    let mut request = JobRequest::new("build", (0..TASKS).map(|n| json!(n)).collect());
+    request.results_in_event = true;
+    let job_id = client.submit(request).await.unwrap();
+
+    // Copies of every first attempt, as a redelivery or a sweeper would send them: the
+    // claims find the tasks handed off already, and no second external task is made.
+    common::wait_until(LONG, || async {
+        let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+        rows.len() == TASKS as usize && rows.iter().all(|row| row.external_id.is_some())
+    })
+    .await;
+    for row in env.store.tasks_of_job(&job_id).await.unwrap() {
+        let message = TaskMessage {
+            version: 1,
+            job_id: job_id.clone(),
+            task_id: row.id,
+            task_type: row.task_type.clone(),
+            attempt: 1,
+            max_retries: 3,
+            retry_delay_ms: 5_000,
+            task_timeout_ms: None,
+            payload: row.payload.clone(),
+        };
+        env.publish_raw(
+            "",
+            &env.topology().work_queue("default"),
+            &serde_json::to_vec(&message).unwrap(),
+            None,
+        )
+        .await;
+    }
+
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.event.as_str(), event.done), ("job.done", TASKS));
+    let results = event.results.unwrap();
+    for (n, result) in (0..TASKS).zip(&results) {
+        assert_eq!(result.attempts, 1);
+        let built = result.result.as_ref().unwrap();
+        assert_eq!(built["payload"], json!(n));
+        assert_eq!(built["built"], json!(format!("{}:1", result.task_id)));
+    }
+    {
+        let s = service.lock().unwrap();
+        assert_eq!(s.by_key.len(), TASKS as usize, "one external task per task");
+        assert_eq!(s.hand_offs, TASKS as usize, "no second hand-off");
+    }
+    for row in env.store.tasks_of_job(&job_id).await.unwrap() {
+        assert_eq!(
+            row.external_update_id,
+            Some(3),
+            "the stale and errored reports were not applied"
+        );
+        assert_eq!(
+            row.next_sync_at, None,
+            "a finished task leaves the syncer's scan"
+        );
+        assert!(row.last_poll_at.is_some() && row.last_progress_at.is_some());
+    }
+    pod.stop().await;
+}
+
+/// A backend that answers with a state missing, and one too slow for its timeout: the
+/// batch is an error, its tasks stay due and finish later. A failed external state is a
+/// failed attempt: retried, and with no retries left, a failed job.
+async fn bad_answers_leave_tasks_due(backend_kind: Backend) {
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service {
+        wrong_counts: 3,
+        slow_answers: 2,
+        failing: vec![json!("breaks")],
+        ..Service::default()
+    })
+    .await;
+    let pod = env.start(env.pod().backend("build", backend(&base)));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new("build", (0..5).map(|n| json!(n)).collect()))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.event.as_str(), event.done), ("job.done", 5));
+    {
+        let s = service.lock().unwrap();
+        assert_eq!(
+            (s.wrong_counts, s.slow_answers),
+            (0, 0),
+            "every bad answer was given"
+        );
+    }
+
+    let mut request = JobRequest::new("build", vec![json!("breaks")]);
+    request.max_retries = 1;
+    request.retry_delay_ms = 50;
+    let failing = client.submit(request).await.unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&failing))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event, "job.failed");
+    assert_eq!(event.first_error.as_deref(), Some("the build broke"));
+    let row = env.store.tasks_of_job(&failing).await.unwrap().remove(0);
+    assert_eq!((row.status.as_str(), row.attempts), ("failed", 2));
+    assert_eq!(
+        row.external_attempt,
+        Some(2),
+        "each attempt handed off anew"
+    );
+    pod.stop().await;
+}
+
+/// A task whose backend keeps answering without moving fails its attempt after the
+/// no-progress timeout — polls are not progress — and is handed off again.
+async fn no_progress_fails_the_attempt_and_it_is_handed_off_again(backend_kind: Backend) {
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service {
+        stuck: vec![json!("stuck")],
+        ..Service::default()
+    })
+    .await;
+    let pod = env.start(env.pod().backend(
+        "build",
+        backend(&base).no_progress_after(Duration::from_secs(2)),
+    ));
+    let client = env.client().await;
+    let mut request = JobRequest::new("build", vec![json!("stuck")]);
+    request.max_retries = 2;
+    request.retry_delay_ms = 50;
+    let job_id = client.submit(request).await.unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event, "job.failed");
+    let error = event.first_error.unwrap();
+    assert!(error.contains("made no progress for 2s"), "{error}");
+    let row = env.store.tasks_of_job(&job_id).await.unwrap().remove(0);
+    assert_eq!(row.attempts, 3);
+    {
+        let s = service.lock().unwrap();
+        let mut keys: Vec<&String> = s.by_key.keys().collect();
+        keys.sort();
+        let expected: Vec<String> = (1..=3).map(|n| format!("{}:{n}", row.id)).collect();
+        assert_eq!(keys, expected.iter().collect::<Vec<_>>());
+        assert!(s.fetches >= 6, "it was polled while it stood still");
+    }
+    let status: TaskStatus = row.status.parse().unwrap();
+    assert_eq!(status, TaskStatus::Failed);
+    pod.stop().await;
+}
