@@ -25,6 +25,7 @@ on_both_backends!(
     external_tasks_finish_through_the_syncer,
     bad_answers_leave_tasks_due,
     no_progress_fails_the_attempt_and_it_is_handed_off_again,
+    a_failed_write_holds_back_only_its_batch,
 );
 
 /// How the test service treats one external task.
@@ -89,7 +90,8 @@ async fn fetch(State(service): State<Shared>, Json(body): Json<Value>) -> Json<V
                 json!({ "id": id, "update_id": job.update_id, "state": "running" })
             }
             _ => {
-                job.update_id += 1;
+                // A finished task stays finished: its last state is reported again.
+                job.update_id = (job.update_id + 1).min(3);
                 match job.update_id {
                     3 if failing.contains(&job.payload) => {
                         json!({ "id": id, "update_id": 3, "state": "failed", "message": "the build broke" })
@@ -302,5 +304,59 @@ async fn no_progress_fails_the_attempt_and_it_is_handed_off_again(backend_kind: 
     }
     let status: TaskStatus = row.status.parse().unwrap();
     assert_eq!(status, TaskStatus::Failed);
+    pod.stop().await;
+}
+
+/// A write the database refuses (a trigger refuses every sync of task 0) is an error
+/// for its batch only: the other shards' tasks finish meanwhile, and once the database
+/// takes it again, so does the rest.
+async fn a_failed_write_holds_back_only_its_batch(backend_kind: Backend) {
+    const TASKS: i64 = 30;
+    let env = TestEnv::new(backend_kind).await;
+    let (_service, base) = start_service(Service::default()).await;
+    let refuse = match backend_kind {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_sync BEFORE UPDATE ON tasks \
+             WHEN NEW.ordinal = 0 AND NEW.last_poll_at IS NOT NULL \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_sync() RETURNS trigger AS $$ BEGIN \
+             IF NEW.ordinal = 0 AND NEW.last_poll_at IS NOT NULL THEN \
+             RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_sync BEFORE UPDATE ON tasks \
+             FOR EACH ROW EXECUTE FUNCTION refuse_sync()",
+        ],
+    };
+    env.execute_sql(&refuse).await;
+    let pod = env.start(env.pod().backend("build", backend(&base)));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            "build",
+            (0..TASKS).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    common::wait_until(LONG, || async {
+        let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+        rows.iter().filter(|row| row.status == "done").count() >= 15
+    })
+    .await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    let first = rows.iter().find(|row| row.ordinal == 0).unwrap();
+    assert_eq!(first.status, "running");
+    assert_eq!(first.last_poll_at, None, "none of its syncs was written");
+
+    let allow: &[&str] = match backend_kind {
+        Backend::Sqlite => &["DROP TRIGGER refuse_sync"],
+        Backend::Postgres => &["DROP TRIGGER refuse_sync ON tasks"],
+    };
+    env.execute_sql(allow).await;
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.event.as_str(), event.done), ("job.done", TASKS));
     pod.stop().await;
 }
