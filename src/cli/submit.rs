@@ -37,6 +37,12 @@ pub struct SubmitArgs {
     /// Idempotency key: a second submit with the same id creates no second job.
     #[arg(long)]
     pub job_id: Option<String>,
+    /// For a job type with a reduce stage: reduce tasks at most.
+    #[arg(long)]
+    pub reduce_shards: Option<u32>,
+    /// For a job type with a reduce stage: one reduce task per key.
+    #[arg(long)]
+    pub reduce_per_key: bool,
     /// Ask for the tasks' results in the job event (small jobs; see the protocol).
     #[arg(long)]
     pub results_in_event: bool,
@@ -73,6 +79,8 @@ pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     request.max_retries = args.max_retries;
     request.retry_delay_ms = args.retry_delay_ms;
     request.results_in_event = args.results_in_event;
+    request.reduce_shards = args.reduce_shards;
+    request.reduce_per_key = args.reduce_per_key.then_some(true);
     if args.continue_on_failure {
         request.on_failure = FailurePolicy::Continue;
     }

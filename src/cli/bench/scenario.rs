@@ -68,14 +68,10 @@ impl Spec {
 
     fn request(&self) -> JobRequest {
         if let Some(shards) = self.reduce_shards {
-            // Twelve words from a vocabulary of 1,000: the reduce stage has keys to share.
+            // One word per text, from a vocabulary of 1,000: payloads and results the
+            // size of S1's, so that the ratio to S1 is the cost of the stages.
             let tasks = (0..self.tasks_per_job)
-                .map(|n| {
-                    let words: Vec<String> = (0..12)
-                        .map(|k| format!("w{}", (n * 7 + k * 131) % 1_000))
-                        .collect();
-                    json!({ "text": words.join(" ") })
-                })
+                .map(|n| json!({ "text": format!("w{}", n * 7 % 1_000) }))
                 .collect();
             let mut request = JobRequest::new(builtin::WORDCOUNT, tasks);
             request.reduce_shards = Some(shards);
