@@ -161,7 +161,8 @@ def wait_for_event(channel, queue, job_id, timeout):
                 except ValueError:
                     print("ignoring an unreadable event", file=sys.stderr)
                 else:
-                    if event.get("job_id") == job_id:
+                    # job.stage events report a multi-stage job's progress, not its end.
+                    if event.get("job_id") == job_id and event.get("event") != "job.stage":
                         return event
             if time.monotonic() >= deadline:
                 return None
