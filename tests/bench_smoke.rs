@@ -32,6 +32,7 @@ fn bench_reports_every_scenario_as_json() {
     );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
     assert!(report["broker"]["messages_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["autovacuum"].is_null(), "SQLite has no autovacuum");
     assert!(
         report["database"]["single_row_updates_per_s"]
             .as_f64()

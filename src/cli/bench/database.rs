@@ -110,6 +110,21 @@ impl BenchDb {
         }))
     }
 
+    /// Whether PostgreSQL's autovacuum is on; `None` on SQLite, which has none.
+    pub async fn autovacuum(&self) -> anyhow::Result<Option<bool>> {
+        if self.backend() != DatabaseBackend::Postgres {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT current_setting('autovacuum') = 'on' AS enabled",
+            ))
+            .await?;
+        Ok(row.and_then(|row| row.try_get("", "enabled").ok()))
+    }
+
     pub async fn close(self) -> anyhow::Result<()> {
         Ok(self.db.close().await?)
     }

@@ -113,9 +113,16 @@ async fn measure(
     // exits, so the baseline's writes cannot leak into the first scenario's costs.
     let scratch_db = database::BenchDb::connect(&config.database_url, 16).await?;
     let database = baseline::database(&scratch_db).await?;
+    let autovacuum = scratch_db.autovacuum().await?;
+    if autovacuum == Some(false) {
+        eprintln!(
+            "warning: PostgreSQL's autovacuum is off: {}",
+            report::AUTOVACUUM_OFF
+        );
+    }
     scratch_db.drop_table().await?;
     scratch_db.close().await?;
-    let mut report = Report::new(&config, broker, database);
+    let mut report = Report::new(&config, broker, database, autovacuum);
 
     let n = args.tasks;
     let mut specs = vec![

@@ -7,6 +7,10 @@ use super::baseline::{BrokerBaseline, DatabaseBaseline};
 use super::open_loop::OpenLoopResult;
 use super::scenario::ScenarioResult;
 
+/// What a run without autovacuum means for its figures.
+pub const AUTOVACUUM_OFF: &str = "dead task rows pile up and large jobs slow down; \
+    these figures are not what a production server gives (docs/operations.md)";
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub cores: usize,
@@ -15,6 +19,8 @@ pub struct Report {
     pub worker_prefetch: usize,
     /// Whether the workers ran with `taskmill worker`'s default settings.
     pub defaults: bool,
+    /// Whether PostgreSQL's autovacuum was on; `None` on SQLite.
+    pub autovacuum: Option<bool>,
     pub broker: BrokerBaseline,
     pub database: DatabaseBaseline,
     pub scenarios: Vec<ScenarioResult>,
@@ -22,7 +28,12 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(config: &Config, broker: BrokerBaseline, database: DatabaseBaseline) -> Self {
+    pub fn new(
+        config: &Config,
+        broker: BrokerBaseline,
+        database: DatabaseBaseline,
+        autovacuum: Option<bool>,
+    ) -> Self {
         Self {
             cores: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -39,6 +50,7 @@ impl Report {
                 let default = Config::default();
                 (config.concurrency, config.prefetch) == (default.concurrency, default.prefetch)
             },
+            autovacuum,
             broker,
             database,
             scenarios: Vec::new(),
@@ -59,6 +71,11 @@ impl Report {
             self.worker_prefetch,
             if self.defaults { "the defaults" } else { "tuned" }
         );
+        match self.autovacuum {
+            Some(true) => println!("PostgreSQL autovacuum: on"),
+            Some(false) => println!("PostgreSQL autovacuum: OFF — {AUTOVACUUM_OFF}"),
+            None => {}
+        }
         println!();
         println!("baselines");
         println!(
