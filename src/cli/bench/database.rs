@@ -3,7 +3,8 @@
 //! counters of transactions and rows written.
 
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, Statement,
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, QueryResult,
+    Statement,
 };
 
 const TABLE: &str = "taskmill_bench_rows";
@@ -92,17 +93,12 @@ impl BenchDb {
     /// Transactions and rows written so far in this database, as PostgreSQL counts
     /// them (its statistics lag by up to a second); `None` on SQLite.
     pub async fn server_counters(&self) -> anyhow::Result<Option<ServerCounters>> {
-        if self.backend() != DatabaseBackend::Postgres {
-            return Ok(None);
-        }
         let row = self
-            .db
-            .query_one_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
+            .postgres_row(
                 "SELECT (xact_commit + xact_rollback)::bigint AS transactions, \
                  (tup_inserted + tup_updated + tup_deleted)::bigint AS rows_written \
                  FROM pg_stat_database WHERE datname = current_database()",
-            ))
+            )
             .await?;
         Ok(row.map(|row| ServerCounters {
             transactions: row.try_get("", "transactions").unwrap_or(0),
@@ -112,17 +108,21 @@ impl BenchDb {
 
     /// Whether PostgreSQL's autovacuum is on; `None` on SQLite, which has none.
     pub async fn autovacuum(&self) -> anyhow::Result<Option<bool>> {
+        let row = self
+            .postgres_row("SELECT current_setting('autovacuum') = 'on' AS enabled")
+            .await?;
+        Ok(row.and_then(|row| row.try_get("", "enabled").ok()))
+    }
+
+    /// The one row of a query about the PostgreSQL server; `None` on SQLite.
+    async fn postgres_row(&self, sql: &str) -> anyhow::Result<Option<QueryResult>> {
         if self.backend() != DatabaseBackend::Postgres {
             return Ok(None);
         }
-        let row = self
+        Ok(self
             .db
-            .query_one_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
-                "SELECT current_setting('autovacuum') = 'on' AS enabled",
-            ))
-            .await?;
-        Ok(row.and_then(|row| row.try_get("", "enabled").ok()))
+            .query_one_raw(Statement::from_string(DatabaseBackend::Postgres, sql))
+            .await?)
     }
 
     pub async fn close(self) -> anyhow::Result<()> {
