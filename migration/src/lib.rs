@@ -12,6 +12,7 @@ mod m20261127_000006_unfinished_by_finished_at;
 mod m20261127_000007_results_in_event;
 mod m20261127_000008_stages;
 mod m20261127_000009_external_tasks;
+mod m20261128_000010_lean_task_writes;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000007_results_in_event::Migration),
             Box::new(m20261127_000008_stages::Migration),
             Box::new(m20261127_000009_external_tasks::Migration),
+            Box::new(m20261128_000010_lean_task_writes::Migration),
         ]
     }
 }

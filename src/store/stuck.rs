@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     TransactionTrait,
@@ -80,46 +80,64 @@ impl Store {
         .await
     }
 
-    /// Tasks of shard `shard` (of `shards`, by id modulo) after `after_id` that have
-    /// not changed since `quiet_since` although they should be moving: pending or
-    /// retrying (their message may be lost), or running past their lease (their
-    /// worker died). Served by the partial index of unfinished tasks.
+    /// Tasks of shard `shard` (of `shards`, by id modulo) that have stayed put since
+    /// `quiet_since` although they should be moving: pending or retrying unchanged
+    /// since then (their message may be lost), or running with a lease that ran out
+    /// before then (their worker died; a claim does not move `updated_at`, its lease
+    /// says when it was last alive). Pages go in `(updated_at, id)` order from `after`,
+    /// the last row of the page before, so that each page continues the partial index
+    /// of unfinished tasks where the last one stopped: a sweep reads each row once,
+    /// however many there are. Pending tasks of jobs whose feeder has not published
+    /// them all are left out: not lost, just not sent yet.
     pub async fn stuck_tasks(
         &self,
         shard: u32,
         shards: u32,
-        after_id: i64,
+        after: Option<(DateTime<Utc>, i64)>,
         limit: u64,
         quiet_since: DateTime<Utc>,
     ) -> Result<Vec<task::Model>, StoreError> {
         self.retrying("scan stuck tasks", || async {
-            let now = Utc::now();
+            let fed = Query::select()
+                .column(job::Column::Id)
+                .from(job::Entity)
+                .and_where(job::Column::TasksPublished.eq(true))
+                .to_owned();
             let stuck = Condition::any()
                 .add(
-                    task::Column::Status
-                        .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
+                    Condition::all()
+                        .add(task::Column::Status.eq(TaskStatus::Pending.as_str()))
+                        .add(task::Column::JobId.in_subquery(fed)),
                 )
+                .add(task::Column::Status.eq(TaskStatus::Retrying.as_str()))
                 .add(
                     Condition::all()
                         .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
-                        .add(task::Column::LeaseUntil.lt(now)),
+                        .add(task::Column::LeaseUntil.lt(quiet_since)),
                 );
-            Ok(task::Entity::find()
+            let mut page = task::Entity::find()
                 // What the partial index `tasks_unfinished_since` covers.
                 .filter(task::Column::FinishedAt.is_null())
-                .filter(task::Column::Status.is_in([
-                    TaskStatus::Pending.as_str(),
-                    TaskStatus::Running.as_str(),
-                    TaskStatus::Retrying.as_str(),
-                ]))
                 .filter(task::Column::UpdatedAt.lt(quiet_since))
                 .filter(stuck)
                 .filter(
                     Expr::col(task::Column::Id)
                         .modulo(i64::from(shards))
                         .eq(i64::from(shard)),
-                )
-                .filter(task::Column::Id.gt(after_id))
+                );
+            if let Some((updated_at, id)) = after {
+                page = page.filter(
+                    Condition::any()
+                        .add(task::Column::UpdatedAt.gt(updated_at))
+                        .add(
+                            Condition::all()
+                                .add(task::Column::UpdatedAt.eq(updated_at))
+                                .add(task::Column::Id.gt(id)),
+                        ),
+                );
+            }
+            Ok(page
+                .order_by_asc(task::Column::UpdatedAt)
                 .order_by_asc(task::Column::Id)
                 .limit(limit)
                 .all(&self.db)
@@ -228,16 +246,17 @@ impl Store {
         .await
     }
 
-    /// Jobs still in `formation` that were created before `created_before`.
+    /// Jobs still in `formation` that have not moved since `quiet_since`: created
+    /// then, or (sent in parts) given their last part or seal then.
     pub async fn stale_formations(
         &self,
-        created_before: DateTime<Utc>,
+        quiet_since: DateTime<Utc>,
     ) -> Result<Vec<job::Model>, StoreError> {
         self.retrying("scan stale formations", || async {
             Ok(job::Entity::find()
                 .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
-                .filter(job::Column::CreatedAt.lt(created_before))
-                .order_by_asc(job::Column::CreatedAt)
+                .filter(job::Column::UpdatedAt.lt(quiet_since))
+                .order_by_asc(job::Column::UpdatedAt)
                 .limit(1000)
                 .all(&self.db)
                 .await?)

@@ -310,6 +310,11 @@ async fn claim_by_attempt<C: ConnectionTrait>(
 }
 
 /// The SET part of a claim: attempt `attempt` runs for `token` under a fresh lease.
+///
+/// It leaves `updated_at` alone: a running task's liveness is its lease, and no
+/// column a claim changes is indexed, so PostgreSQL can write the new row version on
+/// its page (a HOT update) without a new entry in any index. Setting `updated_at`,
+/// the key of the sweeper's index, cost a claim 1.6 times as much.
 fn claiming(
     attempt: i32,
     deliveries: SimpleExpr,
@@ -329,7 +334,6 @@ fn claiming(
             task::Column::Version,
             Expr::col(task::Column::Version).add(1),
         )
-        .col_expr(task::Column::UpdatedAt, Expr::value(Utc::now()))
 }
 
 /// One UPDATE moving a group of running attempts (same outcome kind, same attempt

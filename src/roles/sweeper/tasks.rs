@@ -46,13 +46,13 @@ impl Sweeper {
         let stuck_after = self.shared.config.stuck_after;
         let quiet_since = clock::ago(stuck_after);
         let mut report = SweepReport::default();
-        let mut after = 0;
+        let mut after = None;
         loop {
             let page = store
                 .stuck_tasks(shard, shards, after, SCAN_BATCH, quiet_since)
                 .await?;
             let Some(last) = page.last() else { break };
-            after = last.id;
+            after = Some((last.updated_at, last.id));
             let mut job_ids: Vec<String> = page.iter().map(|t| t.job_id.clone()).collect();
             job_ids.sort();
             job_ids.dedup();
