@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -22,13 +23,19 @@ use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{JobEvent, JobRequest, TaskResult};
+use crate::protocol::{JobEvent, JobRequest, Part, Seal, TaskResult};
 use crate::retry::Delays;
 use crate::state::TaskStatus;
 use crate::store::{Store, StoreError};
 
 /// How long `connect` and `submit` keep trying while the broker is away.
 const PATIENCE: Duration = Duration::from_secs(60);
+/// Tasks per part of a job sent in parts; a larger job given to [`Client::submit`] is
+/// sent in parts.
+pub const PART_TASKS: usize = 10_000;
+/// Bytes of task JSON per part at most: well under the intake's default limit on a
+/// request (16 MiB), whatever the payloads.
+pub const PART_BYTES: usize = 4 * 1024 * 1024;
 
 /// A producer's handle on taskmill: submits job requests, waits for their events, and
 /// (given a store) cancels jobs.
@@ -112,14 +119,75 @@ impl Client {
     }
 
     /// Publishes a job request (confirmed) and returns its job id, generated when the
-    /// request has none.
+    /// request has none. A job of more than [`PART_TASKS`] tasks goes in parts
+    /// ([`Client::open_job`]), so that no request outgrows the intake's limit.
     pub async fn submit(&self, mut request: JobRequest) -> Result<String, Error> {
         let job_id = request
             .job_id
             .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
             .clone();
+        match request.tasks.take() {
+            Some(tasks) if tasks.len() > PART_TASKS => {
+                let mut job = self.open_job(request)?;
+                for task in &tasks {
+                    job.push(task).await?;
+                }
+                job.seal().await
+            }
+            tasks => {
+                request.tasks = tasks;
+                self.publish_request(&request).await?;
+                Ok(job_id)
+            }
+        }
+    }
+
+    /// Opens a job to send in parts: push its tasks one by one ([`JobParts::push`]),
+    /// each part going out as it fills, then [`JobParts::seal`] it. The request gives
+    /// the job's settings (its `tasks` are ignored; its `job_id` is generated when
+    /// absent). Memory holds one part at a time, whatever the job's size.
+    pub fn open_job(&self, mut request: JobRequest) -> Result<JobParts<'_>, Error> {
+        request
+            .job_id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+        let header = JobRequest::<Box<RawValue>> {
+            version: request.version,
+            job_id: request.job_id,
+            job_type: request.job_type,
+            task_type: request.task_type,
+            queue: request.queue,
+            params: request.params,
+            tasks: None,
+            max_retries: request.max_retries,
+            retry_delay_ms: request.retry_delay_ms,
+            on_failure: request.on_failure,
+            on_complete: request.on_complete,
+            task_timeout_ms: request.task_timeout_ms,
+            results_in_event: request.results_in_event,
+            reduce_shards: request.reduce_shards,
+            reduce_per_key: request.reduce_per_key,
+            part: None,
+            seal: None,
+        };
+        header.validate()?;
+        Ok(JobParts {
+            client: self,
+            header,
+            buffer: Vec::new(),
+            buffered_bytes: 0,
+            parts: 0,
+            tasks: 0,
+        })
+    }
+
+    /// Publishes one request (confirmed), retrying on a new connection while the
+    /// broker is away for up to [`PATIENCE`].
+    async fn publish_request<T: serde::Serialize>(
+        &self,
+        request: &JobRequest<T>,
+    ) -> Result<(), Error> {
         request.validate()?;
-        let body = serde_json::to_vec(&request).expect("a request serializes");
+        let body = serde_json::to_vec(request).expect("a request serializes");
         let exchange = self.topology.jobs_exchange();
         let deadline = tokio::time::Instant::now() + PATIENCE;
         let mut delays = Delays::reconnect(Duration::from_secs(5));
@@ -138,8 +206,9 @@ impl Client {
                 Err(err) => Err(err),
             };
             match sent {
-                Ok(()) => return Ok(job_id),
-                // Resending is safe: the job id makes a second copy create nothing.
+                Ok(()) => return Ok(()),
+                // Resending is safe: the job id (and a part's number) makes a second
+                // copy create nothing.
                 Err(err)
                     if err.is_broker_connection() && tokio::time::Instant::now() < deadline =>
                 {
@@ -336,4 +405,82 @@ fn unreadable_event(job_id: &str, err: &serde_json::Error) -> Error {
     Error::Store(StoreError::Corrupt(format!(
         "stored event of {job_id} is unreadable: {err}"
     )))
+}
+
+/// A job being sent in parts ([`Client::open_job`]).
+pub struct JobParts<'a> {
+    client: &'a Client,
+    /// The job's settings, repeated by every part and the seal.
+    header: JobRequest<Box<RawValue>>,
+    buffer: Vec<Box<RawValue>>,
+    buffered_bytes: usize,
+    /// Parts sent so far.
+    parts: u32,
+    /// Tasks in the parts sent so far.
+    tasks: u64,
+}
+
+impl JobParts<'_> {
+    /// The job's id.
+    pub fn job_id(&self) -> &str {
+        self.header.job_id.as_deref().unwrap_or_default()
+    }
+
+    /// Adds a task; sends a part once [`PART_TASKS`] tasks or [`PART_BYTES`] bytes are
+    /// waiting.
+    pub async fn push(&mut self, payload: &serde_json::Value) -> Result<(), Error> {
+        let raw = serde_json::value::to_raw_value(payload).expect("a JSON value serializes");
+        self.push_raw(raw).await
+    }
+
+    /// [`JobParts::push`] for a payload that is JSON text already.
+    pub async fn push_raw(&mut self, payload: Box<RawValue>) -> Result<(), Error> {
+        if self.buffered_bytes + payload.get().len() > PART_BYTES && !self.buffer.is_empty() {
+            self.send_part().await?;
+        }
+        self.buffered_bytes += payload.get().len();
+        self.buffer.push(payload);
+        if self.buffer.len() >= PART_TASKS {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is waiting and seals the job; returns its id. A job that fits in
+    /// one part goes as one plain request instead.
+    pub async fn seal(mut self) -> Result<String, Error> {
+        let job_id = self.job_id().to_owned();
+        if self.parts == 0 {
+            let mut whole = self.header.clone();
+            whole.tasks = Some(std::mem::take(&mut self.buffer));
+            self.client.publish_request(&whole).await?;
+            return Ok(job_id);
+        }
+        if !self.buffer.is_empty() {
+            self.send_part().await?;
+        }
+        let mut seal = self.header.clone();
+        seal.seal = Some(Seal {
+            parts: self.parts,
+            tasks: self.tasks,
+        });
+        self.client.publish_request(&seal).await?;
+        Ok(job_id)
+    }
+
+    async fn send_part(&mut self) -> Result<(), Error> {
+        let tasks = std::mem::take(&mut self.buffer);
+        let count = tasks.len() as u64;
+        let mut part = self.header.clone();
+        part.part = Some(Part {
+            number: self.parts + 1,
+            offset: self.tasks,
+        });
+        part.tasks = Some(tasks);
+        self.client.publish_request(&part).await?;
+        self.parts += 1;
+        self.tasks += count;
+        self.buffered_bytes = 0;
+        Ok(())
+    }
 }

@@ -79,7 +79,8 @@ pub struct Config {
     pub stuck_after: Duration,
     /// Shards the sweeper scans in parallel (task id modulo).
     pub sweeper_shards: u32,
-    /// A job still forming after this long lost its request: it is failed.
+    /// A job still forming this long after its creation, or (sent in parts) after its
+    /// last part or seal, lost its request or parts: it is failed.
     pub formation_timeout: Duration,
     /// How long one attempt may run when neither the job nor the handler's
     /// registration says: then the handler is told to stop, dropped shortly after, and
@@ -125,7 +126,7 @@ impl Config {
     /// `quorum`), `TASKMILL_KNOWN_POOLS` (comma-separated), `TASKMILL_CONCURRENCY`,
     /// `TASKMILL_PREFETCH`, `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
     /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
-    /// `TASKMILL_TASK_TIMEOUT_SECS` and `TASKMILL_CONSUMER_TIMEOUT_SECS`. A value that
+    /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS` and `TASKMILL_CONSUMER_TIMEOUT_SECS`. A value that
     /// does not parse is an error, not a silent default.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -168,6 +169,7 @@ impl Config {
         vars.seconds("TASKMILL_SWEEP_SECS", &mut config.sweep_interval)?;
         vars.seconds("TASKMILL_STUCK_SECS", &mut config.stuck_after)?;
         vars.number("TASKMILL_SWEEPER_SHARDS", &mut config.sweeper_shards)?;
+        vars.seconds("TASKMILL_FORMATION_SECS", &mut config.formation_timeout)?;
         vars.seconds("TASKMILL_TASK_TIMEOUT_SECS", &mut config.task_timeout)?;
         vars.seconds(
             "TASKMILL_CONSUMER_TIMEOUT_SECS",
@@ -275,6 +277,7 @@ mod tests {
             ("TASKMILL_SWEEPER_SHARDS", "13"),
             ("TASKMILL_TASK_TIMEOUT_SECS", "14"),
             ("TASKMILL_CONSUMER_TIMEOUT_SECS", "15"),
+            ("TASKMILL_FORMATION_SECS", "16"),
         ])
         .unwrap();
         assert_eq!(config.amqp_url, "amqp://a");
@@ -292,6 +295,7 @@ mod tests {
         assert_eq!(config.sweeper_shards, 13);
         assert_eq!(config.task_timeout, Duration::from_secs(14));
         assert_eq!(config.consumer_timeout, Duration::from_secs(15));
+        assert_eq!(config.formation_timeout, Duration::from_secs(16));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod stages;
 pub mod state;
 pub mod store;
 
-pub use client::{Client, Watch};
+pub use client::{Client, JobParts, Watch};
 pub use config::{Config, QueueType};
 pub use error::Error;
 pub use pod::{Pod, PodBuilder, Roles};

@@ -142,7 +142,43 @@ pub struct JobRequest<T = Value> {
     /// (`false`); the job type's setting when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce_per_key: Option<bool>,
+    /// This request carries one part of a job sent in parts: its `tasks` are the
+    /// job's tasks from `part.offset` on. Needs a `job_id`; every part and the seal
+    /// repeat the job's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<Part>,
+    /// This request (without `tasks`) closes a job sent in parts: it has this many
+    /// parts and tasks. The job runs once every part is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<Seal>,
 }
+
+/// Where a part's tasks go in its job: part `number` (from 1), whose first task is
+/// the job's task `offset` (from 0: the tasks of the parts before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    /// The part's number, 1 to [`MAX_PARTS`]; sending a part again is harmless.
+    pub number: u32,
+    /// The ordinal of the part's first task within the job.
+    pub offset: u64,
+}
+
+/// The end of a job sent in parts: how many parts and tasks it has in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seal {
+    /// Parts sent, numbered 1 to `parts`.
+    pub parts: u32,
+    /// Tasks in all the parts.
+    pub tasks: u64,
+}
+
+/// Parts one job may have at most: each part's claim looks at the job's other parts,
+/// so their number is bounded (at 10,000 tasks a part, 100 million tasks).
+pub const MAX_PARTS: u32 = 10_000;
+/// Tasks one job may have at most (task ordinals are 32-bit).
+pub const MAX_JOB_TASKS: u64 = i32::MAX as u64;
 
 fn default_queue() -> String {
     DEFAULT_QUEUE.to_owned()
@@ -173,6 +209,8 @@ impl JobRequest {
             results_in_event: false,
             reduce_shards: None,
             reduce_per_key: None,
+            part: None,
+            seal: None,
         }
     }
 }
@@ -192,7 +230,6 @@ impl<T> JobRequest<T> {
     where
         T: Serialize,
     {
-        use sha2::Digest as _;
         #[derive(Serialize)]
         struct Asked<'a, T> {
             job_type: &'a str,
@@ -210,27 +247,41 @@ impl<T> JobRequest<T> {
             reduce_shards: Option<u32>,
             #[serde(skip_serializing_if = "Option::is_none")]
             reduce_per_key: Option<bool>,
+            // A job sent in parts: its digest covers its settings, each part's tasks
+            // have their own ([`JobRequest::part_digest`]).
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            in_parts: bool,
         }
+        let in_parts = self.in_parts();
         let asked = Asked {
             job_type: &self.job_type,
             task_type: self.task_type(),
             queue: &self.queue,
             params: &self.params,
-            tasks: &self.tasks,
+            tasks: if in_parts { &None } else { &self.tasks },
             max_retries: self.max_retries,
             retry_delay_ms: self.retry_delay_ms,
             on_failure: self.on_failure,
             task_timeout_ms: self.task_timeout_ms,
             reduce_shards: self.reduce_shards,
             reduce_per_key: self.reduce_per_key,
+            in_parts,
         };
-        let mut hasher = sha2::Sha256::new();
-        serde_json::to_writer(&mut hasher, &asked).expect("a request serializes");
-        hasher
-            .finalize()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        hex_digest(&asked)
+    }
+
+    /// Whether the request is a part or the seal of a job sent in parts.
+    pub fn in_parts(&self) -> bool {
+        self.part.is_some() || self.seal.is_some()
+    }
+
+    /// A SHA-256 digest (hex) of a part's place and tasks: a part sent again with
+    /// other tasks is refused.
+    pub fn part_digest(&self) -> String
+    where
+        T: Serialize,
+    {
+        hex_digest(&(self.part, &self.tasks))
     }
 
     /// Checks what serde cannot: version, id and name shapes, limits.
@@ -268,6 +319,7 @@ impl<T> JobRequest<T> {
                 )));
             }
         }
+        self.validate_parts()?;
         let longest_wait = u64::from(self.max_retries) * self.retry_delay_ms;
         if longest_wait > MAX_DELAY_MS {
             return Err(DecodeError::Invalid(format!(
@@ -278,6 +330,68 @@ impl<T> JobRequest<T> {
         }
         Ok(())
     }
+}
+
+impl<T> JobRequest<T> {
+    /// A part needs a job id and tasks that fit in the job; a seal, a job id and no
+    /// tasks.
+    fn validate_parts(&self) -> Result<(), DecodeError> {
+        let invalid = |reason: String| Err(DecodeError::Invalid(reason));
+        if self.in_parts() && self.job_id.is_none() {
+            return invalid("a part or seal needs a job_id: it is what joins the parts".into());
+        }
+        if let Some(part) = self.part {
+            if self.seal.is_some() {
+                return invalid("a request is a part or a seal, not both".into());
+            }
+            if part.number == 0 || part.number > MAX_PARTS {
+                return invalid(format!(
+                    "part number {} is outside 1..={MAX_PARTS}",
+                    part.number
+                ));
+            }
+            let tasks = self.tasks.as_ref().map_or(0, Vec::len) as u64;
+            if tasks == 0 {
+                return invalid(format!("part {} has no tasks", part.number));
+            }
+            if part.offset.saturating_add(tasks) > MAX_JOB_TASKS {
+                return invalid(format!(
+                    "part {} ends past task {MAX_JOB_TASKS}, the most a job may have",
+                    part.number
+                ));
+            }
+        }
+        if let Some(seal) = self.seal {
+            if self.tasks.is_some() {
+                return invalid("a seal carries no tasks: send them as parts".into());
+            }
+            if seal.parts == 0 || seal.parts > MAX_PARTS {
+                return invalid(format!(
+                    "seal.parts {} is outside 1..={MAX_PARTS}",
+                    seal.parts
+                ));
+            }
+            if seal.tasks < u64::from(seal.parts) || seal.tasks > MAX_JOB_TASKS {
+                return invalid(format!(
+                    "seal.tasks {} is outside {}..={MAX_JOB_TASKS} (every part has a task)",
+                    seal.tasks, seal.parts
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A SHA-256 digest (hex) of `value`'s JSON.
+fn hex_digest(value: &impl Serialize) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    serde_json::to_writer(&mut hasher, value).expect("a request serializes");
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// One task, sent to the work queue of its job's pool.
@@ -782,6 +896,76 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn parts_and_seals_are_checked() {
+        let refused = [
+            (
+                r#""part":{"number":1,"offset":0},"tasks":[1]"#,
+                "needs a job_id",
+            ),
+            (
+                r#""job_id":"j","part":{"number":0,"offset":0},"tasks":[1]"#,
+                "outside",
+            ),
+            (
+                r#""job_id":"j","part":{"number":10001,"offset":0},"tasks":[1]"#,
+                "outside",
+            ),
+            (
+                r#""job_id":"j","part":{"number":1,"offset":0},"tasks":[]"#,
+                "no tasks",
+            ),
+            (r#""job_id":"j","part":{"number":1,"offset":0}"#, "no tasks"),
+            (
+                r#""job_id":"j","part":{"number":1,"offset":2147483647},"tasks":[1]"#,
+                "ends past",
+            ),
+            (
+                r#""job_id":"j","seal":{"parts":2,"tasks":1}"#,
+                "every part has a task",
+            ),
+            (r#""job_id":"j","seal":{"parts":0,"tasks":0}"#, "outside"),
+            (
+                r#""job_id":"j","seal":{"parts":1,"tasks":1},"tasks":[1]"#,
+                "carries no tasks",
+            ),
+            (
+                r#""job_id":"j","seal":{"parts":1,"tasks":1},"part":{"number":1,"offset":0},"tasks":[1]"#,
+                "not both",
+            ),
+        ];
+        for (fields, reason) in refused {
+            let body = format!(r#"{{"version":1,"job_type":"x",{fields}}}"#);
+            let request: JobRequest = decode(body.as_bytes(), None, 1024).unwrap();
+            let err = request.validate().expect_err(&body).to_string();
+            assert!(err.contains(reason), "{body}: {err}");
+        }
+        let part: JobRequest = decode(
+            br#"{"version":1,"job_type":"x","job_id":"j","part":{"number":2,"offset":5},"tasks":[1]}"#,
+            None,
+            1024,
+        )
+        .unwrap();
+        part.validate().unwrap();
+        let seal: JobRequest = decode(
+            br#"{"version":1,"job_type":"x","job_id":"j","seal":{"parts":2,"tasks":6}}"#,
+            None,
+            1024,
+        )
+        .unwrap();
+        seal.validate().unwrap();
+        // Parts and seal are one job: their digests agree, and differ from a request
+        // of the same settings sent whole.
+        assert_eq!(part.digest(), seal.digest());
+        let mut whole = part.clone();
+        whole.part = None;
+        assert_ne!(whole.digest(), part.digest());
+        let mut other_tasks = part.clone();
+        other_tasks.tasks = Some(vec![serde_json::json!(2)]);
+        assert_eq!(other_tasks.digest(), part.digest());
+        assert_ne!(other_tasks.part_digest(), part.part_digest());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The fault-injection suite: real `taskmill worker` processes against the real broker
 //! and database, faults injected for real (kill -9, broker restart, database restart,
-//! rolling SIGTERM, a purged queue, a flood of bad input), then the same invariants
+//! rolling SIGTERM, a purged queue, a flood of bad input, an intake killed between the
+//! parts of a job), then the same invariants
 //! checked every time:
 //!
 //! - every job ends in the expected stage, and every task row is terminal;
@@ -47,6 +48,7 @@ on_both_backends!(
     closed_connections_are_ridden_out,
     a_poison_task_fails_alone,
     a_killed_feeder_is_taken_over,
+    an_intake_killed_between_parts,
 );
 
 mod postgres_only {
@@ -419,6 +421,50 @@ async fn a_killed_feeder_is_taken_over(backend: Backend) {
     );
     fleet.stop_all().await;
     eprintln!("feeder killed: 5000 tasks, {report}");
+}
+
+/// A job sent in parts whose intake (and feeder) is killed -9 after its first part:
+/// the rest arrives at other pods, which take the feeding over once the dead feeder's
+/// lease runs out, and the job runs whole.
+async fn an_intake_killed_between_parts(backend: Backend) {
+    const PART: u64 = taskmill::client::PART_TASKS as u64;
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut intake = Fleet::start(&env, 1, &["--roles", "intake"]).await;
+    let client = env.client().await;
+    let mut job = client
+        .open_job(JobRequest::new(builtin::ECHO, Vec::new()))
+        .unwrap();
+    let job_id = job.job_id().to_owned();
+    for n in 0..PART {
+        job.push(&json!(n)).await.unwrap();
+    }
+    common::wait_until(JOB_TIMEOUT, || async {
+        let parts = env.store.parts(&job_id).await.unwrap();
+        parts.first().is_some_and(|part| part.stored)
+    })
+    .await;
+    intake.kill_9(0).await;
+
+    for n in PART..PART + 5_000 {
+        job.push(&json!(n)).await.unwrap();
+    }
+    job.seal().await.unwrap();
+    let mut fleet = Fleet::start(&env, 2, &[]).await;
+    let report = check_invariants(&env, &[(job_id.as_str(), "done")], &audit, 0).await;
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert_eq!(rows.len() as u64, PART + 5_000);
+    assert!(
+        rows.iter().all(|row| row.attempts == 1),
+        "each task ran once"
+    );
+    client.close().await.unwrap();
+    fleet.stop_all().await;
+    eprintln!(
+        "intake killed between parts: {} tasks, {report}",
+        PART + 5_000
+    );
 }
 
 async fn check_invariants(

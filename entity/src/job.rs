@@ -51,6 +51,10 @@ pub struct Model {
     pub phase_first_ordinal: i64,
     /// A multi-stage job's result: its finalizer's, else its reduce stage's merged.
     pub result: Option<Json>,
+    /// A job sent in parts, once sealed: how many parts it has.
+    pub sealed_parts: Option<i32>,
+    /// A job sent in parts, once sealed: how many tasks it has.
+    pub sealed_tasks: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

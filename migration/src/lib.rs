@@ -13,6 +13,7 @@ mod m20261127_000007_results_in_event;
 mod m20261127_000008_stages;
 mod m20261127_000009_external_tasks;
 mod m20261128_000010_lean_task_writes;
+mod m20261128_000011_job_parts;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000008_stages::Migration),
             Box::new(m20261127_000009_external_tasks::Migration),
             Box::new(m20261128_000010_lean_task_writes::Migration),
+            Box::new(m20261128_000011_job_parts::Migration),
         ]
     }
 }

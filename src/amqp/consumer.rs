@@ -145,12 +145,7 @@ impl Consumer {
 
     /// Decodes a delivery and checks it as its type requires.
     pub fn decode<T: Incoming>(&self, delivery: &Delivery) -> Result<T, DecodeError> {
-        let content_type = delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str());
-        protocol::decode_incoming(&delivery.data, content_type, self.max_bytes)
+        decode(delivery, self.max_bytes)
     }
 
     /// Stops deliveries, waits for the work in flight — it holds permits of `slots`,
@@ -206,4 +201,15 @@ async fn consume(
         )
         .await?;
     Ok((tag, stream))
+}
+
+/// Decodes a delivery with the protocol's checks (content type, size, schema): what
+/// [`Consumer::decode`] does, for work that decodes later, away from its consumer.
+pub(crate) fn decode<T: Incoming>(delivery: &Delivery, max_bytes: usize) -> Result<T, DecodeError> {
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|s| s.as_str());
+    protocol::decode_incoming(&delivery.data, content_type, max_bytes)
 }

@@ -1,5 +1,5 @@
 //! `taskmill status JOB_ID`: a job's stage (and phase), task counts, first error and
-//! result.
+//! result; for a job sent in parts, its parts and seal.
 
 use clap::Args;
 use serde_json::json;
@@ -25,6 +25,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     let job = &status.job;
     let target = target_report(&store.job_event(&job.id).await?);
     let waiting = pool_report(&store, job).await?;
+    let parts = parts_report(&store, job).await?;
     if args.json {
         let doc = json!({
             "job_id": job.id,
@@ -43,6 +44,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "on_complete": job.on_complete,
             "on_complete_error": target,
             "waiting": waiting,
+            "parts": parts,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(0);
@@ -73,6 +75,9 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     if let Some(error) = &job.first_error {
         println!("error    {error}");
     }
+    if let Some(parts) = parts {
+        println!("parts    {parts}");
+    }
     if let Some(waiting) = waiting {
         println!("waiting  {waiting}");
     }
@@ -94,6 +99,26 @@ async fn pool_report(
     let last_seen_at = store.pool(&job.queue).await?.map(|pool| pool.last_seen_at);
     let silent = last_seen_at.is_none_or(|at| at < known_pools::silent_since(now));
     Ok(silent.then(|| known_pools::describe_silence(&job.queue, last_seen_at, now)))
+}
+
+/// A job sent in parts: how many are stored, and its seal.
+async fn parts_report(
+    store: &Store,
+    job: &taskmill::store::job::Model,
+) -> anyhow::Result<Option<String>> {
+    let parts = store.parts(&job.id).await?;
+    if parts.is_empty() && job.sealed_parts.is_none() {
+        return Ok(None);
+    }
+    let stored = parts.iter().filter(|part| part.stored).count();
+    let seal = match (job.sealed_parts, job.sealed_tasks) {
+        (Some(parts), Some(tasks)) => format!("sealed: {parts} parts, {tasks} tasks"),
+        _ => "not sealed yet".to_owned(),
+    };
+    Ok(Some(format!(
+        "{stored} stored, {} arriving ({seal})",
+        parts.len() - stored
+    )))
 }
 
 /// What went wrong with the job event's `on_complete` target, if anything.

@@ -1,9 +1,11 @@
 //! `taskmill submit`: publish a job request, optionally waiting for its event.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use taskmill::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
 use taskmill::{Client, Config, FailurePolicy, JobRequest};
@@ -16,7 +18,7 @@ pub struct SubmitArgs {
     /// Handler of the tasks, when it differs from the job type.
     #[arg(long)]
     pub task_type: Option<String>,
-    /// A file with one JSON task payload per line.
+    /// A file with one JSON task payload per line, streamed: a large one goes in parts.
     #[arg(long, conflicts_with = "task")]
     pub tasks_file: Option<PathBuf>,
     /// A task payload as JSON (repeatable).
@@ -55,20 +57,14 @@ fn parse_json(text: &str, what: &str) -> anyhow::Result<Value> {
     serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON: {text}"))
 }
 
+/// The request's settings and `--task` payloads; a `--tasks-file` is streamed by
+/// [`send`] instead.
 pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
-    let tasks = match &args.tasks_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| parse_json(line, "a task line"))
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        None => args
-            .task
-            .iter()
-            .map(|task| parse_json(task, "--task"))
-            .collect::<anyhow::Result<Vec<_>>>()?,
-    };
+    let tasks = args
+        .task
+        .iter()
+        .map(|task| parse_json(task, "--task"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut request = JobRequest::new(&args.job_type, tasks);
     if args.tasks_file.is_none() && args.task.is_empty() && args.params.is_some() {
         request.tasks = None;
@@ -103,7 +99,7 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
     } else {
         None
     };
-    client.submit(request).await?;
+    send(&client, request, args.tasks_file.as_deref()).await?;
     println!("{job_id}");
     let Some(watch) = watch else {
         return Ok(0);
@@ -121,4 +117,32 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
     println!("{}", serde_json::to_string_pretty(&event)?);
     client.close().await?;
     Ok(if event.is_done() { 0 } else { 1 })
+}
+
+/// Submits the request; with a tasks file, streams it line by line into parts
+/// ([`Client::open_job`]), so that a file of any size needs one part's memory.
+async fn send(
+    client: &Client,
+    request: JobRequest,
+    tasks_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let Some(path) = tasks_file else {
+        client.submit(request).await?;
+        return Ok(());
+    };
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut job = client.open_job(request)?;
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let payload = RawValue::from_string(line.to_owned()).with_context(|| {
+            format!("line {} of {} is not valid JSON", index + 1, path.display())
+        })?;
+        job.push_raw(payload).await?;
+    }
+    job.seal().await?;
+    Ok(())
 }

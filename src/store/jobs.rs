@@ -361,5 +361,7 @@ fn job_row(
             .map(|_| Phase::Map.as_str().to_owned())),
         phase_first_ordinal: Set(0),
         result: Set(None),
+        sealed_parts: Set(None),
+        sealed_tasks: Set(None),
     }
 }

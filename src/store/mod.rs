@@ -14,6 +14,7 @@ mod handle;
 mod job_ends;
 mod jobs;
 mod outbox;
+mod parts;
 mod pg_batch;
 mod pools;
 mod results;
@@ -27,6 +28,7 @@ pub use error::StoreError;
 pub use external::SyncWrite;
 pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
+pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
 pub use results::ResultStream;
 pub use rows::{
@@ -35,7 +37,7 @@ pub use rows::{
 };
 pub use stuck::SWEEP_WRITE_BATCH;
 
-pub use entity::{job, job_event, pool, task};
+pub use entity::{job, job_event, job_part, pool, task};
 
 /// A running job's row as unit tests start from: one task, nothing counted yet.
 #[cfg(test)]
@@ -69,5 +71,7 @@ pub(crate) fn running_job_for_tests() -> job::Model {
         phase: None,
         phase_first_ordinal: 0,
         result: None,
+        sealed_parts: None,
+        sealed_tasks: None,
     }
 }

@@ -1,6 +1,6 @@
 //! The bench's own SQL, kept out of the production `Store`: the database baseline's
 //! scratch table (updated one row and 100 rows per statement) and PostgreSQL's own
-//! counters of transactions and rows written.
+//! counters of transactions, rows and WAL written, and the size of the tasks table.
 
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, QueryResult,
@@ -14,6 +14,10 @@ const TABLE: &str = "taskmill_bench_rows";
 pub struct ServerCounters {
     pub transactions: i64,
     pub rows_written: i64,
+    /// The server's WAL position in bytes: what every database wrote to the log.
+    pub wal_bytes: i64,
+    /// The `tasks` table with its indexes and TOAST, in bytes.
+    pub tasks_bytes: i64,
 }
 
 /// A connection pool of the bench's own, apart from the pipeline's.
@@ -96,13 +100,17 @@ impl BenchDb {
         let row = self
             .postgres_row(
                 "SELECT (xact_commit + xact_rollback)::bigint AS transactions, \
-                 (tup_inserted + tup_updated + tup_deleted)::bigint AS rows_written \
+                 (tup_inserted + tup_updated + tup_deleted)::bigint AS rows_written, \
+                 (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS wal_bytes, \
+                 pg_total_relation_size('tasks') AS tasks_bytes \
                  FROM pg_stat_database WHERE datname = current_database()",
             )
             .await?;
         Ok(row.map(|row| ServerCounters {
             transactions: row.try_get("", "transactions").unwrap_or(0),
             rows_written: row.try_get("", "rows_written").unwrap_or(0),
+            wal_bytes: row.try_get("", "wal_bytes").unwrap_or(0),
+            tasks_bytes: row.try_get("", "tasks_bytes").unwrap_or(0),
         }))
     }
 

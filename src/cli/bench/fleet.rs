@@ -44,15 +44,7 @@ impl Fleet {
         self.children
             .iter()
             .filter_map(|child| child.id())
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .filter_map(|status| {
-                status
-                    .lines()
-                    .find(|line| line.starts_with("VmHWM:"))
-                    .and_then(|line| line.split_whitespace().nth(1))
-                    .and_then(|kib| kib.parse::<f64>().ok())
-            })
-            .map(|kib| kib / 1024.0)
+            .filter_map(peak_rss_mib_of)
             .reduce(f64::max)
     }
 
@@ -73,4 +65,17 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The largest resident set process `pid` reached so far (VmHWM), in MiB.
+pub fn peak_rss_mib_of(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()?;
+    Some(kib / 1024.0)
 }

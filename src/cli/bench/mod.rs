@@ -5,7 +5,9 @@
 //!    database (single-row UPDATEs by key from 8 connections; the same rows 100 per
 //!    statement).
 //! 2. Scenarios, each from submit to the job event, run by fresh `taskmill worker`
-//!    processes: S1 one job of N tasks, S2 one job of 10 × N, S3 1,000 jobs of 10, S4 S1
+//!    processes: S1 one job of N tasks, S2 one job of 10 × N, S7 (only when named:
+//!    `--only S7`) one job of 100 × N sent by `taskmill submit --tasks-file`, whose
+//!    memory is measured, S3 1,000 jobs of 10, S4 S1
 //!    with 10% of tasks failing once, S8 a map → reduce job (the built-in word count)
 //!    of N map tasks and 100 reduce shards, S5 S1 with 1, 2 and 4 worker processes; S6
 //!    single-task jobs published at a fixed rate (200/s, and half S3's rate), each
@@ -64,7 +66,7 @@ pub struct BenchArgs {
     /// Messages for the broker baseline.
     #[arg(long, default_value_t = 50_000)]
     pub baseline_messages: usize,
-    /// Scenarios to run (default: all).
+    /// Scenarios to run (default: all but S7, which runs only when named).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print JSON instead of a table.
@@ -129,6 +131,14 @@ async fn measure(
         Spec::new("S1", format!("1 job × {n}"), 1, n, args.workers),
         Spec::new("S2", format!("1 job × {}", 10 * n), 1, 10 * n, args.workers),
         Spec::new(
+            "S7",
+            format!("1 job × {}, submit --tasks-file", 100 * n),
+            1,
+            100 * n,
+            args.workers,
+        )
+        .through_cli(),
+        Spec::new(
             "S3",
             format!("{} jobs × 10", args.jobs),
             args.jobs,
@@ -163,13 +173,13 @@ async fn measure(
             workers,
         ));
     }
-    let selected = |name: &str| {
-        args.only.is_empty()
-            || args
-                .only
-                .iter()
-                .any(|s| name.eq_ignore_ascii_case(s) || name.starts_with(s.as_str()))
+    let named = |name: &str| {
+        args.only
+            .iter()
+            .any(|s| name.eq_ignore_ascii_case(s) || name.starts_with(s.as_str()))
     };
+    // S7 (100 × N tasks) runs only when named: it takes minutes.
+    let selected = |name: &str| (args.only.is_empty() && name != "S7") || named(name);
     specs.retain(|spec| selected(&spec.name));
 
     let counters = database::BenchDb::connect(&config.database_url, 1).await?;

@@ -145,6 +145,32 @@ impl Report {
                 );
             }
         }
+        if let Some(s7) = self.scenario("S7") {
+            println!();
+            if let Some(s2) = self.scenario("S2") {
+                println!(
+                    "goal S7 time ≤ 11 × S2 time:             {:.1} ×",
+                    s7.seconds / s2.seconds
+                );
+            }
+            println!(
+                "goal S7 submit peak RSS ≤ 64 MiB:        {}",
+                opt(s7.submit_peak_rss_mib, 1)
+            );
+            println!(
+                "goal S7 worker peak RSS ≤ 48 MiB:        {}",
+                opt(s7.worker_peak_rss_mib, 1)
+            );
+            println!(
+                "goal S7 submit → first task done ≤ 1 s:  {} ms",
+                opt(s7.first_task_ms, 0)
+            );
+            println!(
+                "S7 PostgreSQL per task: {} bytes of WAL, {} bytes of tasks table and indexes",
+                opt(s7.db_wal_bytes_per_task, 0),
+                opt(s7.db_table_bytes_per_task, 0)
+            );
+        }
         if !self.open_loop.is_empty() {
             println!();
             println!(

@@ -33,6 +33,9 @@ pub struct Spec {
     fail_every: Option<usize>,
     /// A map → reduce word count with this many reduce shards instead of echo tasks.
     reduce_shards: Option<u32>,
+    /// Submitted as a user would: `taskmill submit --tasks-file` in a process of its
+    /// own (whose memory is measured), the file streamed in parts.
+    through_cli: bool,
 }
 
 impl Spec {
@@ -51,7 +54,14 @@ impl Spec {
             workers,
             fail_every: None,
             reduce_shards: None,
+            through_cli: false,
         }
+    }
+
+    /// Submit with `taskmill submit --tasks-file` instead of the library.
+    pub fn through_cli(mut self) -> Self {
+        self.through_cli = true;
+        self
     }
 
     /// The job is the built-in word count: each task counts the words of a short text,
@@ -114,9 +124,17 @@ pub struct ScenarioResult {
     pub db_transactions_per_task: Option<f64>,
     /// Rows inserted, updated or deleted per task, PostgreSQL only.
     pub db_rows_written_per_task: Option<f64>,
+    /// Bytes of WAL written per task (the whole server's), PostgreSQL only.
+    pub db_wal_bytes_per_task: Option<f64>,
+    /// Bytes the `tasks` table (with indexes) grew by per task, PostgreSQL only.
+    pub db_table_bytes_per_task: Option<f64>,
     /// Messages published to the broker per task (management API).
     pub broker_messages_per_task: Option<f64>,
     pub worker_peak_rss_mib: Option<f64>,
+    /// From the first submit to the first task finishing.
+    pub first_task_ms: Option<f64>,
+    /// The `taskmill submit` process's peak resident set, when it submitted.
+    pub submit_peak_rss_mib: Option<f64>,
     pub all_done: bool,
 }
 
@@ -169,15 +187,31 @@ impl Bench {
         let published_before = self.api.as_ref().and_then(ManagementApi::published);
 
         let requests: Vec<JobRequest> = (0..spec.jobs).map(|_| spec.request()).collect();
+        let tasks_file = match spec.through_cli {
+            true => Some(TasksFile::write(&requests)?),
+            false => None,
+        };
         let started = Instant::now();
-        let submitted: Vec<(String, Instant)> = futures::stream::iter(requests)
-            .map(|request| async move {
-                let id = self.client.submit(request).await?;
-                Ok::<_, anyhow::Error>((id, Instant::now()))
-            })
-            .buffer_unordered(64)
-            .try_collect()
-            .await?;
+        let started_at = chrono::Utc::now();
+        let mut submit_peak_rss_mib = None;
+        let submitted: Vec<(String, Instant)> = match &tasks_file {
+            Some(file) => {
+                let (ids, rss) = file.submit(&self.config, &requests).await?;
+                submit_peak_rss_mib = rss;
+                ids.into_iter().map(|id| (id, Instant::now())).collect()
+            }
+            None => {
+                futures::stream::iter(requests)
+                    .map(|request| async move {
+                        let id = self.client.submit(request).await?;
+                        Ok::<_, anyhow::Error>((id, Instant::now()))
+                    })
+                    .buffer_unordered(64)
+                    .try_collect()
+                    .await?
+            }
+        };
+        drop(tasks_file);
         let deadline = Instant::now() + SCENARIO_TIMEOUT;
         loop {
             let arrived = {
@@ -226,6 +260,7 @@ impl Bench {
         // Read latencies on a pool of their own, so its reads land in no later window.
         let reader = Store::connect(&self.config.database_url, 4).await?;
         let mut task_latencies = Vec::new();
+        let mut first_finished: Option<chrono::DateTime<chrono::Utc>> = None;
         for (id, _) in &submitted {
             let job = reader
                 .job(id)
@@ -235,6 +270,7 @@ impl Bench {
             let published = job.created_at;
             let finished_at = reader.tasks_of_job(id).await?.into_iter();
             for finished in finished_at.filter_map(|task| task.finished_at) {
+                first_finished = Some(first_finished.map_or(finished, |first| first.min(finished)));
                 task_latencies
                     .push((finished - published).num_microseconds().unwrap_or(0) as f64 / 1000.0);
             }
@@ -259,10 +295,19 @@ impl Bench {
             db_rows_written_per_task: db_before
                 .zip(db_after)
                 .map(|(b, a)| per_task(a.rows_written - b.rows_written)),
+            db_wal_bytes_per_task: db_before
+                .zip(db_after)
+                .map(|(b, a)| per_task(a.wal_bytes - b.wal_bytes)),
+            db_table_bytes_per_task: db_before
+                .zip(db_after)
+                .map(|(b, a)| per_task(a.tasks_bytes - b.tasks_bytes)),
             broker_messages_per_task: published_before
                 .zip(published_after)
                 .map(|(b, a)| per_task(a - b)),
             worker_peak_rss_mib: rss,
+            first_task_ms: first_finished
+                .map(|first| (first - started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+            submit_peak_rss_mib,
             all_done,
         })
     }
@@ -290,6 +335,81 @@ impl Bench {
             api.delete_prefixed(topology.prefix());
         }
         let _ = self.client.close().await;
+    }
+}
+
+/// The tasks of a scenario's jobs as `taskmill submit --tasks-file` reads them: one
+/// JSON payload per line, in a temporary file removed on drop.
+struct TasksFile {
+    path: std::path::PathBuf,
+}
+
+impl TasksFile {
+    fn write(requests: &[JobRequest]) -> anyhow::Result<Self> {
+        use std::io::Write as _;
+        let path =
+            std::env::temp_dir().join(format!("taskmill-bench-{}.jsonl", uuid::Uuid::new_v4()));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for task in requests.iter().flat_map(|r| r.tasks.iter().flatten()) {
+            serde_json::to_writer(&mut out, task)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        Ok(Self { path })
+    }
+
+    /// Runs `taskmill submit` once per request (each with the whole file: the
+    /// scenarios that use it have one job), sampling its resident set until it exits.
+    /// Returns the job ids and the largest peak.
+    async fn submit(
+        &self,
+        config: &Config,
+        requests: &[JobRequest],
+    ) -> anyhow::Result<(Vec<String>, Option<f64>)> {
+        let exe = std::env::current_exe()?;
+        let (mut ids, mut peak) = (Vec::new(), None::<f64>);
+        for request in requests {
+            let id = request
+                .job_id
+                .clone()
+                .expect("bench requests carry a job id");
+            let task_type = request.task_type().to_owned();
+            let mut child = tokio::process::Command::new(&exe)
+                .args([
+                    "submit",
+                    "--type",
+                    &request.job_type,
+                    "--task-type",
+                    &task_type,
+                ])
+                .arg("--tasks-file")
+                .arg(&self.path)
+                .args(["--job-id", &id])
+                .env("AMQP_URL", &config.amqp_url)
+                .env("TASKMILL_PREFIX", &config.prefix)
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            let pid = child.id();
+            let status = loop {
+                if let Some(rss) = pid.and_then(super::fleet::peak_rss_mib_of) {
+                    peak = Some(peak.map_or(rss, |p| p.max(rss)));
+                }
+                tokio::select! {
+                    status = child.wait() => break status?,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            };
+            anyhow::ensure!(status.success(), "taskmill submit failed: {status}");
+            ids.push(id);
+        }
+        Ok((ids, peak))
+    }
+}
+
+impl Drop for TasksFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

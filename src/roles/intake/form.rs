@@ -1,6 +1,7 @@
 //! Forming a job: the checks a request must pass to become a job; a small job handed
 //! to the group former ([`super::group`]), a larger one's rows inserted in adaptive
-//! batches while a feeder ([`crate::roles::feed`]) publishes its task messages.
+//! batches while a feeder ([`crate::roles::feed`]) publishes its task messages; a job
+//! sent in parts goes on in [`super::parts`].
 
 use lapin::message::Delivery;
 use serde_json::value::RawValue;
@@ -52,10 +53,13 @@ impl Intake {
                 request.queue
             )));
         }
-        let digest = request.digest();
         let task_type = request.task_type().to_owned();
         if !self.shared.registry.knows_task_type(&task_type) {
             return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
+        }
+        let new_job = self.new_job(job_id.clone(), request)?;
+        if request.in_parts() {
+            return self.accept_part(&new_job, &task_type, request).await;
         }
         let split;
         let payloads: &[Box<RawValue>] = match &request.tasks {
@@ -89,21 +93,6 @@ impl Intake {
                 }
             },
         };
-        let stage_plan = self.stage_plan(request)?;
-        let new_job = NewJob {
-            id: job_id.clone(),
-            job_type: request.job_type.clone(),
-            queue: request.queue.clone(),
-            params: request.params.clone(),
-            max_retries: request.max_retries as i32,
-            retry_delay_ms: request.retry_delay_ms as i64,
-            on_failure: request.on_failure,
-            on_complete: request.on_complete.clone(),
-            request_digest: digest,
-            task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
-            results_in_event: request.results_in_event,
-            stage_plan,
-        };
         if (1..=WHOLE_JOB_TASKS).contains(&payloads.len()) {
             let whole = WholeJob {
                 tasks: new_tasks(&task_type, payloads, 0)?,
@@ -113,24 +102,7 @@ impl Intake {
                 return Ok(());
             }
         }
-        let job = match self.shared.store.create_job(&new_job).await? {
-            None => {
-                tracing::info!(job_id, job_type = %request.job_type, tasks = payloads.len(), "job created");
-                None
-            }
-            Some(existing)
-                if existing
-                    .request_digest
-                    .as_ref()
-                    .is_some_and(|first| *first != new_job.request_digest) =>
-            {
-                return Err(Rejection::Park(format!(
-                    "job_id {job_id:?} reused with a different request: the job of the first \
-                     request stands"
-                )));
-            }
-            Some(existing) => Some(existing),
-        };
+        let job = self.create_job(&new_job, payloads.len()).await?;
         let stage = job.as_ref().map(|j| j.stage.parse::<JobStage>());
         match (job, stage) {
             (None, _) => self.form(&new_job, &task_type, payloads).await?,
@@ -151,6 +123,57 @@ impl Intake {
             }
         }
         Ok(())
+    }
+
+    /// The job row a request asks for.
+    fn new_job(
+        &self,
+        id: String,
+        request: &JobRequest<Box<RawValue>>,
+    ) -> Result<NewJob, Rejection> {
+        Ok(NewJob {
+            id,
+            job_type: request.job_type.clone(),
+            queue: request.queue.clone(),
+            params: request.params.clone(),
+            max_retries: request.max_retries as i32,
+            retry_delay_ms: request.retry_delay_ms as i64,
+            on_failure: request.on_failure,
+            on_complete: request.on_complete.clone(),
+            request_digest: request.digest(),
+            task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
+            results_in_event: request.results_in_event,
+            stage_plan: self.stage_plan(request)?,
+        })
+    }
+
+    /// Creates the job in `formation`; `None` when it was created, or the job a
+    /// request with the same id and digest made before. A different request under
+    /// that id is parked: the job of the first request stands.
+    pub(super) async fn create_job(
+        &self,
+        new_job: &NewJob,
+        tasks: usize,
+    ) -> Result<Option<crate::store::job::Model>, Rejection> {
+        let job_id = &new_job.id;
+        match self.shared.store.create_job(new_job).await? {
+            None => {
+                tracing::info!(%job_id, job_type = %new_job.job_type, tasks, "job created");
+                Ok(None)
+            }
+            Some(existing)
+                if existing
+                    .request_digest
+                    .as_ref()
+                    .is_some_and(|first| *first != new_job.request_digest) =>
+            {
+                Err(Rejection::Park(format!(
+                    "job_id {job_id:?} reused with a different request: the job of the first \
+                     request stands"
+                )))
+            }
+            Some(existing) => Ok(Some(existing)),
+        }
     }
 
     /// A producer that resubmits an ended job (after a lost confirm, say) still gets an
@@ -179,13 +202,13 @@ impl Intake {
         payloads: &[Box<RawValue>],
     ) -> Result<(), Rejection> {
         self.feeder.feed(&job.id);
-        self.insert_adaptively(job, task_type, payloads).await?;
-        match self
-            .shared
-            .store
-            .start_job(&job.id, payloads.len() as i64)
-            .await?
-        {
+        self.insert_adaptively(job, task_type, payloads, 0).await?;
+        self.start(&job.id, payloads.len() as i64).await
+    }
+
+    /// Moves a formed job to `running` with its task count (or on, or to its end).
+    pub(super) async fn start(&self, job_id: &str, tasks: i64) -> Result<(), Rejection> {
+        match self.shared.store.start_job(job_id, tasks).await? {
             StartOutcome::Running(_) => {}
             StartOutcome::Advanced(change) => {
                 self.feeder.feed(&change.job.id);
@@ -222,21 +245,23 @@ impl Intake {
         Ok(Some(plan))
     }
 
-    /// Inserts rows in adaptive batches; on an error, halves the batch (while it is
-    /// above 5) and waits with exponential backoff before going on. Payloads are parsed
-    /// one batch at a time, so only the raw request stays in memory.
-    async fn insert_adaptively(
+    /// Inserts rows in adaptive batches, numbered from `first_ordinal`; on an error,
+    /// halves the batch (while it is above 5) and waits with exponential backoff before
+    /// going on. Payloads are parsed one batch at a time, so only the raw request stays
+    /// in memory.
+    pub(super) async fn insert_adaptively(
         &self,
         job: &NewJob,
         task_type: &str,
         payloads: &[Box<RawValue>],
+        first_ordinal: usize,
     ) -> Result<(), Rejection> {
         let mut batch = FIRST_BATCH;
         let mut delays = Delays::transient();
         let mut done = 0;
         while done < payloads.len() {
             let end = (done + batch).min(payloads.len());
-            let tasks = new_tasks(task_type, &payloads[done..end], done)?;
+            let tasks = new_tasks(task_type, &payloads[done..end], first_ordinal + done)?;
             match self.shared.store.insert_tasks(&job.id, &tasks).await {
                 Ok(true) => {
                     done = end;

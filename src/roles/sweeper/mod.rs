@@ -160,8 +160,12 @@ impl Sweeper {
             .stale_formations(formation_deadline)
             .await?
         {
+            let why = match self.shared.store.missing_parts(&job).await? {
+                Some(missing) => missing,
+                None => "its request was lost".to_owned(),
+            };
             let reason = format!(
-                "the job did not finish forming within {:?}: its request was lost",
+                "the job did not finish forming within {:?}: {why}",
                 config.formation_timeout
             );
             if let Some(event) = self.shared.store.fail_formation(&job.id, &reason).await? {
