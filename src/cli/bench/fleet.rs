@@ -39,6 +39,11 @@ impl Fleet {
         Ok(Self { children })
     }
 
+    /// The worker processes' ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
+    }
+
     /// The largest resident set any worker reached so far (VmHWM), in MiB.
     pub fn peak_rss_mib(&self) -> Option<f64> {
         self.children

@@ -20,6 +20,7 @@
 //! database (a new PostgreSQL database, or a temporary SQLite file), removed afterwards.
 
 mod baseline;
+mod cpu;
 mod database;
 mod fleet;
 mod open_loop;

@@ -120,6 +120,15 @@ impl Report {
             );
         }
         println!();
+        println!("CPU seconds per 100,000 tasks (from /proc):  PostgreSQL  RabbitMQ  workers");
+        for s in &self.scenarios {
+            let cpu = &s.cpu_s_per_100k_tasks;
+            println!(
+                "  {:<42} {:>10.1} {:>9.1} {:>8.1}",
+                s.name, cpu.postgres, cpu.rabbitmq, cpu.workers
+            );
+        }
+        println!();
         println!("columns: db tx and db rows are PostgreSQL transactions and rows written per task; msgs are broker publishes per task;");
         println!("         ÷broker and ÷db 1-row are tasks/s as a share of the baselines above");
         if let Some(s1) = self.scenario("S1") {

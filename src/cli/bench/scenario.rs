@@ -15,6 +15,7 @@ use taskmill::config::DEFAULT_QUEUE;
 use taskmill::store::Store;
 use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
 
+use super::cpu::CpuSeconds;
 use super::database::BenchDb;
 use super::fleet::Fleet;
 
@@ -135,6 +136,8 @@ pub struct ScenarioResult {
     pub first_task_ms: Option<f64>,
     /// The `taskmill submit` process's peak resident set, when it submitted.
     pub submit_peak_rss_mib: Option<f64>,
+    /// CPU seconds per 100,000 tasks, by process, from submit to the last event.
+    pub cpu_s_per_100k_tasks: CpuSeconds,
     pub all_done: bool,
 }
 
@@ -183,6 +186,7 @@ impl Bench {
 
     pub async fn run(&self, spec: &Spec) -> anyhow::Result<ScenarioResult> {
         let fleet = Fleet::spawn(&self.config, spec.workers)?;
+        let cpu_before = CpuSeconds::now(&fleet.pids());
         let db_before = self.counters.server_counters().await?;
         let published_before = self.api.as_ref().and_then(ManagementApi::published);
 
@@ -233,6 +237,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss = fleet.peak_rss_mib();
+        let cpu_after = CpuSeconds::now(&fleet.pids());
         fleet.stop().await;
 
         let (mut job_latencies, mut last_event, mut all_done) = (Vec::new(), started, true);
@@ -308,6 +313,7 @@ impl Bench {
             first_task_ms: first_finished
                 .map(|first| (first - started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0),
             submit_peak_rss_mib,
+            cpu_s_per_100k_tasks: cpu_after.per_100k_tasks(cpu_before, tasks),
             all_done,
         })
     }
