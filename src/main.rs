@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(args) => cli::pod::run(config, args, shutdown).await.map(|()| 0),
         Command::Submit(args) => cli::submit::run(&config, args).await,
         Command::Status(args) => cli::status::run(&config, args).await,
+        Command::Jobs(args) => cli::jobs::run(&config, args).await.map(|()| 0),
         Command::Results(args) => cli::results::run(&config, args).await,
         Command::Cancel(args) => cli::cancel::run(&config, args).await,
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,

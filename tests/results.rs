@@ -1,6 +1,6 @@
 //! Results out: a job's task results and errors, streamed from the store by
 //! `Client::results` and `taskmill results`, and carried by the job event when the
-//! request asks and they fit.
+//! request asks and they fit; the jobs themselves listed by `taskmill jobs`.
 
 mod common;
 
@@ -21,6 +21,7 @@ on_both_backends!(
     a_large_jobs_results_stream_in_task_order,
     a_small_jobs_results_ride_in_its_event,
     results_too_large_for_the_event_are_announced,
+    jobs_are_listed_newest_first_and_filtered,
 );
 
 /// Squares its payload; fails for good on multiples of 1,000 plus 7.
@@ -166,6 +167,68 @@ async fn results_too_large_for_the_event_are_announced(backend: Backend) {
 }
 
 /// Every task's result through `Client::results`.
+async fn jobs_are_listed_newest_first_and_filtered(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.pod().handler("square", square));
+    let client = env.client().await;
+    let mut ids = Vec::new();
+    for tasks in [vec![json!(1), json!(2)], vec![json!(7)], vec![json!(3)]] {
+        let id = client
+            .submit(JobRequest::new("square", tasks))
+            .await
+            .unwrap();
+        client.wait(&id).await.unwrap();
+        ids.push(id);
+    }
+    let echo = client
+        .submit(JobRequest::new(builtin::ECHO, vec![json!("hi")]))
+        .await
+        .unwrap();
+    client.wait(&echo).await.unwrap();
+
+    let listed: Vec<Value> =
+        serde_json::from_str(&taskmill_command(&env, &["jobs", "--json"]).await).unwrap();
+    let listed_ids: Vec<&str> = listed
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed_ids,
+        [echo.as_str(), &ids[2], &ids[1], &ids[0]],
+        "newest first"
+    );
+    assert_eq!(
+        (
+            &listed[3]["stage"],
+            &listed[3]["done"],
+            &listed[3]["task_count"]
+        ),
+        (&json!("done"), &json!(2), &json!(2))
+    );
+    let failed: Vec<Value> = serde_json::from_str(
+        &taskmill_command(&env, &["jobs", "--json", "--stage", "failed"]).await,
+    )
+    .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (&failed[0]["job_id"], &failed[0]["failed"]),
+        (&json!(ids[1]), &json!(1))
+    );
+    let table = taskmill_command(&env, &["jobs", "--type", "square", "--limit", "2"]).await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two jobs: {table}");
+    assert!(
+        lines[1].starts_with(&ids[2]) && lines[1].contains("1/1"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with(&ids[1]) && lines[2].contains("failed"),
+        "{table}"
+    );
+    client.close().await.unwrap();
+    pod.stop().await;
+}
+
 async fn all_results(client: &taskmill::Client, job_id: &str) -> Vec<TaskResult> {
     client
         .results(job_id, None)
@@ -178,17 +241,23 @@ async fn all_results(client: &taskmill::Client, job_id: &str) -> Vec<TaskResult>
 
 /// What `taskmill results ARGS` prints.
 async fn results_command(env: &TestEnv, args: &[&str]) -> String {
+    let mut command = vec!["results"];
+    command.extend_from_slice(args);
+    taskmill_command(env, &command).await
+}
+
+/// What `taskmill ARGS` prints, run on the test's database.
+async fn taskmill_command(env: &TestEnv, args: &[&str]) -> String {
     let output = tokio::time::timeout(
         LONG,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
-            .arg("results")
             .args(args)
             .env("DATABASE_URL", &env.config.database_url)
             .output(),
     )
     .await
-    .expect("taskmill results ends")
-    .expect("taskmill results runs");
+    .expect("taskmill ends")
+    .expect("taskmill runs");
     assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout).unwrap()
 }

@@ -14,6 +14,7 @@ mod m20261127_000008_stages;
 mod m20261127_000009_external_tasks;
 mod m20261128_000010_lean_task_writes;
 mod m20261128_000011_job_parts;
+mod m20261128_000012_jobs_by_creation;
 
 pub struct Migrator;
 
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000009_external_tasks::Migration),
             Box::new(m20261128_000010_lean_task_writes::Migration),
             Box::new(m20261128_000011_job_parts::Migration),
+            Box::new(m20261128_000012_jobs_by_creation::Migration),
         ]
     }
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cancel;
 pub mod dead;
 pub mod demo;
+pub mod jobs;
 pub mod migrate;
 pub mod pod;
 pub mod results;
@@ -76,6 +77,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Show a job's stage and task counts.
     Status(status::StatusArgs),
+    /// List the newest jobs with their progress, failures, age and rate.
+    Jobs(jobs::JobsArgs),
     /// Stream a job's task results and errors in task order.
     Results(results::ResultsArgs),
     /// Cancel a running job.

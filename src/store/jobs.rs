@@ -15,7 +15,7 @@ use super::handle::Store;
 use super::job_ends::CheckedIn;
 use super::job_ends::{self, count_by_status, count_by_status_from, lock_job};
 use super::pg_batch::one_of;
-use super::rows::{JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
+use super::rows::{JobFilter, JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
 use super::task_rows::insert_task_rows;
 use crate::stages::Phase;
 use crate::state::JobStage;
@@ -275,6 +275,26 @@ impl Store {
             tasks_by_status,
             phase_tasks_by_status,
         }))
+    }
+
+    /// Jobs the newest first (by creation), filtered by stage and type.
+    pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<job::Model>, StoreError> {
+        self.retrying("list jobs", || async {
+            let mut jobs = job::Entity::find();
+            if let Some(stage) = filter.stage {
+                jobs = jobs.filter(job::Column::Stage.eq(stage.as_str()));
+            }
+            if let Some(job_type) = &filter.job_type {
+                jobs = jobs.filter(job::Column::JobType.eq(job_type.as_str()));
+            }
+            Ok(jobs
+                .order_by_desc(job::Column::CreatedAt)
+                .order_by_desc(job::Column::Id)
+                .limit(filter.limit)
+                .all(&self.db)
+                .await?)
+        })
+        .await
     }
 
     /// All task rows of a job, in id order.

@@ -32,8 +32,8 @@ pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
 pub use results::ResultStream;
 pub use rows::{
-    Checked, Claim, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome, Transition,
-    WholeJob,
+    Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome,
+    Transition, WholeJob,
 };
 pub use stuck::SWEEP_WRITE_BATCH;
 

@@ -50,6 +50,17 @@ pub struct NewTask {
     pub payload: Value,
 }
 
+/// Which jobs [`Store::jobs`](super::handle::Store::jobs) lists.
+#[derive(Clone, Debug)]
+pub struct JobFilter {
+    /// Only jobs at this stage.
+    pub stage: Option<crate::state::JobStage>,
+    /// Only jobs of this type.
+    pub job_type: Option<String>,
+    /// At most this many, the newest first.
+    pub limit: u64,
+}
+
 /// A job made in one go: its row and every task row ([`Store::create_whole_jobs`](super::handle::Store::create_whole_jobs)).
 #[derive(Clone, Debug)]
 pub struct WholeJob {

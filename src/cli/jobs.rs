@@ -1,0 +1,122 @@
+//! `taskmill jobs`: the newest jobs, with their progress, failures, age and rate.
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use serde_json::json;
+use taskmill::state::JobStage;
+use taskmill::store::{job, JobFilter, Store};
+use taskmill::Config;
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs at this stage: formation, running, done, failed or cancelled.
+    #[arg(long)]
+    pub stage: Option<JobStage>,
+    /// Only jobs of this type.
+    #[arg(long = "type")]
+    pub job_type: Option<String>,
+    /// Jobs shown at most, the newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u64,
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: JobsArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database_url, 1).await?;
+    let jobs = store
+        .jobs(&JobFilter {
+            stage: args.stage,
+            job_type: args.job_type,
+            limit: args.limit,
+        })
+        .await?;
+    let now = Utc::now();
+    if args.json {
+        let rows: Vec<_> = jobs
+            .iter()
+            .map(|job| {
+                json!({
+                    "job_id": job.id,
+                    "job_type": job.job_type,
+                    "stage": job.stage,
+                    "phase": job.phase,
+                    "task_count": job.task_count,
+                    "done": job.done_count,
+                    "failed": job.failed_count,
+                    "cancelled": job.cancelled_count,
+                    "created_at": job.created_at,
+                    "finished_at": job.finished_at,
+                    "tasks_per_s": rate(job, now),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<20}  {:<16}  {:>17}  {:>7}  {:>8}  {:>9}",
+        "job", "type", "stage", "done/tasks", "failed", "age", "tasks/s"
+    );
+    for job in &jobs {
+        let stage = match &job.phase {
+            Some(phase) if job.stage == JobStage::Running.as_str() => {
+                format!("{} ({phase})", job.stage)
+            }
+            _ => job.stage.clone(),
+        };
+        println!(
+            "{:<36}  {:<20}  {:<16}  {:>17}  {:>7}  {:>8}  {:>9}",
+            job.id,
+            job.job_type,
+            stage,
+            format!("{}/{}", job.done_count, job.task_count),
+            job.failed_count,
+            age(job.created_at, now),
+            rate(job, now).map_or("-".to_owned(), |rate| format!("{rate:.0}")),
+        );
+    }
+    Ok(())
+}
+
+/// Tasks done per second since the job started, until it ended or now.
+fn rate(job: &job::Model, now: DateTime<Utc>) -> Option<f64> {
+    let started = job.started_at?;
+    let seconds = (job.finished_at.unwrap_or(now) - started).num_milliseconds() as f64 / 1000.0;
+    (seconds > 0.0).then(|| job.done_count as f64 / seconds)
+}
+
+/// `42s`, `7m`, `3h`, `2d`: how long ago.
+fn age(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let seconds = (now - at).num_seconds().max(0);
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3_600 => format!("{}m", seconds / 60),
+        3_600..86_400 => format!("{}h", seconds / 3_600),
+        _ => format!("{}d", seconds / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::age;
+    use chrono::{TimeDelta, Utc};
+
+    #[test]
+    fn ages_read_in_the_largest_whole_unit() {
+        let now = Utc::now();
+        let ago = |s| age(now - TimeDelta::seconds(s), now);
+        assert_eq!(
+            [
+                ago(5),
+                ago(59),
+                ago(60),
+                ago(3_599),
+                ago(7_200),
+                ago(200_000)
+            ],
+            ["5s", "59s", "1m", "59m", "2h", "2d"]
+        );
+    }
+}
