@@ -45,6 +45,30 @@ pub struct GlobalArgs {
     /// Queue type for the queues taskmill declares [TASKMILL_QUEUE_TYPE, classic].
     #[arg(long, global = true, value_enum)]
     pub queue_type: Option<QueueType>,
+    /// Log lines as text or JSON; by default text on a terminal, JSON lines otherwise.
+    #[arg(long, global = true, value_enum, env = "TASKMILL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How the binary writes its log lines (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: one readable line per event.
+    Text,
+    /// For log collectors: one JSON object per line, span fields (job and task ids)
+    /// included.
+    Json,
+}
+
+impl LogFormat {
+    /// The format asked for, else text when stderr is a terminal and JSON otherwise.
+    pub fn chosen(asked: Option<Self>, stderr_is_terminal: bool) -> Self {
+        asked.unwrap_or(if stderr_is_terminal {
+            Self::Text
+        } else {
+            Self::Json
+        })
+    }
 }
 
 impl GlobalArgs {

@@ -39,6 +39,7 @@ use lapin::message::Delivery;
 use lapin::Connection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::shared::{take_slot, Shared};
 use crate::amqp::acks::Acks;
@@ -291,11 +292,15 @@ impl Runner {
                     deliveries: 1,
                     taken_over: false,
                 };
-                tokio::spawn(async move {
-                    runner
-                        .attempt(delivery, slot, handler, message, &token, claim)
-                        .await
-                });
+                let span = task_span(&message);
+                tokio::spawn(
+                    async move {
+                        runner
+                            .attempt(delivery, slot, handler, message, &token, claim)
+                            .await
+                    }
+                    .instrument(span),
+                );
             } else {
                 self.spawn_single(delivery, slot, handler, message, token.clone());
             }
@@ -313,7 +318,8 @@ impl Runner {
         token: Arc<str>,
     ) {
         let runner = self.clone();
-        tokio::spawn(async move {
+        let span = task_span(&message);
+        let attempt = async move {
             let claim = runner
                 .shared
                 .store
@@ -337,6 +343,19 @@ impl Runner {
                 }
                 Err(err) => runner.settle(delivery, slot, Err(err.into())),
             }
-        });
+        };
+        tokio::spawn(attempt.instrument(span));
     }
+}
+
+/// The span of one attempt: every log line of its claim, handler (the handler's own
+/// lines included) and outcome carries the job and task ids.
+fn task_span(message: &TaskMessage) -> tracing::Span {
+    tracing::info_span!(
+        "task",
+        job_id = %message.job_id,
+        task_id = message.task_id,
+        attempt = message.attempt,
+        task_type = %message.task_type,
+    )
 }

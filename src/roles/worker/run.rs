@@ -6,6 +6,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::Error;
 use crate::external::Backend;
@@ -233,7 +234,8 @@ impl Runner {
                 message.task_type
             )));
         };
-        let mut handle = tokio::spawn(future);
+        // The handler's own log lines carry the attempt's span: its job and task ids.
+        let mut handle = tokio::spawn(future.instrument(tracing::Span::current()));
         let lease = self.shared.config.lease;
         let mut renew =
             tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
