@@ -109,31 +109,50 @@ async fn parts_out_of_order_and_twice_make_one_job(backend: Backend) {
     let parts = env.store.parts(&job_id).await.unwrap();
     assert_eq!(parts.len(), 3);
     assert!(parts.iter().all(|part| part.stored));
-    // A part sent again after the job ran changes nothing and parks nothing.
+    // A part sent again after the job ran changes nothing and parks nothing. Once
+    // both copies have left the intake queue, stopping the pod waits for their
+    // handling to end: whatever they caused is in the log and the parking lot then.
     send(&env, &part(&job_id, 2, 600, 400, "a")).await;
     send(&env, &seal(&job_id, 3, 1_500)).await;
-    let all = events.wait_for(1, LONG).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(events.all().await.len(), 1, "one event: {all:?}");
-    assert_eq!(env.message_count(&env.topology().parking_queue()).await, 0);
+    let intake = env.topology().intake_queue();
+    common::wait_until(LONG, || async { env.message_count(&intake).await == 0 }).await;
     pod.stop().await;
+    assert_eq!(env.message_count(&intake).await, 0, "both copies settled");
+    let all = events.wait_for(1, LONG).await;
+    assert_eq!(all.len(), 1, "one event: {all:?}");
+    assert_eq!(env.message_count(&env.topology().parking_queue()).await, 0);
+}
+
+/// Part 1 (100 tasks, tag `a`) stored, then `second`: the job fails, its first error
+/// containing every piece of `reason`, and the second part is parked. Returns the
+/// job's task rows.
+async fn second_part_is_refused(
+    env: &TestEnv,
+    second: impl Fn(&str) -> JobRequest,
+    reason: &[&str],
+) -> Vec<taskmill::store::task::Model> {
+    let pod = env.start(env.pod());
+    let job_id = new_job_id();
+    send(env, &part(&job_id, 1, 0, 100, "a")).await;
+    wait_stored(env, &job_id, 1).await;
+    send(env, &second(&job_id)).await;
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!(job.stage, "failed");
+    let error = job.first_error.unwrap_or_default();
+    assert!(reason.iter().all(|piece| error.contains(piece)), "{error}");
+    assert_eq!(env.message_count(&env.topology().parking_queue()).await, 1);
+    pod.stop().await;
+    env.store.tasks_of_job(&job_id).await.unwrap()
 }
 
 async fn a_part_resent_with_other_tasks_fails_the_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.pod());
-    let job_id = new_job_id();
-    send(&env, &part(&job_id, 1, 0, 100, "a")).await;
-    wait_stored(&env, &job_id, 1).await;
-    send(&env, &part(&job_id, 1, 0, 100, "b")).await;
-    let job = env.wait_for_end(&job_id, LONG).await;
-    assert_eq!(job.stage, "failed");
-    let error = job.first_error.unwrap_or_default();
-    assert!(
-        error.contains("part 1") && error.contains("sent before with other tasks"),
-        "{error}"
-    );
-    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    let rows = second_part_is_refused(
+        &env,
+        |job_id| part(job_id, 1, 0, 100, "b"),
+        &["part 1 of job", "was sent before with other tasks"],
+    )
+    .await;
     assert!(
         rows.iter().all(|row| row.payload["tag"] == "a"),
         "the first part stands"
@@ -143,26 +162,17 @@ async fn a_part_resent_with_other_tasks_fails_the_job(backend: Backend) {
             .all(|row| ["done", "cancelled"].contains(&row.status.as_str())),
         "every task terminal"
     );
-    assert_eq!(env.message_count(&env.topology().parking_queue()).await, 1);
-    pod.stop().await;
 }
 
 async fn overlapping_parts_fail_the_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let pod = env.start(env.pod());
-    let job_id = new_job_id();
-    send(&env, &part(&job_id, 1, 0, 100, "a")).await;
-    wait_stored(&env, &job_id, 1).await;
-    send(&env, &part(&job_id, 2, 50, 100, "a")).await;
-    let job = env.wait_for_end(&job_id, LONG).await;
-    assert_eq!(job.stage, "failed");
-    let error = job.first_error.unwrap_or_default();
-    assert!(
-        error.contains("part 2 (tasks 50..150) overlaps part 1 (tasks 0..100)"),
-        "{error}"
-    );
-    assert_eq!(env.store.tasks_of_job(&job_id).await.unwrap().len(), 100);
-    pod.stop().await;
+    let rows = second_part_is_refused(
+        &env,
+        |job_id| part(job_id, 2, 50, 100, "a"),
+        &["part 2 (tasks 50..150) overlaps part 1 (tasks 0..100)"],
+    )
+    .await;
+    assert_eq!(rows.len(), 100, "the overlapping part stored nothing");
 }
 
 async fn a_sealed_job_missing_a_part_fails_naming_it(backend: Backend) {

@@ -16,7 +16,7 @@ use taskmill::store::Store;
 use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
 
 use super::cpu::CpuSeconds;
-use super::database::BenchDb;
+use super::database::{BenchDb, ServerCounters};
 use super::fleet::Fleet;
 
 /// How long the broker's and PostgreSQL's statistics may lag behind.
@@ -260,6 +260,12 @@ impl Bench {
         tokio::time::sleep(STATS_SETTLE).await;
         let per_task = |delta: i64| delta as f64 / tasks as f64;
         let db_after = self.counters.server_counters().await?;
+        // What one of PostgreSQL's counters moved by during the scenario, per task.
+        let db_per_task = |counter: fn(&ServerCounters) -> i64| {
+            db_before
+                .zip(db_after)
+                .map(|(before, after)| per_task(counter(&after) - counter(&before)))
+        };
         let published_after = self.api.as_ref().and_then(ManagementApi::published);
 
         // Read latencies on a pool of their own, so its reads land in no later window.
@@ -294,18 +300,10 @@ impl Bench {
             task_latency_p99_ms: percentile(&mut task_latencies, 0.99),
             job_latency_p50_ms: percentile(&mut job_latencies, 0.50),
             job_latency_p99_ms: percentile(&mut job_latencies, 0.99),
-            db_transactions_per_task: db_before
-                .zip(db_after)
-                .map(|(b, a)| per_task(a.transactions - b.transactions)),
-            db_rows_written_per_task: db_before
-                .zip(db_after)
-                .map(|(b, a)| per_task(a.rows_written - b.rows_written)),
-            db_wal_bytes_per_task: db_before
-                .zip(db_after)
-                .map(|(b, a)| per_task(a.wal_bytes - b.wal_bytes)),
-            db_table_bytes_per_task: db_before
-                .zip(db_after)
-                .map(|(b, a)| per_task(a.tasks_bytes - b.tasks_bytes)),
+            db_transactions_per_task: db_per_task(|c| c.transactions),
+            db_rows_written_per_task: db_per_task(|c| c.rows_written),
+            db_wal_bytes_per_task: db_per_task(|c| c.wal_bytes),
+            db_table_bytes_per_task: db_per_task(|c| c.tasks_bytes),
             broker_messages_per_task: published_before
                 .zip(published_after)
                 .map(|(b, a)| per_task(a - b)),
