@@ -19,7 +19,7 @@ def modules():
     for folder, _, files in os.walk(ROOT):
         for name in files:
             path = os.path.join(folder, name)
-            if not name.endswith(".rs") or path == "src/main.rs" or path.startswith("src/cli"):
+            if not name.endswith(".rs") or path == "src/main.rs" or path.startswith("src/cli/"):
                 continue
             parts = os.path.relpath(path, ROOT)[:-3].split("/")
             if parts[-1] in ("mod", "lib"):

@@ -2,6 +2,7 @@
 //! [`Config::from_env`] (every variable the README lists), and overridden by CLI flags
 //! in the binary.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The default [`Config::amqp_url`]: RabbitMQ on 127.0.0.1:5672, user `guest`.
@@ -15,6 +16,10 @@ pub const DEFAULT_PREFIX: &str = "taskmill";
 pub const DEFAULT_QUEUE: &str = "default";
 /// Task messages a worker holds per pool by default (see [`Config::prefetch`]).
 pub const DEFAULT_PREFETCH: usize = 256;
+
+/// The default [`Config::http_addr`]: every interface, port 9464.
+pub const DEFAULT_HTTP_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9464);
 
 /// Classic queues suit one node; quorum queues replicate across a RabbitMQ cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +97,36 @@ pub struct Config {
     /// Pools requests may name besides `default` and those a pod has served: for
     /// pools whose pods start after the intake.
     pub known_pools: Vec<String>,
+    /// Where a pod serves its probes, metrics and dashboard (`TASKMILL_HTTP_ADDR`;
+    /// `off` for nowhere); [`DEFAULT_HTTP_ADDR`] by default. Port 0 picks a free one.
+    pub http_addr: Option<SocketAddr>,
+    /// What the dashboard's write actions (replay, cancel, retry) need
+    /// (`TASKMILL_DASHBOARD_TOKEN`); without it the dashboard is read-only.
+    pub dashboard_token: Option<Token>,
+}
+
+/// A secret that never shows in `Debug` output or logs, compared in constant time.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// A token; `None` for an empty one, which would let anyone in.
+    pub fn new(secret: impl Into<String>) -> Option<Self> {
+        let secret = secret.into();
+        (!secret.is_empty()).then_some(Self(secret))
+    }
+
+    /// Whether `given` is this token, in time that depends on the lengths only.
+    pub fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(given.as_bytes()).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
 }
 
 impl Default for Config {
@@ -116,6 +151,8 @@ impl Default for Config {
             consumer_timeout: Duration::from_secs(1800),
             task_timeout: Duration::from_secs(60),
             known_pools: Vec::new(),
+            http_addr: Some(DEFAULT_HTTP_ADDR),
+            dashboard_token: None,
         }
     }
 }
@@ -126,7 +163,8 @@ impl Config {
     /// `quorum`), `TASKMILL_KNOWN_POOLS` (comma-separated), `TASKMILL_CONCURRENCY`,
     /// `TASKMILL_PREFETCH`, `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
     /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
-    /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS` and `TASKMILL_CONSUMER_TIMEOUT_SECS`. A value that
+    /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS`, `TASKMILL_CONSUMER_TIMEOUT_SECS`,
+    /// `TASKMILL_HTTP_ADDR` and `TASKMILL_DASHBOARD_TOKEN`. A value that
     /// does not parse is an error, not a silent default.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -175,6 +213,19 @@ impl Config {
             "TASKMILL_CONSUMER_TIMEOUT_SECS",
             &mut config.consumer_timeout,
         )?;
+        if let Some(addr) = var("TASKMILL_HTTP_ADDR") {
+            config.http_addr = match addr.trim() {
+                "off" => None,
+                addr => Some(addr.parse().map_err(|_| ConfigError {
+                    variable: "TASKMILL_HTTP_ADDR",
+                    value: addr.to_owned(),
+                    expected: "an address and port such as 0.0.0.0:9464, or off",
+                })?),
+            };
+        }
+        if let Some(token) = var("TASKMILL_DASHBOARD_TOKEN") {
+            config.dashboard_token = Token::new(token);
+        }
         Ok(config)
     }
 
@@ -278,6 +329,8 @@ mod tests {
             ("TASKMILL_TASK_TIMEOUT_SECS", "14"),
             ("TASKMILL_CONSUMER_TIMEOUT_SECS", "15"),
             ("TASKMILL_FORMATION_SECS", "16"),
+            ("TASKMILL_HTTP_ADDR", "127.0.0.1:17"),
+            ("TASKMILL_DASHBOARD_TOKEN", "s3cret"),
         ])
         .unwrap();
         assert_eq!(config.amqp_url, "amqp://a");
@@ -296,6 +349,14 @@ mod tests {
         assert_eq!(config.task_timeout, Duration::from_secs(14));
         assert_eq!(config.consumer_timeout, Duration::from_secs(15));
         assert_eq!(config.formation_timeout, Duration::from_secs(16));
+        assert_eq!(config.http_addr, Some("127.0.0.1:17".parse().unwrap()));
+        let token = config.dashboard_token.unwrap();
+        assert!(token.matches("s3cret") && !token.matches("s3cre") && !token.matches(""));
+        assert_eq!(format!("{token:?}"), "Token(***)");
+        assert_eq!(
+            from(&[("TASKMILL_HTTP_ADDR", "off")]).unwrap().http_addr,
+            None
+        );
     }
 
     #[test]
@@ -313,6 +374,7 @@ mod tests {
         assert_eq!(err.variable, "TASKMILL_CONCURRENCY");
         assert!(from(&[("TASKMILL_QUEUE_TYPE", "stream")]).is_err());
         assert!(from(&[("TASKMILL_GRACE_SECS", "-1")]).is_err());
+        assert!(from(&[("TASKMILL_HTTP_ADDR", "9464")]).is_err());
     }
 
     #[test]

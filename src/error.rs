@@ -32,6 +32,14 @@ pub enum Error {
     /// No job has this id.
     #[error("no job {0:?}")]
     UnknownJob(String),
+    /// A retry that was refused: the job is not failed, or cannot run again.
+    #[error("job {job_id} was not retried: {reason}")]
+    NotRetried {
+        /// The job.
+        job_id: String,
+        /// Why.
+        reason: String,
+    },
     /// Any other failure, by its text; counted as transient.
     #[error("{0}")]
     Other(String),
@@ -55,9 +63,11 @@ impl Error {
         match self {
             Self::Store(err) => err.is_transient(),
             Self::Broker(err) => err.is_transient(),
-            Self::Decode(_) | Self::Config(_) | Self::Rejected { .. } | Self::UnknownJob(_) => {
-                false
-            }
+            Self::Decode(_)
+            | Self::Config(_)
+            | Self::Rejected { .. }
+            | Self::UnknownJob(_)
+            | Self::NotRetried { .. } => false,
             Self::Other(_) => true,
         }
     }

@@ -17,7 +17,9 @@ mod clock;
 pub mod config;
 pub mod error;
 pub mod external;
+mod http;
 pub mod known_pools;
+mod metrics;
 pub mod pod;
 pub mod protocol;
 pub mod registry;
@@ -26,6 +28,7 @@ mod roles;
 pub mod stages;
 pub mod state;
 pub mod store;
+pub mod summary;
 
 pub use client::{Client, JobParts, Watch};
 pub use config::{Config, QueueType};

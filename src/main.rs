@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Jobs(args) => cli::jobs::run(&config, args).await.map(|()| 0),
         Command::Results(args) => cli::results::run(&config, args).await,
         Command::Cancel(args) => cli::cancel::run(&config, args).await,
+        Command::Retry(args) => cli::retry::run(&config, args).await,
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
         Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
         Command::Bench(args) => cli::bench::run(&config, args).await.map(|()| 0),

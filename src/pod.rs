@@ -27,9 +27,10 @@ use crate::amqp::topology::Topology;
 use crate::config::{Config, DEFAULT_QUEUE};
 use crate::error::Error;
 use crate::external::Backend;
+use crate::http;
 use crate::known_pools::KnownPools;
 use crate::registry::{HandlerResult, JobType, Registry, TaskContext};
-use crate::roles::{Role, Running, Shared};
+use crate::roles::{Role, Running, Shared, Vitals};
 use crate::store::Store;
 
 /// Which roles a pod runs.
@@ -216,11 +217,37 @@ impl Pod {
             Some(store) => store,
             None => Store::connect(&self.config.database_url, self.config.db_pool_size).await?,
         };
+        let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
+        let link = Arc::new(BrokerLink::new(self.config.amqp_url.clone()));
+        let vitals = Arc::new(Vitals::default());
+        // Up before the migrations and the first connect, so that a pod waiting for
+        // either is alive to its liveness probe and says why it is not ready; down
+        // only when `run` returns, so the metrics cover the shutdown too.
+        let serving = CancellationToken::new();
+        let _stop_serving = serving.clone().drop_guard();
+        if let Some(addr) = self.config.http_addr {
+            crate::metrics::prometheus();
+            let listener = http::bind(addr)
+                .await
+                .map_err(|err| Error::Other(format!("cannot serve HTTP on {addr}: {err}")))?;
+            let endpoint = http::Endpoint::new(
+                store.clone(),
+                topology.clone(),
+                link.clone(),
+                vitals.clone(),
+                if self.roles.worker {
+                    self.queues.clone()
+                } else {
+                    Vec::new()
+                },
+                self.config.dashboard_token.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(http::serve(listener, Arc::new(endpoint), serving));
+        }
         if self.config.migrate_on_start {
             store.migrate().await?;
         }
-        let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
-        let link = Arc::new(BrokerLink::new(self.config.amqp_url.clone()));
         let Some(connection) = link.connection(&shutdown).await else {
             return Ok(());
         };
@@ -242,7 +269,8 @@ impl Pod {
             registry: self.registry,
         });
         let deadline = shutdown_deadline(&shared.config);
-        let mut running = Running::new(shared.clone(), link.clone(), shutdown.child_token());
+        let mut running =
+            Running::new(shared.clone(), link.clone(), vitals, shutdown.child_token());
         if self.roles.intake {
             running.start(Role::intake());
         }

@@ -414,8 +414,20 @@ pub struct TaskMessage {
     /// The job's limit on one attempt, when it set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_timeout_ms: Option<i64>,
+    /// The job's run the message belongs to: absent for the first, 2 and on after a
+    /// failed job was retried.
+    #[serde(default = "first_run", skip_serializing_if = "is_first_run")]
+    pub run: i32,
     /// The task's JSON input, handed to the handler.
     pub payload: Value,
+}
+
+fn first_run() -> i32 {
+    1
+}
+
+fn is_first_run(run: &i32) -> bool {
+    *run == 1
 }
 
 /// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
@@ -436,6 +448,8 @@ pub(crate) struct JobSettings<'a> {
     pub retry_delay_ms: i64,
     /// The job's limit on one attempt in milliseconds, when it set one.
     pub task_timeout_ms: Option<i64>,
+    /// The job's run: 1, then one more per retry of the failed job.
+    pub run: i32,
 }
 
 impl TaskMessage {
@@ -457,6 +471,7 @@ impl TaskMessage {
             max_retries: job.max_retries,
             retry_delay_ms: job.retry_delay_ms,
             task_timeout_ms: job.task_timeout_ms,
+            run: job.run,
             payload: payload.clone(),
         }
     }
@@ -520,6 +535,10 @@ pub struct JobEvent {
     pub job_id: String,
     /// The job's type; for a rejection, empty when the request had no valid one.
     pub job_type: String,
+    /// Which run of the job ended: 1, then one more each time the failed job was
+    /// retried (`taskmill retry`). One event per run: deduplicate on `(job_id, run)`.
+    #[serde(default = "first_run")]
+    pub run: i32,
     /// The stage the job ended in: `done`, `failed` or `cancelled`, or `rejected` for a
     /// parked request.
     pub stage: String,
@@ -613,6 +632,7 @@ impl JobEvent {
             event: REJECTED.to_owned(),
             job_id: job_id.to_owned(),
             job_type: job_type.to_owned(),
+            run: 1,
             stage: "rejected".to_owned(),
             task_count: 0,
             done: 0,

@@ -332,6 +332,14 @@ impl Registry {
         self.handlers.contains_key(task_type) || self.backends.contains_key(task_type)
     }
 
+    /// The task types with a handler or a backend.
+    pub(crate) fn task_types(&self) -> impl Iterator<Item = &str> {
+        self.handlers
+            .keys()
+            .chain(self.backends.keys())
+            .map(String::as_str)
+    }
+
     /// Starts the handler for `ctx.task_type`, if one is registered.
     pub(crate) fn start(&self, ctx: TaskContext) -> Option<BoxFuture<HandlerResult>> {
         self.handlers

@@ -39,6 +39,9 @@ where
             Err(err) if is_transient(&err) => match delays.next() {
                 Some(delay) => {
                     tracing::debug!(%err, ?delay, "{what}: transient error, retrying");
+                    // The store is this function's one user: its retries are the
+                    // database's.
+                    crate::metrics::database_retried(what);
                     tokio::time::sleep(delay).await;
                 }
                 None => return Err(err),

@@ -172,6 +172,7 @@ async fn external_tasks_finish_through_the_syncer(backend_kind: Backend) {
             max_retries: 3,
             retry_delay_ms: 5_000,
             task_timeout_ms: None,
+            run: 1,
             payload: row.payload.clone(),
         };
         env.publish_raw(

@@ -652,6 +652,8 @@ impl Fleet {
             ("DATABASE_URL".to_owned(), env.config.database_url.clone()),
             ("TASKMILL_PREFIX".to_owned(), env.config.prefix.clone()),
             ("RUST_LOG".to_owned(), "warn,taskmill=info".to_owned()),
+            // Pods on one host: each serves its endpoint on a free port.
+            ("TASKMILL_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ];
         let mut fleet = Self {
             children: Vec::new(),

@@ -21,6 +21,7 @@ async fn a_workers_json_lines_carry_the_job_and_task_ids(backend: Backend) {
         .env("DATABASE_URL", &env.config.database_url)
         .env("TASKMILL_PREFIX", &env.config.prefix)
         .env("RUST_LOG", "warn,taskmill=info")
+        .env("TASKMILL_HTTP_ADDR", "127.0.0.1:0")
         .env_remove("TASKMILL_LOG_FORMAT")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -705,6 +705,7 @@ async fn publish_copies(env: &TestEnv, job_id: &str, rows: &[taskmill::store::ta
             max_retries: 3,
             retry_delay_ms: 100,
             task_timeout_ms: None,
+            run: 1,
             payload: row.payload.clone(),
         };
         env.publish_raw("", &queue, &serde_json::to_vec(&message).unwrap(), None)

@@ -434,7 +434,9 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
         .unwrap();
     let connection = env.connection().await;
     let parked = common::wait_for_value(LONG, || async {
-        let parked = parking::list(&connection, &topology).await.unwrap();
+        let parked = parking::list(&connection, &topology, usize::MAX)
+            .await
+            .unwrap();
         (parked.len() == 2).then_some(parked)
     })
     .await;
@@ -443,7 +445,10 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
         .all(|p| p.reason.contains("unknown task type \"late\"") && p.source_queue == "tm.intake"));
     // Listing removed nothing.
     assert_eq!(
-        parking::list(&connection, &topology).await.unwrap().len(),
+        parking::list(&connection, &topology, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
         2
     );
     early.stop().await;
@@ -467,7 +472,10 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
     );
     assert_eq!(client.wait(&first).await.unwrap().event, "job.done");
     assert_eq!(
-        parking::list(&connection, &topology).await.unwrap().len(),
+        parking::list(&connection, &topology, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert_eq!(
@@ -482,11 +490,16 @@ async fn parking_lot_lists_replays_and_purges(backend: Backend) {
         .await
         .unwrap();
     common::wait_for_value(LONG, || async {
-        (parking::list(&connection, &topology).await.unwrap().len() == 1).then_some(())
+        (parking::list(&connection, &topology, usize::MAX)
+            .await
+            .unwrap()
+            .len()
+            == 1)
+            .then_some(())
     })
     .await;
     assert_eq!(parking::purge(&connection, &topology).await.unwrap(), 1);
-    assert!(parking::list(&connection, &topology)
+    assert!(parking::list(&connection, &topology, usize::MAX)
         .await
         .unwrap()
         .is_empty());

@@ -55,6 +55,9 @@ pub struct Model {
     pub sealed_parts: Option<i32>,
     /// A job sent in parts, once sealed: how many tasks it has.
     pub sealed_tasks: Option<i64>,
+    /// Which run of the job this is: 1, then one more each time a failed job is
+    /// retried.
+    pub run: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

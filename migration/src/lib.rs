@@ -15,6 +15,7 @@ mod m20261127_000009_external_tasks;
 mod m20261128_000010_lean_task_writes;
 mod m20261128_000011_job_parts;
 mod m20261128_000012_jobs_by_creation;
+mod m20261202_000013_job_runs;
 
 pub struct Migrator;
 
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000010_lean_task_writes::Migration),
             Box::new(m20261128_000011_job_parts::Migration),
             Box::new(m20261128_000012_jobs_by_creation::Migration),
+            Box::new(m20261202_000013_job_runs::Migration),
         ]
     }
 }

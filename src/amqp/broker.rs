@@ -185,6 +185,7 @@ impl Publisher {
                 channel = channel.id(),
                 "the broker closed a publishing channel; opening a new one"
             );
+            crate::metrics::publisher_channel_reopened();
             *channel = confirm_channel(&self.connection).await?;
         }
         Ok(channel.clone())

@@ -3,11 +3,50 @@
 //! enters the delay ladder; and the finished events the completion role consumes — for
 //! the worker and the syncer alike.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+
 use crate::amqp::broker::{Outgoing, Pending, Publisher};
 use crate::amqp::topology::Topology;
 use crate::error::Error;
 use crate::protocol::{self, FinishedTask, JobSettings, TaskMessage, TasksFinished};
 use crate::store::job;
+
+/// Header of a task message: when it was sent, in Unix milliseconds, so the worker
+/// that records its outcome can tell the attempt's latency. A retry's copy is stamped
+/// when it enters the delay ladder: its latency includes the backoff wait.
+pub const SENT_AT_HEADER: &str = "x-taskmill-sent-ms";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64)
+}
+
+fn stamped() -> Option<FieldTable> {
+    let mut headers = FieldTable::default();
+    headers.insert(SENT_AT_HEADER.into(), AMQPValue::LongLongInt(now_ms()));
+    Some(headers)
+}
+
+/// How long ago a task message was sent, by its [`SENT_AT_HEADER`]; `None` without
+/// one (a message from an older version) or with a clock that went backwards.
+pub fn since_sent(delivery: &Delivery) -> Option<Duration> {
+    let sent = delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(SENT_AT_HEADER)?;
+    let AMQPValue::LongLongInt(sent) = sent else {
+        return None;
+    };
+    u64::try_from(now_ms() - sent)
+        .ok()
+        .map(Duration::from_millis)
+}
 
 /// The settings a job's task messages carry.
 pub fn settings_of(job: &job::Model) -> JobSettings<'_> {
@@ -16,6 +55,7 @@ pub fn settings_of(job: &job::Model) -> JobSettings<'_> {
         max_retries: job.max_retries,
         retry_delay_ms: job.retry_delay_ms,
         task_timeout_ms: job.task_timeout_ms,
+        run: job.run,
     }
 }
 
@@ -31,8 +71,12 @@ pub async fn send_task(
         .declare_work_queue(&publisher.channel().await?, pool)
         .await?;
     let queue = topology.work_queue(pool);
+    let body = message.to_body();
     Ok(publisher
-        .send(Outgoing::to_queue(&queue, &message.to_body()))
+        .send(Outgoing {
+            headers: stamped(),
+            ..Outgoing::to_queue(&queue, &body)
+        })
         .await?)
 }
 
@@ -58,7 +102,7 @@ pub async fn send_retry(
             routing_key: &routing_key,
             body: &body,
             mandatory: true,
-            headers: None,
+            headers: stamped(),
         })
         .await?)
 }

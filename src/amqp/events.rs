@@ -66,6 +66,11 @@ impl EventPublisher {
         self.store.mark_events_published(&outcomes).await?;
         for event in events {
             tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
+            // Counted here, once per event marked published, rather than where jobs
+            // end: a job ends in several places (completion, cancel, the sweeper, the
+            // intake's rejections) but its event is published through this one.
+            let field = |name| event.body.get(name).and_then(|v| v.as_str()).unwrap_or("");
+            crate::metrics::job_finished(field("job_type"), field("stage"));
         }
         Ok(())
     }

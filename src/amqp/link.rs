@@ -64,6 +64,7 @@ impl BrokerLink {
                 Ok(connection) => {
                     *current = Some(connection.clone());
                     if let Some(began) = self.outage.lock().expect("outage lock").take() {
+                        crate::metrics::broker_reconnected();
                         tracing::warn!(after = ?began.elapsed(), "broker connection restored");
                     }
                     return Some(connection);
@@ -75,6 +76,27 @@ impl BrokerLink {
                 _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// The connection if it is up, without waiting: `None` while the broker is away,
+    /// before the first connect, or while a role is reconnecting.
+    pub fn live_connection(&self) -> Option<Arc<Connection>> {
+        let current = self.current.try_lock().ok()?;
+        current
+            .as_ref()
+            .filter(|connection| connection.status().connected())
+            .cloned()
+    }
+
+    /// Whether the broker is connected, as far as the link knows without waiting: a
+    /// role holding the link to reconnect means an outage.
+    pub fn is_connected(&self) -> bool {
+        match self.current.try_lock() {
+            Ok(current) => current
+                .as_ref()
+                .is_some_and(|connection| connection.status().connected()),
+            Err(_) => self.outage.lock().expect("outage lock").is_none(),
         }
     }
 
@@ -125,6 +147,7 @@ where
             Ok(()) => return Ok(()),
             Err(_) if shutdown.is_cancelled() => return Ok(()),
             Err(err) => {
+                crate::metrics::role_restarted(name);
                 if connection.status().connected() {
                     tracing::error!(role = name, %err, "role failed; restarting it");
                 } else {

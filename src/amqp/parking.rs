@@ -46,6 +46,7 @@ pub async fn park(
         reason,
         "parking message"
     );
+    crate::metrics::message_parked(source_queue);
     // x-death would make the broker see a dead-letter cycle when the message is
     // replayed; the parking headers carry what an operator needs instead.
     let mut headers = FieldTable::default();
@@ -145,19 +146,23 @@ impl Parked {
     }
 }
 
-/// Lists the parking lot without removing anything: every message is fetched
-/// unacked and returns to the queue when the channel closes.
+/// Lists the first `limit` messages of the parking lot without removing anything: each
+/// is fetched unacked and returns to the queue when the channel closes.
 pub async fn list(
     connection: &Connection,
     topology: &Topology,
+    limit: usize,
 ) -> Result<Vec<Parked>, BrokerError> {
     let channel = connection.create_channel().await?;
     let queue = topology.parking_queue();
     let mut parked = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions::default())
-        .await?
-    {
+    while parked.len() < limit {
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
         parked.push(Parked::from_delivery(&message.delivery));
     }
     channel.close(200, "listed".into()).await?;
@@ -166,7 +171,9 @@ pub async fn list(
 
 /// Sends parked messages back where they were first published (the `ids` given, or
 /// all), without the parking headers; each is removed from the parking lot only after
-/// its replay was confirmed. Returns how many were replayed.
+/// its replay was confirmed. Returns how many were replayed. Only the messages in the
+/// lot when it starts are looked at: one that is parked again at once (it is as bad
+/// as it was) waits for the next replay instead of going round for ever.
 pub async fn replay(
     connection: &Arc<Connection>,
     topology: &Topology,
@@ -175,11 +182,15 @@ pub async fn replay(
     let channel = connection.create_channel().await?;
     let publisher = Publisher::open(connection).await?;
     let queue = topology.parking_queue();
+    let in_lot = crate::amqp::topology::ready_in(&channel, &queue).await?;
     let mut replayed = 0;
-    while let Some(message) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions::default())
-        .await?
-    {
+    for _ in 0..in_lot {
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
         let delivery = &message.delivery;
         let parked = Parked::from_delivery(delivery);
         if ids.is_some_and(|ids| !ids.contains(&parked.id)) {

@@ -346,17 +346,7 @@ impl Topology {
     /// not yet acked, by a passive declare: on a missing queue the broker closes
     /// `channel`.
     pub async fn ready_messages(&self, channel: &Channel, pool: &str) -> Result<u32, lapin::Error> {
-        let queue = channel
-            .queue_declare(
-                self.work_queue(pool).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(queue.message_count())
+        ready_in(channel, &self.work_queue(pool)).await
     }
 
     /// Declares the delay ladder: per level, a topic exchange and a queue whose
@@ -453,6 +443,27 @@ async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Er
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The messages waiting in `queue`, not counting those delivered and not yet acked, by
+/// a passive declare: on a missing queue the broker closes `channel`.
+pub async fn ready_in(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    Ok(declare_passive(channel, queue).await?.message_count())
+}
+
+/// Declares `queue` passively: its ready messages and consumers if it exists; if not,
+/// an error, and the broker closes `channel`.
+pub async fn declare_passive(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
                 ..Default::default()
             },
             FieldTable::default(),

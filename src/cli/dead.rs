@@ -36,7 +36,7 @@ pub async fn run(config: &Config, args: DeadArgs) -> anyhow::Result<()> {
     let topology = Topology::new(config.prefix.clone(), config.queue_type);
     match args.action {
         DeadAction::List { json } => {
-            let parked = parking::list(&connection, &topology).await?;
+            let parked = parking::list(&connection, &topology, usize::MAX).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&parked)?);
             } else if parked.is_empty() {

@@ -4,7 +4,7 @@
 //! files in DIR — wait for its event, and print a summary.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 
@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 use taskmill::builtin;
 use taskmill::store::Store;
 use taskmill::{CancellationToken, Client, Config, JobRequest, Pod};
+
+use super::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -30,6 +32,10 @@ pub struct DemoArgs {
     /// map → reduce job `taskmill.wordcount`: one map task per file.
     #[arg(long, value_name = "DIR")]
     pub wordcount: Option<PathBuf>,
+    /// Serve the dashboard, probes and metrics here while the demo runs (off by
+    /// default: a demo beside running pods would find their port taken).
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// The demo's job: failing-once tasks, or a word count of a directory's files.
@@ -90,6 +96,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<i32> {
     config.concurrency = args.concurrency;
+    config.http_addr = args.http_addr;
     let store = Store::connect(&config.database_url, config.db_pool_size).await?;
     store.migrate().await?;
     let pod_token = shutdown.child_token();
@@ -110,13 +117,14 @@ pub async fn run(
     let watch = client.watch(&job_id).await?;
     client.submit(request).await?;
     println!("submitted job {job_id} with {task_count} tasks");
-    let progress = tokio::spawn(report_progress(store.clone(), job_id.clone()));
+    let progress = Progress::follow(config.database_url.clone(), job_id.clone());
     let event = tokio::select! {
-        event = watch.event() => event?,
-        _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
+        event = watch.event() => event.map_err(anyhow::Error::from),
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     let wall = started.elapsed();
-    progress.abort();
+    progress.finish();
+    let event = event?;
 
     let attempts = store.total_attempts(&job_id).await?;
     println!();
@@ -145,25 +153,4 @@ pub async fn run(
     pod.await??;
     client.close().await?;
     Ok(if event.is_done() { 0 } else { 1 })
-}
-
-async fn report_progress(store: Store, job_id: String) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(2));
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        if let Ok(Some(status)) = store.job_status(&job_id).await {
-            let counts: Vec<String> = status
-                .tasks_by_status
-                .iter()
-                .map(|(status, count)| format!("{status} {count}"))
-                .collect();
-            let phase = status
-                .job
-                .phase
-                .map(|p| format!(" ({p})"))
-                .unwrap_or_default();
-            println!("  {}{phase} · {}", status.job.stage, counts.join(", "));
-        }
-    }
 }

@@ -7,7 +7,9 @@ pub mod demo;
 pub mod jobs;
 pub mod migrate;
 pub mod pod;
+pub mod progress;
 pub mod results;
+pub mod retry;
 pub mod status;
 pub mod submit;
 
@@ -107,6 +109,8 @@ pub enum Command {
     Results(results::ResultsArgs),
     /// Cancel a running job.
     Cancel(cancel::CancelArgs),
+    /// Run a failed job's failed and cancelled tasks again, with fresh attempts.
+    Retry(retry::RetryArgs),
     /// Run every role in-process, submit a demo job, wait, and print a summary.
     Demo(demo::DemoArgs),
     /// The parking lot: list, replay or purge messages that could not be processed.

@@ -64,6 +64,13 @@ pub struct PodArgs {
     /// Do not run migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
+    /// Where to serve /healthz, /readyz, /metrics and the dashboard
+    /// [TASKMILL_HTTP_ADDR, 0.0.0.0:9464]. Write actions need TASKMILL_DASHBOARD_TOKEN.
+    #[arg(long, conflicts_with = "no_http")]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Serve no HTTP endpoint (or TASKMILL_HTTP_ADDR=off).
+    #[arg(long)]
+    pub no_http: bool,
 }
 
 impl PodArgs {
@@ -96,6 +103,9 @@ impl PodArgs {
             config.sweeper_shards = shards;
         }
         config.migrate_on_start &= !self.no_migrate;
+        if self.http_addr.is_some() || self.no_http {
+            config.http_addr = self.http_addr;
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "job_type": job.job_type,
             "queue": job.queue,
             "stage": job.stage,
+            "run": job.run,
             "task_count": job.task_count,
             "tasks_by_status": status.tasks_by_status,
             "phase": job.phase,
@@ -52,7 +53,11 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
     println!("job      {}", job.id);
     println!("type     {}", job.job_type);
     println!("queue    {}", job.queue);
-    println!("stage    {}", job.stage);
+    if job.run > 1 {
+        println!("stage    {} (run {})", job.stage, job.run);
+    } else {
+        println!("stage    {}", job.stage);
+    }
     println!("tasks    {}", job.task_count);
     for (status, count) in &status.tasks_by_status {
         println!("  {status:<10} {count}");

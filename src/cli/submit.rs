@@ -7,8 +7,11 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use taskmill::config::DEFAULT_DATABASE_URL;
 use taskmill::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
 use taskmill::{Client, Config, FailurePolicy, JobRequest};
+
+use super::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
@@ -48,7 +51,8 @@ pub struct SubmitArgs {
     /// Ask for the tasks' results in the job event (small jobs; see the protocol).
     #[arg(long)]
     pub results_in_event: bool,
-    /// Wait for the job event; exit 0 when done, 1 when failed.
+    /// Wait for the job event; exit 0 when done, 1 when failed. Shows the job's
+    /// progress meanwhile when DATABASE_URL names its database.
     #[arg(long)]
     pub wait: bool,
 }
@@ -104,7 +108,14 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
     let Some(watch) = watch else {
         return Ok(0);
     };
-    let event = match watch.event().await {
+    // Progress needs the database; the event alone needs only the broker.
+    let progress = (config.database_url != DEFAULT_DATABASE_URL)
+        .then(|| Progress::follow(config.database_url.clone(), job_id.clone()));
+    let answer = watch.event().await;
+    if let Some(progress) = progress {
+        progress.finish();
+    }
+    let event = match answer {
         Ok(event) => event,
         // An answer, not a failure of this command: say why, exit 1 as for a failed job.
         Err(rejected @ taskmill::Error::Rejected { .. }) => {

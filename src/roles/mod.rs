@@ -10,10 +10,13 @@ pub(crate) mod intake;
 mod shared;
 pub(crate) mod sweeper;
 pub(crate) mod syncer;
+mod vitals;
 pub(crate) mod worker;
 
 pub(crate) use shared::Shared;
+pub(crate) use vitals::Vitals;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +63,14 @@ impl Role {
         }
     }
 
+    /// The name and, for a worker, its pool: how the readiness probe names it.
+    fn label(&self) -> String {
+        match self {
+            Self::Worker { pool, .. } => format!("worker {pool}"),
+            _ => self.name().to_owned(),
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Self::Intake { .. } => "intake",
@@ -95,23 +106,35 @@ impl Role {
 pub(crate) struct Running {
     shared: Arc<Shared>,
     link: Arc<BrokerLink>,
+    vitals: Arc<Vitals>,
     /// Cancelled by the pod's shutdown, or by the first role to fail.
     token: CancellationToken,
     roles: JoinSet<Result<(), Error>>,
 }
 
 impl Running {
-    pub fn new(shared: Arc<Shared>, link: Arc<BrokerLink>, token: CancellationToken) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        link: Arc<BrokerLink>,
+        vitals: Arc<Vitals>,
+        token: CancellationToken,
+    ) -> Self {
         Self {
             shared,
             link,
+            vitals,
             token,
             roles: JoinSet::new(),
         }
     }
 
-    /// Runs `role` until the token is cancelled, restarting it after a failure.
+    /// Runs `role` until the token is cancelled, restarting it after a failure; its
+    /// vitals say whether a run of it is live.
     pub fn start(&mut self, role: Role) {
+        if let Role::Worker { pool, capacity } = &role {
+            self.vitals.track_pool(pool.clone(), capacity.clone());
+        }
+        let up = self.vitals.track(role.label());
         let role = Arc::new(role);
         let (shared, token) = (self.shared.clone(), self.token.clone());
         self.roles.spawn(supervise(
@@ -120,7 +143,13 @@ impl Running {
             self.token.clone(),
             move |connection| {
                 let (role, shared, token) = (role.clone(), shared.clone(), token.clone());
-                async move { role.run(shared, connection, token).await }
+                let up = up.clone();
+                async move {
+                    up.store(true, Ordering::Relaxed);
+                    let ran = role.run(shared, connection, token).await;
+                    up.store(false, Ordering::Relaxed);
+                    ran
+                }
             },
         ));
     }

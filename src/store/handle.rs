@@ -86,6 +86,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the database answers now: one round trip, not retried (for probes).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+
+    /// How many of this version's migrations the database lacks; not retried.
+    pub async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        Ok(Migrator::get_pending_migrations(&self.db).await?.len())
+    }
+
     /// Closes the connection pool.
     pub async fn close(self) -> Result<(), StoreError> {
         Ok(self.db.close().await?)

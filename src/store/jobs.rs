@@ -327,6 +327,35 @@ impl Store {
         .await
     }
 
+    /// How many jobs are in each stage that has not ended, by the index on the stage;
+    /// stages with none are left out.
+    pub async fn unfinished_jobs_by_stage(&self) -> Result<Vec<(JobStage, u64)>, StoreError> {
+        #[derive(FromQueryResult)]
+        struct StageCount {
+            stage: String,
+            count: i64,
+        }
+        self.retrying("count unfinished jobs", || async {
+            let counts = job::Entity::find()
+                .select_only()
+                .column(job::Column::Stage)
+                .column_as(job::Column::Id.count(), "count")
+                .filter(
+                    job::Column::Stage
+                        .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
+                )
+                .group_by(job::Column::Stage)
+                .into_model::<StageCount>()
+                .all(&self.db)
+                .await?;
+            Ok(counts
+                .into_iter()
+                .filter_map(|row| Some((row.stage.parse().ok()?, row.count as u64)))
+                .collect())
+        })
+        .await
+    }
+
     /// How many job rows exist, in any stage.
     pub async fn count_jobs(&self) -> Result<u64, StoreError> {
         self.retrying("count jobs", || async {
@@ -383,5 +412,6 @@ fn job_row(
         result: Set(None),
         sealed_parts: Set(None),
         sealed_tasks: Set(None),
+        run: Set(1),
     }
 }

@@ -17,12 +17,14 @@ mod outbox;
 mod parts;
 mod pg_batch;
 mod pools;
+mod rerun;
 mod results;
 mod rows;
 mod stages;
 mod stuck;
 mod task_rows;
 mod tasks;
+mod views;
 
 pub use error::StoreError;
 pub use external::SyncWrite;
@@ -30,12 +32,14 @@ pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
+pub use rerun::Rerun;
 pub use results::ResultStream;
 pub use rows::{
     Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome,
     Transition, WholeJob,
 };
 pub use stuck::SWEEP_WRITE_BATCH;
+pub use views::Throughput;
 
 pub use entity::{job, job_event, job_part, pool, task};
 
@@ -73,5 +77,6 @@ pub(crate) fn running_job_for_tests() -> job::Model {
         result: None,
         sealed_parts: None,
         sealed_tasks: None,
+        run: 1,
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::error::StoreError;
 use super::handle::Store;
@@ -45,6 +45,17 @@ impl Store {
             .exec_without_returning(&self.db)
             .await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Every pool a pod ever served, by name.
+    pub async fn pools(&self) -> Result<Vec<pool::Model>, StoreError> {
+        self.retrying("list pools", || async {
+            Ok(pool::Entity::find()
+                .order_by_asc(pool::Column::Name)
+                .all(&self.db)
+                .await?)
         })
         .await
     }

@@ -114,6 +114,8 @@ impl TestEnv {
                 .expect("TASKMILL_QUEUE_TYPE is classic or quorum")
                 .queue_type,
             grace_period: Duration::from_secs(5),
+            // Tests run many pods at once; those that look at the endpoint choose a port.
+            http_addr: None,
             ..Config::default()
         };
         let store = Store::connect(&config.database_url, 8)
@@ -127,6 +129,17 @@ impl TestEnv {
             name,
             sqlite_path,
         }
+    }
+
+    /// This test's configuration with the pod's endpoint on a free port, and its base
+    /// URL.
+    pub fn config_with_http(&self) -> (Config, String) {
+        let addr = free_addr();
+        let config = Config {
+            http_addr: Some(addr),
+            ..self.config.clone()
+        };
+        (config, format!("http://{addr}"))
     }
 
     pub fn topology(&self) -> Topology {
@@ -368,16 +381,7 @@ impl TestEnv {
     async fn try_passive_declare(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
         let connection = self.connection().await;
         let channel = connection.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let declared = taskmill::amqp::topology::declare_passive(&channel, queue).await;
         taskmill::amqp::broker::close_connection(&connection).await;
         declared
     }
@@ -572,6 +576,13 @@ impl EventLog {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A free port on loopback: bound, read, released (another process could take it in
+/// between, which this machine's tests do not).
+pub fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
 }
 
 /// Polls `check` until it is true.

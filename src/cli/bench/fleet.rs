@@ -30,6 +30,8 @@ impl Fleet {
                     .env("DATABASE_URL", &config.database_url)
                     .env("TASKMILL_PREFIX", &config.prefix)
                     .env("RUST_LOG", "warn")
+                    // Several pods on one host: each serves its endpoint on a free port.
+                    .env("TASKMILL_HTTP_ADDR", "127.0.0.1:0")
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .kill_on_drop(true)

@@ -148,6 +148,7 @@ impl Former {
                 max_retries: job.max_retries,
                 retry_delay_ms: job.retry_delay_ms,
                 task_timeout_ms: job.task_timeout_ms,
+                run: 1,
             };
             for &(task_id, ordinal) in rows {
                 let task = &whole.tasks[ordinal as usize];

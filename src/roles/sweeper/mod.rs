@@ -60,6 +60,12 @@ impl SweepReport {
         self.formations_failed += other.formations_failed;
     }
 
+    fn count(&self) {
+        crate::metrics::sweeper_did("republished", self.republished);
+        crate::metrics::sweeper_did("taken_over", self.taken_over);
+        crate::metrics::sweeper_did("formations_failed", self.formations_failed);
+    }
+
     fn is_empty(&self) -> bool {
         *self == Self::default()
     }
@@ -114,7 +120,10 @@ pub(crate) async fn run(
         };
         match swept {
             Ok(report) if report.is_empty() => tracing::debug!("sweep found nothing stuck"),
-            Ok(report) => tracing::info!(?report, "sweep moved stuck work"),
+            Ok(report) => {
+                report.count();
+                tracing::info!(?report, "sweep moved stuck work");
+            }
             Err(err) if err.is_broker_connection() => return Err(err),
             Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
         }

@@ -54,6 +54,8 @@ use crate::store::{Claim, TaskOutcome};
 pub(crate) struct Capacity {
     /// One per delivery held, from receipt until it is settled (`config.prefetch`).
     slots: Arc<Semaphore>,
+    prefetch: usize,
+    concurrency: usize,
     /// One per handler running (`config.concurrency`): taken before the claim, so a
     /// claimed task never waits for a handler while its lease runs, and freed when the
     /// handler returns, so recording and acking never hold a handler back.
@@ -70,10 +72,20 @@ impl Capacity {
     pub fn new(prefetch: usize, concurrency: usize) -> Arc<Self> {
         Arc::new(Self {
             slots: Arc::new(Semaphore::new(prefetch)),
+            prefetch,
+            concurrency,
             handlers: Arc::new(Semaphore::new(concurrency)),
             pace: Arc::default(),
             quarantine: Arc::new(RwLock::new(())),
         })
+    }
+
+    /// Deliveries held now, and handlers running.
+    pub fn load(&self) -> (usize, usize) {
+        (
+            self.prefetch - self.slots.available_permits(),
+            self.concurrency - self.handlers.available_permits(),
+        )
     }
 }
 
@@ -101,6 +113,7 @@ pub(crate) async fn run(
         shared.config.max_request_bytes,
     )
     .await?;
+    crate::metrics::register_pool(&pool, shared.registry.task_types());
     let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner {
         shared: shared.clone(),

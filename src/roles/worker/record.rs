@@ -12,6 +12,7 @@ use crate::amqp::broker::{all_confirmed, BrokerError, Pending};
 use crate::amqp::dispatch;
 use crate::amqp::parking::park;
 use crate::error::Error;
+use crate::metrics::{self, Outcome};
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
 use crate::store::{TaskOutcome, Transition};
@@ -89,6 +90,15 @@ impl Runner {
         let (done, stale): (Vec<Finished>, Vec<Finished>) = batch
             .into_iter()
             .partition(|f| recorded.contains(&f.message.task_id));
+        for finished in &done {
+            let outcome = match finished.outcome {
+                TaskOutcome::Done(_) => Outcome::Done,
+                TaskOutcome::Retrying(_) => Outcome::Retried,
+                TaskOutcome::Failed(_) => Outcome::Failed,
+            };
+            let latency = dispatch::since_sent(&finished.delivery);
+            metrics::task_recorded(&self.pool, &finished.message.task_type, outcome, latency);
+        }
         let mut pending = Vec::new();
         let mut finished_tasks = Vec::new();
         let mut sent = Ok(());

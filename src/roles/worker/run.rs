@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use crate::error::Error;
 use crate::external::Backend;
+use crate::metrics;
 use crate::protocol::TaskMessage;
 use crate::registry::{TaskContext, TaskError};
 use crate::store::{Claim, TaskOutcome};
@@ -119,8 +120,11 @@ impl Runner {
                 }
             } else {
                 let started = std::time::Instant::now();
+                metrics::task_started(&self.pool, &message.task_type);
                 let result = self.run_handler(&message, token).await;
-                self.pace.record(started.elapsed());
+                let ran = started.elapsed();
+                self.pace.record(ran);
+                metrics::task_ran(&self.pool, &message.task_type, ran);
                 result
             };
             drop(turn);
@@ -150,14 +154,19 @@ impl Runner {
     }
 
     /// Hands an external task's attempt to its backend, keyed `"<task id>:<attempt>"`
-    /// so that a second hand-off of the attempt (after a crash before the commit) makes
-    /// no second external task. A failure or a timeout fails the attempt retryably.
+    /// (`"<task id>:<attempt>:r<run>"` after a retry of the failed job, whose attempts
+    /// start over) so that a second hand-off of the attempt (after a crash before the
+    /// commit) makes no second external task. A failure or a timeout fails the attempt
+    /// retryably.
     async fn hand_off(
         &self,
         message: &TaskMessage,
         backend: &dyn Backend,
     ) -> Result<String, TaskError> {
-        let key = format!("{}:{}", message.task_id, message.attempt);
+        let mut key = format!("{}:{}", message.task_id, message.attempt);
+        if message.run > 1 {
+            key.push_str(&format!(":r{}", message.run));
+        }
         let timeout = self.timeout_of(message);
         match tokio::time::timeout(timeout, backend.hand_off(&key, &message.payload)).await {
             Ok(Ok(external_id)) => Ok(external_id),

@@ -1,0 +1,44 @@
+//! The pod's HTTP endpoint, on one port: the probes (`/healthz`, `/readyz`), the
+//! Prometheus metrics (`/metrics`) and the dashboard (`/`). It reads the pod's store,
+//! broker link and role vitals; it never takes part in the pipeline, so a slow scrape
+//! or a busy dashboard cannot hold a task back.
+
+mod dashboard;
+mod endpoint;
+mod probes;
+mod scrape;
+
+pub(crate) use endpoint::Endpoint;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Binds `addr`; an address in use is the pod's error, at start, not a silent pod
+/// without probes.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving probes, metrics and the dashboard");
+    Ok(listener)
+}
+
+/// Serves until `stop` is cancelled; a failure is logged (the pod goes on: its work
+/// does not depend on being watched).
+pub(crate) async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        .route("/metrics", get(scrape::metrics))
+        .merge(dashboard::routes())
+        .with_state(endpoint);
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(%err, "the HTTP endpoint stopped");
+    }
+}

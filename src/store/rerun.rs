@@ -1,0 +1,153 @@
+//! Running a failed job again: its failed and cancelled tasks go back to `pending`
+//! with fresh attempts, and the job back to `running` in its next run, in one
+//! transaction under the job's row lock; the completion role then ends it once more,
+//! with one new event.
+
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
+
+use super::error::StoreError;
+use super::handle::Store;
+use super::job_ends::lock_job;
+use crate::state::{JobStage, TaskStatus};
+use entity::{job, job_event, task};
+
+/// The statuses of the tasks a retry runs again.
+const AGAIN: [&str; 2] = [TaskStatus::Failed.as_str(), TaskStatus::Cancelled.as_str()];
+
+/// What [`Store::rerun_job`] did.
+#[derive(Clone, Debug)]
+pub enum Rerun {
+    /// The job runs again: its row as it is now (`running`, its new run), and how
+    /// many of its tasks are `pending` again, to be sent.
+    Started {
+        /// The job's row.
+        job: Box<job::Model>,
+        /// Tasks put back to `pending`.
+        tasks: u64,
+    },
+    /// The job is not retried, and why.
+    Refused(String),
+    /// No job has this id.
+    UnknownJob,
+}
+
+impl Store {
+    /// Runs a failed job's failed and cancelled tasks again (see the module docs).
+    /// Refused unless the job is `failed` after running (a job whose formation failed
+    /// never had all its tasks: submit it again) and its event has gone out — the
+    /// event's row makes way for the next run's, so the last one must be delivered
+    /// first.
+    pub async fn rerun_job(&self, job_id: &str) -> Result<Rerun, StoreError> {
+        self.retrying("retry a job", || async {
+            let job_id = job_id.to_owned();
+            Ok(self
+                .db
+                .transaction::<_, Rerun, StoreError>(move |txn| {
+                    Box::pin(async move {
+                        let Some(job) = lock_job(txn, &job_id, JobStage::Failed).await? else {
+                            return Ok(match job::Entity::find_by_id(&job_id).one(txn).await? {
+                                Some(job) => Rerun::Refused(format!(
+                                    "the job is {}: only a failed job can be retried",
+                                    job.stage
+                                )),
+                                None => Rerun::UnknownJob,
+                            });
+                        };
+                        if job.started_at.is_none() {
+                            return Ok(Rerun::Refused(
+                                "the job failed in formation, before all its tasks were stored: submit it again".into(),
+                            ));
+                        }
+                        let again = task::Entity::find()
+                            .filter(task::Column::JobId.eq(job_id.as_str()))
+                            .filter(task::Column::Status.is_in(AGAIN))
+                            .count(txn)
+                            .await?;
+                        if again == 0 {
+                            return Ok(Rerun::Refused(format!(
+                                "no task failed or was cancelled: the job failed as a whole ({}); running it again would fail the same way",
+                                job.first_error.as_deref().unwrap_or("no error recorded")
+                            )));
+                        }
+                        let event = job_event::Entity::find()
+                            .filter(job_event::Column::JobId.eq(job_id.as_str()))
+                            .one(txn)
+                            .await?;
+                        if let Some(event) = &event {
+                            if event.published_at.is_none() || event.target_retry_at.is_some() {
+                                return Ok(Rerun::Refused(
+                                    "the job's last event is still being delivered: try again in a moment".into(),
+                                ));
+                            }
+                            job_event::Entity::delete_by_id(event.id).exec(txn).await?;
+                        }
+                        let now = Utc::now();
+                        let reset = task::Entity::update_many()
+                            .col_expr(task::Column::Status, Expr::value(TaskStatus::Pending.as_str()))
+                            .col_expr(task::Column::Attempts, Expr::value(0))
+                            .col_expr(task::Column::Deliveries, Expr::value(0))
+                            .col_expr(task::Column::Info, Expr::value(Option::<String>::None))
+                            .col_expr(task::Column::Result, Expr::value(Option::<serde_json::Value>::None))
+                            .col_expr(task::Column::ClaimedBy, Expr::value(Option::<String>::None))
+                            .col_expr(task::Column::LeaseUntil, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+                            .col_expr(task::Column::FinishedAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+                            .col_expr(task::Column::ExternalId, Expr::value(Option::<String>::None))
+                            .col_expr(task::Column::ExternalAttempt, Expr::value(Option::<i32>::None))
+                            .col_expr(task::Column::ExternalUpdateId, Expr::value(Option::<i64>::None))
+                            .col_expr(task::Column::NextSyncAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+                            .col_expr(task::Column::Version, Expr::col(task::Column::Version).add(1))
+                            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                            .filter(task::Column::JobId.eq(job_id.as_str()))
+                            .filter(task::Column::Status.is_in(AGAIN))
+                            .exec(txn)
+                            .await?;
+                        let rows = job::Entity::update_many()
+                            .col_expr(job::Column::Stage, Expr::value(JobStage::Running.as_str()))
+                            .col_expr(job::Column::Run, Expr::col(job::Column::Run).add(1))
+                            .col_expr(job::Column::FailedCount, Expr::value(0))
+                            .col_expr(job::Column::CancelledCount, Expr::value(0))
+                            .col_expr(job::Column::FirstError, Expr::value(Option::<String>::None))
+                            .col_expr(job::Column::FinishedAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+                            .col_expr(job::Column::UpdatedAt, Expr::value(now))
+                            .filter(job::Column::Id.eq(job_id.as_str()))
+                            .filter(job::Column::Stage.eq(JobStage::Failed.as_str()))
+                            .exec_with_returning(txn)
+                            .await?;
+                        let job = rows.into_iter().next().ok_or_else(|| {
+                            StoreError::Corrupt(format!("job {job_id} left failed while its row was locked"))
+                        })?;
+                        Ok(Rerun::Started {
+                            job: Box::new(job),
+                            tasks: reset.rows_affected,
+                        })
+                    })
+                })
+                .await?)
+        })
+        .await
+    }
+
+    /// The job's `pending` tasks after `after_id`, in id order, at most `limit`: what a
+    /// retry sends, a page at a time.
+    pub async fn pending_tasks(
+        &self,
+        job_id: &str,
+        after_id: i64,
+        limit: u64,
+    ) -> Result<Vec<task::Model>, StoreError> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        self.retrying("list pending tasks", || async {
+            Ok(task::Entity::find()
+                .filter(task::Column::JobId.eq(job_id))
+                .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
+                .filter(task::Column::Id.gt(after_id))
+                .order_by_asc(task::Column::Id)
+                .limit(limit)
+                .all(&self.db)
+                .await?)
+        })
+        .await
+    }
+}

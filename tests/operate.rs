@@ -1,0 +1,226 @@
+//! Operating taskmill: a pod's probes and Prometheus metrics on its HTTP endpoint, and
+//! retrying a failed job (`Client::retry`, `taskmill retry`).
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use taskmill::{Error, JobRequest, TaskContext, TaskError};
+
+use common::{Backend, TestEnv};
+
+const LONG: Duration = Duration::from_secs(120);
+
+on_both_backends!(
+    a_failed_job_runs_again_and_ends_once_more,
+    a_retry_is_refused_with_its_reason,
+);
+
+/// GET `url`: its status and body; 5xx answers are answers, not errors.
+async fn get(url: String) -> (u16, String) {
+    try_get(url).await.expect("the endpoint answers")
+}
+
+/// [`get`], `None` while nothing listens.
+async fn try_get(url: String) -> Option<(u16, String)> {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut response = agent.get(&url).call().ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.body_mut().read_to_string().unwrap()))
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of the sample `series` (name and labels, exactly as rendered).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
+#[tokio::test]
+async fn the_endpoint_serves_probes_and_metrics() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (config, base) = env.config_with_http();
+    // A task type of this test's own: the metrics registry is the process's.
+    let pod = env.start(env.pod().config(config).handler(
+        "operate.double",
+        |ctx: TaskContext| async move {
+            let n = ctx.payload.as_i64().unwrap_or(0);
+            if n == 3 && ctx.attempt == 1 {
+                return Err(TaskError::retryable("three fails once"));
+            }
+            Ok(json!(n * 2))
+        },
+    ));
+    common::wait_until(LONG, || {
+        let url = format!("{base}/readyz");
+        async move { try_get(url).await.is_some_and(|(status, _)| status == 200) }
+    })
+    .await;
+    assert_eq!(get(format!("{base}/healthz")).await, (200, "ok\n".into()));
+
+    let client = env.client().await;
+    let mut request = JobRequest::new("operate.double", (0..10).map(|n| json!(n)).collect());
+    request.retry_delay_ms = 10;
+    let job_id = client.submit(request).await.unwrap();
+    assert!(client.wait(&job_id).await.unwrap().is_done());
+
+    let (status, metrics) = get(format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let labels = r#"pool="default",task_type="operate.double""#;
+    let processed = |outcome: &str| {
+        sample(
+            &metrics,
+            &format!("taskmill_tasks_processed_total{{{labels},outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(processed("done"), Some(10.0), "{metrics}");
+    assert_eq!(processed("retried"), Some(1.0));
+    assert_eq!(processed("failed"), Some(0.0), "registered at zero");
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("taskmill_tasks_started_total{{{labels}}}")
+        ),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("taskmill_task_duration_seconds_count{{{labels}}}")
+        ),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("taskmill_task_latency_seconds_count{{{labels}}}")
+        ),
+        Some(11.0)
+    );
+    assert!(metrics.contains(&format!(
+        "taskmill_queue_ready_messages{{queue=\"{}\"}}",
+        env.topology().work_queue("default")
+    )));
+    assert!(metrics.contains("taskmill_jobs{stage=\"running\"}"));
+    assert!(metrics.contains("# TYPE taskmill_task_duration_seconds histogram"));
+    assert!(
+        !metrics.contains(&job_id),
+        "no job id is a label: series would grow without bound"
+    );
+    client.close().await.unwrap();
+    pod.stop().await;
+}
+
+#[tokio::test]
+async fn a_pod_without_its_broker_is_alive_but_not_ready() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (mut config, base) = env.config_with_http();
+    // Nothing listens there: the pod keeps reconnecting.
+    config.amqp_url = format!("amqp://guest:secret-password@{}/", common::free_addr());
+    let pod = env.start(env.pod().config(config));
+    let (status, body) = common::wait_for_value(LONG, || {
+        let url = format!("{base}/readyz");
+        async move { try_get(url).await }
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("broker: not connected"), "{body}");
+    assert!(!body.contains("secret-password"), "no credential is shown");
+    assert_eq!(
+        get(format!("{base}/healthz")).await.0,
+        200,
+        "alive all the same"
+    );
+    pod.stop().await;
+}
+
+/// The tests whose odd tasks no longer fail: their retry runs them to the end.
+static HEALED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Fails odd tasks for good until their test is healed.
+async fn odd_fails_until_healed(ctx: TaskContext) -> Result<Value, TaskError> {
+    let n = ctx.payload["n"].as_i64().unwrap_or(0);
+    let test = ctx.payload["test"].as_str().unwrap_or_default();
+    if n % 2 == 1 && !HEALED.lock().unwrap().iter().any(|healed| healed == test) {
+        return Err(TaskError::permanent(format!("{n} is odd")));
+    }
+    Ok(json!(n))
+}
+
+async fn a_failed_job_runs_again_and_ends_once_more(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.pod().handler("odd", odd_fails_until_healed));
+    let client = env.client().await;
+    let tasks = (0..20)
+        .map(|n| json!({ "n": n, "test": env.name }))
+        .collect();
+    let request = JobRequest::new("odd", tasks);
+    let job_id = client.submit(request).await.unwrap();
+    let first = client.wait(&job_id).await.unwrap();
+    assert_eq!((first.stage.as_str(), first.run), ("failed", 1));
+    // fail_fast: the first odd failure cancels what had not ended.
+    assert!(first.failed >= 1 && first.done + first.failed + first.cancelled == 20);
+    events.wait_for(1, LONG).await;
+
+    HEALED.lock().unwrap().push(env.name.clone());
+    let again = client.retry(&job_id).await.unwrap();
+    assert_eq!(again, (first.failed + first.cancelled) as u64);
+    let job = env.wait_for_end(&job_id, LONG).await;
+    assert_eq!(job.stage, "done");
+    assert_eq!(job.run, 2);
+    assert_eq!(
+        (job.done_count, job.failed_count, job.cancelled_count),
+        (20, 0, 0)
+    );
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert!(rows
+        .iter()
+        .all(|row| row.status == "done" && row.info.is_none()));
+    assert!(rows.iter().all(|row| row.attempts == 1), "fresh attempts");
+
+    let all = events.wait_for(2, LONG).await;
+    let runs: Vec<(i32, &str)> = all
+        .iter()
+        .map(|event| (event.run, event.stage.as_str()))
+        .collect();
+    assert_eq!(runs, [(1, "failed"), (2, "done")], "one event per run");
+    client.close().await.unwrap();
+    pod.stop().await;
+}
+
+async fn a_retry_is_refused_with_its_reason(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.pod());
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new(
+            taskmill::builtin::ECHO,
+            vec![json!(1), json!(2)],
+        ))
+        .await
+        .unwrap();
+    assert!(client.wait(&job_id).await.unwrap().is_done());
+    match client.retry(&job_id).await {
+        Err(Error::NotRetried { reason, .. }) => {
+            assert!(reason.contains("only a failed job"), "{reason}")
+        }
+        other => panic!("a done job is not retried: {other:?}"),
+    }
+    assert!(matches!(
+        client.retry("no-such-job").await,
+        Err(Error::UnknownJob(_))
+    ));
+    client.close().await.unwrap();
+    pod.stop().await;
+}
