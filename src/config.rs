@@ -47,7 +47,9 @@ pub struct ConfigError {
 /// defaults, [`Config::from_env`] reads the environment over them.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The broker's URL (`AMQP_URL`); [`DEFAULT_AMQP_URL`] by default.
+    /// The broker's URL (`AMQP_URL`); [`DEFAULT_AMQP_URL`] by default. Several,
+    /// comma-separated, for the nodes of a cluster: a pod starts at one of them at
+    /// random and, when its node is away, reconnects to the next that answers.
     pub amqp_url: String,
     /// The database's URL, PostgreSQL or SQLite (`DATABASE_URL`);
     /// [`DEFAULT_DATABASE_URL`] by default.

@@ -224,3 +224,32 @@ async fn a_retry_is_refused_with_its_reason(backend: Backend) {
     client.close().await.unwrap();
     pod.stop().await;
 }
+
+#[tokio::test]
+async fn pods_and_clients_given_several_broker_urls_use_the_one_that_answers() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let mut config = env.config.clone();
+    // A node that is away, listed first and last around the one that answers: wherever
+    // a pod starts in the list, it ends up on the live node.
+    let away = format!("amqp://guest:guest@{}/{}", common::free_addr(), env.name);
+    config.amqp_url = format!("{away}, {}, {away}", env.config.amqp_url);
+    let pod = env.start(env.pod().config(config.clone()));
+    let client = taskmill::Client::connect(&config)
+        .await
+        .unwrap()
+        .with_store(env.store.clone());
+    let job_id = client
+        .submit(JobRequest::new(
+            taskmill::builtin::ECHO,
+            vec![json!(1), json!(2)],
+        ))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(event.is_done());
+    client.close().await.unwrap();
+    pod.stop().await;
+}

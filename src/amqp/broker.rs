@@ -91,12 +91,34 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Opens a connection to `url`, named `taskmill-<pid>`, giving up after
 /// [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &str) -> Result<Arc<Connection>, BrokerError> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("taskmill-{}", std::process::id()).into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(connection) => Ok(Arc::new(connection?)),
-        Err(_) => Err(BrokerError::ConnectTimeout),
+    connect_any(url, 0).await.map(|(connection, _)| connection)
+}
+
+/// Connects to the first of `urls` (comma-separated: the nodes of a cluster) that
+/// answers, trying them in turn from the one at `first`; the connection and that
+/// URL's index. The last failure when none answers.
+pub async fn connect_any(
+    urls: &str,
+    first: usize,
+) -> Result<(Arc<Connection>, usize), BrokerError> {
+    let urls: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let mut failure = BrokerError::ConnectTimeout;
+    for turn in 0..urls.len().max(1) {
+        let index = (first + turn) % urls.len().max(1);
+        let url = urls.get(index).copied().unwrap_or_default();
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("taskmill-{}", std::process::id()).into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+            Ok(Ok(connection)) => return Ok((Arc::new(connection), index)),
+            Ok(Err(err)) => failure = err.into(),
+            Err(_) => failure = BrokerError::ConnectTimeout,
+        }
     }
+    Err(failure)
 }
 
 /// Closes a channel if it is open, waiting at most [`CLOSE_TIMEOUT`]: a broker that no

@@ -8,6 +8,7 @@
 //! broker is away the log says so once per outage, at warn level.
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,11 @@ const RECONNECT_CAP: Duration = Duration::from_secs(10);
 /// A broker connection shared by everything in a pod (or a client), re-established
 /// when lost.
 pub struct BrokerLink {
+    /// One URL, or several (comma-separated) for the nodes of a cluster.
     url: String,
+    /// The URL that answered last (an index, modulo their number): tried first on the
+    /// next connect.
+    preferred: std::sync::atomic::AtomicUsize,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// When the current outage began, if the broker is away.
     outage: Mutex<Option<Instant>>,
@@ -36,6 +41,9 @@ impl BrokerLink {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            // Pods given the same list start at different nodes, so they spread over
+            // the cluster instead of all crowding its first node.
+            preferred: std::sync::atomic::AtomicUsize::new(uuid::Uuid::new_v4().as_u128() as usize),
             current: tokio::sync::Mutex::new(None),
             outage: Mutex::new(None),
         }
@@ -58,10 +66,11 @@ impl BrokerLink {
         loop {
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                attempt = broker::connect(&self.url) => attempt,
+                attempt = broker::connect_any(&self.url, self.preferred.load(Ordering::Relaxed)) => attempt,
             };
             match attempt {
-                Ok(connection) => {
+                Ok((connection, index)) => {
+                    self.preferred.store(index, Ordering::Relaxed);
                     *current = Some(connection.clone());
                     if let Some(began) = self.outage.lock().expect("outage lock").take() {
                         crate::metrics::broker_reconnected();
