@@ -24,6 +24,9 @@
 #   DOWN_SECS=10         how long the node stays down
 #   STOP_AT=             stop the node once this many tasks are done (default TASKS/4)
 #   JOB_TIMEOUT=900      seconds the job may take after the submit
+#   STALL_DIAG=30        no task done for this long: the database sessions, locks and
+#                        unfinished rows are written to $ARTIFACTS/stall-*.txt
+#   STALL_LIMIT=60       a longer time without a task done fails the run
 #   CONCURRENCY=32       handlers per pod (TASKMILL_CONCURRENCY)
 #   TASKMILL=            the binary; default: `cargo build --bin taskmill`, target/debug
 #   PG_URL=postgres://postgres@127.0.0.1:5432
@@ -41,6 +44,8 @@ FAULT=${FAULT:-stop}
 LEADERS=${LEADERS:-stopped-node}
 DOWN_SECS=${DOWN_SECS:-10}
 STOP_AT=${STOP_AT:-$((TASKS / 4))}
+STALL_DIAG=${STALL_DIAG:-30}
+STALL_LIMIT=${STALL_LIMIT:-60}
 JOB_TIMEOUT=${JOB_TIMEOUT:-900}
 CONCURRENCY=${CONCURRENCY:-32}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
@@ -103,7 +108,7 @@ fi
 
 # --- cleanup -------------------------------------------------------------------------
 POD_PIDS=()
-SAMPLER_PID=
+SAMPLER_PID='' WATCHER_PID=''
 NODES_STARTED=()
 DB_CREATED=
 cleanup() {
@@ -113,6 +118,7 @@ cleanup() {
     echo
     say "cleanup"
     [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null
+    [ -n "$WATCHER_PID" ] && kill "$WATCHER_PID" 2>/dev/null
     for pid in "${POD_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     local deadline=$((SECONDS + 30))
     for pid in "${POD_PIDS[@]}"; do
@@ -281,25 +287,63 @@ env $(pod_env 1) "$TASKMILL" submit --type taskmill.sleep --tasks-file "$TASKS_F
     --job-id "$JOB_ID" >"$ARTIFACTS/submit.log" 2>&1 ||
     fail "submit failed: $(tail -n 5 "$ARTIFACTS/submit.log")"
 say "submitted job $JOB_ID: $TASKS x taskmill.sleep {\"ms\": $SLEEP_MS} through $(node_name 1)"
-# Every second: the time, the job's done counter (the completion role's), its task rows
-# done (the workers'), and ready and unacked messages of the work and completion queues
-# (management API; the nodes refresh these every second): progress before, during and
-# after the fault, and where it stalls if it does.
-sample_progress() {
-    local counts queues
+# A stall: no task row done for STALL_DIAG s while the job runs. A watcher in the
+# background (the script itself may be waiting for a node) reads the samples and writes
+# the picture of a stall to $ARTIFACTS/stall-<s after the submit>.txt, again every 120 s
+# while it lasts: the database sessions (which pod each belongs to, from its client
+# port), who blocks whom, the unfinished task rows, the leases, the queues.
+stall_watcher() {
+    local last=x since=$SECONDS dumped=-1000 rows file
     while :; do
-        counts=$(sql "SELECT done_count, (SELECT count(*) FROM tasks WHERE job_id = '$JOB_ID' AND status = 'done')
-                      FROM jobs WHERE id = '$JOB_ID'" 2>/dev/null)
-        queues=$("${MGMT[@]}" "$(mgmt_url 1)" queues "$PREFIX" 2>/dev/null | awk -v p="$PREFIX" '
-            $1 == p ".work.default" { w = $4 " " $5 } $1 == p ".completion" { c = $4 " " $5 }
-            END { print (w ? w : "- -") " " (c ? c : "- -") }')
-        echo "$EPOCHREALTIME ${counts:-- -} $queues"
+        rows=$(tail -n 1 "$ARTIFACTS/progress.txt" | awk '{ print $3 }')
+        if [ "$rows" != "$last" ] || [ "$rows" = - ]; then
+            last=$rows since=$SECONDS
+        elif ((SECONDS - since >= STALL_DIAG && SECONDS - dumped >= 120)); then
+            dumped=$SECONDS
+            file=$ARTIFACTS/stall-$((SECONDS - SUBMITTED))s.txt
+            say "STALL: no task row done for $((SECONDS - since)) s ($rows done); picture in $file"
+            dump_stall "$((SECONDS - since))" >"$file" 2>&1 || true
+        fi
         sleep 1
     done
 }
-echo "# epoch done_count rows_done work_ready work_unacked completion_ready completion_unacked" >"$ARTIFACTS/progress.txt"
-sample_progress >>"$ARTIFACTS/progress.txt" &
+dump_stall() {
+    echo "# $(date -u +%FT%TZ): no task row done for $1 s; pods (i pid): 1 ${POD_PIDS[0]} 2 ${POD_PIDS[1]} 3 ${POD_PIDS[2]}"
+    echo "## database sessions of $DB (client_port -> process: see the sockets below)"
+    psql "$DB_URL" -X -c "SELECT pid, client_port, state, now() - xact_start AS xact_age,
+        now() - state_change AS in_state, wait_event_type, wait_event,
+        pg_blocking_pids(pid) AS blocked_by, left(query, 160) AS last_query
+        FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+        ORDER BY xact_start NULLS LAST"
+    echo "## locks not granted"
+    psql "$DB_URL" -X -c "SELECT l.pid, l.locktype, l.relation::regclass, l.mode, l.granted
+        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+        WHERE a.datname = current_database() AND NOT l.granted"
+    echo "## the job's task rows by status (pods busy claiming while none is running: the"
+    echo "## messages they take are for tasks already done)"
+    psql "$DB_URL" -X -c "SELECT status, count(*), min(ordinal), max(ordinal) FROM tasks
+        WHERE job_id = '$JOB_ID' GROUP BY status ORDER BY 1"
+    echo "## unfinished task rows of the job (at most 50)"
+    psql "$DB_URL" -X -c "SELECT id, ordinal, status, attempts, deliveries, claimed_by, lease_until, updated_at
+        FROM tasks WHERE job_id = '$JOB_ID' AND status NOT IN ('done', 'failed', 'cancelled')
+        ORDER BY id LIMIT 50"
+    echo "## the job, its leases"
+    psql "$DB_URL" -X -c "SELECT * FROM jobs WHERE id = '$JOB_ID'" -x
+    psql "$DB_URL" -X -c "SELECT * FROM leases"
+    echo "## sockets to PostgreSQL (local port = client_port above; users = the process)"
+    ss -tnp 'dport = :5432' | grep -E "taskmill|Local" || true
+    echo "## queues (name type messages ready unacked consumers members online leader)"
+    "${MGMT[@]}" "$(mgmt_url 1)" queues "$PREFIX"
+}
+
+# Every second: the job's done counter and task rows done, the work and completion
+# queues, and the publishes waiting for a confirm (sample.py): progress before, during
+# and after the fault, and where it stalls if it does.
+echo "# epoch done_count rows_done work_ready work_unacked completion_ready completion_unacked unconfirmed" >"$ARTIFACTS/progress.txt"
+python3 "$HERE/sample.py" "$DB_URL" "$JOB_ID" "$(mgmt_url 1)" "$PREFIX" >>"$ARTIFACTS/progress.txt" 2>"$ARTIFACTS/sample.log" &
 SAMPLER_PID=$!
+stall_watcher &
+WATCHER_PID=$!
 
 job_row() { sql "SELECT stage, done_count, failed_count, cancelled_count, task_count FROM jobs WHERE id = '$JOB_ID'"; }
 # Sets STAGE and DONE from the job's row ("none" and 0 before it is stored or on a
@@ -394,6 +438,8 @@ while :; do
     sleep 0.5
 done
 ENDED=$SECONDS ENDED_T=$EPOCHREALTIME
+kill "$WATCHER_PID" 2>/dev/null || true
+STALLS=$(find "$ARTIFACTS" -name 'stall-*.txt' | wc -l)
 progress
 
 # --- the invariants ------------------------------------------------------------------
@@ -450,35 +496,8 @@ UNDRAINED=$(awk -v audit="$AUDIT_QUEUE" '$1 != audit && $3 != 0 { printf "%s(%s)
 OFFLINE=$(awk '$2 == "quorum" && $8 != 3 { printf "%s(%s/%s) ", $1, $8, $7 }' "$ARTIFACTS/queues.txt")
 UNPUBLISHED=$(sql "SELECT count(*) FROM job_events WHERE job_id = '$JOB_ID' AND published_at IS NULL")
 
-echo
-echo "invariants:"
-check "the job ended done (stage $J_STAGE, first error: $FIRST_ERROR)" test "$J_STAGE" = "done"
-check "the job has $TASKS task rows ($R_ALL; task_count $J_COUNT)" \
-    test "$R_ALL" = "$TASKS" -a "$J_COUNT" = "$TASKS"
-check "every task row is terminal ($R_OPEN are not)" test "$R_OPEN" = 0
-check "counters equal rows: done $J_DONE = $R_DONE, failed $J_FAILED = $R_FAILED, cancelled $J_CANCELLED = $R_CANCELLED" \
-    test "$J_DONE" = "$R_DONE" -a "$J_FAILED" = "$R_FAILED" -a "$J_CANCELLED" = "$R_CANCELLED"
-check "exactly one completion event, job.done ($COMPLETIONS completion events; by kind $KINDS)" \
-    test "$COMPLETIONS" = 1 -a "$DONE_EVENTS" = 1
-check "the outbox has published every event of the job ($UNPUBLISHED unpublished)" test "$UNPUBLISHED" = 0
-check "nothing in $PREFIX.parking (${PARKED:-?})" test "${PARKED:-x}" = 0
-check "every queue drained (${UNDRAINED:-all empty})" test -z "$UNDRAINED"
-check "every quorum queue has its 3 replicas online (${OFFLINE:-all})" test -z "$OFFLINE"
-
-# --- figures -------------------------------------------------------------------------
-lost=() restored=() failed_roles=() warns=() outages=()
-for i in 1 2 3; do
-    log=$ARTIFACTS/pod$i.log
-    # "broker connection restored" carries how long the pod was without its broker.
-    outages+=("$(grep -o '"message":"broker connection restored","after":"[0-9.]*' "$log" |
-        sed 's/.*"after":"\([0-9]*\.[0-9]\).*/\1 s/' | paste -sd, - || true)")
-    lost+=("$(grep -c 'broker connection lost' "$log" || true)")
-    restored+=("$(grep -c 'broker connection restored' "$log" || true)")
-    failed_roles+=("$(grep -c 'role failed; restarting it' "$log" || true)")
-    warns+=("$(grep -Ec '"level":"(WARN|ERROR)"|  (WARN|ERROR) ' "$log" || true)")
-done
 RATE=$(python3 -c "print(round($TASKS / max($WALL, 0.001)))")
-kill "$SAMPLER_PID" 2>/dev/null
+kill "$SAMPLER_PID" 2>/dev/null || echo "WARNING: the sampler had stopped early: $(tail -n 3 "$ARTIFACTS/sample.log")" >&2
 # Throughput by phase and the longest time without a task done, from the samples.
 PHASES=$(python3 - "$ARTIFACTS/progress.txt" "$SUBMITTED_T" "$FAULT_AT_T" "$RESTART_AT_T" "$UP_AT_T" "$ENDED_T" <<'PY'
 import bisect, sys
@@ -520,8 +539,40 @@ if len(rows) >= 2:
     worker, at = longest_stall(rows)
     text += f"; without a task row done: {worker:.1f} s (from {at:.0f} s)"
 print(text)
+print(f"{counter:.1f}")
 PY
 )
+LONGEST_STALL=${PHASES##*$'\n'}
+PHASES=${PHASES%$'\n'*}
+echo
+echo "invariants:"
+check "the job ended done (stage $J_STAGE, first error: $FIRST_ERROR)" test "$J_STAGE" = "done"
+check "the job has $TASKS task rows ($R_ALL; task_count $J_COUNT)" \
+    test "$R_ALL" = "$TASKS" -a "$J_COUNT" = "$TASKS"
+check "every task row is terminal ($R_OPEN are not)" test "$R_OPEN" = 0
+check "counters equal rows: done $J_DONE = $R_DONE, failed $J_FAILED = $R_FAILED, cancelled $J_CANCELLED = $R_CANCELLED" \
+    test "$J_DONE" = "$R_DONE" -a "$J_FAILED" = "$R_FAILED" -a "$J_CANCELLED" = "$R_CANCELLED"
+check "exactly one completion event, job.done ($COMPLETIONS completion events; by kind $KINDS)" \
+    test "$COMPLETIONS" = 1 -a "$DONE_EVENTS" = 1
+check "the outbox has published every event of the job ($UNPUBLISHED unpublished)" test "$UNPUBLISHED" = 0
+check "nothing in $PREFIX.parking (${PARKED:-?})" test "${PARKED:-x}" = 0
+check "every queue drained (${UNDRAINED:-all empty})" test -z "$UNDRAINED"
+check "every quorum queue has its 3 replicas online (${OFFLINE:-all})" test -z "$OFFLINE"
+check "never more than $STALL_LIMIT s without a task counted done (longest: $LONGEST_STALL s; stall pictures: $STALLS)" \
+    python3 -c "import sys; sys.exit(float(sys.argv[1]) > $STALL_LIMIT)" "$LONGEST_STALL"
+
+# --- figures -------------------------------------------------------------------------
+lost=() restored=() failed_roles=() warns=() outages=()
+for i in 1 2 3; do
+    log=$ARTIFACTS/pod$i.log
+    # "broker connection restored" carries how long the pod was without its broker.
+    outages+=("$(grep -o '"message":"broker connection restored","after":"[0-9.]*' "$log" |
+        sed 's/.*"after":"\([0-9]*\.[0-9]\).*/\1 s/' | paste -sd, - || true)")
+    lost+=("$(grep -c 'broker connection lost' "$log" || true)")
+    restored+=("$(grep -c 'broker connection restored' "$log" || true)")
+    failed_roles+=("$(grep -c 'role failed; restarting it' "$log" || true)")
+    warns+=("$(grep -Ec '"level":"(WARN|ERROR)"|  (WARN|ERROR) ' "$log" || true)")
+done
 {
     echo
     echo "figures ($RUN_ID, $(nproc) cores):"
