@@ -401,7 +401,7 @@ while port_open "$(amqp_port "$STOP_NODE")"; do
     ((SECONDS < deadline)) || fail "$(node_name "$STOP_NODE") still accepts AMQP connections 90 s after the $FAULT"
     sleep 0.2
 done
-DOWN_AT=$SECONDS
+DOWN_AT=$SECONDS DOWN_AT_T=$EPOCHREALTIME
 wait "$STOPPER" || fail "$FAULT of $(node_name "$STOP_NODE") failed"
 if [ "$FAULT" != stop_app ]; then
     deadline=$((SECONDS + 60))
@@ -415,14 +415,32 @@ while ((SECONDS - DOWN_AT < DOWN_SECS)); do sleep 0.5; done
 progress
 DONE_AT_RESTART=$(sql "SELECT done_count FROM jobs WHERE id = '$JOB_ID'")
 RESTART_AT=$SECONDS RESTART_AT_T=$EPOCHREALTIME
+STARTER=''
 case "$FAULT" in
     stop | kill) node_launch "$STOP_NODE" || fail "could not launch $(node_name "$STOP_NODE") again" ;;
-    stop_app) ctl "$STOP_NODE" -q start_app >/dev/null || fail "start_app failed" ;;
+    stop_app)
+        CTL_TIMEOUT=180 ctl "$STOP_NODE" -q start_app >/dev/null 2>&1 &
+        STARTER=$!
+        ;;
 esac
+# Clients see the node back when its AMQP port listens again: polled, since the CLI
+# takes seconds to answer on a busy machine.
+deadline=$((SECONDS + 180))
+until port_open "$(amqp_port "$STOP_NODE")"; do
+    ((SECONDS < deadline)) || fail "$(node_name "$STOP_NODE") does not listen 180 s after its restart"
+    if [ "$FAULT" != stop_app ] && ! node_process_alive "$STOP_NODE"; then
+        tail -n 20 "$(node_dir "$STOP_NODE")/log/server-stdout.log" >&2
+        fail "$(node_name "$STOP_NODE") exited while restarting"
+    fi
+    sleep 0.2
+done
+LISTENING_AT=$SECONDS LISTENING_AT_T=$EPOCHREALTIME
+if [ -n "$STARTER" ]; then wait "$STARTER" || fail "start_app failed"; fi
 node_await "$STOP_NODE" 180 || fail "$(node_name "$STOP_NODE") did not come back"
 UP_AT=$SECONDS UP_AT_T=$EPOCHREALTIME
 cluster_await_running 60 || fail "$(node_name "$STOP_NODE") did not rejoin the cluster"
-say "$(node_name "$STOP_NODE") back after $((UP_AT - DOWN_AT)) s down ($((UP_AT - RESTART_AT)) s to restart); $DONE_AT_RESTART tasks done at the restart"
+PORT_DOWN=$(awk -v a="$DOWN_AT_T" -v b="$LISTENING_AT_T" 'BEGIN { printf "%.1f", b - a }')
+say "$(node_name "$STOP_NODE") back: AMQP port closed for $PORT_DOWN s, listening $((LISTENING_AT - RESTART_AT)) s after the restart, started (await_startup) after $((UP_AT - RESTART_AT)) s; $DONE_AT_RESTART tasks done at the restart"
 
 # Wait for the end.
 LAST_REPORT=0
@@ -497,6 +515,16 @@ OFFLINE=$(awk '$2 == "quorum" && $8 != 3 { printf "%s(%s/%s) ", $1, $8, $7 }' "$
 UNPUBLISHED=$(sql "SELECT count(*) FROM job_events WHERE job_id = '$JOB_ID' AND published_at IS NULL")
 
 RATE=$(python3 -c "print(round($TASKS / max($WALL, 0.001)))")
+# The feeder: a pod that lost its broker while feeding hands the job to another,
+# which publishes again what was waiting in the queue (see docs/cluster.md).
+pods_logging() { # pods_logging TEXT: the pods whose log has TEXT
+    local i
+    for i in 1 2 3; do grep -q "$1" "$ARTIFACTS/pod$i.log" && printf '%s ' "$i"; done
+    return 0
+}
+FEED_STOPPED=$(pods_logging 'feeding stopped')
+FEED_LOST=$(pods_logging 'feed lease lost')
+FED_BY=$(pods_logging '"message":"job fed"')
 kill "$SAMPLER_PID" 2>/dev/null || echo "WARNING: the sampler had stopped early: $(tail -n 3 "$ARTIFACTS/sample.log")" >&2
 # Throughput by phase and the longest time without a task done, from the samples.
 PHASES=$(python3 - "$ARTIFACTS/progress.txt" "$SUBMITTED_T" "$FAULT_AT_T" "$RESTART_AT_T" "$UP_AT_T" "$ENDED_T" <<'PY'
@@ -580,9 +608,9 @@ done
     echo "  job wall time         $WALL s (created -> finished), $RATE tasks/s"
     echo "  fault                 $FAULT $(node_name "$STOP_NODE") at $FAULT_DONE tasks done, $((FAULT_AT - SUBMITTED)) s after the submit; its AMQP port closed $((DOWN_AT - FAULT_AT)) s later"
     echo "  leaders on that node  ${LED:-none} (+ $LED_LADDER delay levels)"
-    echo "  node down             $((UP_AT - DOWN_AT)) s (port closed -> app started again: $((RESTART_AT - DOWN_AT)) s until the restart, $((UP_AT - RESTART_AT)) s to restart)"
-    echo "  timeline (s after the submit)  fault $((FAULT_AT - SUBMITTED)), port closed $((DOWN_AT - SUBMITTED)), restart $((RESTART_AT - SUBMITTED)), up $((UP_AT - SUBMITTED)), job ended $((ENDED - SUBMITTED))"
-    echo "  job end after restart $((ENDED - UP_AT)) s"
+    echo "  node down             AMQP port closed for $PORT_DOWN s ($((RESTART_AT - DOWN_AT)) s until the restart, listening again $((LISTENING_AT - RESTART_AT)) s after it; await_startup returned after $((UP_AT - RESTART_AT)) s)"
+    echo "  timeline (s after the submit)  fault $((FAULT_AT - SUBMITTED)), port closed $((DOWN_AT - SUBMITTED)), restart $((RESTART_AT - SUBMITTED)), listening $((LISTENING_AT - SUBMITTED)), started $((UP_AT - SUBMITTED)), job ended $((ENDED - SUBMITTED))"
+    echo "  job end after restart $((ENDED - UP_AT)) s; feeding stopped in pod(s): ${FEED_STOPPED:-none}, lost its lease in: ${FEED_LOST:-none}; job fed by pod ${FED_BY:-?}"
     echo "  tasks/s by phase      $PHASES"
     echo "  pods (1 2 3)          connection lost: ${lost[*]}; restored: ${restored[*]}; role restarts: ${failed_roles[*]}; warn+error lines: ${warns[*]}"
     for i in 1 2 3; do
