@@ -63,6 +63,8 @@ CLUSTER_WORK=''
 # shellcheck source=scripts/cluster/nodes.sh
 source "$HERE/nodes.sh"
 MGMT=(python3 "$HERE/mgmt.py")
+# The helpers leave no bytecode beside them (sample.py imports mgmt.py).
+export PYTHONDONTWRITEBYTECODE=1
 
 STARTED=$SECONDS
 say() { printf '[%4ds] %s\n' $((SECONDS - STARTED)) "$*"; }
