@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::metrics::{self, Outcome};
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
-use crate::store::{TaskOutcome, Transition};
+use crate::store::{StoreError, TaskOutcome, Transition};
 
 use super::{Finished, Runner};
 
@@ -53,7 +53,18 @@ impl Runner {
                 outcome: f.outcome.clone(),
             })
             .collect();
-        let recorded = match self.shared.store.finish_tasks(&transitions).await {
+        // In a task of its own: when the broker connection fails, this run's recorder
+        // is aborted, and a transaction cancelled half-way could return its database
+        // connection to the pool still open, holding its job's row lock. Spawned, the
+        // transaction commits or rolls back whatever happens to the recorder.
+        let store = self.shared.store.clone();
+        let written = tokio::spawn(async move { store.finish_tasks(&transitions).await }).await;
+        let written = written.unwrap_or_else(|err| {
+            Err(StoreError::Db(sea_orm::DbErr::Conn(
+                sea_orm::RuntimeErr::Internal(format!("recording outcomes stopped: {err}")),
+            )))
+        });
+        let recorded = match written {
             Ok(recorded) => recorded,
             Err(err) if batch.len() > 1 && !err.is_transient() => {
                 // One bad row must not fail its neighbours: record them one by one.
