@@ -36,6 +36,7 @@ on_both_backends!(
     a_queue_declared_with_other_arguments_parks_the_request,
     a_deleted_delay_queue_is_declared_again,
     a_job_failed_while_forming_stops_its_intake_and_its_tasks,
+    a_job_that_cannot_end_fails_alone,
 );
 
 mod any_backend {
@@ -777,6 +778,64 @@ async fn a_job_failed_while_forming_stops_its_intake_and_its_tasks(backend: Back
         ("failed", done, 0)
     );
     assert_still_serving(&env, &client, "after-cut").await;
+    pod.stop().await;
+}
+
+/// A job whose end the database refuses for good (here a trigger; in life a value
+/// past a column's limit) fails with the database's reason, and the jobs whose
+/// finished events share its completion batch end as they should.
+async fn a_job_that_cannot_end_fails_alone(backend: Backend) {
+    const JOBS: usize = 20;
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let refuse = match backend {
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_done() RETURNS trigger AS $$ BEGIN \
+             RAISE EXCEPTION 'refused by the test''s trigger'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs FOR EACH ROW \
+             WHEN (NEW.id = 'cannot-end' AND NEW.stage = 'done') EXECUTE FUNCTION refuse_done()",
+        ],
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs \
+             WHEN NEW.id = 'cannot-end' AND NEW.stage = 'done' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test''s trigger'); END",
+        ],
+    };
+    env.execute_sql(&refuse).await;
+    let events = env.event_log().await;
+    let client = env.client().await;
+    // The burst waits for a pod that takes it all at once, so that the refused job's
+    // finished event shares its batch with others.
+    let first = env.start(env.pod());
+    assert_still_serving(&env, &client, "before-burst").await;
+    first.stop().await;
+    for n in 0..JOBS {
+        publish_request(&env, &echo_request(&format!("ends-{n}"), 2)).await;
+        if n == JOBS / 2 {
+            publish_request(&env, &echo_request("cannot-end", 2)).await;
+        }
+    }
+    let pod = env.start(env.pod());
+    for n in 0..JOBS {
+        let job = env.wait_for_end(&format!("ends-{n}"), SOON).await;
+        assert_eq!(job.stage, "done", "ends-{n}");
+    }
+    let refused = env.wait_for_end("cannot-end", SOON).await;
+    assert_eq!(refused.stage, "failed");
+    let reason = refused.first_error.unwrap_or_default();
+    assert!(
+        reason.contains("refused by the test's trigger"),
+        "the database's reason: {reason}"
+    );
+    let all = events.wait_for(JOBS + 2, SOON).await;
+    let failed: Vec<_> = all.iter().filter(|e| e.job_id == "cannot-end").collect();
+    assert_eq!(failed.len(), 1, "one event for the refused job: {failed:?}");
+    assert_eq!(failed[0].event, "job.failed");
+    assert!(failed[0]
+        .first_error
+        .as_deref()
+        .is_some_and(|error| error.contains("refused by the test's trigger")));
+    assert_still_serving(&env, &client, "after-burst").await;
     pod.stop().await;
 }
 

@@ -18,6 +18,7 @@ on_both_backends!(
     purged_task_messages_are_swept_back,
     lost_finished_events_are_swept_back,
     stale_formation_fails_the_job,
+    a_job_that_cannot_end_holds_back_no_sweep,
     parking_lot_lists_replays_and_purges,
     tasks_finished_while_forming_end_the_job_at_start,
     two_outcomes_of_one_attempt_in_a_batch_count_once,
@@ -187,6 +188,69 @@ async fn stale_formation_fails_the_job(backend: Backend) {
     assert!(job.first_error.unwrap().contains("did not finish forming"));
     let all = events.wait_for(1, LONG).await;
     assert_eq!((all.len(), all[0].event.as_str()), (1, "job.failed"));
+    pod.stop().await;
+}
+
+/// A quiet job whose end the database refuses for good, failed or done alike, is
+/// left for a later sweep: the rest of the sweep (here a stale formation) goes on.
+async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    store
+        .create_job(&echo_job("cannot-end", FailurePolicy::FailFast))
+        .await
+        .unwrap();
+    let tasks = echo_tasks(1);
+    insert_rows(store, "cannot-end", &tasks).await;
+    assert!(matches!(
+        store.start_job("cannot-end", 1).await.unwrap(),
+        StartOutcome::Running(_)
+    ));
+    let refuse = match backend {
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_end() RETURNS trigger AS $$ BEGIN \
+             RAISE EXCEPTION 'refused by the test''s trigger'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_end BEFORE UPDATE ON jobs FOR EACH ROW \
+             WHEN (NEW.id = 'cannot-end' AND NEW.stage <> 'running') EXECUTE FUNCTION refuse_end()",
+        ],
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_end BEFORE UPDATE ON jobs \
+             WHEN NEW.id = 'cannot-end' AND NEW.stage <> 'running' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test''s trigger'); END",
+        ],
+    };
+    env.execute_sql(&refuse).await;
+    let task_id = store.tasks_of_job("cannot-end").await.unwrap()[0].id;
+    let claimed = store
+        .claim_tasks(&[(task_id, 1)], "token", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let done = Transition {
+        job_id: "cannot-end".into(),
+        task_id,
+        attempt: 1,
+        outcome: TaskOutcome::Done(json!("ok")),
+    };
+    assert_eq!(store.finish_tasks(&[done]).await.unwrap().len(), 1);
+    // Its finished event lost, the job is the sweeper's; so is a stale formation.
+    assert!(store
+        .create_job(&echo_job("half-formed", FailurePolicy::Continue))
+        .await
+        .unwrap()
+        .is_none());
+    let mut config = eager_sweeper(&env);
+    config.formation_timeout = Duration::from_millis(500);
+    // Both are due at the first sweep.
+    tokio::time::sleep(config.stuck_after + Duration::from_millis(100)).await;
+    let pod = env.start(env.pod().config(config).roles(Roles {
+        sweeper: true,
+        ..Roles::NONE
+    }));
+    let job = env.wait_for_end("half-formed", LONG).await;
+    assert_eq!(job.stage, "failed");
+    let stuck = store.job("cannot-end").await.unwrap().unwrap();
+    assert_eq!(stuck.stage, "running", "its end is still refused");
     pod.stop().await;
 }
 

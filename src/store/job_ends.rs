@@ -30,6 +30,8 @@ use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, task};
 
 const FAILED_IDS_IN_EVENT: u64 = 100;
+/// The most of a database's error kept as a job's first error.
+const MAX_REASON_CHARS: usize = 1_000;
 
 impl Store {
     /// Ends every running job among `job_ids` whose counters say it is over, all in
@@ -71,8 +73,27 @@ impl Store {
             return Ok(Checked::default());
         }
         over.sort();
+        let lasting = match self.end_jobs(&over).await {
+            Err(err) if !err.is_transient() && over.len() > 1 => err,
+            together => return self.or_fail_alone(&over[0], together).await,
+        };
+        // One job's lasting error (a value the database refuses, say) must not hold
+        // back the others that share its batch: each is ended on its own.
+        tracing::warn!(jobs = over.len(), err = %lasting, "ending jobs together failed; ending each alone");
+        let mut checked = Checked::default();
+        for job_id in &over {
+            let alone = self.end_jobs(std::slice::from_ref(job_id)).await;
+            let one = self.or_fail_alone(job_id, alone).await?;
+            checked.ended.extend(one.ended);
+            checked.advanced.extend(one.advanced);
+        }
+        Ok(checked)
+    }
+
+    /// The jobs among `over` still running, each ended or moved on, in one transaction.
+    async fn end_jobs(&self, over: &[String]) -> Result<Checked, StoreError> {
         self.retrying("end jobs", || async {
-            let over = over.clone();
+            let over = over.to_vec();
             Ok(self
                 .db
                 .transaction::<_, Checked, StoreError>(move |txn| {
@@ -111,33 +132,74 @@ impl Store {
         .await
     }
 
-    /// Ends a running job as `cancelled`, cancelling its unfinished tasks. `None`: the
-    /// job was not running.
-    pub async fn cancel_job(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
-        self.retrying("cancel job", || async {
-            let job_id = job_id.to_owned();
+    /// `checked`, the outcome of ending `job_id` alone; when that failed for a lasting
+    /// reason, the job fails with it instead, its unfinished tasks cancelled, so that
+    /// its producer hears why rather than waiting for ever.
+    async fn or_fail_alone(
+        &self,
+        job_id: &str,
+        checked: Result<Checked, StoreError>,
+    ) -> Result<Checked, StoreError> {
+        let err = match checked {
+            Err(err) if !err.is_transient() => err,
+            other => return other,
+        };
+        tracing::error!(job_id, %err, "the job cannot end as its tasks say; it fails with the database's reason");
+        let reason = format!("the job could not be ended: {err}");
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+        let failed = match self
+            .end_job_at(job_id, JobStage::Running, JobStage::Failed, &reason)
+            .await
+        {
+            Ok(failed) => failed,
+            // Not even its failure can be written: it stays running, and the sweeper's
+            // check of quiet jobs tries again every `stuck_after`, not in a loop here.
+            Err(err) if !err.is_transient() => {
+                tracing::error!(job_id, %err, "could not fail the job either; the sweeper tries again later");
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(Checked {
+            ended: failed.into_iter().collect(),
+            advanced: Vec::new(),
+        })
+    }
+
+    /// Ends the job if it is at `from`, as `to` with `reason` as its first error,
+    /// cancelling its unfinished tasks. `None`: the job was not at `from`.
+    pub(super) async fn end_job_at(
+        &self,
+        job_id: &str,
+        from: JobStage,
+        to: JobStage,
+        reason: &str,
+    ) -> Result<Option<job_event::Model>, StoreError> {
+        self.retrying("end a job", || async {
+            let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
             Ok(self
                 .db
                 .transaction::<_, Option<job_event::Model>, StoreError>(move |txn| {
                     Box::pin(async move {
-                        let Some(job) = lock_job(txn, &job_id, JobStage::Running).await? else {
+                        let Some(job) = lock_job(txn, &job_id, from).await? else {
                             return Ok(None);
                         };
-                        let first_error = Some("cancelled".to_owned());
-                        let event = end_job_with(
-                            txn,
-                            &job,
-                            JobStage::Running,
-                            JobStage::Cancelled,
-                            first_error,
-                        )
-                        .await?;
+                        // The job ends as a whole, not by a task: nothing of it goes on.
+                        cancel_rest(txn, &job, from, JobStage::Cancelled).await?;
+                        let event = end_job_with(txn, &job, from, to, Some(reason)).await?;
                         Ok(Some(event))
                     })
                 })
                 .await?)
         })
         .await
+    }
+
+    /// Ends a running job as `cancelled`, cancelling its unfinished tasks. `None`: the
+    /// job was not running.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
+        self.end_job_at(job_id, JobStage::Running, JobStage::Cancelled, "cancelled")
+            .await
     }
 }
 

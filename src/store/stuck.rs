@@ -14,7 +14,7 @@ use sea_orm::{
 
 use super::error::StoreError;
 use super::handle::Store;
-use super::job_ends::{self, lock_job};
+
 use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 use entity::lease;
@@ -271,28 +271,7 @@ impl Store {
         job_id: &str,
         reason: &str,
     ) -> Result<Option<job_event::Model>, StoreError> {
-        self.retrying("fail stale formation", || async {
-            let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
-            Ok(self
-                .db
-                .transaction::<_, Option<job_event::Model>, StoreError>(move |txn| {
-                    Box::pin(async move {
-                        let Some(job) = lock_job(txn, &job_id, JobStage::Formation).await? else {
-                            return Ok(None);
-                        };
-                        let event = job_ends::end_job_with(
-                            txn,
-                            &job,
-                            JobStage::Formation,
-                            JobStage::Failed,
-                            Some(reason),
-                        )
-                        .await?;
-                        Ok(Some(event))
-                    })
-                })
-                .await?)
-        })
-        .await
+        self.end_job_at(job_id, JobStage::Formation, JobStage::Failed, reason)
+            .await
     }
 }

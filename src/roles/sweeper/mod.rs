@@ -155,13 +155,13 @@ impl Sweeper {
         for report in reports {
             total.add(report);
         }
-        let quiet_since = clock::ago(config.stuck_after);
-        let due = self.shared.store.jobs_due_for_check(quiet_since).await?;
-        // A job moved to its next phase here is fed by an intake's orphan scan.
-        let checked = self.shared.store.check_jobs(&due).await?;
-        total.jobs_checked += checked.ended.len() + checked.advanced.len();
-        self.events.publish_or_defer(&checked.ended).await;
-        self.events.publish_progress(&checked.advanced).await;
+        // A failed check of quiet jobs (the database down, say) must not keep the
+        // formation timeouts and pool warnings below from running.
+        match self.check_quiet_jobs().await {
+            Ok(checked) => total.jobs_checked += checked,
+            Err(err) if err.is_broker_connection() => return Err(err),
+            Err(err) => tracing::warn!(%err, "check of quiet jobs failed; the next sweep retries"),
+        }
         let formation_deadline = clock::ago(config.formation_timeout);
         for job in self
             .shared
@@ -169,22 +169,49 @@ impl Sweeper {
             .stale_formations(formation_deadline)
             .await?
         {
-            let why = match self.shared.store.missing_parts(&job).await? {
-                Some(missing) => missing,
-                None => "its request was lost".to_owned(),
-            };
-            let reason = format!(
-                "the job did not finish forming within {:?}: {why}",
-                config.formation_timeout
-            );
-            if let Some(event) = self.shared.store.fail_formation(&job.id, &reason).await? {
-                total.formations_failed += 1;
-                self.events
-                    .publish_or_defer(std::slice::from_ref(&event))
-                    .await;
+            // One job's lasting error holds back none of the others.
+            match self.fail_formation(&job).await {
+                Ok(true) => total.formations_failed += 1,
+                Ok(false) => {}
+                Err(err) if err.is_broker_connection() => return Err(err),
+                Err(err) => {
+                    tracing::error!(job_id = %job.id, %err, "could not fail a stale formation")
+                }
             }
         }
         self.warn_of_silent_pools().await?;
         Ok(total)
+    }
+
+    /// Runs the completion check of running jobs that look over but stayed quiet for
+    /// `stuck_after` (their finished event was lost); how many it ended or moved on.
+    async fn check_quiet_jobs(&self) -> Result<usize, Error> {
+        let quiet_since = clock::ago(self.shared.config.stuck_after);
+        let due = self.shared.store.jobs_due_for_check(quiet_since).await?;
+        // A job moved to its next phase here is fed by an intake's orphan scan.
+        let checked = self.shared.store.check_jobs(&due).await?;
+        self.events.publish_or_defer(&checked.ended).await;
+        self.events.publish_progress(&checked.advanced).await;
+        Ok(checked.ended.len() + checked.advanced.len())
+    }
+
+    /// Fails a job stuck in formation with why; `false`: it left formation meanwhile.
+    async fn fail_formation(&self, job: &crate::store::job::Model) -> Result<bool, Error> {
+        let store = &self.shared.store;
+        let why = match store.missing_parts(job).await? {
+            Some(missing) => missing,
+            None => "its request was lost".to_owned(),
+        };
+        let reason = format!(
+            "the job did not finish forming within {:?}: {why}",
+            self.shared.config.formation_timeout
+        );
+        let Some(event) = store.fail_formation(&job.id, &reason).await? else {
+            return Ok(false);
+        };
+        self.events
+            .publish_or_defer(std::slice::from_ref(&event))
+            .await;
+        Ok(true)
     }
 }
