@@ -62,6 +62,10 @@ pub struct Config {
     pub queue_type: QueueType,
     /// Job requests larger than this are parked unread.
     pub max_request_bytes: usize,
+    /// The cap on every payload taskmill makes ([`crate::caps`]): a task's payload or
+    /// result, a reduce or finalize task's input, a job's result. Never above
+    /// `max_request_bytes` less [`crate::caps::ENVELOPE_BYTES`].
+    pub max_payload_bytes: usize,
     /// Handlers running at once per worker pod and pool.
     pub concurrency: usize,
     /// Task messages a worker pod holds per pool (the channel's prefetch): waiting for a
@@ -139,6 +143,7 @@ impl Default for Config {
             prefix: DEFAULT_PREFIX.to_owned(),
             queue_type: QueueType::Classic,
             max_request_bytes: 16 * 1024 * 1024,
+            max_payload_bytes: crate::caps::DEFAULT_MAX_PAYLOAD_BYTES,
             concurrency: 32,
             prefetch: DEFAULT_PREFETCH,
             lease: Duration::from_secs(300),
@@ -206,6 +211,7 @@ impl Config {
         vars.seconds("TASKMILL_GRACE_SECS", &mut config.grace_period)?;
         vars.seconds("TASKMILL_LEASE_SECS", &mut config.lease)?;
         vars.number("TASKMILL_MAX_REQUEST_BYTES", &mut config.max_request_bytes)?;
+        vars.number("TASKMILL_MAX_PAYLOAD_BYTES", &mut config.max_payload_bytes)?;
         vars.seconds("TASKMILL_SWEEP_SECS", &mut config.sweep_interval)?;
         vars.seconds("TASKMILL_STUCK_SECS", &mut config.stuck_after)?;
         vars.number("TASKMILL_SWEEPER_SHARDS", &mut config.sweeper_shards)?;
@@ -241,6 +247,13 @@ impl Config {
         self.sweeper_shards = self.sweeper_shards.max(1);
         self.sweep_interval = self.sweep_interval.max(Duration::from_millis(1));
         self.task_timeout = self.task_timeout.max(Duration::from_millis(1));
+        // A task message holding a payload at the cap must pass the workers' limit.
+        self.max_payload_bytes = self.max_payload_bytes.clamp(
+            1,
+            self.max_request_bytes
+                .saturating_sub(crate::caps::ENVELOPE_BYTES)
+                .max(1),
+        );
         self
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod amqp;
 pub mod builtin;
+pub mod caps;
 pub mod client;
 mod clock;
 pub mod config;

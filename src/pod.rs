@@ -216,7 +216,8 @@ impl Pod {
         let store = match self.store {
             Some(store) => store,
             None => Store::connect(&self.config.database_url, self.config.db_pool_size).await?,
-        };
+        }
+        .with_payload_cap(self.config.max_payload_bytes);
         let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
         let link = Arc::new(BrokerLink::new(self.config.amqp_url.clone()));
         let vitals = Arc::new(Vitals::default());

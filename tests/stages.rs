@@ -23,6 +23,7 @@ on_both_backends!(
     racing_checks_make_the_next_phase_once_and_an_orphan_is_fed,
     a_map_stage_without_output_moves_straight_on,
     bad_stage_output_fails_the_job,
+    every_payload_a_job_makes_is_capped,
 );
 
 /// `files` texts of 40–80 words each from a vocabulary of 500, deterministic.
@@ -263,5 +264,97 @@ async fn bad_stage_output_fails_the_job(backend: Backend) {
         }
         other => panic!("not rejected: {other:?}"),
     }
+    pod.stop().await;
+}
+
+/// With a payload cap of 2,000 bytes: a reduce shard's input, the finalize task's
+/// input, a job's result and a task's result over it each fail their job, saying which
+/// and how large; a request with a task payload over it is rejected. Nothing over the
+/// cap is stored or sent, so nothing is parked and re-sent.
+async fn every_payload_a_job_makes_is_capped(backend: Backend) {
+    const CAP: usize = 2_000;
+    let env = TestEnv::new(backend).await;
+    let mut config = env.config.clone();
+    config.max_payload_bytes = CAP;
+    let pod = env.start(
+        env.pod()
+            .config(config)
+            .job_type(
+                JobType::new("spread")
+                    .map(|ctx: TaskContext| async move {
+                        let n = ctx.payload.as_u64().unwrap_or(0);
+                        let keys: serde_json::Map<String, Value> = (0..20)
+                            .map(|k| (format!("a-rather-long-key-{n}-{k}"), json!(k)))
+                            .collect();
+                        Ok(Value::Object(keys))
+                    })
+                    .reduce(|ctx: TaskContext| async move { Ok(ctx.payload["groups"].clone()) }),
+            )
+            .handler("big-result", |_ctx: TaskContext| async move {
+                Ok(json!("x".repeat(CAP)))
+            }),
+    );
+    let client = env.client().await;
+    let texts = corpus(20);
+    let over = |error: &str, what: &str| {
+        assert!(
+            error.contains(what) && error.contains(&format!("over the cap of {CAP} bytes")),
+            "{what}: {error}"
+        );
+    };
+
+    let mut one_shard = wordcount_request(&texts);
+    one_shard.reduce_shards = Some(1);
+    let one_shard = client.submit(one_shard).await.unwrap();
+    let event = client.wait(&one_shard).await.unwrap();
+    assert_eq!(event.event, "job.failed");
+    over(
+        &event.first_error.unwrap(),
+        "the input of reduce task 20 (shard 0 of 1)",
+    );
+    assert_eq!(env.store.tasks_of_job(&one_shard).await.unwrap().len(), 20);
+
+    let sharded = client.submit(wordcount_request(&texts)).await.unwrap();
+    let event = client.wait(&sharded).await.unwrap();
+    assert_eq!(event.event, "job.failed");
+    over(&event.first_error.unwrap(), "the finalize task's input");
+
+    let spread = client
+        .submit(JobRequest::new(
+            "spread",
+            (0..10).map(|n| json!(n)).collect(),
+        ))
+        .await
+        .unwrap();
+    let event = client.wait(&spread).await.unwrap();
+    assert_eq!(event.event, "job.failed");
+    over(&event.first_error.unwrap(), "the job's result");
+
+    let mut big = JobRequest::new("big-result", vec![json!(1)]);
+    big.max_retries = 3;
+    let big = client.submit(big).await.unwrap();
+    let event = client.wait(&big).await.unwrap();
+    assert_eq!((event.event.as_str(), event.failed), ("job.failed", 1));
+    over(&event.first_error.unwrap(), "the result of task");
+    let rows = env.store.tasks_of_job(&big).await.unwrap();
+    assert_eq!(
+        rows[0].attempts, 1,
+        "not retried: it would be as large again"
+    );
+
+    let mut heavy = JobRequest::new(builtin::ECHO, vec![json!("y".repeat(CAP))]);
+    heavy.job_id = Some("heavy-payload".to_owned());
+    let watch = client.watch("heavy-payload").await.unwrap();
+    client.submit(heavy).await.unwrap();
+    match tokio::time::timeout(LONG, watch.event()).await.unwrap() {
+        Err(TaskmillError::Rejected { reason, .. }) => over(&reason, "the payload of task 0"),
+        other => panic!("not rejected: {other:?}"),
+    }
+    let parking = env.topology().parking_queue();
+    assert_eq!(
+        env.message_count(&parking).await,
+        1,
+        "the rejected request alone"
+    );
     pod.stop().await;
 }

@@ -43,6 +43,10 @@ pub struct PodArgs {
     /// Job requests over this many bytes are parked [TASKMILL_MAX_REQUEST_BYTES, 16 MiB].
     #[arg(long)]
     pub max_request_bytes: Option<usize>,
+    /// The cap on every payload taskmill makes: a task's payload or result, a reduce or
+    /// finalize task's input, a job's result [TASKMILL_MAX_PAYLOAD_BYTES, 8 MiB].
+    #[arg(long)]
+    pub max_payload_bytes: Option<usize>,
     /// Seconds between sweeps for stuck work [TASKMILL_SWEEP_SECS, 30].
     #[arg(long)]
     pub sweep_secs: Option<u64>,
@@ -98,6 +102,9 @@ impl PodArgs {
         }
         if let Some(bytes) = self.max_request_bytes {
             config.max_request_bytes = bytes;
+        }
+        if let Some(bytes) = self.max_payload_bytes {
+            config.max_payload_bytes = bytes;
         }
         if let Some(shards) = self.sweeper_shards {
             config.sweeper_shards = shards;

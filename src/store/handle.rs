@@ -23,6 +23,9 @@ const SQLITE_STATEMENT_CACHE: usize = 24;
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(super) db: DatabaseConnection,
+    /// The cap on the payloads the store makes itself: a reduce or finalize task's
+    /// input, a job's result ([`crate::caps`]).
+    pub(super) payload_cap: usize,
 }
 
 impl Store {
@@ -63,7 +66,17 @@ impl Store {
                 Database::connect(options.clone())
             })
             .await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            payload_cap: crate::caps::DEFAULT_MAX_PAYLOAD_BYTES,
+        })
+    }
+
+    /// The same store, capping the payloads it makes at `bytes` (a pod's
+    /// `max_payload_bytes`).
+    pub fn with_payload_cap(mut self, bytes: usize) -> Self {
+        self.payload_cap = bytes;
+        self
     }
 
     /// Which database it is: PostgreSQL or SQLite.

@@ -92,6 +92,7 @@ impl Store {
 
     /// The jobs among `over` still running, each ended or moved on, in one transaction.
     async fn end_jobs(&self, over: &[String]) -> Result<Checked, StoreError> {
+        let cap = self.payload_cap;
         self.retrying("end jobs", || async {
             let over = over.to_vec();
             Ok(self
@@ -101,7 +102,7 @@ impl Store {
                         let mut ending = Vec::with_capacity(over.len());
                         let mut advanced = Vec::new();
                         for job in lock_jobs(txn, &over, JobStage::Running).await? {
-                            match settle(txn, &job).await? {
+                            match settle(txn, &job, cap).await? {
                                 Settled::Wait => {}
                                 Settled::Moved(change) => advanced.push(*change),
                                 Settled::Ends(to, first_error, result) => {
@@ -210,11 +211,12 @@ impl Store {
 pub(super) async fn check_in<C: ConnectionTrait>(
     txn: &C,
     job_id: &str,
+    cap: usize,
 ) -> Result<CheckedIn, StoreError> {
     let Some(job) = lock_job(txn, job_id, JobStage::Running).await? else {
         return Ok(CheckedIn::Going);
     };
-    Ok(match settle(txn, &job).await? {
+    Ok(match settle(txn, &job, cap).await? {
         Settled::Wait => CheckedIn::Going,
         Settled::Moved(change) => CheckedIn::Moved(change),
         Settled::Ends(to, first_error, result) => {
@@ -252,12 +254,17 @@ enum Settled {
 }
 
 /// Decides a locked running job's fate from its counters, and for a multi-stage job
-/// whose phase is over, makes the next phase ([`stages::advance`]).
-async fn settle<C: ConnectionTrait>(txn: &C, job: &job::Model) -> Result<Settled, StoreError> {
+/// whose phase is over, makes the next phase ([`stages::advance`]) with its payloads
+/// capped at `cap` bytes.
+async fn settle<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    cap: usize,
+) -> Result<Settled, StoreError> {
     Ok(match Counters::of(job).verdict() {
         Verdict::Wait => Settled::Wait,
         Verdict::End(to) => Settled::Ends(to, job.first_error.clone(), None),
-        Verdict::Advance => match stages::advance(txn, job).await? {
+        Verdict::Advance => match stages::advance(txn, job, cap).await? {
             Advanced::Moved { job, phase } => {
                 let event = stage_event(&job, phase);
                 Settled::Moved(Box::new(PhaseChange {

@@ -146,6 +146,7 @@ impl Store {
         job_id: &str,
         expected_tasks: i64,
     ) -> Result<StartOutcome, StoreError> {
+        let cap = self.payload_cap;
         self.retrying("start job", || async {
             let job_id = job_id.to_owned();
             Ok(self
@@ -205,7 +206,7 @@ impl Store {
                         })?;
                         // Tasks published while the job was forming may all have
                         // finished: their finished events found it not yet running.
-                        Ok(match job_ends::check_in(txn, &job_id).await? {
+                        Ok(match job_ends::check_in(txn, &job_id, cap).await? {
                             CheckedIn::Going => StartOutcome::Running(Box::new(job)),
                             CheckedIn::Moved(change) => StartOutcome::Advanced(change),
                             CheckedIn::Ended(event) => StartOutcome::Ended(event),

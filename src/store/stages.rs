@@ -53,10 +53,16 @@ pub(super) enum Advanced {
 
 /// Moves a running multi-stage job (locked by the caller) whose current phase's tasks
 /// are all done to the next phase with tasks, passing over phases that get none (a map
-/// stage without output makes no reduce tasks: the reduce output is `{}`).
+/// stage without output makes no reduce tasks: the reduce output is `{}`). A payload it
+/// would make over `cap` bytes (a reduce task's input, the finalize task's input, the
+/// job's result) fails the job instead, saying which and how large; it is measured by
+/// the database before it is made, so the completion pod holds at most `cap` bytes of
+/// the job's output (the merged reduce output) and the database builds no value past
+/// its own limits.
 pub(super) async fn advance<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
+    cap: usize,
 ) -> Result<Advanced, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("job {}: {what}", job.id));
     let plan: StagePlan = job
@@ -79,10 +85,17 @@ pub(super) async fn advance<C: ConnectionTrait>(
                 if let Some(error) = bad_map_output(txn, &job.id, first, end).await? {
                     return Ok(failed(error));
                 }
+                if let Some(error) = reduce_input_over_cap(txn, job, &plan, first, end, cap).await?
+                {
+                    return Ok(failed(error));
+                }
                 insert_reduce_tasks(txn, job, &plan, first, end).await?
             }
             (Phase::Reduce, Some(_)) => {
-                let merged = match merged_reduce_output(txn, job, &plan, first, end).await? {
+                let input = "the finalize task's input (the merged reduce output)";
+                let merged = match merged_reduce_output(txn, job, &plan, (first, end), (input, cap))
+                    .await?
+                {
                     Ok(merged) => merged,
                     Err(error) => return Ok(failed(error)),
                 };
@@ -97,8 +110,10 @@ pub(super) async fn advance<C: ConnectionTrait>(
                 1
             }
             (Phase::Reduce, None) => {
+                let result = "the job's result (the merged reduce output)";
                 return Ok(
-                    match merged_reduce_output(txn, job, &plan, first, end).await? {
+                    match merged_reduce_output(txn, job, &plan, (first, end), (result, cap)).await?
+                    {
                         Ok(merged) => done(merged),
                         Err(error) => failed(error),
                     },
@@ -205,6 +220,84 @@ async fn bad_map_output<C: ConnectionTrait>(
     }))
 }
 
+#[derive(FromQueryResult)]
+struct LargestShard {
+    shard: i64,
+    bytes: i64,
+}
+
+/// Why the reduce tasks cannot be made, if one of them would take more than `cap`
+/// bytes of map output: measured by the database from the map output's keys and
+/// values, dealt to shards (or one per key) as [`insert_reduce_tasks`] deals them,
+/// without building a single grouped value. The size counts each key and value as
+/// JSON text with room for punctuation, never less than the payload will take.
+async fn reduce_input_over_cap<C: ConnectionTrait>(
+    txn: &C,
+    job: &job::Model,
+    plan: &StagePlan,
+    first: i64,
+    end: i64,
+    cap: usize,
+) -> Result<Option<String>, StoreError> {
+    let backend = txn.get_database_backend();
+    let (pairs, key_bytes, value_bytes) = match backend {
+        DatabaseBackend::Postgres => (
+            PG_PAIRS.to_owned(),
+            "octet_length(to_jsonb(e.key)::text)",
+            "octet_length(e.value::text)",
+        ),
+        _ => (
+            SQLITE_PAIRS.to_owned(),
+            "length(CAST(json_quote(e.key) AS BLOB))",
+            "length(CAST(SQLITE_VALUE AS BLOB))",
+        ),
+    };
+    let value_bytes = value_bytes.replace("SQLITE_VALUE", SQLITE_VALUE);
+    let p = |n: u8| match backend {
+        DatabaseBackend::Postgres => format!("${n}"),
+        _ => format!("?{n}"),
+    };
+    let shards = p(4);
+    let sql = format!(
+        "SELECT k.shard AS shard, CAST(sum(k.bytes) AS BIGINT) AS bytes
+         FROM (SELECT (row_number() OVER (ORDER BY g.key) - 1) % {shards} AS shard, g.bytes
+               FROM (SELECT e.key AS key, sum({value_bytes} + 2) + {key_bytes} + 8 AS bytes
+                     {pairs} GROUP BY e.key) AS g) AS k
+         GROUP BY k.shard ORDER BY bytes DESC LIMIT 1"
+    );
+    let shards = if plan.reduce.per_key {
+        i64::MAX
+    } else {
+        i64::from(Ord::max(plan.reduce.shards, 1))
+    };
+    let values: Vec<sea_orm::Value> = vec![
+        job.id.clone().into(),
+        ordinal(first)?.into(),
+        ordinal(end)?.into(),
+        shards.into(),
+    ];
+    let largest =
+        LargestShard::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
+            .one(txn)
+            .await?;
+    Ok(largest
+        .filter(|largest| largest.bytes as u64 > cap as u64)
+        .map(|largest| {
+            let task = format!("reduce task {}", end + largest.shard);
+            let (what, hint) = match plan.reduce.per_key {
+                true => (format!("the input of {task} (one key's values)"), ""),
+                false => (
+                    format!("the input of {task} (shard {} of {shards})", largest.shard),
+                    ": more reduce shards would spread it",
+                ),
+            };
+            format!(
+                "{}{hint}",
+                crate::caps::over_cap(&what, largest.bytes as u64, cap)
+            )
+        }))
+}
+
 /// Groups the output of the map tasks with ordinals `first..end` by key and inserts
 /// the reduce tasks from ordinal `end` on: one per key, or up to `shards` with the keys
 /// dealt round-robin in key order. Returns how many it inserted.
@@ -233,24 +326,37 @@ async fn insert_reduce_tasks<C: ConnectionTrait>(
     Ok(inserted.rows_affected() as i64)
 }
 
+/// The map output of a job's tasks (ordinals `$1`, `$2..$3`, done) as rows of key
+/// `e.key` and value `e.value`, in the ordinals' order. The CASE keeps jsonb_each away
+/// from a non-object, whatever order the planner evaluates the filter in.
+const PG_PAIRS: &str = r#"FROM tasks t CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(t.result) = 'object'
+        THEN t.result ELSE '{}'::jsonb END) AS e
+    WHERE t.job_id = $1 AND t.ordinal >= $2 AND t.ordinal < $3 AND t.status = 'done'"#;
+
+/// [`PG_PAIRS`] for SQLite; a value is [`SQLITE_VALUE`].
+const SQLITE_PAIRS: &str = r#"FROM (SELECT ordinal, result FROM tasks
+          WHERE job_id = ?1 AND ordinal >= ?2 AND ordinal < ?3 AND status = 'done'
+            AND json_type(result) = 'object'
+          ORDER BY ordinal) AS t, json_each(t.result) AS e"#;
+
+/// json_each gives SQL values; this turns each back into JSON of its own type.
+const SQLITE_VALUE: &str = r#"json(CASE e.type WHEN 'text' THEN json_quote(e.value)
+    WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'null' THEN 'null' ELSE e.value END)"#;
+
 /// The statement of [`insert_reduce_tasks`]; parameters: job id, first and end
 /// ordinals of the map tasks, reduce task type, now, and (unless per key) shards.
 fn reduce_sql(backend: DatabaseBackend, per_key: bool) -> String {
     const INSERT: &str = r#"INSERT INTO tasks (job_id, ordinal, "type", payload, status,
         attempts, deliveries, version, created_at, updated_at)"#;
     if backend == DatabaseBackend::Postgres {
-        // The CASE keeps jsonb_each away from a non-object, whatever order the
-        // planner evaluates the filter in.
-        const GROUPED: &str = r#"SELECT e.key, jsonb_agg(e.value ORDER BY t.ordinal) AS vals
-            FROM tasks t CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(t.result) = 'object'
-                THEN t.result ELSE '{}'::jsonb END) AS e
-            WHERE t.job_id = $1 AND t.ordinal >= $2 AND t.ordinal < $3 AND t.status = 'done'
-            GROUP BY e.key"#;
+        let grouped = format!(
+            "SELECT e.key, jsonb_agg(e.value ORDER BY t.ordinal) AS vals {PG_PAIRS} GROUP BY e.key"
+        );
         if per_key {
             format!(
                 "{INSERT} SELECT $1, $3 + (row_number() OVER (ORDER BY g.key))::int - 1, $4,
                     jsonb_build_object('key', g.key, 'values', g.vals), 'pending', 0, 0, 0, $5, $5
-                 FROM ({GROUPED}) AS g"
+                 FROM ({grouped}) AS g"
             )
         } else {
             format!(
@@ -259,25 +365,20 @@ fn reduce_sql(backend: DatabaseBackend, per_key: bool) -> String {
                  FROM (SELECT k.shard, jsonb_object_agg(k.key, k.vals) AS groups
                        FROM (SELECT g.key, g.vals,
                                     ((row_number() OVER (ORDER BY g.key)) - 1)::int % $6 AS shard
-                             FROM ({GROUPED}) AS g) AS k
+                             FROM ({grouped}) AS g) AS k
                        GROUP BY k.shard) AS s"
             )
         }
     } else {
-        // json_each gives SQL values; each is turned back into JSON of its own type.
-        const GROUPED: &str = r#"SELECT e.key AS key, json_group_array(json(CASE e.type
-                WHEN 'text' THEN json_quote(e.value) WHEN 'true' THEN 'true'
-                WHEN 'false' THEN 'false' WHEN 'null' THEN 'null' ELSE e.value END)) AS vals
-            FROM (SELECT ordinal, result FROM tasks
-                  WHERE job_id = ?1 AND ordinal >= ?2 AND ordinal < ?3 AND status = 'done'
-                    AND json_type(result) = 'object'
-                  ORDER BY ordinal) AS t, json_each(t.result) AS e
-            GROUP BY e.key"#;
+        let grouped = format!(
+            "SELECT e.key AS key, json_group_array({SQLITE_VALUE}) AS vals {SQLITE_PAIRS}
+             GROUP BY e.key"
+        );
         if per_key {
             format!(
                 "{INSERT} SELECT ?1, ?3 + (row_number() OVER (ORDER BY g.key)) - 1, ?4,
                     json_object('key', g.key, 'values', json(g.vals)), 'pending', 0, 0, 0, ?5, ?5
-                 FROM ({GROUPED}) AS g"
+                 FROM ({grouped}) AS g"
             )
         } else {
             format!(
@@ -286,7 +387,7 @@ fn reduce_sql(backend: DatabaseBackend, per_key: bool) -> String {
                  FROM (SELECT k.shard AS shard, json_group_object(k.key, json(k.vals)) AS groups
                        FROM (SELECT g.key AS key, g.vals AS vals,
                                     (row_number() OVER (ORDER BY g.key) - 1) % ?6 AS shard
-                             FROM ({GROUPED}) AS g) AS k
+                             FROM ({grouped}) AS g) AS k
                        GROUP BY k.shard) AS s"
             )
         }
@@ -340,14 +441,20 @@ async fn phase_results<C: ConnectionTrait>(
 
 /// The reduce stage's output as one object of key → value: per key, each task's
 /// result under its key; per shard, the union of the shards' objects. `Err`: a shard
-/// returned something other than an object, which fails the job.
+/// returned something other than an object, or the output (`what` it becomes) is over
+/// `cap` bytes; either fails the job. The database sums the results' sizes first, so
+/// an output over the cap is never read into memory.
 async fn merged_reduce_output<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
     plan: &StagePlan,
-    first: i64,
-    end: i64,
+    (first, end): (i64, i64),
+    (what, cap): (&str, usize),
 ) -> Result<Result<Value, String>, StoreError> {
+    let stored = phase_result_bytes(txn, &job.id, first, end).await?;
+    if stored > cap as u64 {
+        return Ok(Err(crate::caps::over_cap(what, stored, cap)));
+    }
     let per_key = plan.reduce.per_key;
     let mut merged = Map::new();
     for row in phase_results(txn, &job.id, first, end, per_key).await? {
@@ -366,5 +473,41 @@ async fn merged_reduce_output<C: ConnectionTrait>(
             }
         }
     }
-    Ok(Ok(Value::Object(merged)))
+    let merged = Value::Object(merged);
+    // The keys a per-key output adds are not in the stored results.
+    let bytes = crate::caps::json_bytes(&merged);
+    if bytes > cap as u64 {
+        return Ok(Err(crate::caps::over_cap(what, bytes, cap)));
+    }
+    Ok(Ok(merged))
+}
+
+/// The bytes of the results of the done tasks with ordinals `first..end`, as the
+/// database stores them.
+async fn phase_result_bytes<C: ConnectionTrait>(
+    txn: &C,
+    job_id: &str,
+    first: i64,
+    end: i64,
+) -> Result<u64, StoreError> {
+    let length = match txn.get_database_backend() {
+        DatabaseBackend::Postgres => "octet_length(result::text)",
+        _ => "length(CAST(result AS BLOB))",
+    };
+    let bytes: Option<Option<i64>> = task::Entity::find()
+        .select_only()
+        .column_as(
+            Expr::cust(format!("CAST(sum({length}) AS BIGINT)")),
+            "bytes",
+        )
+        .filter(task::Column::JobId.eq(job_id))
+        .filter(task::Column::Ordinal.gte(first))
+        .filter(task::Column::Ordinal.lt(end))
+        .filter(task::Column::Status.eq(TaskStatus::Done.as_str()))
+        .into_tuple()
+        .one(txn)
+        .await?;
+    Ok(bytes
+        .flatten()
+        .map_or(0, |bytes| u64::try_from(bytes).unwrap_or(0)))
 }

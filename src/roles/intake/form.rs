@@ -58,6 +58,8 @@ impl Intake {
             return Err(Rejection::Park(format!("unknown task type {task_type:?}")));
         }
         let new_job = self.new_job(job_id.clone(), request)?;
+        let cap = self.shared.config.max_payload_bytes;
+        check_payloads(request.tasks.as_deref().unwrap_or_default(), cap)?;
         if request.in_parts() {
             return self.accept_part(&new_job, &task_type, request).await;
         }
@@ -77,6 +79,7 @@ impl Intake {
                         .map_err(|err| {
                             Rejection::Park(format!("splitter output is not JSON: {err}"))
                         })?;
+                    check_payloads(&split, cap)?;
                     &split
                 }
                 Some(Err(err)) => {
@@ -319,6 +322,22 @@ fn shrunk(batch: usize) -> usize {
         batch / 2
     } else {
         batch
+    }
+}
+
+/// Refuses a request with a task payload over the cap: a task message holding it would
+/// be refused by the workers (and the broker) it goes to.
+fn check_payloads(payloads: &[Box<RawValue>], cap: usize) -> Result<(), Rejection> {
+    match payloads
+        .iter()
+        .position(|payload| payload.get().len() > cap)
+    {
+        Some(n) => Err(Rejection::Park(crate::caps::over_cap(
+            &format!("the payload of task {n} of the request"),
+            payloads[n].get().len() as u64,
+            cap,
+        ))),
+        None => Ok(()),
     }
 }
 

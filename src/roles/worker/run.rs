@@ -130,8 +130,18 @@ impl Runner {
             drop(turn);
             result
         };
-        let outcome = match result {
-            Ok(value) => TaskOutcome::Done(value),
+        let cap = self.shared.config.max_payload_bytes;
+        let outcome = match result.map(|value| (crate::caps::json_bytes(&value), value)) {
+            // A result over the cap would be a payload over it in the next phase, or a
+            // job result nobody can be sent: the same input would make it again.
+            Ok((bytes, _)) if bytes > cap as u64 => {
+                let what = format!(
+                    "the result of task {} ({}, attempt {})",
+                    message.task_id, message.task_type, message.attempt
+                );
+                TaskOutcome::Failed(crate::caps::over_cap(&what, bytes, cap))
+            }
+            Ok((_, value)) => TaskOutcome::Done(value),
             Err(err) if !err.is_permanent() && message.attempt <= message.max_retries => {
                 tracing::debug!(task_id = message.task_id, attempt = message.attempt, error = %err, "attempt failed; will retry");
                 TaskOutcome::Retrying(err.message().to_owned())
