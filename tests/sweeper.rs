@@ -19,6 +19,7 @@ on_both_backends!(
     lost_finished_events_are_swept_back,
     stale_formation_fails_the_job,
     a_job_that_cannot_end_holds_back_no_sweep,
+    an_orphan_behind_a_hundred_fed_jobs_is_found,
     parking_lot_lists_replays_and_purges,
     tasks_finished_while_forming_end_the_job_at_start,
     two_outcomes_of_one_attempt_in_a_batch_count_once,
@@ -251,6 +252,47 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
     assert_eq!(job.stage, "failed");
     let stuck = store.job("cannot-end").await.unwrap().unwrap();
     assert_eq!(stuck.stage, "running", "its end is still refused");
+    pod.stop().await;
+}
+
+/// The orphan scan looks at 100 jobs at a time: a hundred jobs whose feeders are alive
+/// elsewhere (their leases live) hide no orphan behind them.
+async fn an_orphan_behind_a_hundred_fed_jobs_is_found(backend: Backend) {
+    const FED: usize = 100;
+    let env = TestEnv::new(backend).await;
+    let store = &env.store;
+    let tasks = echo_tasks(1);
+    for n in 0..=FED {
+        let job_id = format!("job-{n:03}");
+        store
+            .create_job(&echo_job(&job_id, FailurePolicy::FailFast))
+            .await
+            .unwrap();
+        insert_rows(store, &job_id, &tasks).await;
+        assert!(matches!(
+            store.start_job(&job_id, 1).await.unwrap(),
+            StartOutcome::Running(_)
+        ));
+        if n < FED {
+            let lease = format!("feed:{job_id}");
+            assert!(store
+                .acquire_lease(&lease, "a feeder elsewhere", LONG * 10)
+                .await
+                .unwrap());
+        }
+    }
+    // The scan leaves a job alone for its first 5 s (its own former may feed it).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let pod = env.start(env.pod());
+    let orphan = format!("job-{FED:03}");
+    let job = env.wait_for_end(&orphan, LONG).await;
+    assert_eq!(job.stage, "done");
+    let fed = store.job("job-000").await.unwrap().unwrap();
+    assert_eq!(
+        (fed.stage.as_str(), fed.tasks_published),
+        ("running", false),
+        "a job whose feeder lives is left to it"
+    );
     pod.stop().await;
 }
 

@@ -2,12 +2,13 @@
 //! messages nobody is publishing.
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::error::StoreError;
 use super::handle::Store;
 use crate::state::{JobStage, TaskStatus};
-use entity::{job, task};
+use entity::{job, lease, task};
 
 /// Jobs handed to a feeder per scan at most.
 const ORPHANS_PER_SCAN: u64 = 100;
@@ -44,8 +45,10 @@ impl Store {
     }
 
     /// Running jobs started before `started_before` whose task messages are not all
-    /// published: their feeder stopped (a crash, a lost connection, a shutdown) and
-    /// another one should carry on.
+    /// published and whose feed lease is not live: their feeder stopped (a crash, a
+    /// lost connection, a shutdown) and another one should carry on. The oldest
+    /// first, and never the jobs being fed, so that however many jobs are being fed
+    /// (or wait on an idle pool), every orphan is found within a few scans.
     pub(crate) async fn unfed_jobs(
         &self,
         started_before: DateTime<Utc>,
@@ -57,6 +60,23 @@ impl Store {
                 .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
                 .filter(job::Column::TasksPublished.eq(false))
                 .filter(job::Column::StartedAt.lt(started_before))
+                .filter(
+                    Expr::exists(
+                        Query::select()
+                            .expr(Expr::val(1))
+                            .from(lease::Entity)
+                            .and_where(
+                                Expr::col((lease::Entity, lease::Column::Name))
+                                    .eq(Expr::cust(r#"'feed:' || "jobs"."id""#)),
+                            )
+                            .and_where(
+                                Expr::col((lease::Entity, lease::Column::Until)).gt(Utc::now()),
+                            )
+                            .to_owned(),
+                    )
+                    .not(),
+                )
+                .order_by_asc(job::Column::StartedAt)
                 .limit(ORPHANS_PER_SCAN)
                 .into_tuple()
                 .all(&self.db)
