@@ -17,14 +17,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use crate::amqp::broker::{all_confirmed, Outgoing, Publisher};
-use crate::amqp::dispatch;
+use crate::amqp::broker::{Outgoing, Publisher};
 use crate::amqp::events::EventPublisher;
 use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{JobEvent, JobRequest, Part, Seal, TaskMessage, TaskResult};
+use crate::protocol::{JobEvent, JobRequest, Part, Seal, TaskResult};
 use crate::retry::Delays;
 use crate::state::TaskStatus;
 use crate::store::{Rerun, Store, StoreError};
@@ -34,8 +33,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// Tasks per part of a job sent in parts; a larger job given to [`Client::submit`] is
 /// sent in parts.
 pub const PART_TASKS: usize = 10_000;
-/// Tasks a retry reads and sends at once, their confirms awaited together.
-const RETRY_PAGE: u64 = 1_000;
 /// Bytes of task JSON per part at most: well under the intake's default limit on a
 /// request (16 MiB), whatever the payloads.
 pub const PART_BYTES: usize = 4 * 1024 * 1024;
@@ -265,14 +262,15 @@ impl Client {
     /// with one new event (its `run` says which). Returns how many tasks run again.
     /// [`Error::UnknownJob`] for no such job; [`Error::NotRetried`] with the reason for
     /// a job that is not `failed`, failed in formation, failed as a whole (no task to
-    /// run again), or whose last event is still being delivered. If this process dies
-    /// after the commit but before every task is sent, the sweeper sends the rest once
-    /// they have not moved for `stuck_after`. Needs a store ([`Client::with_store`]).
+    /// run again), or whose last event is still being delivered. The tasks are sent by
+    /// the pods' feeders (the intakes' orphan scan finds the job within seconds), not
+    /// by this call: a retry that returned has nothing left to send. Needs a store
+    /// ([`Client::with_store`]).
     pub async fn retry(&self, job_id: &str) -> Result<u64, Error> {
         let store = self.store.as_ref().ok_or_else(|| {
             Error::Config("retrying a job needs a store: Client::with_store".into())
         })?;
-        retry_job(store, &self.publisher().await?, &self.topology, job_id).await
+        retry_job(store, job_id).await
     }
 
     /// The job's task results and errors in task order, read from the store a page at
@@ -509,13 +507,11 @@ pub(crate) async fn cancel_job(
         .map_err(|err| unreadable_event(job_id, &err))
 }
 
-/// [`Client::retry`], on any publisher: the dashboard's too.
-pub(crate) async fn retry_job(
-    store: &Store,
-    publisher: &Publisher,
-    topology: &Topology,
-    job_id: &str,
-) -> Result<u64, Error> {
+/// [`Client::retry`], for the dashboard too. It sends nothing itself: the rerun's
+/// tasks are a feeder's, as a new job's are (the intakes' orphan scan finds the job
+/// within seconds), so that a retry interrupted after its commit still runs whole and
+/// the pool's feed depth holds.
+pub(crate) async fn retry_job(store: &Store, job_id: &str) -> Result<u64, Error> {
     let (job, tasks) = match store.rerun_job(job_id).await? {
         Rerun::Started { job, tasks } => (job, tasks),
         Rerun::UnknownJob => return Err(Error::UnknownJob(job_id.to_owned())),
@@ -526,19 +522,6 @@ pub(crate) async fn retry_job(
             })
         }
     };
-    let settings = dispatch::settings_of(&job);
-    let mut after_id = 0;
-    loop {
-        let page = store.pending_tasks(job_id, after_id, RETRY_PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after_id = last.id;
-        let mut pending = Vec::with_capacity(page.len());
-        for task in &page {
-            let message = TaskMessage::new(settings, task.id, &task.task_type, &task.payload, 1);
-            pending.push(dispatch::send_task(publisher, topology, &job.queue, &message).await?);
-        }
-        all_confirmed(pending).await?;
-    }
     tracing::info!(job_id, run = job.run, tasks, "job retried");
     Ok(tasks)
 }

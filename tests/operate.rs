@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use taskmill::store::Rerun;
 use taskmill::{Error, JobRequest, TaskContext, TaskError};
 
 use common::{Backend, TestEnv};
@@ -14,6 +15,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 on_both_backends!(
     a_failed_job_runs_again_and_ends_once_more,
+    a_retry_stopped_after_its_commit_runs_whole,
     a_retry_is_refused_with_its_reason,
 );
 
@@ -158,6 +160,21 @@ async fn odd_fails_until_healed(ctx: TaskContext) -> Result<Value, TaskError> {
 }
 
 async fn a_failed_job_runs_again_and_ends_once_more(backend: Backend) {
+    retried_job_ends_once_more(backend, Retry::Client).await
+}
+
+/// A retry whose caller stops once its transaction commits (Ctrl-C, a dropped
+/// dashboard request) has sent nothing: the pods' feeders send the rerun.
+async fn a_retry_stopped_after_its_commit_runs_whole(backend: Backend) {
+    retried_job_ends_once_more(backend, Retry::CommitOnly).await
+}
+
+enum Retry {
+    Client,
+    CommitOnly,
+}
+
+async fn retried_job_ends_once_more(backend: Backend, retry: Retry) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
     let pod = env.start(env.pod().handler("odd", odd_fails_until_healed));
@@ -174,7 +191,13 @@ async fn a_failed_job_runs_again_and_ends_once_more(backend: Backend) {
     events.wait_for(1, LONG).await;
 
     HEALED.lock().unwrap().push(env.name.clone());
-    let again = client.retry(&job_id).await.unwrap();
+    let again = match retry {
+        Retry::Client => client.retry(&job_id).await.unwrap(),
+        Retry::CommitOnly => match env.store.rerun_job(&job_id).await.unwrap() {
+            Rerun::Started { tasks, .. } => tasks,
+            other => panic!("not retried: {other:?}"),
+        },
+    };
     assert_eq!(again, (first.failed + first.cancelled) as u64);
     let job = env.wait_for_end(&job_id, LONG).await;
     assert_eq!(job.stage, "done");
@@ -252,4 +275,64 @@ async fn pods_and_clients_given_several_broker_urls_use_the_one_that_answers() {
     assert!(event.is_done());
     client.close().await.unwrap();
     pod.stop().await;
+}
+
+/// A cancel whose caller is dropped mid-transaction (a browser closing the dashboard's
+/// request, a pod stopping) still commits: its transaction runs on a task of its own,
+/// and no connection is left inside a transaction holding the job's lock.
+#[tokio::test]
+async fn a_transaction_outlives_its_dropped_caller() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let client = env.client().await;
+    // No pod: the job waits, forming nothing, until it is cancelled.
+    let mut request = JobRequest::new(taskmill::builtin::ECHO, vec![json!(1)]);
+    request.job_id = Some("dropped-cancel".to_owned());
+    let intake = env.start(env.pod().roles(taskmill::Roles {
+        intake: true,
+        ..taskmill::Roles::NONE
+    }));
+    client.submit(request).await.unwrap();
+    common::wait_until(LONG, || async {
+        env.store
+            .job("dropped-cancel")
+            .await
+            .unwrap()
+            .is_some_and(|job| job.stage == "running")
+    })
+    .await;
+    intake.stop().await;
+    // The cancel's statements on the job's tasks take a second.
+    env.execute_sql(&[
+        "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER slow BEFORE UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION slow()",
+    ])
+    .await;
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(300),
+        env.store.cancel_job("dropped-cancel"),
+    )
+    .await;
+    assert!(dropped.is_err(), "the caller gave up mid-transaction");
+    let job = env.wait_for_end("dropped-cancel", LONG).await;
+    assert_eq!(job.stage, "cancelled", "the transaction ran to its commit");
+    common::wait_until(LONG, || async {
+        let db = sea_orm::Database::connect(&env.config.database_url)
+            .await
+            .unwrap();
+        use sea_orm::ConnectionTrait;
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let open: i64 = row.try_get("", "n").unwrap();
+        db.close().await.unwrap();
+        open == 0
+    })
+    .await;
+    client.close().await.unwrap();
 }

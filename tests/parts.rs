@@ -24,6 +24,7 @@ on_both_backends!(
     a_sealed_job_missing_a_part_fails_naming_it,
     an_intake_stopped_between_and_within_parts_resumes,
     a_large_submit_goes_in_parts,
+    unsealed_jobs_rest_until_their_next_part,
 );
 
 /// Part `number` of job `job_id`: echo tasks `offset .. offset + count`, each payload
@@ -280,5 +281,56 @@ async fn a_large_submit_goes_in_parts(backend: Backend) {
     );
     assert_each_task_once(&env, &job_id, tasks).await;
     client.close().await.unwrap();
+    pod.stop().await;
+}
+
+/// Jobs whose first part ran and whose next part has not come cost nothing while they
+/// wait: their feeders rest (no feed lease is held), and the next part and the seal
+/// start a feeder again.
+async fn unsealed_jobs_rest_until_their_next_part(backend: Backend) {
+    const JOBS: usize = 20;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.pod());
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job_id()).collect();
+    for job_id in &jobs {
+        send(&env, &part(job_id, 1, 0, 10, "")).await;
+    }
+    for job_id in &jobs {
+        common::wait_until(LONG, || async {
+            let status = env.store.job_status(job_id).await.unwrap();
+            status.is_some_and(|s| s.tasks_by_status.get("done") == Some(&10))
+        })
+        .await;
+    }
+    let feed_leases = || async {
+        use sea_orm::ConnectionTrait;
+        let db = sea_orm::Database::connect(&env.config.database_url)
+            .await
+            .unwrap();
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM leases WHERE name LIKE 'feed:%'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let n: i64 = row.try_get("", "n").unwrap();
+        db.close().await.unwrap();
+        n
+    };
+    common::wait_until(Duration::from_secs(30), || async {
+        feed_leases().await == 0
+    })
+    .await;
+    for job_id in &jobs {
+        send(&env, &part(job_id, 2, 10, 10, "")).await;
+        send(&env, &seal(job_id, 2, 20)).await;
+    }
+    for job_id in &jobs {
+        let job = env.wait_for_end(job_id, LONG).await;
+        assert_eq!(job.stage, "done");
+        assert_each_task_once(&env, job_id, 20).await;
+    }
     pod.stop().await;
 }

@@ -58,6 +58,9 @@ pub struct Model {
     /// Which run of the job this is: 1, then one more each time a failed job is
     /// retried.
     pub run: i32,
+    /// The last ordinal whose task message a feeder published (confirmed) in the
+    /// current phase or an earlier one; -1 for none. The next feeder starts after it.
+    pub fed_through: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,15 +11,26 @@
 //! and several jobs of one pool interleave instead of queueing behind each other.
 //!
 //! The request is acked once the rows are stored and the job runs: from then on the
-//! lease is what makes the feeding survive a crash. Every pod running the intake looks
+//! lease is what makes the feeding survive a crash. Each confirmed top-up is recorded
+//! on the job (`fed_through`), so a later feeder starts where the last one stopped.
+//!
+//! A job that waits costs next to nothing: a feeder looking at a full queue, or at a
+//! forming job whose next rows have not come, backs off (to [`FULL_POLL_MAX`] and
+//! [`FORMING_POLL_MAX`]); and the feeder of a job in parts that receives no new row
+//! for [`REST_AFTER`] rests — it ends and gives up its lease — until the next part's
+//! request (or the seal that starts the job) starts a feeder again. A request for a
+//! job this pod already feeds wakes that feeder instead. Every pod running the intake looks
 //! every [`ORPHAN_SCAN`] for running jobs whose messages are not all published and no
 //! live feeder holds, and feeds them. A takeover publishes again the messages that
 //! were waiting in the queue, at most a queue's depth: the claim's compare-and-set
 //! makes such a copy a no-op.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,9 +50,17 @@ pub const FEED_DEPTH: u32 = 2_048;
 /// A feeder publishes once at least this many messages have left the queue, so that
 /// each top-up is one page read and one round of confirms.
 const FEED_CHUNK: u32 = 512;
-/// How often a feeder looks at the queue while it is full, or at the store while the
-/// job's rows are still being inserted.
+/// How soon a feeder looks again at a full queue, or at the store while the job's
+/// rows are still being inserted; doubled while nothing moves, up to the limits below.
 const POLL: Duration = Duration::from_millis(20);
+/// The longest a feeder waits between looks at a full queue: the queue's depth lasts
+/// its workers far longer than that.
+const FULL_POLL_MAX: Duration = Duration::from_millis(200);
+/// The longest a feeder waits between looks at a forming job whose next rows have not
+/// come (a request of this pod that stores rows wakes it at once).
+const FORMING_POLL_MAX: Duration = Duration::from_secs(1);
+/// A feeder of a forming job that finds no new row for this long rests.
+const REST_AFTER: Duration = Duration::from_secs(3);
 /// A feeder's lease on its job; renewed at a third of it.
 const FEED_LEASE: Duration = Duration::from_secs(10);
 /// How often a pod looks for jobs whose feeder stopped.
@@ -61,11 +80,21 @@ struct Inner {
     shared: Arc<Shared>,
     publisher: Publisher,
     holder: String,
-    /// Jobs this pod feeds now, so that a job handed over twice is fed once.
-    feeding: Mutex<HashSet<String>>,
+    /// Jobs this pod feeds now, so that a job handed over twice is fed once, and the
+    /// feeder is woken instead.
+    feeding: Mutex<HashMap<String, Arc<Wake>>>,
     stop: CancellationToken,
     /// The feeds and the scan, so that a stop can wait for them.
     tasks: TaskTracker,
+}
+
+/// How a job's feeder in this pod hears that the job was handed over again (a part of
+/// it stored, say): a notice that cuts its wait short, and a flag that stops it from
+/// resting.
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    again: AtomicBool,
 }
 
 /// Whether a feeder waits for another holder's lease to expire.
@@ -113,13 +142,21 @@ impl Feeder {
     }
 
     fn spawn(&self, job_id: &str, patience: Patience) {
-        if !self.inner.feeding.lock().unwrap().insert(job_id.to_owned()) {
-            return;
-        }
+        let wake = {
+            let mut feeding = self.inner.feeding.lock().unwrap();
+            if let Some(wake) = feeding.get(job_id) {
+                wake.again.store(true, Ordering::SeqCst);
+                wake.notify.notify_one();
+                return;
+            }
+            let wake = Arc::new(Wake::default());
+            feeding.insert(job_id.to_owned(), wake.clone());
+            wake
+        };
         let (inner, job_id) = (self.inner.clone(), job_id.to_owned());
         self.inner.tasks.spawn(async move {
             let lease = format!("feed:{job_id}");
-            if let Err(err) = inner.feed(&job_id, &lease, patience).await {
+            if let Err(err) = inner.feed(&job_id, &lease, patience, &wake).await {
                 tracing::warn!(%job_id, %err, "feeding stopped; a feeder will carry on");
             }
             if let Err(err) = inner
@@ -130,7 +167,7 @@ impl Feeder {
             {
                 tracing::debug!(%job_id, %err, "feed lease not released; it expires");
             }
-            inner.feeding.lock().unwrap().remove(&job_id);
+            inner.forget(&job_id, &wake);
         });
     }
 
@@ -159,11 +196,46 @@ impl Feeder {
 }
 
 impl Inner {
+    /// Takes `job_id` off this pod's list if `wake` is still its entry (a feeder that
+    /// rested took it off already, and a new one may be there).
+    fn forget(&self, job_id: &str, wake: &Arc<Wake>) {
+        let mut feeding = self.feeding.lock().unwrap();
+        if feeding
+            .get(job_id)
+            .is_some_and(|entry| Arc::ptr_eq(entry, wake))
+        {
+            feeding.remove(job_id);
+        }
+    }
+
+    /// Whether the feeder of `job_id` may rest: not if it was handed the job again
+    /// since it last looked. Decided under the list's lock, so a request that comes
+    /// after it either wakes this feeder or, once it is off the list, starts a new one.
+    fn may_rest(&self, job_id: &str, wake: &Arc<Wake>) -> bool {
+        let mut feeding = self.feeding.lock().unwrap();
+        if wake.again.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        if feeding
+            .get(job_id)
+            .is_some_and(|entry| Arc::ptr_eq(entry, wake))
+        {
+            feeding.remove(job_id);
+        }
+        true
+    }
+
     /// Holds the job's lease and publishes its tasks in ordinal order, each top-up
     /// confirmed before the next, until every task has been published once; then marks
     /// the job's tasks published. Returns early, leaving the rest to another feeder,
     /// when the job ends or stops forming, the lease is lost, or the pod stops.
-    async fn feed(&self, job_id: &str, lease: &str, patience: Patience) -> Result<(), Error> {
+    async fn feed(
+        &self,
+        job_id: &str,
+        lease: &str,
+        patience: Patience,
+        wake: &Arc<Wake>,
+    ) -> Result<(), Error> {
         let store = &self.shared.store;
         while !store.acquire_lease(lease, &self.holder, FEED_LEASE).await? {
             if patience == Patience::TryOnce {
@@ -185,7 +257,7 @@ impl Inner {
         // Passive declares get a channel of their own: on a deleted queue the broker
         // closes it, and the publisher's must stay up.
         let looks = self.publisher.connection().create_channel().await?;
-        let fed = self.feed_leased(job_id, lease, &looks).await;
+        let fed = self.feed_leased(job_id, lease, &looks, wake).await;
         close_channel(&looks).await;
         fed
     }
@@ -195,9 +267,12 @@ impl Inner {
         job_id: &str,
         lease: &str,
         looks: &lapin::Channel,
+        wake: &Arc<Wake>,
     ) -> Result<(), Error> {
         let store = &self.shared.store;
         let mut renewed = Instant::now();
+        let mut wait = POLL;
+        let mut last_row = Instant::now();
         // The last ordinal fed; set from the job's first read: a later phase of a
         // multi-stage job starts past the earlier phases' tasks.
         let mut after: Option<i32> = None;
@@ -215,6 +290,9 @@ impl Inner {
                     .saturating_sub(self.shared.topology.ready_messages(looks, pool).await?),
                 None => FEED_DEPTH,
             };
+            // While the job forms: whether this look found no new row. None: the
+            // queue was full.
+            let mut waiting_for_rows = None;
             if room >= FEED_CHUNK {
                 let Some(job) = store.job(job_id).await? else {
                     return Ok(());
@@ -223,7 +301,8 @@ impl Inner {
                     return Ok(());
                 };
                 pool = Some(job.queue.clone());
-                let after = after.get_or_insert(job.phase_first_ordinal as i32 - 1);
+                let after =
+                    after.get_or_insert((job.phase_first_ordinal - 1).max(job.fed_through) as i32);
                 let through = after.saturating_add(room as i32);
                 let page = store.feed_page(job_id, *after, through, forming).await?;
                 let fed = match forming {
@@ -233,7 +312,12 @@ impl Inner {
                 self.publish(&job, fed).await?;
                 if !forming {
                     *after = through;
-                    if i64::from(*after) >= job.task_count - 1 {
+                    let last = job.task_count - 1;
+                    let through = i64::from(through).min(last);
+                    store
+                        .record_fed(job_id, job.phase_first_ordinal, through)
+                        .await?;
+                    if through >= last {
                         store
                             .mark_tasks_published(
                                 std::slice::from_ref(&job.id),
@@ -243,18 +327,40 @@ impl Inner {
                         tracing::info!(%job_id, tasks = job.task_count, pool = %job.queue, "job fed");
                         return Ok(());
                     }
+                    wait = POLL;
                     continue;
                 }
                 if let Some(last) = fed.last() {
                     *after = last.ordinal;
+                    store
+                        .record_fed(job_id, job.phase_first_ordinal, i64::from(last.ordinal))
+                        .await?;
+                    last_row = Instant::now();
+                    wait = POLL;
                 }
                 if fed.len() == room as usize {
                     continue;
                 }
+                waiting_for_rows = Some(fed.is_empty());
+            }
+            let limit = match waiting_for_rows {
+                None => FULL_POLL_MAX,
+                Some(_) => FORMING_POLL_MAX,
+            };
+            if waiting_for_rows == Some(true)
+                && last_row.elapsed() >= REST_AFTER
+                && self.may_rest(job_id, wake)
+            {
+                tracing::debug!(%job_id, "no new rows; the feeder rests until the next part");
+                return Ok(());
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(wait) => wait = (wait * 2).min(limit),
+                _ = wake.notify.notified() => {
+                    wake.again.store(false, Ordering::SeqCst);
+                    (wait, last_row) = (POLL, Instant::now());
+                }
             }
         }
     }

@@ -44,6 +44,29 @@ impl Store {
         .await
     }
 
+    /// Records that a feeder published (and the broker confirmed) the task messages of
+    /// the job's phase starting at `phase_first_ordinal` through ordinal `through`, so
+    /// that the job's next feeder starts after it. A job that moved to another phase
+    /// meanwhile is left alone, and the mark never goes back.
+    pub(crate) async fn record_fed(
+        &self,
+        job_id: &str,
+        phase_first_ordinal: i64,
+        through: i64,
+    ) -> Result<(), StoreError> {
+        self.retrying("record feed progress", || async {
+            job::Entity::update_many()
+                .col_expr(job::Column::FedThrough, Expr::value(through))
+                .filter(job::Column::Id.eq(job_id))
+                .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
+                .filter(job::Column::FedThrough.lt(through))
+                .exec(&self.db)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Running jobs started before `started_before` whose task messages are not all
     /// published and whose feed lease is not live: their feeder stopped (a crash, a
     /// lost connection, a shutdown) and another one should carry on. The oldest

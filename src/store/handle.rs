@@ -4,9 +4,12 @@
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
+use std::future::Future;
+use std::pin::Pin;
+
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    TransactionTrait,
+    DatabaseTransaction, TransactionTrait,
 };
 
 use super::error::StoreError;
@@ -112,6 +115,28 @@ impl Store {
     /// Closes the connection pool.
     pub async fn close(self) -> Result<(), StoreError> {
         Ok(self.db.close().await?)
+    }
+
+    /// Runs `work` in one transaction on a task of its own, so that the transaction
+    /// ends in a commit or a rollback even when its caller is dropped half-way (a role
+    /// stopped at shutdown, a browser that closed its request): cut off in the middle
+    /// of a statement, it could leave its connection in the pool still inside the
+    /// transaction, holding the locks it took.
+    pub(super) async fn transact<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(
+                &'c DatabaseTransaction,
+            )
+                -> Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::spawn(async move { db.transaction::<F, T, StoreError>(work).await })
+            .await
+            .map_err(|err| StoreError::Transaction(format!("a transaction's task failed: {err}")))?
+            .map_err(StoreError::from)
     }
 
     pub(super) async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T, StoreError>

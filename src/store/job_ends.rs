@@ -14,7 +14,7 @@ use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 
 use super::error::StoreError;
@@ -95,40 +95,37 @@ impl Store {
         let cap = self.payload_cap;
         self.retrying("end jobs", || async {
             let over = over.to_vec();
-            Ok(self
-                .db
-                .transaction::<_, Checked, StoreError>(move |txn| {
-                    Box::pin(async move {
-                        let mut ending = Vec::with_capacity(over.len());
-                        let mut advanced = Vec::new();
-                        for job in lock_jobs(txn, &over, JobStage::Running).await? {
-                            match settle(txn, &job, cap).await? {
-                                Settled::Wait => {}
-                                Settled::Moved(change) => advanced.push(*change),
-                                Settled::Ends(to, first_error, result) => {
-                                    cancel_rest(txn, &job, JobStage::Running, to).await?;
-                                    ending.push((job, to, first_error, result));
-                                }
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    let mut ending = Vec::with_capacity(over.len());
+                    let mut advanced = Vec::new();
+                    for job in lock_jobs(txn, &over, JobStage::Running).await? {
+                        match settle(txn, &job, cap).await? {
+                            Settled::Wait => {}
+                            Settled::Moved(change) => advanced.push(*change),
+                            Settled::Ends(to, first_error, result) => {
+                                cancel_rest(txn, &job, JobStage::Running, to).await?;
+                                ending.push((job, to, first_error, result));
                             }
                         }
-                        let ids: Vec<String> =
-                            ending.iter().map(|(job, ..)| job.id.clone()).collect();
-                        let mut counts = count_by_job_and_status(txn, &ids).await?;
-                        let mut ended = Vec::with_capacity(ending.len());
-                        for (job, to, first_error, result) in ending {
-                            let counts = counts.remove(&job.id).unwrap_or_default();
-                            let end = Ending {
-                                from: JobStage::Running,
-                                to,
-                                first_error,
-                                result,
-                            };
-                            ended.push(finish_job(txn, &job, end, counts).await?);
-                        }
-                        Ok(Checked { ended, advanced })
-                    })
+                    }
+                    let ids: Vec<String> = ending.iter().map(|(job, ..)| job.id.clone()).collect();
+                    let mut counts = count_by_job_and_status(txn, &ids).await?;
+                    let mut ended = Vec::with_capacity(ending.len());
+                    for (job, to, first_error, result) in ending {
+                        let counts = counts.remove(&job.id).unwrap_or_default();
+                        let end = Ending {
+                            from: JobStage::Running,
+                            to,
+                            first_error,
+                            result,
+                        };
+                        ended.push(finish_job(txn, &job, end, counts).await?);
+                    }
+                    Ok(Checked { ended, advanced })
                 })
-                .await?)
+            })
+            .await
         })
         .await
     }
@@ -178,20 +175,18 @@ impl Store {
     ) -> Result<Option<job_event::Model>, StoreError> {
         self.retrying("end a job", || async {
             let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
-            Ok(self
-                .db
-                .transaction::<_, Option<job_event::Model>, StoreError>(move |txn| {
-                    Box::pin(async move {
-                        let Some(job) = lock_job(txn, &job_id, from).await? else {
-                            return Ok(None);
-                        };
-                        // The job ends as a whole, not by a task: nothing of it goes on.
-                        cancel_rest(txn, &job, from, JobStage::Cancelled).await?;
-                        let event = end_job_with(txn, &job, from, to, Some(reason)).await?;
-                        Ok(Some(event))
-                    })
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    let Some(job) = lock_job(txn, &job_id, from).await? else {
+                        return Ok(None);
+                    };
+                    // The job ends as a whole, not by a task: nothing of it goes on.
+                    cancel_rest(txn, &job, from, JobStage::Cancelled).await?;
+                    let event = end_job_with(txn, &job, from, to, Some(reason)).await?;
+                    Ok(Some(event))
                 })
-                .await?)
+            })
+            .await
         })
         .await
     }

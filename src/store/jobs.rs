@@ -149,71 +149,67 @@ impl Store {
         let cap = self.payload_cap;
         self.retrying("start job", || async {
             let job_id = job_id.to_owned();
-            Ok(self
-                .db
-                .transaction::<_, StartOutcome, StoreError>(move |txn| {
-                    Box::pin(async move {
-                        let found = task::Entity::find()
-                            .select_only()
-                            .column_as(Expr::col(task::Column::Id).count(), "count")
-                            .column_as(Expr::col(task::Column::Id).min(), "first")
-                            .filter(task::Column::JobId.eq(job_id.as_str()))
-                            .into_model::<CountAndFirst>()
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    let found = task::Entity::find()
+                        .select_only()
+                        .column_as(Expr::col(task::Column::Id).count(), "count")
+                        .column_as(Expr::col(task::Column::Id).min(), "first")
+                        .filter(task::Column::JobId.eq(job_id.as_str()))
+                        .into_model::<CountAndFirst>()
+                        .one(txn)
+                        .await?
+                        .unwrap_or(CountAndFirst {
+                            count: 0,
+                            first: None,
+                        });
+                    if found.count != expected_tasks {
+                        return Err(StoreError::TaskCountMismatch {
+                            job_id,
+                            expected: expected_tasks,
+                            found: found.count,
+                        });
+                    }
+                    let job = lock_job(txn, &job_id, JobStage::Formation).await?;
+                    let Some(job) = job else {
+                        // Already started (a retried write that landed, or another
+                        // intake): report the job as it is.
+                        let job = job::Entity::find_by_id(job_id.clone())
                             .one(txn)
                             .await?
-                            .unwrap_or(CountAndFirst {
-                                count: 0,
-                                first: None,
-                            });
-                        if found.count != expected_tasks {
-                            return Err(StoreError::TaskCountMismatch {
-                                job_id,
-                                expected: expected_tasks,
-                                found: found.count,
-                            });
-                        }
-                        let job = lock_job(txn, &job_id, JobStage::Formation).await?;
-                        let Some(job) = job else {
-                            // Already started (a retried write that landed, or another
-                            // intake): report the job as it is.
-                            let job = job::Entity::find_by_id(job_id.clone())
-                                .one(txn)
-                                .await?
-                                .ok_or_else(|| StoreError::JobNotFound(job_id.clone()))?;
-                            return Ok(StartOutcome::Running(Box::new(job)));
-                        };
-                        if expected_tasks == 0 {
-                            let event =
-                                job_ends::end_job(txn, &job, JobStage::Formation, JobStage::Done)
-                                    .await?;
-                            return Ok(StartOutcome::Ended(event));
-                        }
-                        let now = Utc::now();
-                        let started = job::Entity::update_many()
-                            .col_expr(job::Column::Stage, Expr::value(JobStage::Running.as_str()))
-                            .col_expr(job::Column::TaskCount, Expr::value(expected_tasks))
-                            .col_expr(job::Column::FirstTaskId, Expr::value(found.first))
-                            .col_expr(job::Column::StartedAt, Expr::value(now))
-                            .col_expr(job::Column::UpdatedAt, Expr::value(now))
-                            .filter(job::Column::Id.eq(job_id.as_str()))
-                            .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
-                            .exec_with_returning(txn)
-                            .await?;
-                        let job = started.into_iter().next().ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "job {job_id} left formation mid-transaction"
-                            ))
-                        })?;
-                        // Tasks published while the job was forming may all have
-                        // finished: their finished events found it not yet running.
-                        Ok(match job_ends::check_in(txn, &job_id, cap).await? {
-                            CheckedIn::Going => StartOutcome::Running(Box::new(job)),
-                            CheckedIn::Moved(change) => StartOutcome::Advanced(change),
-                            CheckedIn::Ended(event) => StartOutcome::Ended(event),
-                        })
+                            .ok_or_else(|| StoreError::JobNotFound(job_id.clone()))?;
+                        return Ok(StartOutcome::Running(Box::new(job)));
+                    };
+                    if expected_tasks == 0 {
+                        let event =
+                            job_ends::end_job(txn, &job, JobStage::Formation, JobStage::Done)
+                                .await?;
+                        return Ok(StartOutcome::Ended(event));
+                    }
+                    let now = Utc::now();
+                    let started = job::Entity::update_many()
+                        .col_expr(job::Column::Stage, Expr::value(JobStage::Running.as_str()))
+                        .col_expr(job::Column::TaskCount, Expr::value(expected_tasks))
+                        .col_expr(job::Column::FirstTaskId, Expr::value(found.first))
+                        .col_expr(job::Column::StartedAt, Expr::value(now))
+                        .col_expr(job::Column::UpdatedAt, Expr::value(now))
+                        .filter(job::Column::Id.eq(job_id.as_str()))
+                        .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
+                        .exec_with_returning(txn)
+                        .await?;
+                    let job = started.into_iter().next().ok_or_else(|| {
+                        StoreError::Corrupt(format!("job {job_id} left formation mid-transaction"))
+                    })?;
+                    // Tasks published while the job was forming may all have
+                    // finished: their finished events found it not yet running.
+                    Ok(match job_ends::check_in(txn, &job_id, cap).await? {
+                        CheckedIn::Going => StartOutcome::Running(Box::new(job)),
+                        CheckedIn::Moved(change) => StartOutcome::Advanced(change),
+                        CheckedIn::Ended(event) => StartOutcome::Ended(event),
                     })
                 })
-                .await?)
+            })
+            .await
         })
         .await
     }
@@ -414,5 +410,6 @@ fn job_row(
         sealed_parts: Set(None),
         sealed_tasks: Set(None),
         run: Set(1),
+        fed_through: Set(-1),
     }
 }

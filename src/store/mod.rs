@@ -78,5 +78,6 @@ pub(crate) fn running_job_for_tests() -> job::Model {
         sealed_parts: None,
         sealed_tasks: None,
         run: 1,
+        fed_through: -1,
     }
 }

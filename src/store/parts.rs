@@ -13,7 +13,7 @@ use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 
 use super::error::StoreError;
@@ -60,12 +60,10 @@ impl Store {
     ) -> Result<PartClaim, StoreError> {
         self.retrying("claim a part", || async {
             let (job_id, digest) = (job_id.to_owned(), digest.to_owned());
-            Ok(self
-                .db
-                .transaction::<_, PartClaim, StoreError>(move |txn| {
-                    Box::pin(async move { claim_part_in(txn, &job_id, part, tasks, &digest).await })
-                })
-                .await?)
+            self.transact(move |txn| {
+                Box::pin(async move { claim_part_in(txn, &job_id, part, tasks, &digest).await })
+            })
+            .await
         })
         .await
     }
@@ -90,12 +88,8 @@ impl Store {
     pub async fn seal_job(&self, job_id: &str, seal: Seal) -> Result<Option<String>, StoreError> {
         self.retrying("seal a job", || async {
             let job_id = job_id.to_owned();
-            Ok(self
-                .db
-                .transaction::<_, Option<String>, StoreError>(move |txn| {
-                    Box::pin(async move { seal_in(txn, &job_id, seal).await })
-                })
-                .await?)
+            self.transact(move |txn| Box::pin(async move { seal_in(txn, &job_id, seal).await }))
+                .await
         })
         .await
     }

@@ -5,7 +5,7 @@
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
 use super::error::StoreError;
 use super::handle::Store;
@@ -42,9 +42,8 @@ impl Store {
     pub async fn rerun_job(&self, job_id: &str) -> Result<Rerun, StoreError> {
         self.retrying("retry a job", || async {
             let job_id = job_id.to_owned();
-            Ok(self
-                .db
-                .transaction::<_, Rerun, StoreError>(move |txn| {
+            self
+                .transact(move |txn| {
                     Box::pin(async move {
                         let Some(job) = lock_job(txn, &job_id, JobStage::Failed).await? else {
                             return Ok(match job::Entity::find_by_id(&job_id).one(txn).await? {
@@ -106,6 +105,13 @@ impl Store {
                         let rows = job::Entity::update_many()
                             .col_expr(job::Column::Stage, Expr::value(JobStage::Running.as_str()))
                             .col_expr(job::Column::Run, Expr::col(job::Column::Run).add(1))
+                            // Its tasks are a feeder's, as a new job's are: the orphan
+                            // scan finds the job and feeds its phase from the start.
+                            .col_expr(job::Column::TasksPublished, Expr::value(false))
+                            .col_expr(
+                                job::Column::FedThrough,
+                                Expr::col(job::Column::PhaseFirstOrdinal).sub(1),
+                            )
                             .col_expr(job::Column::FailedCount, Expr::value(0))
                             .col_expr(job::Column::CancelledCount, Expr::value(0))
                             .col_expr(job::Column::FirstError, Expr::value(Option::<String>::None))
@@ -124,29 +130,7 @@ impl Store {
                         })
                     })
                 })
-                .await?)
-        })
-        .await
-    }
-
-    /// The job's `pending` tasks after `after_id`, in id order, at most `limit`: what a
-    /// retry sends, a page at a time.
-    pub async fn pending_tasks(
-        &self,
-        job_id: &str,
-        after_id: i64,
-        limit: u64,
-    ) -> Result<Vec<task::Model>, StoreError> {
-        use sea_orm::{QueryOrder, QuerySelect};
-        self.retrying("list pending tasks", || async {
-            Ok(task::Entity::find()
-                .filter(task::Column::JobId.eq(job_id))
-                .filter(task::Column::Status.eq(TaskStatus::Pending.as_str()))
-                .filter(task::Column::Id.gt(after_id))
-                .order_by_asc(task::Column::Id)
-                .limit(limit)
-                .all(&self.db)
-                .await?)
+                .await
         })
         .await
     }

@@ -9,7 +9,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
 };
 
 use super::error::StoreError;
@@ -157,31 +156,29 @@ impl Store {
             let ids = self
                 .retrying("touch swept tasks", || async {
                     let batch = batch.clone();
-                    Ok(self
-                        .db
-                        .transaction::<_, Vec<i64>, StoreError>(move |txn| {
-                            Box::pin(async move {
-                                let now = Utc::now();
-                                let mut ids = Vec::new();
-                                for (id, version) in batch {
-                                    let result = task::Entity::update_many()
-                                        .col_expr(task::Column::UpdatedAt, Expr::value(now))
-                                        .col_expr(
-                                            task::Column::Version,
-                                            Expr::col(task::Column::Version).add(1),
-                                        )
-                                        .filter(task::Column::Id.eq(id))
-                                        .filter(task::Column::Version.eq(version))
-                                        .exec(txn)
-                                        .await?;
-                                    if result.rows_affected == 1 {
-                                        ids.push(id);
-                                    }
+                    self.transact(move |txn| {
+                        Box::pin(async move {
+                            let now = Utc::now();
+                            let mut ids = Vec::new();
+                            for (id, version) in batch {
+                                let result = task::Entity::update_many()
+                                    .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                                    .col_expr(
+                                        task::Column::Version,
+                                        Expr::col(task::Column::Version).add(1),
+                                    )
+                                    .filter(task::Column::Id.eq(id))
+                                    .filter(task::Column::Version.eq(version))
+                                    .exec(txn)
+                                    .await?;
+                                if result.rows_affected == 1 {
+                                    ids.push(id);
                                 }
-                                Ok(ids)
-                            })
+                            }
+                            Ok(ids)
                         })
-                        .await?)
+                    })
+                    .await
                 })
                 .await?;
             touched.extend(ids);

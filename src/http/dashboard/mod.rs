@@ -228,7 +228,7 @@ async fn act(
                 ),
                 None => format!("Job {id} was not running: nothing was cancelled."),
             }),
-        JobAction::Retry => crate::client::retry_job(store, &publisher, topology, id)
+        JobAction::Retry => crate::client::retry_job(store, id)
             .await
             .map(|tasks| format!("Job {id} runs again: {tasks} tasks.")),
     };

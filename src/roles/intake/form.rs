@@ -212,7 +212,8 @@ impl Intake {
     /// Moves a formed job to `running` with its task count (or on, or to its end).
     pub(super) async fn start(&self, job_id: &str, tasks: i64) -> Result<(), Rejection> {
         match self.shared.store.start_job(job_id, tasks).await? {
-            StartOutcome::Running(_) => {}
+            // Its feeder may have rested, a job in parts waiting for its seal.
+            StartOutcome::Running(_) => self.feeder.feed(job_id),
             StartOutcome::Advanced(change) => {
                 self.feeder.feed(&change.job.id);
                 self.events.publish_progress(&[*change]).await;
