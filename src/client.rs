@@ -316,6 +316,17 @@ impl Client {
 }
 
 impl Watch {
+    /// Where a request's `on_complete` can point so that its answer reaches this watch
+    /// whatever it is: the stored event of a job that ended before (a resubmission
+    /// hears it on its own target only), or the rejection of a request that reuses
+    /// another job's id.
+    pub fn reply_target(&self) -> crate::protocol::Target {
+        crate::protocol::Target {
+            exchange: String::new(),
+            routing_key: self.queue.clone(),
+        }
+    }
+
     /// Waits for the job's event, riding out lost connections (it reconnects and
     /// consumes its queue again) for as long as it takes; wrap it in a timeout to
     /// bound the wait. A rejected request is [`Error::Rejected`].

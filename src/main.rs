@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let code = match cli.command {
         Command::Migrate => cli::migrate::run(&config).await.map(|()| 0),
         Command::Worker(args) => cli::pod::run(config, args, shutdown).await.map(|()| 0),
-        Command::Submit(args) => cli::submit::run(&config, args).await,
+        Command::Submit(args) => cli::submit::run(&config, args, shutdown).await,
         Command::Status(args) => cli::status::run(&config, args).await,
         Command::Jobs(args) => cli::jobs::run(&config, args).await.map(|()| 0),
         Command::Results(args) => cli::results::run(&config, args).await,

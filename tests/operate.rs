@@ -336,3 +336,59 @@ async fn a_transaction_outlives_its_dropped_caller() {
     .await;
     client.close().await.unwrap();
 }
+
+/// `taskmill submit --wait` hears an answer to every request: the event of a new job,
+/// the stored event when the job ended before, and the refusal of a job id reused with
+/// another request; and a signal stops the wait (exit 130), not the command's caller.
+#[tokio::test]
+async fn submit_wait_answers_every_resubmission_and_stops_on_a_signal() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let pod = env.start(env.pod());
+    let submit = |job_id: &str, task: &str| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"));
+        command
+            .args(["submit", "--type", taskmill::builtin::ECHO, "--wait"])
+            .args(["--job-id", job_id, "--task", task])
+            .env("AMQP_URL", &env.config.amqp_url)
+            .env("TASKMILL_PREFIX", &env.config.prefix)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    };
+    let answered = |mut command: tokio::process::Command| async move {
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .expect("submit --wait answers")
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(answered(submit("again", "1")).await.0, Some(0), "a new job");
+    assert_eq!(
+        answered(submit("again", "1")).await.0,
+        Some(0),
+        "the same job again"
+    );
+    let (code, stderr) = answered(submit("again", "2")).await;
+    assert_eq!(code, Some(1), "another request under its id");
+    assert!(
+        stderr.contains("reused with a different request"),
+        "{stderr}"
+    );
+
+    pod.stop().await;
+    let mut waiting = submit("nobody-runs-it", "1").spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = waiting.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting.wait())
+        .await
+        .expect("a signal stops the wait")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+}

@@ -59,14 +59,16 @@ fn demo_request(args: &DemoArgs) -> anyhow::Result<JobRequest> {
         }
     }
     paths.sort();
-    let tasks = paths
-        .iter()
-        .map(|path| {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Ok(json!({ "text": String::from_utf8_lossy(&bytes) }))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut tasks = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // Words are counted in text: a file that is not UTF-8 (an image, say) is left
+        // out rather than counted as the letters its bytes happen to hold.
+        match String::from_utf8(bytes) {
+            Ok(text) => tasks.push(json!({ "text": text })),
+            Err(_) => eprintln!("skipping {}: not UTF-8 text", path.display()),
+        }
+    }
     Ok(JobRequest::new(builtin::WORDCOUNT, tasks))
 }
 

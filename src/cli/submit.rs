@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use taskmill::config::DEFAULT_DATABASE_URL;
 use taskmill::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
-use taskmill::{Client, Config, FailurePolicy, JobRequest};
+use taskmill::{CancellationToken, Client, Config, FailurePolicy, JobRequest};
 
 use super::progress::Progress;
 
@@ -90,8 +90,13 @@ pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     Ok(request)
 }
 
-/// Returns the process exit code.
-pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
+/// Returns the process exit code; a signal while waiting stops the wait (exit 130),
+/// not the job.
+pub async fn run(
+    config: &Config,
+    args: SubmitArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<i32> {
     let mut request = request(&args)?;
     let client = Client::connect(config).await?;
     let job_id = request
@@ -99,7 +104,14 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
         .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
         .clone();
     let watch = if args.wait {
-        Some(client.watch(&job_id).await?)
+        let watch = client.watch(&job_id).await?;
+        // The job's event comes by the events exchange; an answer that goes to the
+        // request's own target only (the stored event of a job that ended before,
+        // the refusal of a job id reused with another request) comes here too.
+        request
+            .on_complete
+            .get_or_insert_with(|| watch.reply_target());
+        Some(watch)
     } else {
         None
     };
@@ -111,10 +123,18 @@ pub async fn run(config: &Config, args: SubmitArgs) -> anyhow::Result<i32> {
     // Progress needs the database; the event alone needs only the broker.
     let progress = (config.database_url != DEFAULT_DATABASE_URL)
         .then(|| Progress::follow(config.database_url.clone(), job_id.clone()));
-    let answer = watch.event().await;
+    let answer = tokio::select! {
+        answer = watch.event() => Some(answer),
+        _ = shutdown.cancelled() => None,
+    };
     if let Some(progress) = progress {
         progress.finish();
     }
+    let Some(answer) = answer else {
+        eprintln!("stopped waiting; job {job_id} goes on (taskmill status {job_id})");
+        client.close().await?;
+        return Ok(130);
+    };
     let event = match answer {
         Ok(event) => event,
         // An answer, not a failure of this command: say why, exit 1 as for a failed job.
