@@ -865,3 +865,22 @@ fn postgres_cluster(action: &str) {
         &["--skip-systemctl-redirect", &version, "main", action],
     );
 }
+
+/// A publisher whose connection is closed says so: its dead channel's own error
+/// ("invalid channel state") read as one channel closed by the broker, and a role
+/// publishing on it retried for minutes instead of reconnecting.
+#[tokio::test]
+async fn a_publisher_on_a_closed_connection_reports_the_connection_lost() {
+    use taskmill::amqp::broker::{Outgoing, Publisher};
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let connection = env.connection().await;
+    let publisher = Publisher::open(&connection).await.unwrap();
+    connection
+        .close(200, "the test closes it".into())
+        .await
+        .unwrap();
+    match publisher.send(Outgoing::to_queue("nowhere", b"{}")).await {
+        Ok(_) => panic!("a publish on a closed connection went out"),
+        Err(err) => assert!(err.is_connection_lost(), "{err}"),
+    }
+}

@@ -43,6 +43,10 @@ pub enum BrokerError {
     /// A consumer's stream ended because its channel closed; holds the queue.
     #[error("the consumer of {0:?} ended: its channel closed")]
     ConsumerEnded(String),
+    /// A publishing channel found closed with its connection: the connection is lost,
+    /// whatever the channel's own error would say.
+    #[error("the broker connection is closed")]
+    ConnectionClosed,
 }
 
 impl BrokerError {
@@ -52,7 +56,7 @@ impl BrokerError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Self::Amqp(err) => is_connection_error(err),
-            Self::ConnectTimeout => true,
+            Self::ConnectTimeout | Self::ConnectionClosed => true,
             _ => false,
         }
     }
@@ -202,7 +206,12 @@ impl Publisher {
     /// stayed up. On a lost connection it fails: reconnecting is the link's job.
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
         let mut channel = self.channel.lock().await;
-        if !channel.status().connected() && self.connection.status().connected() {
+        if !channel.status().connected() && !self.connection.status().connected() {
+            // Its channel's "invalid channel state" would read as one channel closed
+            // by the broker, and the role would retry on it instead of reconnecting.
+            return Err(BrokerError::ConnectionClosed);
+        }
+        if !channel.status().connected() {
             tracing::warn!(
                 channel = channel.id(),
                 "the broker closed a publishing channel; opening a new one"
