@@ -26,6 +26,7 @@ on_both_backends!(
     bad_answers_leave_tasks_due,
     no_progress_fails_the_attempt_and_it_is_handed_off_again,
     a_failed_write_holds_back_only_its_batch,
+    a_stale_run_copy_after_retry_claims_nothing,
 );
 
 /// How the test service treats one external task.
@@ -54,6 +55,8 @@ struct Service {
     stuck: Vec<Value>,
     /// Task payloads that end failed.
     failing: Vec<Value>,
+    /// Task payloads that end failed unless handed off in a later run of their job.
+    failing_in_run_1: Vec<Value>,
 }
 
 type Shared = Arc<Mutex<Service>>;
@@ -79,8 +82,11 @@ async fn fetch(State(service): State<Shared>, Json(body): Json<Value>) -> Json<V
     let ids: Vec<String> = serde_json::from_value(body["ids"].clone()).unwrap();
     let mut states = Vec::new();
     let (stuck, failing) = (s.stuck.clone(), s.failing.clone());
+    let failing_in_run_1 = s.failing_in_run_1.clone();
     for id in &ids {
         let job = s.jobs.get_mut(id).expect("a known id");
+        let fails = failing.contains(&job.payload)
+            || (failing_in_run_1.contains(&job.payload) && !job.key.contains(":r"));
         let state = match fetch_no % 3 {
             0 => json!({ "id": id, "error": "try again" }),
             1 if job.update_id > 0 => {
@@ -93,7 +99,7 @@ async fn fetch(State(service): State<Shared>, Json(body): Json<Value>) -> Json<V
                 // A finished task stays finished: its last state is reported again.
                 job.update_id = (job.update_id + 1).min(3);
                 match job.update_id {
-                    3 if failing.contains(&job.payload) => {
+                    3 if fails => {
                         json!({ "id": id, "update_id": 3, "state": "failed", "message": "the build broke" })
                     }
                     3 => {
@@ -359,5 +365,77 @@ async fn a_failed_write_holds_back_only_its_batch(backend_kind: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!((event.event.as_str(), event.done), ("job.done", TASKS));
+    pod.stop().await;
+}
+
+/// After `retry` starts run 2 (attempts from 1 again), a copy of run 1's task message
+/// arrives first: it claims nothing — it would hand off under run 1's key and get run
+/// 1's failed external task back — and is counted; run 2's own message runs the task.
+async fn a_stale_run_copy_after_retry_claims_nothing(backend_kind: Backend) {
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service {
+        failing_in_run_1: vec![json!("flaky")],
+        ..Service::default()
+    })
+    .await;
+    let pod = env.start(env.pod().backend("build", backend(&base)));
+    let client = env.client().await;
+    let mut request = JobRequest::new("build", vec![json!("flaky")]);
+    request.max_retries = 0;
+    let job_id = client.submit(request).await.unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.event.as_str(), event.run), ("job.failed", 1));
+    pod.stop().await;
+
+    assert_eq!(client.retry(&job_id).await.unwrap(), 1);
+    let queue = env.topology().work_queue("default");
+    let run_2 = env.drain_queue(&queue).await;
+    let row = env.store.tasks_of_job(&job_id).await.unwrap().remove(0);
+    let run_1_copy = TaskMessage {
+        version: 1,
+        job_id: job_id.clone(),
+        task_id: row.id,
+        task_type: row.task_type.clone(),
+        attempt: 1,
+        max_retries: 0,
+        retry_delay_ms: 5_000,
+        task_timeout_ms: None,
+        run: 1,
+        payload: row.payload.clone(),
+    };
+    env.publish_raw("", &queue, &serde_json::to_vec(&run_1_copy).unwrap(), None)
+        .await;
+    for (body, _) in &run_2 {
+        env.publish_raw("", &queue, body, None).await;
+    }
+    let (config, http) = env.config_with_http();
+    let pod = env.start(env.pod().config(config).backend("build", backend(&base)));
+    common::wait_until(LONG, || async {
+        let job = env.store.job(&job_id).await.unwrap().unwrap();
+        job.run == 2 && job.stage != "running"
+    })
+    .await;
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.stage, "done", "run 2 ran its own attempt");
+    let mut keys: Vec<String> = service.lock().unwrap().by_key.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, [format!("{}:1", row.id), format!("{}:1:r2", row.id)]);
+    let metrics = tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("{http}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("taskmill_stale_run_messages_total{pool=\"default\"}"),
+        "{metrics}"
+    );
     pod.stop().await;
 }

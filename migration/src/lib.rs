@@ -16,6 +16,7 @@ mod m20261128_000010_lean_task_writes;
 mod m20261128_000011_job_parts;
 mod m20261128_000012_jobs_by_creation;
 mod m20261202_000013_job_runs;
+mod m20261204_000014_task_runs;
 
 pub struct Migrator;
 
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000011_job_parts::Migration),
             Box::new(m20261128_000012_jobs_by_creation::Migration),
             Box::new(m20261202_000013_job_runs::Migration),
+            Box::new(m20261204_000014_task_runs::Migration),
         ]
     }
 }

@@ -276,6 +276,7 @@ impl Rules {
                 job_id: job.id.clone(),
                 task_id: task.id,
                 attempt: task.attempts,
+                run: task.run,
                 outcome,
             };
             SyncWrite::Ended(transition, update_id)
@@ -369,6 +370,7 @@ mod tests {
             next_sync_at: Some(now),
             last_poll_at: None,
             last_progress_at: Some(clock::ago(idle)),
+            run: 1,
         };
         let job = job::Model {
             job_type: "build".into(),

@@ -40,14 +40,14 @@ pub enum SyncWrite {
 }
 
 impl Store {
-    /// Records that attempt `attempt` of the task was handed to `backend` as
-    /// `external_id`: the task stays `running`, without a lease (the syncer watches it
-    /// instead), due for its first sync now. `false`: the attempt is no longer running
-    /// (a duplicate, a cancelled task).
+    /// Records that attempt `attempt` of run `run` of the task was handed to `backend`
+    /// as `external_id`: the task stays `running`, without a lease (the syncer watches
+    /// it instead), due for its first sync now. `false`: the attempt is no longer
+    /// running (a duplicate, a cancelled task, a task a later run reset).
     pub async fn record_hand_off(
         &self,
         task_id: i64,
-        attempt: i32,
+        (attempt, run): (i32, i32),
         backend: &str,
         external_id: &str,
     ) -> Result<bool, StoreError> {
@@ -79,6 +79,7 @@ impl Store {
                 .filter(task::Column::Id.eq(task_id))
                 .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
                 .filter(task::Column::Attempts.eq(attempt))
+                .filter(task::Column::Run.lte(run))
                 .exec(&self.db)
                 .await?;
             Ok(recorded.rows_affected == 1)

@@ -189,7 +189,7 @@ impl Runner {
         if store
             .record_hand_off(
                 message.task_id,
-                message.attempt,
+                (message.attempt, message.run),
                 &message.task_type,
                 external_id,
             )
