@@ -405,7 +405,8 @@ fn finish_statement(
     update
 }
 
-async fn lock_running_jobs<C: ConnectionTrait>(
+/// Locks the rows of the jobs among `job_ids` that are running, in one statement.
+pub(super) async fn lock_running_jobs<C: ConnectionTrait>(
     txn: &C,
     job_ids: &[String],
 ) -> Result<(), StoreError> {
