@@ -2,7 +2,8 @@
 //! real RabbitMQ and a real database: the hand-off, the syncer's rules for update ids,
 //! per-item errors, wrong counts, slow answers, no progress, and failures — and
 //! backends that refuse (answers the database cannot store), hang, lie (late and
-//! stale answers) and repeat themselves, and a stale run's message after `retry`.
+//! stale answers) and repeat themselves, lost hand-off answers, and a stale run's
+//! message after `retry`.
 
 mod common;
 
@@ -33,6 +34,7 @@ on_both_backends!(
     a_refused_answer_fails_only_its_task,
     failing_and_repeating_backends_time_out,
     a_hung_backend_holds_back_only_its_own_tasks,
+    a_lost_hand_off_answer_is_retried_under_its_key,
     a_stale_run_copy_after_retry_claims_nothing,
     late_answers_change_nothing,
 );
@@ -54,6 +56,8 @@ struct Service {
     jobs: HashMap<String, Job>,
     /// Hand-off calls, with repeats.
     hand_offs: usize,
+    /// Hand-offs recorded but answered with a 500, as if the answer were lost.
+    lost_hand_offs: usize,
     fetches: usize,
     /// Fetches answered with one state missing.
     wrong_counts: usize,
@@ -171,7 +175,10 @@ async fn repeating_fetch(Json(body): Json<Value>) -> Json<Value> {
     Json(json!({ "states": vec![first; ids.len() + 1] }))
 }
 
-async fn hand_off(State(service): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
+async fn hand_off(
+    State(service): State<Shared>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, StatusCode> {
     let mut s = service.lock().unwrap();
     s.hand_offs += 1;
     let key = body["key"].as_str().unwrap().to_owned();
@@ -182,7 +189,11 @@ async fn hand_off(State(service): State<Shared>, Json(body): Json<Value>) -> Jso
         payload: body["payload"].clone(),
         update_id: 0,
     });
-    Json(json!({ "id": id }))
+    if s.lost_hand_offs > 0 {
+        s.lost_hand_offs -= 1;
+        return Err(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    Ok(Json(json!({ "id": id })))
 }
 
 /// Starts the service; returns its state and base URL.
@@ -563,6 +574,41 @@ async fn a_hung_backend_holds_back_only_its_own_tasks(backend_kind: Backend) {
     for pod in pods {
         pod.stop().await;
     }
+}
+
+/// A backend that takes a hand-off but whose answer is lost (a 500) is asked again
+/// under the same key: it answers with the task it made, and the attempt goes on —
+/// no second external task under another key.
+async fn a_lost_hand_off_answer_is_retried_under_its_key(backend_kind: Backend) {
+    const TASKS: usize = 3;
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service {
+        lost_hand_offs: TASKS,
+        ..Service::default()
+    })
+    .await;
+    let pod = env.start(env.pod().backend("build", backend(&base)));
+    let client = env.client().await;
+    let mut request = JobRequest::new("build", (0..TASKS).map(|n| json!(n)).collect());
+    request.retry_delay_ms = 50;
+    let job_id = client.submit(request).await.unwrap();
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (event.event.as_str(), event.done),
+        ("job.done", TASKS as i64)
+    );
+    {
+        let s = service.lock().unwrap();
+        assert_eq!(s.by_key.len(), TASKS, "one external task per task");
+        assert_eq!(s.hand_offs, 2 * TASKS, "each lost answer asked again once");
+    }
+    for row in env.store.tasks_of_job(&job_id).await.unwrap() {
+        assert_eq!(row.attempts, 1, "the lost answer did not fail the attempt");
+    }
+    pod.stop().await;
 }
 
 /// After `retry` starts run 2 (attempts from 1 again), a copy of run 1's task message
