@@ -34,6 +34,7 @@ on_both_backends!(
     a_refused_answer_fails_only_its_task,
     failing_and_repeating_backends_time_out,
     a_hung_backend_holds_back_only_its_own_tasks,
+    a_pod_that_loses_the_syncer_lease_writes_nothing,
     a_lost_hand_off_answer_is_retried_under_its_key,
     a_stale_run_copy_after_retry_claims_nothing,
     late_answers_change_nothing,
@@ -574,6 +575,50 @@ async fn a_hung_backend_holds_back_only_its_own_tasks(backend_kind: Backend) {
     for pod in pods {
         pod.stop().await;
     }
+}
+
+/// A pod whose syncer lease is taken from it while its call hangs drops the answer
+/// when it comes: nothing is written by a pod that no longer holds the lease. Once the
+/// lease is free again, the pod takes it back and the job ends.
+async fn a_pod_that_loses_the_syncer_lease_writes_nothing(backend_kind: Backend) {
+    let env = TestEnv::new(backend_kind).await;
+    let (service, base) = start_service(Service {
+        hang: Duration::from_secs(3),
+        ..Service::default()
+    })
+    .await;
+    let pod = env.start(env.pod().backend(
+        "slow",
+        backend_at(&base, "slow-states").timeout(Duration::from_secs(30)),
+    ));
+    let client = env.client().await;
+    let job_id = client
+        .submit(JobRequest::new("slow", vec![json!("slow")]))
+        .await
+        .unwrap();
+    common::wait_until(LONG, || async {
+        service.lock().unwrap().slow_in_flight == 1
+    })
+    .await;
+    env.execute_sql(&["UPDATE leases SET holder = 'another pod' WHERE name = 'syncer'"])
+        .await;
+    common::wait_until(LONG, || async {
+        service.lock().unwrap().slow_in_flight == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let row = env.store.tasks_of_job(&job_id).await.unwrap().remove(0);
+    assert_eq!(
+        (row.last_poll_at, row.external_update_id),
+        (None, None),
+        "the answer that came after the lease was lost was not written"
+    );
+    let event = tokio::time::timeout(LONG, client.wait(&job_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event, "job.done");
+    pod.stop().await;
 }
 
 /// A backend that takes a hand-off but whose answer is lost (a 500) is asked again
