@@ -4,10 +4,10 @@
 //! renews the lease every [`TICK`] whatever the backends are doing, and losing it stops
 //! the sync at once: the calls in flight are dropped before they write. Every tick it
 //! reads the due external tasks, soonest first (up to [`SCAN_LIMIT`]), leaving out the
-//! backends whose last call is still running or that back off, and starts one round
+//! backends whose last round is still running or that back off, and starts one round
 //! per backend in a task of its own, so a slow or hung backend holds back its own tasks
-//! only. A round asks the backend for its tasks' states, [`FETCH_BATCH`] ids per call,
-//! and checks each answer as a whole — one state per id asked, none twice, or the call
+//! only. A round asks the backend for its tasks' states, [`FETCH_BATCH`] ids per call
+//! (its calls at once), and checks each answer as a whole — one state per id asked, none twice, or the call
 //! fails — then decides per task: a per-item error is asked again later; a lower update
 //! id than stored is stale (logged, ignored); an equal one is no news; a higher one is
 //! applied. A terminal state ends the attempt as a worker would (done with its result,
