@@ -583,7 +583,7 @@ async fn a_hung_backend_holds_back_only_its_own_tasks(backend_kind: Backend) {
 async fn a_pod_that_loses_the_syncer_lease_writes_nothing(backend_kind: Backend) {
     let env = TestEnv::new(backend_kind).await;
     let (service, base) = start_service(Service {
-        hang: Duration::from_secs(3),
+        hang: Duration::from_secs(5),
         ..Service::default()
     })
     .await;
