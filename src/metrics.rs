@@ -32,6 +32,8 @@ const ROLE_RESTARTS: &str = "taskmill_role_restarts_total";
 const CHANNELS_REOPENED: &str = "taskmill_publisher_channels_reopened_total";
 const DATABASE_RETRIES: &str = "taskmill_database_retries_total";
 const SWEEPER_ACTIONS: &str = "taskmill_sweeper_actions_total";
+/// Task messages of a job's earlier run (from before `taskmill retry`), dropped.
+const STALE_RUN_MESSAGES: &str = "taskmill_stale_run_messages_total";
 
 /// Histogram buckets, in seconds: from a millisecond to an hour, so both a queue of
 /// 1 ms tasks and one of long batch work land in distinct buckets.
@@ -142,6 +144,10 @@ fn describe() {
     describe_counter!(
         SWEEPER_ACTIONS,
         "What the sweeper did: republished, taken_over, formations_failed"
+    );
+    describe_counter!(
+        STALE_RUN_MESSAGES,
+        "Task messages of an earlier run of their job (before a retry reset the task), dropped"
     );
 }
 
@@ -254,4 +260,9 @@ pub(crate) fn sweeper_did(action: &'static str, count: usize) {
     if count > 0 {
         counter!(SWEEPER_ACTIONS, "action" => action).increment(count as u64);
     }
+}
+
+/// A task message of an earlier run of its job reached `pool`'s worker and was dropped.
+pub(crate) fn stale_run_message(pool: &str) {
+    counter!(STALE_RUN_MESSAGES, "pool" => pool.to_owned()).increment(1);
 }

@@ -37,6 +37,8 @@ on_both_backends!(
     a_deleted_delay_queue_is_declared_again,
     a_job_failed_while_forming_stops_its_intake_and_its_tasks,
     a_job_that_cannot_end_fails_alone,
+    a_word_count_too_large_for_its_shards_fails_saying_so,
+    unsealed_jobs_in_parts_cost_nothing_while_they_wait,
 );
 
 mod any_backend {
@@ -836,6 +838,78 @@ async fn a_job_that_cannot_end_fails_alone(backend: Backend) {
         .as_deref()
         .is_some_and(|error| error.contains("refused by the test's trigger")));
     assert_still_serving(&env, &client, "after-burst").await;
+    pod.stop().await;
+}
+
+/// A plain AMQP producer's word count whose distinct words make a reduce input over
+/// the payload cap (a few thousand words, one reduce shard, a cap of 64 KiB): the job
+/// fails naming the reduce task and its size; nothing is parked or re-sent.
+async fn a_word_count_too_large_for_its_shards_fails_saying_so(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let mut config = env.config.clone();
+    config.max_payload_bytes = 64 * 1024;
+    let pod = env.start(env.pod().config(config));
+    let client = env.client().await;
+    let texts: Vec<Value> = (0..40)
+        .map(|file| {
+            let words: Vec<String> = (0..400).map(|n| format!("word{file}x{n}")).collect();
+            json!({ "text": words.join(" ") })
+        })
+        .collect();
+    let request = json!({
+        "version": 1,
+        "job_id": "too-many-words",
+        "job_type": builtin::WORDCOUNT,
+        "tasks": texts,
+        "reduce_shards": 1,
+    });
+    publish_request(&env, &request).await;
+    let job = env.wait_for_end("too-many-words", SOON).await;
+    assert_eq!(job.stage, "failed");
+    let error = job.first_error.unwrap_or_default();
+    assert!(
+        error.contains("the input of reduce task 40 (shard 0 of 1)")
+            && error.contains("over the cap of 65536 bytes"),
+        "{error}"
+    );
+    assert_parked(&env, &[]).await;
+    assert_still_serving(&env, &client, "after-words").await;
+    pod.stop().await;
+}
+
+/// Jobs in parts whose producer sends a first part and never seals them: their tasks
+/// run, then their feeders rest (no feed lease held), and other jobs go on.
+async fn unsealed_jobs_in_parts_cost_nothing_while_they_wait(backend: Backend) {
+    let _quiet = QUIET.read().await;
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.pod());
+    let client = env.client().await;
+    for n in 0..50 {
+        let request = json!({
+            "version": 1,
+            "job_id": format!("unsealed-{n}"),
+            "job_type": builtin::ECHO,
+            "part": { "number": 1, "offset": 0 },
+            "tasks": [{ "n": n }],
+        });
+        publish_request(&env, &request).await;
+    }
+    common::wait_until(SOON, || async {
+        let mut ran = 0;
+        for n in 0..50 {
+            let status = env
+                .store
+                .job_status(&format!("unsealed-{n}"))
+                .await
+                .unwrap();
+            ran += usize::from(status.is_some_and(|s| s.tasks_by_status.get("done") == Some(&1)));
+        }
+        ran == 50
+    })
+    .await;
+    common::wait_until(SOON, || async { env.live_leases("feed:").await == 0 }).await;
+    assert_still_serving(&env, &client, "after-unsealed").await;
     pod.stop().await;
 }
 

@@ -302,25 +302,8 @@ async fn unsealed_jobs_rest_until_their_next_part(backend: Backend) {
         })
         .await;
     }
-    let feed_leases = || async {
-        use sea_orm::ConnectionTrait;
-        let db = sea_orm::Database::connect(&env.config.database_url)
-            .await
-            .unwrap();
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                "SELECT count(*) AS n FROM leases WHERE name LIKE 'feed:%'",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        let n: i64 = row.try_get("", "n").unwrap();
-        db.close().await.unwrap();
-        n
-    };
     common::wait_until(Duration::from_secs(30), || async {
-        feed_leases().await == 0
+        env.live_leases("feed:").await == 0
     })
     .await;
     for job_id in &jobs {

@@ -223,7 +223,7 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
     env.execute_sql(&refuse).await;
     let task_id = store.tasks_of_job("cannot-end").await.unwrap()[0].id;
     let claimed = store
-        .claim_tasks(&[(task_id, 1)], "token", Duration::from_secs(60))
+        .claim_tasks(&[(task_id, 1, 1)], "token", Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -231,6 +231,7 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
         job_id: "cannot-end".into(),
         task_id,
         attempt: 1,
+        run: 1,
         outcome: TaskOutcome::Done(json!("ok")),
     };
     assert_eq!(store.finish_tasks(&[done]).await.unwrap().len(), 1);
@@ -315,7 +316,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
         .map(|row| row.id)
         .collect();
     assert_eq!(inserted.len(), 3, "a resumed insert adds nothing");
-    let claims: Vec<(i64, i32)> = inserted.iter().map(|&id| (id, 1)).collect();
+    let claims: Vec<(i64, i32, i32)> = inserted.iter().map(|&id| (id, 1, 1)).collect();
     assert_eq!(
         store
             .claim_tasks(&claims, "token", Duration::from_secs(60))
@@ -330,6 +331,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
             job_id: "fast-job".into(),
             task_id,
             attempt: 1,
+            run: 1,
             outcome: TaskOutcome::Done(json!("ok")),
         })
         .collect();
@@ -382,7 +384,7 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         store.start_job("twice", 2).await.unwrap(),
         StartOutcome::Running(_)
     ));
-    let claims: Vec<(i64, i32)> = inserted.iter().map(|&(id, _)| (id, 1)).collect();
+    let claims: Vec<(i64, i32, i32)> = inserted.iter().map(|&(id, _)| (id, 1, 1)).collect();
     store
         .claim_tasks(&claims, "token", Duration::from_secs(60))
         .await
@@ -392,6 +394,7 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         job_id: "twice".into(),
         task_id,
         attempt: 1,
+        run: 1,
         outcome,
     };
     let recorded = store
@@ -424,7 +427,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
     let (fresh, retried) = (inserted[0].0, inserted[1].0);
     let lease = Duration::from_secs(60);
     store
-        .claim_tasks(&[(retried, 1)], "first", lease)
+        .claim_tasks(&[(retried, 1, 1)], "first", lease)
         .await
         .unwrap();
     store
@@ -432,6 +435,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
             job_id: "split-claim".into(),
             task_id: retried,
             attempt: 1,
+            run: 1,
             outcome: TaskOutcome::Retrying("once more".into()),
         }])
         .await
@@ -453,7 +457,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
     env.execute_sql(&trigger).await;
 
     let claimed = store
-        .claim_tasks(&[(fresh, 1), (retried, 2)], "batch", lease)
+        .claim_tasks(&[(fresh, 1, 1), (retried, 2, 1)], "batch", lease)
         .await;
     assert!(claimed.is_err(), "the second statement fails: {claimed:?}");
     let row = store.task(fresh).await.unwrap().unwrap();
@@ -464,7 +468,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
     );
     // The worker then claims one by one, under the same token.
     let claim = store
-        .claim_task(fresh, 1, "batch", false, lease)
+        .claim_task(fresh, 1, 1, "batch", false, lease)
         .await
         .unwrap()
         .expect("the fresh task is claimable at once");
@@ -486,7 +490,7 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
     store.start_job("lost-retry", 1).await.unwrap();
     let task_id = inserted[0].0;
     store
-        .claim_tasks(&[(task_id, 1)], "token", Duration::from_secs(60))
+        .claim_tasks(&[(task_id, 1, 1)], "token", Duration::from_secs(60))
         .await
         .unwrap();
     store
@@ -494,6 +498,7 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
             job_id: "lost-retry".into(),
             task_id,
             attempt: 1,
+            run: 1,
             outcome: TaskOutcome::Retrying("first try failed".into()),
         }])
         .await

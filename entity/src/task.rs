@@ -45,6 +45,9 @@ pub struct Model {
     pub last_poll_at: Option<DateTimeUtc>,
     /// When it last moved (a higher update id, or the hand-off).
     pub last_progress_at: Option<DateTimeUtc>,
+    /// The job's run that last put the task back to `pending` (1 until a retry of the
+    /// failed job does): a message of an earlier run claims and finishes nothing.
+    pub run: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,6 +17,7 @@ mod m20261128_000011_job_parts;
 mod m20261128_000012_jobs_by_creation;
 mod m20261202_000013_job_runs;
 mod m20261204_000014_feed_progress;
+mod m20261204_000015_task_runs;
 
 pub struct Migrator;
 
@@ -38,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000012_jobs_by_creation::Migration),
             Box::new(m20261202_000013_job_runs::Migration),
             Box::new(m20261204_000014_feed_progress::Migration),
+            Box::new(m20261204_000015_task_runs::Migration),
         ]
     }
 }

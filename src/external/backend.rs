@@ -12,10 +12,12 @@ pub const FETCH_BATCH: usize = 1_000;
 /// An external system tasks can be handed to.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// Hands a task over and returns the system's id for it. `key` (`"<task id>:<attempt>"`)
-    /// is the idempotency key: handed the same key twice (a worker that died between
-    /// the hand-off and its commit, a redelivered message), the backend must return the
-    /// same id and make no second task.
+    /// Hands a task over and returns the system's id for it. `key` (`"<task id>:<attempt>"`,
+    /// `"<task id>:<attempt>:r<run>"` after a retry of the failed job) is the
+    /// idempotency key: handed the same key twice (a worker that died between the
+    /// hand-off and its commit, a redelivered message, a try again after an error whose
+    /// hand-off the backend took), the backend must return the same id and make no
+    /// second task.
     async fn hand_off(&self, key: &str, payload: &Value) -> Result<String, BackendError>;
 
     /// The states of up to [`FETCH_BATCH`] tasks, one per id asked, in any order.

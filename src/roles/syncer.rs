@@ -1,18 +1,29 @@
 //! The syncer: keeps external tasks in step with their backends ([`crate::external`]).
 //!
-//! Every [`TICK`], the one pod holding the `syncer` lease scans the external tasks due
-//! for a sync in [`SHARDS`] shards (task id modulo) in parallel, each shard's due tasks
-//! (up to 1,000, soonest first) fetched from their backend in one call. The answer is
-//! checked as a whole — one state per id asked, or the call is an error for the whole
-//! batch, whose tasks stay due — then per task: a per-item error is logged and the task
-//! asked again later; a lower update id than stored is stale (logged, ignored); an
-//! equal one is no news; a higher one is applied. A terminal state ends the attempt as a
-//! worker would (done with its result, or failed — retried through the delay ladder if
-//! the job allows, which hands the task over again). A task whose update id has not
-//! risen for its backend's no-progress timeout fails its attempt retryably: the last
-//! poll and the last progress are kept apart. Writes go in transactions of at most
-//! [`WRITE_BATCH`] tasks; a batch that fails to write is an error for that batch only
-//! (its tasks stay due), and the others go on.
+//! One pod at a time syncs: the one holding the `syncer` lease ([`LEASE`]). Its loop
+//! renews the lease every [`TICK`] whatever the backends are doing, and losing it stops
+//! the sync at once: the calls in flight are dropped before they write. Every tick it
+//! reads the due external tasks, soonest first (up to [`SCAN_LIMIT`]), leaving out the
+//! backends whose last round is still running or that back off, and starts one round
+//! per backend in a task of its own, so a slow or hung backend holds back its own tasks
+//! only. A round asks the backend for its tasks' states, [`FETCH_BATCH`] ids per call
+//! (its calls at once), and checks each answer as a whole — one state per id asked, none twice, or the call
+//! fails — then decides per task: a per-item error is asked again later; a lower update
+//! id than stored is stale (logged, ignored); an equal one is no news; a higher one is
+//! applied. A terminal state ends the attempt as a worker would (done with its result,
+//! or failed — retried through the delay ladder if the job allows, which hands the task
+//! over again). A call that fails (an error, a timeout, a malformed answer) backs its
+//! backend off — its poll interval, doubled with every failure in a row, at most
+//! [`MAX_BACKOFF`] — and moves its tasks' next sync to then. Neither a failed call nor
+//! an answer that does not move a task is progress: a task whose update id has not
+//! risen for its backend's no-progress timeout fails its attempt retryably. Every
+//! polled task's next sync moves on, so however many are due each gets its turn.
+//!
+//! Writes go in transactions of at most [`WRITE_BATCH`] tasks, each conditional on what
+//! was read before the call ([`Seen`]): the attempt, its run, its external id and an
+//! update id that only rises. A batch the database refuses is written again task by
+//! task, and a task whose write it refuses for good fails with the database's reason:
+//! one bad answer never holds back its neighbours.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +31,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lapin::Connection;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::shared::Shared;
@@ -27,67 +40,155 @@ use crate::amqp::broker::{all_confirmed, Publisher};
 use crate::amqp::dispatch;
 use crate::clock;
 use crate::error::Error;
-use crate::external::{Backend, BackendError, ExternalStatus, Report, FETCH_BATCH};
+use crate::external::{Backend, BackendError, ExternalState, ExternalStatus, Report, FETCH_BATCH};
 use crate::protocol::{FinishedTask, TaskMessage};
-use crate::store::{job, task, SyncWrite, TaskOutcome, Transition};
+use crate::store::{job, task, Seen, StoreError, SyncChange, SyncWrite, TaskOutcome};
 
 const LEASE_NAME: &str = "syncer";
-/// How often the syncer looks for due tasks.
+/// How long the syncer's lease lasts; its holder renews it every tick.
+const LEASE: Duration = Duration::from_secs(10);
+/// How often the syncer renews its lease and looks for due tasks.
 const TICK: Duration = Duration::from_secs(1);
-/// Shards scanned in parallel.
-const SHARDS: u32 = 4;
+/// Due tasks read per tick at most.
+const SCAN_LIMIT: u64 = 4 * FETCH_BATCH as u64;
 /// Tasks written per transaction at most.
 const WRITE_BATCH: usize = 25;
 /// How long one fetch from a backend may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// When a due task's backend is not registered in the syncing pod: ask again later.
 const UNKNOWN_BACKEND_WAIT: Duration = Duration::from_secs(30);
+/// The longest a backend whose calls keep failing waits before it is asked again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let syncer = Syncer {
+    let syncer = Arc::new(Syncer {
         publisher: Publisher::open(&connection).await?,
         shared,
         holder: uuid::Uuid::new_v4().to_string(),
-    };
+    });
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut turns: HashMap<String, Turn> = HashMap::new();
+    let mut rounds: JoinSet<Result<Call, Error>> = JoinSet::new();
+    let mut round_backends: HashMap<tokio::task::Id, String> = HashMap::new();
+    // Live while this pod holds the lease: the rounds it started stop with it.
+    let mut term: Option<CancellationToken> = None;
+    let stopped = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        match syncer
-            .shared
-            .store
-            .acquire_lease(LEASE_NAME, &syncer.holder, TICK * 10)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(err) => {
-                tracing::warn!(%err, "syncer lease unavailable; skipping this sync");
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(joined) = rounds.join_next_with_id() => {
+                let (id, call) = match joined {
+                    Ok((id, call)) => (id, call),
+                    Err(err) => {
+                        tracing::error!(%err, "a sync round stopped before its end");
+                        (err.id(), Ok(Call::Answered))
+                    }
+                };
+                let turn = turns
+                    .entry(round_backends.remove(&id).unwrap_or_default())
+                    .or_default();
+                turn.in_flight = false;
+                match call {
+                    Ok(Call::Answered) => *turn = Turn::default(),
+                    Ok(Call::Failed { wait }) => {
+                        turn.failures += 1;
+                        turn.not_before = Some(Instant::now() + wait);
+                    }
+                    Err(err) => break Err(err),
+                }
                 continue;
             }
+            _ = ticker.tick() => {}
         }
-        // Every write names the attempt it expects: a sync dropped half-way leaves
-        // nothing inconsistent.
-        let synced = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            synced = syncer.sync() => synced,
+        if !syncer.hold_lease().await {
+            if let Some(term) = term.take() {
+                term.cancel();
+                tracing::warn!("syncer lease lost; this pod stops syncing");
+            }
+            continue;
+        }
+        let term = term.get_or_insert_with(|| shutdown.child_token()).clone();
+        let now = Instant::now();
+        let busy: Vec<String> = turns
+            .iter()
+            .filter(|(_, turn)| turn.busy(now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let due = match syncer
+            .shared
+            .store
+            .due_external_tasks(Utc::now(), &busy, SCAN_LIMIT)
+            .await
+        {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::warn!(%err, "scanning due external tasks failed; the next tick will retry");
+                continue;
+            }
         };
-        match synced {
-            Ok(0) => {}
-            Ok(tasks) => tracing::debug!(tasks, "external tasks synced"),
-            Err(err) if err.is_broker_connection() => return Err(err),
-            Err(err) => tracing::warn!(%err, "sync failed; the next one will retry"),
+        let mut by_backend: BTreeMap<String, Vec<Due>> = BTreeMap::new();
+        for (task, job) in due {
+            let backend = task.external_backend.clone().unwrap_or_default();
+            by_backend.entry(backend).or_default().push((task, job));
         }
+        for (name, due) in by_backend {
+            let turn = turns.entry(name.clone()).or_default();
+            turn.in_flight = true;
+            let round = syncer
+                .clone()
+                .round(name.clone(), due, turn.failures, term.clone());
+            round_backends.insert(rounds.spawn(round).id(), name);
+        }
+    };
+    if let Some(term) = term {
+        term.cancel();
     }
+    // A round stopped in its call writes nothing; one writing finishes its
+    // transaction and sends what it caused.
+    let grace = syncer.shared.config.grace_period;
+    let _ =
+        tokio::time::timeout(grace, async { while rounds.join_next().await.is_some() {} }).await;
+    rounds.abort_all();
     syncer.publisher.close().await;
-    Ok(())
+    stopped
+}
+
+/// A backend's turn: whether a round of it runs, and how it fared lately.
+#[derive(Debug, Default)]
+struct Turn {
+    in_flight: bool,
+    /// Failed calls in a row.
+    failures: u32,
+    /// Backing off until then.
+    not_before: Option<Instant>,
+}
+
+impl Turn {
+    fn busy(&self, now: Instant) -> bool {
+        self.in_flight || self.not_before.is_some_and(|until| now < until)
+    }
+}
+
+/// How a round's calls went.
+#[derive(Debug)]
+enum Call {
+    /// Every call answered well (or none was made).
+    Answered,
+    /// A call failed: its backend waits this long.
+    Failed { wait: Duration },
+}
+
+/// How long a backend waits after `failures` failed calls in a row: its poll interval,
+/// doubled with each failure after the first, at most [`MAX_BACKOFF`].
+fn backoff(poll_interval: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    poll_interval
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF)
 }
 
 struct Syncer {
@@ -100,73 +201,140 @@ struct Syncer {
 type Due = (task::Model, job::Model);
 
 impl Syncer {
-    /// One sync of every shard; returns how many tasks it polled.
-    async fn sync(&self) -> Result<usize, Error> {
-        let now = Utc::now();
-        let polled =
-            futures::future::try_join_all((0..SHARDS).map(|shard| self.sync_shard(shard, now)))
-                .await?;
-        Ok(polled.into_iter().sum())
+    /// Takes or renews the lease. A renewal that does not answer well within the lease
+    /// counts as lost: by the time it did, another pod could hold it.
+    async fn hold_lease(&self) -> bool {
+        let store = &self.shared.store;
+        match tokio::time::timeout(
+            LEASE / 2,
+            store.acquire_lease(LEASE_NAME, &self.holder, LEASE),
+        )
+        .await
+        {
+            Ok(Ok(held)) => held,
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "syncer lease unavailable");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("syncer lease not renewed in time");
+                false
+            }
+        }
     }
 
-    async fn sync_shard(&self, shard: u32, now: DateTime<Utc>) -> Result<usize, Error> {
-        let due = self
-            .shared
-            .store
-            .due_external_tasks(shard, SHARDS, now, FETCH_BATCH as u64)
-            .await?;
-        let polled = due.len();
-        let mut by_backend: BTreeMap<String, Vec<Due>> = BTreeMap::new();
-        for (task, job) in due {
-            let backend = task.external_backend.clone().unwrap_or_default();
-            by_backend.entry(backend).or_default().push((task, job));
-        }
-        for (name, due) in by_backend {
-            let writes = match self.shared.registry.backend(&name) {
-                Some(backend) => match poll(backend.as_ref(), &due, now).await {
-                    Ok(writes) => writes,
-                    Err(err) => {
-                        tracing::error!(backend = %name, tasks = due.len(), %err, "sync batch failed; its tasks stay due");
-                        continue;
-                    }
-                },
-                None => {
-                    tracing::warn!(backend = %name, tasks = due.len(), "no backend of this name in this pod; asking again later");
-                    let next_sync_at = clock::after(now, UNKNOWN_BACKEND_WAIT);
-                    due.iter()
-                        .map(|(task, _)| SyncWrite::Polled {
-                            task_id: task.id,
-                            next_sync_at,
-                        })
-                        .collect()
+    /// Polls one backend's due tasks (its calls dropped if `term` ends first) and
+    /// writes what they decided. `Err`: only a lost broker connection.
+    async fn round(
+        self: Arc<Self>,
+        name: String,
+        due: Vec<Due>,
+        failures: u32,
+        term: CancellationToken,
+    ) -> Result<Call, Error> {
+        let Some(backend) = self.shared.registry.backend(&name).cloned() else {
+            tracing::warn!(backend = %name, tasks = due.len(), "no backend of this name in this pod; asking again later");
+            let next_sync_at = clock::after(Utc::now(), UNKNOWN_BACKEND_WAIT);
+            let writes = due
+                .iter()
+                .map(|(task, _)| SyncWrite {
+                    seen: Seen::of(task),
+                    change: SyncChange::Polled { next_sync_at },
+                })
+                .collect();
+            self.write(&due, writes).await?;
+            return Ok(Call::Answered);
+        };
+        let (backend_ref, term) = (backend.as_ref(), &term);
+        let calls = due.chunks(FETCH_BATCH).map(|chunk| async move {
+            tokio::select! {
+                _ = term.cancelled() => None,
+                answer = fetch(backend_ref, chunk) => Some((chunk, answer)),
+            }
+        });
+        let Some(answers) = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(Call::Answered);
+        };
+        let mut call = Call::Answered;
+        let mut writes = Vec::with_capacity(due.len());
+        for (chunk, answer) in answers {
+            let mut rules = Rules {
+                now: Utc::now(),
+                next_poll: backend.poll_interval(),
+                no_progress_timeout: backend.no_progress_timeout(),
+                payload_cap: self.shared.config.max_payload_bytes,
+            };
+            let reports = match answer {
+                Ok(reports) => Some(reports),
+                Err(err) => {
+                    let wait = backoff(backend.poll_interval(), failures + 1);
+                    tracing::error!(backend = %name, tasks = chunk.len(), %err, ?wait, "sync call failed; its backend backs off");
+                    rules.next_poll = wait;
+                    call = Call::Failed { wait };
+                    None
                 }
             };
-            self.write(&due, writes).await?;
+            writes.extend(chunk.iter().map(|(task, job)| {
+                let id = task.external_id.as_deref().unwrap_or_default();
+                rules.decide(task, job, reports.as_ref().and_then(|r| r.get(id)))
+            }));
         }
-        Ok(polled)
+        self.write(&due, writes).await?;
+        Ok(call)
     }
 
     /// Writes decisions [`WRITE_BATCH`] at a time, then sends what the ended attempts
-    /// cause: their retries and one finished event per batch. A batch that fails to
-    /// write is logged and left due; only a lost broker connection stops the rest.
+    /// cause: their retries and one finished event per batch. Only a lost broker
+    /// connection stops the rest.
     async fn write(&self, due: &[Due], writes: Vec<SyncWrite>) -> Result<(), Error> {
-        let jobs: HashMap<i64, &Due> = due.iter().map(|due| (due.0.id, due)).collect();
+        let due: HashMap<i64, &Due> = due.iter().map(|due| (due.0.id, due)).collect();
         for batch in writes.chunks(WRITE_BATCH) {
-            let ended = match self.shared.store.apply_sync(batch).await {
-                Ok(ended) => ended,
-                Err(err) => {
-                    tracing::error!(tasks = batch.len(), %err, "sync write failed; these tasks stay due");
-                    continue;
+            self.write_batch(batch, &due).await?;
+        }
+        Ok(())
+    }
+
+    /// One transaction of writes. A batch the database refuses for good is written
+    /// again one task at a time, and a task's write it refuses fails that task with
+    /// the reason, so that nothing is refused on every tick with its neighbours.
+    async fn write_batch(
+        &self,
+        batch: &[SyncWrite],
+        due: &HashMap<i64, &Due>,
+    ) -> Result<(), Error> {
+        let ended = match self.shared.store.apply_sync(batch).await {
+            Ok(ended) => ended,
+            Err(err) if batch.len() > 1 && !err.is_transient() => {
+                for write in batch {
+                    Box::pin(self.write_batch(std::slice::from_ref(write), due)).await?;
                 }
-            };
-            if let Err(err) = self.send_consequences(batch, &ended, &jobs).await {
-                if err.is_broker_connection() {
-                    return Err(err);
-                }
-                // Committed but not sent: the sweeper re-sends lost retries and checks
-                // quiet jobs.
-                tracing::warn!(%err, "retries or finished events of synced tasks not sent");
+                return Ok(());
             }
+            Err(err) if !err.is_transient() => {
+                let write = &batch[0];
+                let Some(failing) = failing(write, &err) else {
+                    tracing::error!(task_id = write.seen.task_id, %err, "sync write failed; the task stays due");
+                    return Ok(());
+                };
+                tracing::error!(task_id = write.seen.task_id, %err, "the database refused the sync of an external task; failing the task");
+                return Box::pin(self.write_batch(&[failing], due)).await;
+            }
+            Err(err) => {
+                tracing::error!(tasks = batch.len(), %err, "sync write failed; these tasks stay due");
+                return Ok(());
+            }
+        };
+        if let Err(err) = self.send_consequences(batch, &ended, due).await {
+            if err.is_broker_connection() {
+                return Err(err);
+            }
+            // Committed but not sent: the sweeper re-sends lost retries and checks
+            // quiet jobs.
+            tracing::warn!(%err, "retries or finished events of synced tasks not sent");
         }
         Ok(())
     }
@@ -181,7 +349,7 @@ impl Syncer {
         let mut pending = Vec::new();
         let mut finished = Vec::new();
         for write in batch {
-            let SyncWrite::Ended(transition, _) = write else {
+            let Some(transition) = write.transition() else {
                 continue;
             };
             let Some((task, job)) = due.get(&transition.task_id).copied() else {
@@ -220,13 +388,33 @@ impl Syncer {
     }
 }
 
-/// Fetches the states of `due` (one backend's) and decides each task's write. `Err`:
-/// the call failed, or its answer does not match what was asked.
-async fn poll(
+/// The write that fails `write`'s task because the database refused `write` for good
+/// (a result it cannot store, say); `None` when `write` already fails it.
+fn failing(write: &SyncWrite, err: &StoreError) -> Option<SyncWrite> {
+    let update_id = match &write.change {
+        SyncChange::Ended {
+            outcome: TaskOutcome::Failed(_),
+            ..
+        } => return None,
+        SyncChange::Ended { update_id, .. } => *update_id,
+        SyncChange::Progressed { update_id, .. } => Some(*update_id),
+        SyncChange::Polled { .. } => None,
+    };
+    Some(SyncWrite {
+        seen: write.seen.clone(),
+        change: SyncChange::Ended {
+            outcome: TaskOutcome::Failed(format!("could not record the backend's answer: {err}")),
+            update_id,
+        },
+    })
+}
+
+/// Fetches the states of `due` (one backend's, at most [`FETCH_BATCH`]). `Err`: the
+/// call failed, or its answer does not match what was asked.
+async fn fetch(
     backend: &dyn Backend,
     due: &[Due],
-    now: DateTime<Utc>,
-) -> Result<Vec<SyncWrite>, BackendError> {
+) -> Result<HashMap<String, Report>, BackendError> {
     let ids: Vec<String> = due
         .iter()
         .map(|(task, _)| task.external_id.clone().unwrap_or_default())
@@ -234,6 +422,14 @@ async fn poll(
     let states = tokio::time::timeout(FETCH_TIMEOUT, backend.fetch(&ids))
         .await
         .map_err(|_| BackendError(format!("no answer within {FETCH_TIMEOUT:?}")))??;
+    check_answer(&ids, states)
+}
+
+/// The answer's reports by id: exactly one per id asked, or the answer is malformed.
+fn check_answer(
+    ids: &[String],
+    states: Vec<ExternalState>,
+) -> Result<HashMap<String, Report>, BackendError> {
     if states.len() != ids.len() {
         return Err(BackendError(format!(
             "asked for {} states, got {}",
@@ -241,44 +437,41 @@ async fn poll(
             states.len()
         )));
     }
-    let reports: HashMap<String, Report> = states
-        .into_iter()
-        .map(|state| (state.id, state.report))
-        .collect();
-    let rules = Rules {
-        now,
-        poll_interval: backend.poll_interval(),
-        no_progress_timeout: backend.no_progress_timeout(),
-    };
-    due.iter()
-        .map(|(task, job)| {
-            let id = task.external_id.as_deref().unwrap_or_default();
-            let report = reports
-                .get(id)
-                .ok_or_else(|| BackendError(format!("no state for id {id:?} in the answer")))?;
-            Ok(rules.decide(task, job, report))
-        })
-        .collect()
+    let mut reports = HashMap::with_capacity(states.len());
+    for state in states {
+        if reports.contains_key(&state.id) {
+            return Err(BackendError(format!(
+                "the answer holds id {:?} more than once",
+                state.id
+            )));
+        }
+        reports.insert(state.id, state.report);
+    }
+    if let Some(missing) = ids.iter().find(|id| !reports.contains_key(*id)) {
+        return Err(BackendError(format!(
+            "no state for id {missing:?} in the answer"
+        )));
+    }
+    Ok(reports)
 }
 
 /// How one task's report becomes a write.
 struct Rules {
     now: DateTime<Utc>,
-    poll_interval: Duration,
+    /// When to ask again, unless the attempt ends.
+    next_poll: Duration,
     no_progress_timeout: Duration,
+    /// A result over it ends the attempt failed ([`crate::caps`]).
+    payload_cap: usize,
 }
 
 impl Rules {
-    fn decide(&self, task: &task::Model, job: &job::Model, report: &Report) -> SyncWrite {
-        let next_sync_at = clock::after(self.now, self.poll_interval);
-        let ended = |outcome, update_id| {
-            let transition = Transition {
-                job_id: job.id.clone(),
-                task_id: task.id,
-                attempt: task.attempts,
-                outcome,
-            };
-            SyncWrite::Ended(transition, update_id)
+    /// `report`: `None` when the call for it failed.
+    fn decide(&self, task: &task::Model, job: &job::Model, report: Option<&Report>) -> SyncWrite {
+        let seen = Seen::of(task);
+        let write = |change| SyncWrite {
+            seen: seen.clone(),
+            change,
         };
         let failed = |message: String, update_id| {
             let outcome = if task.attempts <= job.max_retries {
@@ -286,23 +479,39 @@ impl Rules {
             } else {
                 TaskOutcome::Failed(message)
             };
-            ended(outcome, update_id)
+            write(SyncChange::Ended { outcome, update_id })
         };
+        let next_sync_at = clock::after(self.now, self.next_poll);
         match report {
-            Report::State { update_id, status } if task.external_update_id < Some(*update_id) => {
+            Some(Report::State { update_id, status })
+                if task.external_update_id < Some(*update_id) =>
+            {
                 return match status {
-                    ExternalStatus::Running => SyncWrite::Progressed {
-                        task_id: task.id,
+                    ExternalStatus::Running => write(SyncChange::Progressed {
                         update_id: *update_id,
                         next_sync_at,
-                    },
+                    }),
                     ExternalStatus::Done { result } => {
-                        ended(TaskOutcome::Done(result.clone()), Some(*update_id))
+                        let bytes = crate::caps::json_bytes(result);
+                        let outcome = if bytes > self.payload_cap as u64 {
+                            let what = format!("the backend's result for task {}", task.id);
+                            TaskOutcome::Failed(crate::caps::over_cap(
+                                &what,
+                                bytes,
+                                self.payload_cap,
+                            ))
+                        } else {
+                            TaskOutcome::Done(result.clone())
+                        };
+                        write(SyncChange::Ended {
+                            outcome,
+                            update_id: Some(*update_id),
+                        })
                     }
                     ExternalStatus::Failed { message } => failed(message.clone(), Some(*update_id)),
                 };
             }
-            Report::State { update_id, .. } if task.external_update_id > Some(*update_id) => {
+            Some(Report::State { update_id, .. }) if task.external_update_id > Some(*update_id) => {
                 tracing::warn!(
                     task_id = task.id,
                     update_id,
@@ -310,8 +519,8 @@ impl Rules {
                     "stale external state ignored"
                 );
             }
-            Report::State { .. } => {}
-            Report::Error { error } => {
+            Some(Report::State { .. }) | None => {}
+            Some(Report::Error { error }) => {
                 tracing::warn!(task_id = task.id, external_id = task.external_id.as_deref().unwrap_or_default(), %error, "the backend could not report on the task; asking again later");
             }
         }
@@ -323,10 +532,7 @@ impl Rules {
             );
             return failed(message, None);
         }
-        SyncWrite::Polled {
-            task_id: task.id,
-            next_sync_at,
-        }
+        write(SyncChange::Polled { next_sync_at })
     }
 }
 
@@ -338,8 +544,9 @@ mod tests {
     fn rules() -> Rules {
         Rules {
             now: Utc::now(),
-            poll_interval: Duration::from_secs(2),
+            next_poll: Duration::from_secs(2),
             no_progress_timeout: Duration::from_secs(60),
+            payload_cap: 100,
         }
     }
 
@@ -369,6 +576,7 @@ mod tests {
             next_sync_at: Some(now),
             last_poll_at: None,
             last_progress_at: Some(clock::ago(idle)),
+            run: 1,
         };
         let job = job::Model {
             job_type: "build".into(),
@@ -383,12 +591,10 @@ mod tests {
     }
 
     fn kind(write: &SyncWrite) -> String {
-        match write {
-            SyncWrite::Polled { .. } => "polled".into(),
-            SyncWrite::Progressed { update_id, .. } => format!("progressed to {update_id}"),
-            SyncWrite::Ended(transition, update_id) => {
-                format!("{:?} at {update_id:?}", transition.outcome)
-            }
+        match &write.change {
+            SyncChange::Polled { .. } => "polled".into(),
+            SyncChange::Progressed { update_id, .. } => format!("progressed to {update_id}"),
+            SyncChange::Ended { outcome, update_id } => format!("{outcome:?} at {update_id:?}"),
         }
     }
 
@@ -399,36 +605,50 @@ mod tests {
         let (task, job) = rows(Some(5), fresh, 1);
         let running = |n| state(n, ExternalStatus::Running);
         assert_eq!(
-            kind(&rules.decide(&task, &job, &running(4))),
+            kind(&rules.decide(&task, &job, Some(&running(4)))),
             "polled",
             "stale"
         );
         assert_eq!(
-            kind(&rules.decide(&task, &job, &running(5))),
+            kind(&rules.decide(&task, &job, Some(&running(5)))),
             "polled",
             "unchanged"
         );
         assert_eq!(
-            kind(&rules.decide(&task, &job, &running(6))),
+            kind(&rules.decide(&task, &job, Some(&running(6)))),
             "progressed to 6"
         );
         let (first, _) = rows(None, fresh, 1);
         assert_eq!(
-            kind(&rules.decide(&first, &job, &running(0))),
+            kind(&rules.decide(&first, &job, Some(&running(0)))),
             "progressed to 0"
         );
         let error = Report::Error {
             error: "busy".into(),
         };
-        assert_eq!(kind(&rules.decide(&task, &job, &error)), "polled");
+        assert_eq!(kind(&rules.decide(&task, &job, Some(&error))), "polled");
         let done = state(6, ExternalStatus::Done { result: json!(1) });
         assert_eq!(
-            kind(&rules.decide(&task, &job, &done)),
+            kind(&rules.decide(&task, &job, Some(&done))),
             "Done(Number(1)) at Some(6)"
         );
         // A stale terminal state is as stale as any.
         let old_done = state(3, ExternalStatus::Done { result: json!(1) });
-        assert_eq!(kind(&rules.decide(&task, &job, &old_done)), "polled");
+        assert_eq!(kind(&rules.decide(&task, &job, Some(&old_done))), "polled");
+        // A result over the cap (100 bytes here) fails the task, not its job's phase.
+        let large = state(
+            7,
+            ExternalStatus::Done {
+                result: json!("x".repeat(100)),
+            },
+        );
+        let failed = kind(&rules.decide(&task, &job, Some(&large)));
+        assert!(
+            failed.starts_with(
+                "Failed(\"the backend's result for task 7 is 102 bytes, over the cap of 100 bytes"
+            ),
+            "{failed}"
+        );
     }
 
     #[test]
@@ -443,30 +663,110 @@ mod tests {
         );
         let (first_attempt, job) = rows(Some(5), fresh, 1);
         assert_eq!(
-            kind(&rules.decide(&first_attempt, &job, &failed)),
+            kind(&rules.decide(&first_attempt, &job, Some(&failed))),
             "Retrying(\"broke\") at Some(6)"
         );
         let (last_attempt, _) = rows(Some(5), fresh, 2);
         assert_eq!(
-            kind(&rules.decide(&last_attempt, &job, &failed)),
+            kind(&rules.decide(&last_attempt, &job, Some(&failed))),
             "Failed(\"broke\") at Some(6)"
         );
-        // Answers that do not move it are polls, not progress.
+        // Answers that do not move it are polls, not progress; nor is a failed call.
         let (idle, _) = rows(Some(5), Duration::from_secs(61), 1);
         for report in [
-            state(5, ExternalStatus::Running),
-            Report::Error {
+            Some(state(5, ExternalStatus::Running)),
+            Some(Report::Error {
                 error: "busy".into(),
-            },
+            }),
+            None,
         ] {
             assert_eq!(
-                kind(&rules.decide(&idle, &job, &report)),
+                kind(&rules.decide(&idle, &job, report.as_ref())),
                 "Retrying(\"external task made no progress for 60s\") at None"
             );
         }
         assert_eq!(
-            kind(&rules.decide(&idle, &job, &state(6, ExternalStatus::Running))),
+            kind(&rules.decide(&idle, &job, Some(&state(6, ExternalStatus::Running)))),
             "progressed to 6"
+        );
+        // A failed call moves a task that is not over its timeout to the backoff.
+        let (fresh_task, _) = rows(Some(5), fresh, 1);
+        let backing_off = Rules {
+            next_poll: Duration::from_secs(8),
+            ..rules
+        };
+        let write = backing_off.decide(&fresh_task, &job, None);
+        let SyncChange::Polled { next_sync_at } = write.change else {
+            panic!("{write:?}");
+        };
+        assert_eq!(
+            next_sync_at,
+            clock::after(backing_off.now, Duration::from_secs(8))
+        );
+        assert_eq!(
+            write.seen,
+            Seen::of(&fresh_task),
+            "the write names what was read"
+        );
+    }
+
+    #[test]
+    fn an_answer_names_each_id_asked_once() {
+        let ids: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let running = |id: &str, update_id| ExternalState {
+            id: id.into(),
+            report: state(update_id, ExternalStatus::Running),
+        };
+        let answer = |states: Vec<ExternalState>| {
+            check_answer(&ids, states)
+                .map_err(|err| err.0)
+                .map(|reports| reports.len())
+        };
+        assert_eq!(answer(vec![running("b", 1), running("a", 2)]), Ok(2));
+        assert_eq!(
+            answer(vec![running("a", 1)]),
+            Err("asked for 2 states, got 1".into())
+        );
+        assert_eq!(
+            answer(vec![running("a", 1), running("a", 2)]),
+            Err("the answer holds id \"a\" more than once".into())
+        );
+        assert_eq!(
+            answer(vec![running("a", 1), running("c", 2)]),
+            Err("no state for id \"b\" in the answer".into())
+        );
+    }
+
+    #[test]
+    fn a_failing_backend_backs_off_exponentially_up_to_a_cap() {
+        let poll = Duration::from_secs(2);
+        let waits: Vec<u64> = (1..=6).map(|n| backoff(poll, n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30]);
+        assert_eq!(backoff(poll, u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_refused_write_fails_its_task_once() {
+        let (task, job) = rows(Some(5), Duration::from_secs(1), 1);
+        let done = rules().decide(
+            &task,
+            &job,
+            Some(&state(
+                6,
+                ExternalStatus::Done {
+                    result: json!("\u{0}"),
+                },
+            )),
+        );
+        let err = StoreError::Transaction("unsupported Unicode escape sequence".into());
+        let failed = failing(&done, &err).expect("a refused result fails the task");
+        assert_eq!(
+            kind(&failed),
+            "Failed(\"could not record the backend's answer: database: unsupported Unicode escape sequence\") at Some(6)"
+        );
+        assert!(
+            failing(&failed, &err).is_none(),
+            "the failure is not failed again"
         );
     }
 }

@@ -24,6 +24,9 @@ pub enum StoreError {
         /// Task rows found.
         found: i64,
     },
+    /// Task rows were offered to a job that is not forming; holds its id.
+    #[error("job {0:?} is not forming")]
+    NotForming(String),
     /// Rows in a state the store's own rules exclude; says which.
     #[error("unexpected row state: {0}")]
     Corrupt(String),

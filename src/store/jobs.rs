@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, FromQueryResult, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::error::StoreError;
@@ -60,53 +60,11 @@ impl Store {
         jobs: &[WholeJob],
     ) -> Result<Vec<Option<Vec<(i64, i32)>>>, StoreError> {
         let backend = self.backend();
-        self.retrying("create whole jobs", || async {
-            let txn = self.db.begin().await?;
-            let now = Utc::now();
-            let rows = jobs.iter().map(|whole| {
-                let mut row = job_row(&whole.job, JobStage::Running, whole.tasks.len(), now);
-                row.started_at = Set(Some(now));
-                row
-            });
-            let created: HashSet<String> = match job::Entity::insert_many(rows)
-                .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
-                .exec_with_returning_keys(&txn)
-                .await
-            {
-                Ok(ids) => ids.into_iter().collect(),
-                Err(DbErr::RecordNotInserted) => HashSet::new(),
-                Err(err) => return Err(err.into()),
-            };
-            let mut results = Vec::with_capacity(jobs.len());
-            // A job's first task id, from the rows just inserted: asked of the table,
-            // `MIN(id)` for a new job is planned as a walk up the primary key from the
-            // oldest task, which grows with every task ever stored.
-            let mut first_ids = CaseStatement::new();
-            for whole in jobs {
-                if !created.contains(&whole.job.id) {
-                    results.push(None);
-                    continue;
-                }
-                let rows =
-                    insert_task_rows(&txn, backend, &whole.job.id, &whole.tasks, now).await?;
-                if let Some(first) = rows.iter().map(|(id, _)| *id).min() {
-                    first_ids = first_ids.case(job::Column::Id.eq(whole.job.id.as_str()), first);
-                }
-                results.push(Some(rows));
-            }
-            if !created.is_empty() {
-                job::Entity::update_many()
-                    .col_expr(job::Column::FirstTaskId, Expr::Case(Box::new(first_ids)))
-                    .filter(one_of(
-                        backend,
-                        job::Column::Id,
-                        created.into_iter().collect::<Vec<_>>(),
-                    ))
-                    .exec(&txn)
-                    .await?;
-            }
-            txn.commit().await?;
-            Ok(results)
+        self.retrying("create whole jobs", || {
+            let jobs = jobs.to_vec();
+            self.transact(move |txn| {
+                Box::pin(async move { create_whole_in(txn, backend, &jobs).await })
+            })
         })
         .await
     }
@@ -118,24 +76,35 @@ impl Store {
     /// tasks; a row added after it would be pending in an ended job). The claim relies
     /// on it. Not retried here: the intake retries with smaller batches.
     pub async fn insert_tasks(&self, job_id: &str, tasks: &[NewTask]) -> Result<bool, StoreError> {
-        let txn = self.db.begin().await?;
-        // Rows first, then the check: on SQLite a transaction that reads before it
-        // writes fails at its first write if another one wrote meanwhile.
-        insert_task_rows(&txn, self.backend(), job_id, tasks, Utc::now()).await?;
-        let forming: Option<String> = job::Entity::find_by_id(job_id.to_owned())
-            .select_only()
-            .column(job::Column::Id)
-            .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
-            .lock_shared()
-            .into_tuple()
-            .one(&txn)
-            .await?;
-        if forming.is_none() {
-            txn.rollback().await?;
-            return Ok(false);
+        let (backend, job_id, tasks) = (self.backend(), job_id.to_owned(), tasks.to_vec());
+        let inserted = self
+            .transact(move |txn| {
+                Box::pin(async move {
+                    // Rows first, then the check: on SQLite a transaction that reads
+                    // before it writes fails at its first write if another one wrote
+                    // meanwhile.
+                    insert_task_rows(txn, backend, &job_id, &tasks, Utc::now()).await?;
+                    let forming: Option<String> = job::Entity::find_by_id(job_id.clone())
+                        .select_only()
+                        .column(job::Column::Id)
+                        .filter(job::Column::Stage.eq(JobStage::Formation.as_str()))
+                        .lock_shared()
+                        .into_tuple()
+                        .one(txn)
+                        .await?;
+                    match forming {
+                        Some(_) => Ok(()),
+                        // An error rolls the rows back.
+                        None => Err(StoreError::NotForming(job_id)),
+                    }
+                })
+            })
+            .await;
+        match inserted {
+            Ok(()) => Ok(true),
+            Err(StoreError::NotForming(_)) => Ok(false),
+            Err(err) => Err(err),
         }
-        txn.commit().await?;
-        Ok(true)
     }
 
     /// Moves a job from `formation` to `running` with its task count, in one
@@ -412,4 +381,55 @@ fn job_row(
         run: Set(1),
         fed_through: Set(-1),
     }
+}
+
+/// The statements of [`Store::create_whole_jobs`], in the caller's transaction.
+async fn create_whole_in(
+    txn: &DatabaseTransaction,
+    backend: DatabaseBackend,
+    jobs: &[WholeJob],
+) -> Result<Vec<Option<Vec<(i64, i32)>>>, StoreError> {
+    let now = Utc::now();
+    let rows = jobs.iter().map(|whole| {
+        let mut row = job_row(&whole.job, JobStage::Running, whole.tasks.len(), now);
+        row.started_at = Set(Some(now));
+        row
+    });
+    let created: HashSet<String> = match job::Entity::insert_many(rows)
+        .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
+        .exec_with_returning_keys(txn)
+        .await
+    {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(DbErr::RecordNotInserted) => HashSet::new(),
+        Err(err) => return Err(err.into()),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    // A job's first task id, from the rows just inserted: asked of the table,
+    // `MIN(id)` for a new job is planned as a walk up the primary key from the
+    // oldest task, which grows with every task ever stored.
+    let mut first_ids = CaseStatement::new();
+    for whole in jobs {
+        if !created.contains(&whole.job.id) {
+            results.push(None);
+            continue;
+        }
+        let rows = insert_task_rows(txn, backend, &whole.job.id, &whole.tasks, now).await?;
+        if let Some(first) = rows.iter().map(|(id, _)| *id).min() {
+            first_ids = first_ids.case(job::Column::Id.eq(whole.job.id.as_str()), first);
+        }
+        results.push(Some(rows));
+    }
+    if !created.is_empty() {
+        job::Entity::update_many()
+            .col_expr(job::Column::FirstTaskId, Expr::Case(Box::new(first_ids)))
+            .filter(one_of(
+                backend,
+                job::Column::Id,
+                created.into_iter().collect::<Vec<_>>(),
+            ))
+            .exec(txn)
+            .await?;
+    }
+    Ok(results)
 }

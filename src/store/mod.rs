@@ -27,7 +27,7 @@ mod tasks;
 mod views;
 
 pub use error::StoreError;
-pub use external::SyncWrite;
+pub use external::{Seen, SyncChange, SyncWrite};
 pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use parts::{PartClaim, PartsState};

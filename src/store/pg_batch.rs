@@ -55,7 +55,7 @@ pub(super) fn insert_tasks(job_id: &str, tasks: &[NewTask], now: DateTime<Utc>) 
 
 /// Moves each running attempt of the batch to its outcome (`done` + result, or
 /// `failed`/`retrying` + info) in one statement. Returns the ids moved; an attempt no
-/// longer running (a duplicate, a cancelled task) is not.
+/// longer running (a duplicate, a cancelled task, a task a later run reset) is not.
 pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> Statement {
     const SQL: &str = r#"
         UPDATE tasks AS t SET
@@ -66,12 +66,14 @@ pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> St
             lease_until = NULL,
             version = t.version + 1,
             updated_at = $1
-        FROM unnest($2::bigint[], $3::int[], $4::text[], $5::jsonb[], $6::text[])
-            AS o(id, attempt, status, result, info)
+        FROM unnest($2::bigint[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::int[])
+            AS o(id, attempt, status, result, info, run)
         WHERE t.id = o.id AND t.status = 'running' AND t.attempts = o.attempt
+            AND t.run <= o.run
         RETURNING t.id"#;
     let ids: Vec<i64> = transitions.iter().map(|t| t.task_id).collect();
     let attempts: Vec<i32> = transitions.iter().map(|t| t.attempt).collect();
+    let runs: Vec<i32> = transitions.iter().map(|t| t.run).collect();
     let statuses: Vec<String> = transitions
         .iter()
         .map(|t| t.outcome.status().as_str().to_owned())
@@ -96,6 +98,7 @@ pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> St
             statuses.into(),
             results.into(),
             infos.into(),
+            runs.into(),
         ],
     )
 }

@@ -1,5 +1,6 @@
 //! Running a failed job again: its failed and cancelled tasks go back to `pending`
-//! with fresh attempts, and the job back to `running` in its next run, in one
+//! with fresh attempts in the job's next run (their `run`, which claims and finishes
+//! check), and the job back to `running` in that run, in one
 //! transaction under the job's row lock; the completion role then ends it once more,
 //! with one new event.
 
@@ -96,6 +97,8 @@ impl Store {
                             .col_expr(task::Column::ExternalAttempt, Expr::value(Option::<i32>::None))
                             .col_expr(task::Column::ExternalUpdateId, Expr::value(Option::<i64>::None))
                             .col_expr(task::Column::NextSyncAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+                            // Attempts start over: the run tells them from the last run's.
+                            .col_expr(task::Column::Run, Expr::value(job.run + 1))
                             .col_expr(task::Column::Version, Expr::col(task::Column::Version).add(1))
                             .col_expr(task::Column::UpdatedAt, Expr::value(now))
                             .filter(task::Column::JobId.eq(job_id.as_str()))

@@ -148,7 +148,7 @@ impl TaskOutcome {
     }
 }
 
-/// The outcome of attempt `attempt` of task `task_id` of job `job_id`.
+/// The outcome of attempt `attempt` (of run `run`) of task `task_id` of job `job_id`.
 #[derive(Clone, Debug)]
 pub struct Transition {
     /// The task's job.
@@ -157,6 +157,9 @@ pub struct Transition {
     pub task_id: i64,
     /// The attempt that ended: only a task running this attempt changes.
     pub attempt: i32,
+    /// The job's run the attempt belongs to: a task reset by a later run is left
+    /// alone.
+    pub run: i32,
     /// How it ended.
     pub outcome: TaskOutcome,
 }

@@ -7,6 +7,11 @@
 //! - finish: `running` attempt n → `done` (+ result) or `failed` (+ info);
 //! - retry: `running` attempt n → `retrying` (+ info).
 //!
+//! Every one of them also names the job's run r of its message: the task's `run` (the
+//! run that last reset it) must be at most r. A retry of a failed job starts attempts
+//! over at 1, so without it a message of run r-1 (in the delay ladder, redelivered)
+//! would claim or finish attempt n of run r.
+//!
 //! Zero rows changed means the message was stale or a duplicate. Fresh claims and
 //! outcomes come in batches: one statement per attempt number claims a batch, and one
 //! transaction records a batch of outcomes, so the database's cost per task shrinks
@@ -21,7 +26,7 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryTrait,
-    Statement, TransactionTrait,
+    Statement,
 };
 
 use super::error::StoreError;
@@ -54,6 +59,7 @@ impl Store {
         &self,
         task_id: i64,
         attempt: i32,
+        run: i32,
         token: &str,
         redelivered: bool,
         lease: Duration,
@@ -61,6 +67,7 @@ impl Store {
         self.retrying("claim task", || async {
             let fresh = claiming(attempt, Expr::value(1), token, lease)
                 .filter(task::Column::Id.eq(task_id))
+                .filter(task::Column::Run.lte(run))
                 .filter(
                     task::Column::Status
                         .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
@@ -82,6 +89,7 @@ impl Store {
             }
             let taken = claiming(attempt, Expr::col(task::Column::Deliveries), token, lease)
                 .filter(task::Column::Id.eq(task_id))
+                .filter(task::Column::Run.lte(run))
                 .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
                 .filter(task::Column::Attempts.eq(attempt))
                 .filter(takeover_allowed)
@@ -142,19 +150,19 @@ impl Store {
         .await
     }
 
-    /// Claims attempt `attempt` of many fresh tasks (`pending` or `retrying` with
-    /// `attempts = attempt - 1`) for `token`: one statement per attempt number. Returns
-    /// the claimed ids; the others were stale, duplicates, or need a takeover
-    /// ([`Store::claim_task`]).
+    /// Claims attempt `attempt` of run `run` of many fresh tasks (`pending` or
+    /// `retrying` with `attempts = attempt - 1`), given as `(task id, attempt, run)`,
+    /// for `token`: one statement per attempt and run. Returns the claimed ids; the
+    /// others were stale, duplicates, or need a takeover ([`Store::claim_task`]).
     pub async fn claim_tasks(
         &self,
-        claims: &[(i64, i32)],
+        claims: &[(i64, i32, i32)],
         token: &str,
         lease: Duration,
     ) -> Result<HashSet<i64>, StoreError> {
-        let mut by_attempt: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-        for &(task_id, attempt) in claims {
-            by_attempt.entry(attempt).or_default().push(task_id);
+        let mut by_attempt: BTreeMap<(i32, i32), Vec<i64>> = BTreeMap::new();
+        for &(task_id, attempt, run) in claims {
+            by_attempt.entry((attempt, run)).or_default().push(task_id);
         }
         if by_attempt.len() == 1 {
             return self
@@ -165,11 +173,11 @@ impl Store {
         }
         // Several statements: all or none, so an error never leaves tasks claimed that
         // the caller believes unclaimed.
-        self.retrying("claim tasks", || async {
-            let txn = self.db.begin().await?;
-            let claimed = claim_by_attempt(&txn, &by_attempt, token, lease).await?;
-            txn.commit().await?;
-            Ok(claimed)
+        self.retrying("claim tasks", || {
+            let (by_attempt, token) = (by_attempt.clone(), token.to_owned());
+            self.transact(move |txn| {
+                Box::pin(async move { claim_by_attempt(txn, &by_attempt, &token, lease).await })
+            })
         })
         .await
     }
@@ -186,12 +194,8 @@ impl Store {
         let finishing = self.finishing(transitions);
         self.retrying("finish tasks", || async {
             let finishing = finishing.clone();
-            Ok(self
-                .db
-                .transaction::<_, HashSet<i64>, StoreError>(move |txn| {
-                    Box::pin(async move { finish_in(txn, &finishing).await })
-                })
-                .await?)
+            self.transact(move |txn| Box::pin(async move { finish_in(txn, &finishing).await }))
+                .await
         })
         .await
     }
@@ -219,24 +223,28 @@ impl Store {
     }
 
     /// The statements of [`Store::finish_tasks`]: one for the whole batch on
-    /// PostgreSQL; elsewhere one per outcome kind and attempt number.
+    /// PostgreSQL; elsewhere one per outcome kind, attempt number and run.
     fn finish_statements(&self, transitions: &[Transition]) -> Vec<Statement> {
         let now = Utc::now();
         let backend = self.backend();
         if backend == DatabaseBackend::Postgres {
             return vec![pg_batch::finish_tasks(transitions, now)];
         }
-        let mut groups: HashMap<(TaskStatus, i32), Vec<&Transition>> = HashMap::new();
+        let mut groups: HashMap<(TaskStatus, i32, i32), Vec<&Transition>> = HashMap::new();
         for transition in transitions {
             groups
-                .entry((transition.outcome.status(), transition.attempt))
+                .entry((
+                    transition.outcome.status(),
+                    transition.attempt,
+                    transition.run,
+                ))
                 .or_default()
                 .push(transition);
         }
         groups
             .into_iter()
-            .map(|((status, attempt), group)| {
-                backend.build(&finish_statement(status, attempt, &group, now))
+            .map(|((status, attempt, run), group)| {
+                backend.build(&finish_statement(status, (attempt, run), &group, now))
             })
             .collect()
     }
@@ -280,21 +288,22 @@ pub(super) async fn finish_in<C: ConnectionTrait>(
     Ok(recorded)
 }
 
-/// One claim statement per attempt number; returns the ids claimed.
+/// One claim statement per attempt number and run; returns the ids claimed.
 async fn claim_by_attempt<C: ConnectionTrait>(
     db: &C,
-    by_attempt: &BTreeMap<i32, Vec<i64>>,
+    by_attempt: &BTreeMap<(i32, i32), Vec<i64>>,
     token: &str,
     lease: Duration,
 ) -> Result<HashSet<i64>, StoreError> {
     let mut claimed = HashSet::new();
-    for (&attempt, ids) in by_attempt {
+    for (&(attempt, run), ids) in by_attempt {
         let mut update = claiming(attempt, Expr::value(1), token, lease)
             .filter(one_of(
                 db.get_database_backend(),
                 task::Column::Id,
                 ids.clone(),
             ))
+            .filter(task::Column::Run.lte(run))
             .filter(
                 task::Column::Status
                     .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
@@ -337,10 +346,11 @@ fn claiming(
 }
 
 /// One UPDATE moving a group of running attempts (same outcome kind, same attempt
-/// number) to `status`, each with its own result or error, returning the ids moved.
+/// number and run) to `status`, each with its own result or error, returning the ids
+/// moved.
 fn finish_statement(
     status: TaskStatus,
-    attempt: i32,
+    (attempt, run): (i32, i32),
     group: &[&Transition],
     now: chrono::DateTime<Utc>,
 ) -> UpdateStatement {
@@ -385,12 +395,14 @@ fn finish_statement(
         .filter(task::Column::Id.is_in(group.iter().map(|t| t.task_id)))
         .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
         .filter(task::Column::Attempts.eq(attempt))
+        .filter(task::Column::Run.lte(run))
         .into_query();
     update.returning(Query::returning().column(task::Column::Id));
     update
 }
 
-async fn lock_running_jobs<C: ConnectionTrait>(
+/// Locks the rows of the jobs among `job_ids` that are running, in one statement.
+pub(super) async fn lock_running_jobs<C: ConnectionTrait>(
     txn: &C,
     job_ids: &[String],
 ) -> Result<(), StoreError> {
@@ -489,6 +501,7 @@ mod tests {
             job_id: job_id.into(),
             task_id,
             attempt: 1,
+            run: 1,
             outcome,
         }
     }

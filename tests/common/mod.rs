@@ -222,6 +222,30 @@ impl TestEnv {
         admin.close().await.unwrap();
     }
 
+    /// How many leases whose name starts with `prefix` are held now (a feed lease is
+    /// `feed:<job id>`).
+    pub async fn live_leases(&self, prefix: &str) -> i64 {
+        let admin = Database::connect(&self.config.database_url)
+            .await
+            .expect("database reachable");
+        let row = admin
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                admin.get_database_backend(),
+                match admin.get_database_backend() {
+                    sea_orm::DatabaseBackend::Postgres => {
+                        "SELECT count(*) AS n FROM leases WHERE name LIKE $1"
+                    }
+                    _ => "SELECT count(*) AS n FROM leases WHERE name LIKE ?",
+                },
+                [format!("{prefix}%").into()],
+            ))
+            .await
+            .expect("leases readable")
+            .expect("a count");
+        admin.close().await.unwrap();
+        row.try_get("", "n").unwrap()
+    }
+
     /// Publishes raw bytes (confirmed) with the given content type.
     pub async fn publish_raw(
         &self,

@@ -280,9 +280,9 @@ impl Runner {
             return;
         }
         let token = new_token();
-        let claims: Vec<(i64, i32)> = fresh
+        let claims: Vec<(i64, i32, i32)> = fresh
             .iter()
-            .map(|(_, _, _, m)| (m.task_id, m.attempt))
+            .map(|(_, _, _, m)| (m.task_id, m.attempt, m.run))
             .collect();
         let claimed = match self
             .shared
@@ -339,6 +339,7 @@ impl Runner {
                 .claim_task(
                     message.task_id,
                     message.attempt,
+                    message.run,
                     &token,
                     delivery.redelivered,
                     runner.shared.config.lease,

@@ -50,6 +50,7 @@ impl Runner {
                 job_id: f.message.job_id.clone(),
                 task_id: f.message.task_id,
                 attempt: f.message.attempt,
+                run: f.message.run,
                 outcome: f.outcome.clone(),
             })
             .collect();
@@ -206,6 +207,19 @@ impl Runner {
         let Some(row) = self.shared.store.task(message.task_id).await? else {
             return Ok(());
         };
+        if row.run > message.run {
+            // A copy from before `taskmill retry` reset the task: what it caused is
+            // that run's business, and the retry resent the task itself.
+            tracing::debug!(
+                task_id = message.task_id,
+                attempt = message.attempt,
+                run = message.run,
+                task_run = row.run,
+                "task message of an earlier run dropped"
+            );
+            metrics::stale_run_message(&self.pool);
+            return Ok(());
+        }
         match row.status.parse::<TaskStatus>().ok() {
             Some(TaskStatus::Retrying) if row.attempts == message.attempt => {
                 self.send_retry(message).await?.confirmed().await?;

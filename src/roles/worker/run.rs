@@ -20,6 +20,10 @@ use super::{Finished, Runner};
 /// How long a handler whose timeout passed gets to return after its stop token fired,
 /// before it is dropped.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+/// Tries of one hand-off under its key at most, before its attempt fails.
+const HAND_OFF_TRIES: u32 = 4;
+/// The wait after a hand-off's first failed try; it doubles after each.
+const HAND_OFF_RETRY_WAIT: Duration = Duration::from_millis(250);
 
 /// A claimed attempt's turn to run its handler, held while it runs, with the starts
 /// of its attempt so far.
@@ -166,8 +170,11 @@ impl Runner {
     /// Hands an external task's attempt to its backend, keyed `"<task id>:<attempt>"`
     /// (`"<task id>:<attempt>:r<run>"` after a retry of the failed job, whose attempts
     /// start over) so that a second hand-off of the attempt (after a crash before the
-    /// commit) makes no second external task. A failure or a timeout fails the attempt
-    /// retryably.
+    /// commit) makes no second external task. A failed try is tried again under the
+    /// same key — up to [`HAND_OFF_TRIES`] tries within the attempt's timeout — since
+    /// the backend may have taken the task and only its answer was lost: a retried
+    /// attempt would hand off under a new key and leave that task orphaned there. Then
+    /// the attempt fails retryably.
     async fn hand_off(
         &self,
         message: &TaskMessage,
@@ -178,12 +185,30 @@ impl Runner {
             key.push_str(&format!(":r{}", message.run));
         }
         let timeout = self.timeout_of(message);
-        match tokio::time::timeout(timeout, backend.hand_off(&key, &message.payload)).await {
-            Ok(Ok(external_id)) => Ok(external_id),
-            Ok(Err(err)) => Err(TaskError::retryable(format!("hand-off failed: {err}"))),
-            Err(_) => Err(TaskError::retryable(format!(
-                "hand-off timed out after {timeout:?}"
-            ))),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut wait = HAND_OFF_RETRY_WAIT;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let handed =
+                tokio::time::timeout_at(deadline, backend.hand_off(&key, &message.payload));
+            let err = match handed.await {
+                Ok(Ok(external_id)) => return Ok(external_id),
+                Ok(Err(err)) => err,
+                Err(_) => {
+                    return Err(TaskError::retryable(format!(
+                        "hand-off timed out after {timeout:?} ({tries} tries under key {key})"
+                    )))
+                }
+            };
+            if tries >= HAND_OFF_TRIES || tokio::time::Instant::now() + wait >= deadline {
+                return Err(TaskError::retryable(format!(
+                    "hand-off failed: {err} ({tries} tries under key {key})"
+                )));
+            }
+            tracing::debug!(task_id = message.task_id, %key, error = %err, "hand-off failed; trying the same key again");
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 
@@ -199,7 +224,7 @@ impl Runner {
         if store
             .record_hand_off(
                 message.task_id,
-                message.attempt,
+                (message.attempt, message.run),
                 &message.task_type,
                 external_id,
             )
