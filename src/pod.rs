@@ -269,8 +269,12 @@ impl Pod {
             registry: self.registry,
         });
         let deadline = shutdown_deadline(&shared.config);
-        let mut running =
-            Running::new(shared.clone(), link.clone(), vitals, shutdown.child_token());
+        let mut running = Running::new(
+            shared.clone(),
+            link.clone(),
+            vitals.clone(),
+            shutdown.child_token(),
+        );
         if self.roles.intake {
             running.start(Role::intake());
         }
@@ -289,6 +293,7 @@ impl Pod {
                 running.start(Role::Syncer);
             }
         }
+        vitals.mark_started();
         let first_error = running.join(deadline).await;
         link.close().await;
         match first_error {

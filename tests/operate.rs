@@ -121,6 +121,64 @@ async fn the_endpoint_serves_probes_and_metrics() {
     pod.stop().await;
 }
 
+/// Consumers of `queue` now, 0 while it does not exist (a passive declare on a channel
+/// of its own: a missing queue closes the channel).
+async fn consumers(connection: &lapin::Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    taskmill::amqp::topology::declare_passive(&channel, queue)
+        .await
+        .map_or(0, |queue| queue.consumer_count())
+}
+
+/// Polls `/readyz` every few milliseconds until it answers 200, then asserts that the
+/// intake, completion and work queues each have a consumer by then.
+async fn ready_only_when_consuming(env: &TestEnv, base: &str, when: &str) {
+    let topology = env.topology();
+    let queues = [
+        topology.intake_queue(),
+        topology.completion_queue(),
+        topology.work_queue("default"),
+    ];
+    let connection = env.connection().await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    while try_get(format!("{base}/readyz"))
+        .await
+        .map(|(status, _)| status)
+        != Some(200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never ready {when}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for queue in &queues {
+        assert!(
+            consumers(&connection, queue).await >= 1,
+            "ready {when} while {queue} has no consumer"
+        );
+    }
+    taskmill::amqp::broker::close_connection(&connection).await;
+}
+
+#[tokio::test]
+async fn a_pod_is_ready_only_once_its_roles_consume() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (config, base) = env.config_with_http();
+    let pod = env.start(env.pod().config(config));
+    ready_only_when_consuming(&env, &base, "at start").await;
+
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_all_connections", "-p", &env.name, "a readiness test"])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(closed.status.success(), "{closed:?}");
+    common::wait_until(LONG, || {
+        let url = format!("{base}/readyz");
+        async move { try_get(url).await.is_some_and(|(status, _)| status != 200) }
+    })
+    .await;
+    ready_only_when_consuming(&env, &base, "after a reconnect").await;
+    pod.stop().await;
+}
+
 #[tokio::test]
 async fn a_pod_without_its_broker_is_alive_but_not_ready() {
     let env = TestEnv::new(Backend::Sqlite).await;
