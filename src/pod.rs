@@ -225,6 +225,7 @@ impl Pod {
         // only when `run` returns, so the metrics cover the shutdown too.
         let serving = CancellationToken::new();
         let _stop_serving = serving.clone().drop_guard();
+        crate::metrics::register_job_types(self.registry.job_types());
         if let Some(addr) = self.config.http_addr {
             crate::metrics::prometheus();
             let listener = http::bind(addr)

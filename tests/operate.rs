@@ -179,6 +179,51 @@ async fn a_pod_is_ready_only_once_its_roles_consume() {
     pod.stop().await;
 }
 
+/// A producer chooses job types: a `job_type` label takes only types a pod registered,
+/// and rejections are counted too.
+#[tokio::test]
+async fn job_types_no_pod_registered_are_counted_as_other() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (config, base) = env.config_with_http();
+    let pod = env.start(env.pod().config(config));
+    let client = env.client().await;
+    let made_up = format!("made-up-{}", env.name);
+    let mut request = JobRequest::new(made_up.as_str(), vec![json!(1)]);
+    request.task_type = Some(taskmill::builtin::ECHO.to_owned());
+    let done = client.submit(request).await.unwrap();
+    assert!(client.wait(&done).await.unwrap().is_done());
+    // No handler has this type: the intake rejects the request. A rejection leaves no
+    // row to find, so the watch comes first.
+    let unknown = format!("unknown-{}", env.name);
+    let mut request = JobRequest::new(unknown.as_str(), vec![json!(1)]);
+    request.job_id = Some(unknown.clone());
+    let watch = client.watch(&unknown).await.unwrap();
+    client.submit(request).await.unwrap();
+    let answer = tokio::time::timeout(LONG, watch.event()).await.unwrap();
+    assert!(matches!(answer, Err(Error::Rejected { .. })), "{answer:?}");
+
+    let finished = |metrics: &str, stage: &str| {
+        sample(
+            metrics,
+            &format!("taskmill_jobs_finished_total{{job_type=\"other\",stage=\"{stage}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let metrics = common::wait_for_value(Duration::from_secs(20), || {
+        let url = format!("{base}/metrics");
+        async move {
+            let (_, metrics) = get(url).await;
+            (finished(&metrics, "done") >= 1.0 && finished(&metrics, "rejected") >= 1.0)
+                .then_some(metrics)
+        }
+    })
+    .await;
+    assert!(!metrics.contains(&made_up), "{metrics}");
+    assert!(!metrics.contains(&unknown), "{metrics}");
+    client.close().await.unwrap();
+    pod.stop().await;
+}
+
 #[tokio::test]
 async fn a_pod_without_its_broker_is_alive_but_not_ready() {
     let env = TestEnv::new(Backend::Sqlite).await;
