@@ -228,9 +228,9 @@ impl Pod {
         crate::metrics::register_job_types(self.registry.job_types());
         if let Some(addr) = self.config.http_addr {
             crate::metrics::prometheus();
-            let listener = http::bind(addr)
+            let listener = http::bind(addr, self.config.http_addr_fallback)
                 .await
-                .map_err(|err| Error::Other(format!("cannot serve HTTP on {addr}: {err}")))?;
+                .map_err(|source| Error::Serve { addr, source })?;
             let endpoint = http::Endpoint::new(
                 store.clone(),
                 topology.clone(),

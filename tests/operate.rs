@@ -224,6 +224,116 @@ async fn job_types_no_pod_registered_are_counted_as_other() {
     pod.stop().await;
 }
 
+/// A `taskmill worker` process of this test's broker and database, its stderr piped
+/// (JSON lines), with `vars` on top.
+fn worker_process(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        .arg("worker")
+        .args(args)
+        .env("AMQP_URL", &env.config.amqp_url)
+        .env("DATABASE_URL", &env.config.database_url)
+        .env("TASKMILL_PREFIX", &env.config.prefix)
+        .env("RUST_LOG", "warn,taskmill=info")
+        .env_remove("TASKMILL_HTTP_ADDR")
+        .env_remove("TASKMILL_LOG_FORMAT")
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("taskmill worker starts")
+}
+
+/// Reads a worker's JSON log lines until one says where it serves HTTP: that address,
+/// and the lines before it.
+async fn serving_addr(worker: &mut tokio::process::Child) -> (std::net::SocketAddr, Vec<Value>) {
+    use tokio::io::AsyncBufReadExt;
+    let stderr = worker.stderr.take().expect("stderr is piped");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let line: Value = serde_json::from_str(&line).expect("JSON lines");
+            if line["fields"]["message"] == "serving probes, metrics and the dashboard" {
+                return line["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+            seen.push(line);
+        }
+        panic!("the worker exited without serving HTTP: {seen:?}");
+    })
+    .await
+    .expect("the worker serves HTTP within two minutes");
+    // The rest is drained, so that the worker never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (found, seen)
+}
+
+/// Several pods on one host at their defaults: the first to start takes port 9464 (if
+/// nothing else on the machine holds it), the next warns once and serves on a free
+/// port; both are ready.
+#[tokio::test]
+async fn two_pods_at_the_default_address_on_one_host_both_serve() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let mut first = worker_process(&env, &[], &[]);
+    let (first_addr, first_lines) = serving_addr(&mut first).await;
+    let mut second = worker_process(&env, &["--no-migrate"], &[]);
+    let (second_addr, second_lines) = serving_addr(&mut second).await;
+    assert_ne!(first_addr.port(), second_addr.port());
+    for (addr, lines) in [(first_addr, &first_lines), (second_addr, &second_lines)] {
+        let warnings: Vec<&Value> = lines
+            .iter()
+            .filter(|line| line["level"] == "WARN" && line["fields"]["taken"] == "0.0.0.0:9464")
+            .collect();
+        let expected = usize::from(addr.port() != 9464);
+        assert_eq!(warnings.len(), expected, "{addr}: {lines:?}");
+        let base = format!("http://127.0.0.1:{}", addr.port());
+        common::wait_until(LONG, || {
+            let url = format!("{base}/readyz");
+            async move { try_get(url).await.is_some_and(|(status, _)| status == 200) }
+        })
+        .await;
+    }
+    for mut worker in [first, second] {
+        let _ = worker.start_kill();
+        let _ = worker.wait().await;
+    }
+}
+
+/// An address asked for that cannot be bound stops the pod at start with one line on
+/// stderr, never a backtrace (even with `RUST_BACKTRACE=1`).
+#[tokio::test]
+async fn an_address_asked_for_that_is_in_use_stops_the_pod_with_one_line() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (args, vars) in [
+        (vec!["--http-addr", addr.as_str()], vec![]),
+        (vec![], vec![("TASKMILL_HTTP_ADDR", addr.as_str())]),
+    ] {
+        let mut vars = vars;
+        vars.push(("RUST_BACKTRACE", "1"));
+        let worker = worker_process(&env, &args, &vars);
+        let output = tokio::time::timeout(LONG, worker.wait_with_output())
+            .await
+            .expect("the worker stops")
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let not_logs: Vec<&str> = stderr
+            .lines()
+            .filter(|line| serde_json::from_str::<Value>(line).is_err())
+            .collect();
+        assert_eq!(not_logs.len(), 1, "one line: {stderr}");
+        assert!(
+            not_logs[0].starts_with(&format!("taskmill: cannot serve HTTP on {addr}: "))
+                && not_logs[0].contains("in use"),
+            "{stderr}"
+        );
+    }
+    drop(taken);
+}
+
 #[tokio::test]
 async fn a_pod_without_its_broker_is_alive_but_not_ready() {
     let env = TestEnv::new(Backend::Sqlite).await;

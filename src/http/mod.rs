@@ -18,10 +18,23 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Binds `addr`; an address in use is the pod's error, at start, not a silent pod
-/// without probes.
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await?;
+/// Binds `addr`. With `fallback`, an address in use — another pod on the same host,
+/// the first step of scaling out — gives way to a free port of the same interface,
+/// with one warning that names it; otherwise it is the pod's error, at start, not a
+/// silent pod without probes.
+pub(crate) async fn bind(addr: SocketAddr, fallback: bool) -> std::io::Result<TcpListener> {
+    let listener = match TcpListener::bind(addr).await {
+        Err(err) if fallback && err.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+            tracing::warn!(
+                taken = %addr,
+                addr = %listener.local_addr()?,
+                "the default HTTP address is in use (another pod on this host?): serving on a free port instead"
+            );
+            listener
+        }
+        bound => bound?,
+    };
     tracing::info!(addr = %listener.local_addr()?, "serving probes, metrics and the dashboard");
     Ok(listener)
 }
