@@ -108,8 +108,10 @@ pub struct Config {
     /// and `--http-addr` turn it off: an address asked for is served there or the pod
     /// stops at start.
     pub http_addr_fallback: bool,
-    /// What the dashboard's write actions (replay, cancel, retry) need
-    /// (`TASKMILL_DASHBOARD_TOKEN`); without it the dashboard is read-only.
+    /// What the dashboard needs to show anything, and with which its write actions
+    /// (replay, cancel, retry) are allowed (`TASKMILL_DASHBOARD_TOKEN`). Without it a
+    /// pod makes a token of its own at start, logs the dashboard's URL with it, and
+    /// the dashboard is read-only.
     pub dashboard_token: Option<Token>,
 }
 
@@ -124,10 +126,26 @@ impl Token {
         (!secret.is_empty()).then_some(Self(secret))
     }
 
+    /// A new random token: 122 random bits (a v4 UUID), as 32 hex digits.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
     /// Whether `given` is this token, in time that depends on the lengths only.
     pub fn matches(&self, given: &str) -> bool {
+        self.matches_bytes(given.as_bytes())
+    }
+
+    /// [`Self::matches`] for bytes.
+    pub fn matches_bytes(&self, given: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        self.0.as_bytes().ct_eq(given.as_bytes()).into()
+        self.0.as_bytes().ct_eq(given).into()
+    }
+
+    /// The secret itself: for the one log line that hands a generated token to the
+    /// operator, and for a cookie carrying it back.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
     }
 }
 

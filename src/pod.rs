@@ -241,7 +241,12 @@ impl Pod {
                 } else {
                     Vec::new()
                 },
-                self.config.dashboard_token.clone(),
+                http::Access::new(
+                    self.config.dashboard_token.clone(),
+                    listener
+                        .local_addr()
+                        .map_err(|source| Error::Serve { addr, source })?,
+                ),
                 shutdown.clone(),
             );
             tokio::spawn(http::serve(listener, Arc::new(endpoint), serving));

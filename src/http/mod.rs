@@ -1,13 +1,17 @@
-//! The pod's HTTP endpoint, on one port: the probes (`/healthz`, `/readyz`), the
-//! Prometheus metrics (`/metrics`) and the dashboard (`/`). It reads the pod's store,
-//! broker link and role vitals; it never takes part in the pipeline, so a slow scrape
-//! or a busy dashboard cannot hold a task back.
+//! The pod's HTTP endpoint, on one port: the probes (`/healthz`, `/readyz`) and the
+//! Prometheus metrics (`/metrics`), open as orchestrators and scrapers need them, and
+//! the dashboard (`/`), which needs the pod's token ([`Access`]). It reads the pod's
+//! store, broker link and role vitals; it never takes part in the pipeline, and the
+//! dashboard reads through a small store of its own, so a slow scrape or a busy
+//! dashboard cannot hold a task back.
 
+mod access;
 mod dashboard;
 mod endpoint;
 mod probes;
 mod scrape;
 
+pub(crate) use access::Access;
 pub(crate) use endpoint::Endpoint;
 
 use std::net::SocketAddr;
@@ -46,7 +50,7 @@ pub(crate) async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, stop: 
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
         .route("/metrics", get(scrape::metrics))
-        .merge(dashboard::routes())
+        .merge(dashboard::routes(endpoint.clone()))
         .with_state(endpoint);
     if let Err(err) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
