@@ -35,7 +35,7 @@ use crate::state::JobStage;
 use crate::store::{retry_refused, JobFilter};
 
 /// Ordinals of a job whose failed tasks one page looks for.
-const FAILED_WINDOW: i64 = 10_000;
+const FAILED_WINDOW: i64 = 5_000;
 
 /// Jobs on the list page, the newest first.
 const JOBS_SHOWN: u64 = 100;
