@@ -15,7 +15,7 @@ use entity::task;
 
 /// Tasks a throughput chart reads at most: past this many, every n-th task stands for
 /// n. 600 index probes take about 6 ms on PostgreSQL; 10 a bar of a 60-bar chart.
-pub const THROUGHPUT_SAMPLE: i64 = 600;
+const THROUGHPUT_SAMPLE: i64 = 600;
 
 /// A job's ended tasks counted per time bucket.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,7 +78,7 @@ impl Store {
 
     /// How the job's `task_count` tasks ended over time, in at most `buckets`
     /// buckets; `None` before any of those read ended. Reads at most
-    /// [`THROUGHPUT_SAMPLE`] tasks, evenly spaced by ordinal (tasks are sent in ordinal
+    /// 600 tasks, evenly spaced by ordinal (tasks are sent in ordinal
     /// order, so the sample follows the job's pace), and scales their counts up.
     pub async fn throughput(
         &self,
