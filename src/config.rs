@@ -106,8 +106,16 @@ pub struct Config {
     /// Where a pod serves its probes, metrics and dashboard (`TASKMILL_HTTP_ADDR`;
     /// `off` for nowhere); [`DEFAULT_HTTP_ADDR`] by default. Port 0 picks a free one.
     pub http_addr: Option<SocketAddr>,
-    /// What the dashboard's write actions (replay, cancel, retry) need
-    /// (`TASKMILL_DASHBOARD_TOKEN`); without it the dashboard is read-only.
+    /// When `http_addr` is in use (another pod on the same host), serve on a free port
+    /// of the same interface instead, with a warning that names it. On by default, so
+    /// that several pods run on one machine at their defaults; `TASKMILL_HTTP_ADDR`
+    /// and `--http-addr` turn it off: an address asked for is served there or the pod
+    /// stops at start.
+    pub http_addr_fallback: bool,
+    /// What the dashboard needs to show anything, and with which its write actions
+    /// (replay, cancel, retry) are allowed (`TASKMILL_DASHBOARD_TOKEN`). Without it a
+    /// pod makes a token of its own at start, logs the dashboard's URL with it, and
+    /// the dashboard is read-only.
     pub dashboard_token: Option<Token>,
 }
 
@@ -122,10 +130,26 @@ impl Token {
         (!secret.is_empty()).then_some(Self(secret))
     }
 
+    /// A new random token: 122 random bits (a v4 UUID), as 32 hex digits.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
     /// Whether `given` is this token, in time that depends on the lengths only.
     pub fn matches(&self, given: &str) -> bool {
+        self.matches_bytes(given.as_bytes())
+    }
+
+    /// [`Self::matches`] for bytes.
+    pub fn matches_bytes(&self, given: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        self.0.as_bytes().ct_eq(given.as_bytes()).into()
+        self.0.as_bytes().ct_eq(given).into()
+    }
+
+    /// The secret itself: for the one log line that hands a generated token to the
+    /// operator, and for a cookie carrying it back.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
     }
 }
 
@@ -159,6 +183,7 @@ impl Default for Config {
             task_timeout: Duration::from_secs(60),
             known_pools: Vec::new(),
             http_addr: Some(DEFAULT_HTTP_ADDR),
+            http_addr_fallback: true,
             dashboard_token: None,
         }
     }
@@ -230,6 +255,7 @@ impl Config {
                     expected: "an address and port such as 0.0.0.0:9464, or off",
                 })?),
             };
+            config.http_addr_fallback = false;
         }
         if let Some(token) = var("TASKMILL_DASHBOARD_TOKEN") {
             config.dashboard_token = Token::new(token);
@@ -365,6 +391,7 @@ mod tests {
         assert_eq!(config.consumer_timeout, Duration::from_secs(15));
         assert_eq!(config.formation_timeout, Duration::from_secs(16));
         assert_eq!(config.http_addr, Some("127.0.0.1:17".parse().unwrap()));
+        assert!(!config.http_addr_fallback, "an address asked for is kept");
         let token = config.dashboard_token.unwrap();
         assert!(token.matches("s3cret") && !token.matches("s3cre") && !token.matches(""));
         assert_eq!(format!("{token:?}"), "Token(***)");
@@ -381,6 +408,7 @@ mod tests {
         assert_eq!(config.concurrency, default.concurrency);
         assert_eq!(config.amqp_url, default.amqp_url);
         assert_eq!(config.task_timeout, default.task_timeout);
+        assert!(config.http_addr_fallback);
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The pod's HTTP endpoint cannot listen where it was asked to.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Serve {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it cannot be bound (in use, not an address of this host, ...).
+        source: std::io::Error,
+    },
     /// Any other failure, by its text; counted as transient.
     #[error("{0}")]
     Other(String),
@@ -67,7 +75,8 @@ impl Error {
             | Self::Config(_)
             | Self::Rejected { .. }
             | Self::UnknownJob(_)
-            | Self::NotRetried { .. } => false,
+            | Self::NotRetried { .. }
+            | Self::Serve { .. } => false,
             Self::Other(_) => true,
         }
     }

@@ -1,5 +1,6 @@
 //! The `taskmill` binary: parses the command line, sets up logging and the shutdown
-//! token, and hands over to the subcommand.
+//! token, and hands over to the subcommand. An error ends it with one line on stderr
+//! (the error and its causes), never a backtrace: it is a message for an operator.
 
 mod cli;
 
@@ -12,8 +13,18 @@ use tracing_subscriber::EnvFilter;
 use cli::{Cli, Command, LogFormat};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() {
+    match run(Cli::parse()).await {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("taskmill: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs the command; its exit code.
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -27,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.global.config()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let code = match cli.command {
+    match cli.command {
         Command::Migrate => cli::migrate::run(&config).await.map(|()| 0),
         Command::Worker(args) => cli::pod::run(config, args, shutdown).await.map(|()| 0),
         Command::Submit(args) => cli::submit::run(&config, args, shutdown).await,
@@ -39,8 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
         Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
         Command::Bench(args) => cli::bench::run(&config, args).await.map(|()| 0),
-    }?;
-    std::process::exit(code);
+    }
 }
 
 /// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.

@@ -2,12 +2,15 @@
 //! `metrics` facade; the pod's HTTP endpoint renders them in Prometheus text format.
 //!
 //! Labels are bounded sets only — pool, task type, job type, outcome, stage, role,
-//! queue — never a job or task id. Known label sets are registered at zero when a role
+//! queue — never a job or task id. A job type comes from a producer's request, so it is
+//! a label only when a pod of this process registered it ([`register_job_types`]);
+//! any other is `other`. Known label sets are registered at zero when a role
 //! starts ([`register_pool`]), so an idle pool exports 0 rather than nothing. Without
 //! a recorder installed (a pod serving no HTTP, a library user who did not ask) every
 //! call here is a no-op.
 
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -63,6 +66,13 @@ impl Outcome {
 }
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The job types the pods of this process registered handlers, splitters or stages
+/// for: the only values of a `job_type` label.
+static JOB_TYPES: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
+
+/// The `job_type` label of a job type no pod here registered.
+const OTHER_JOB_TYPE: &str = "other";
 
 /// The process's Prometheus recorder, installed on first use. `None` when the
 /// application installed another `metrics` recorder first: its exporter then has
@@ -213,9 +223,17 @@ pub(crate) fn pool_load(pool: &str, held: usize, running: usize) {
     gauge!(TASKS_IN_FLIGHT, "pool" => pool.to_owned()).set(running as f64);
 }
 
+/// Adds a pod's job types to those a `job_type` label may name.
+pub(crate) fn register_job_types<'a>(job_types: impl Iterator<Item = &'a str>) {
+    let mut known = JOB_TYPES.write().expect("job types lock");
+    known.extend(job_types.map(str::to_owned));
+}
+
 /// This pod published the event of a job of `job_type` that ended in `stage` (`done`,
-/// `failed`, `cancelled`, `rejected`).
+/// `failed`, `cancelled`, `rejected`); a type no pod here registered counts as `other`.
 pub(crate) fn job_finished(job_type: &str, stage: &str) {
+    let known = JOB_TYPES.read().expect("job types lock").contains(job_type);
+    let job_type = if known { job_type } else { OTHER_JOB_TYPE };
     counter!(JOBS_FINISHED, "job_type" => job_type.to_owned(), "stage" => stage.to_owned())
         .increment(1);
 }

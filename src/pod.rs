@@ -226,11 +226,12 @@ impl Pod {
         // only when `run` returns, so the metrics cover the shutdown too.
         let serving = CancellationToken::new();
         let _stop_serving = serving.clone().drop_guard();
+        crate::metrics::register_job_types(self.registry.job_types());
         if let Some(addr) = self.config.http_addr {
             crate::metrics::prometheus();
-            let listener = http::bind(addr)
+            let listener = http::bind(addr, self.config.http_addr_fallback)
                 .await
-                .map_err(|err| Error::Other(format!("cannot serve HTTP on {addr}: {err}")))?;
+                .map_err(|source| Error::Serve { addr, source })?;
             let endpoint = http::Endpoint::new(
                 store.clone(),
                 topology.clone(),
@@ -241,7 +242,12 @@ impl Pod {
                 } else {
                     Vec::new()
                 },
-                self.config.dashboard_token.clone(),
+                http::Access::new(
+                    self.config.dashboard_token.clone(),
+                    listener
+                        .local_addr()
+                        .map_err(|source| Error::Serve { addr, source })?,
+                ),
                 shutdown.clone(),
             );
             tokio::spawn(http::serve(listener, Arc::new(endpoint), serving));
@@ -270,8 +276,12 @@ impl Pod {
             registry: self.registry,
         });
         let deadline = shutdown_deadline(&shared.config);
-        let mut running =
-            Running::new(shared.clone(), link.clone(), vitals, shutdown.child_token());
+        let mut running = Running::new(
+            shared.clone(),
+            link.clone(),
+            vitals.clone(),
+            shutdown.child_token(),
+        );
         if self.roles.intake {
             running.start(Role::intake());
         }
@@ -290,6 +300,7 @@ impl Pod {
                 running.start(Role::Syncer);
             }
         }
+        vitals.mark_started();
         let first_error = running.join(deadline).await;
         link.close().await;
         match first_error {

@@ -340,6 +340,14 @@ impl Registry {
             .map(String::as_str)
     }
 
+    /// The job types known here: a task type (a job named after its tasks' type), a
+    /// splitter's job type, a multi-stage job type.
+    pub(crate) fn job_types(&self) -> impl Iterator<Item = &str> {
+        self.task_types()
+            .chain(self.splitters.keys().map(String::as_str))
+            .chain(self.plans.keys().map(String::as_str))
+    }
+
     /// Starts the handler for `ctx.task_type`, if one is registered.
     pub(crate) fn start(&self, ctx: TaskContext) -> Option<BoxFuture<HandlerResult>> {
         self.handlers

@@ -123,6 +123,219 @@ async fn the_endpoint_serves_probes_and_metrics() {
     pod.stop().await;
 }
 
+/// Consumers of `queue` now, 0 while it does not exist (a passive declare on a channel
+/// of its own: a missing queue closes the channel).
+async fn consumers(connection: &lapin::Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    taskmill::amqp::topology::declare_passive(&channel, queue)
+        .await
+        .map_or(0, |queue| queue.consumer_count())
+}
+
+/// Polls `/readyz` every few milliseconds until it answers 200, then asserts that the
+/// intake, completion and work queues each have a consumer by then.
+async fn ready_only_when_consuming(env: &TestEnv, base: &str, when: &str) {
+    let topology = env.topology();
+    let queues = [
+        topology.intake_queue(),
+        topology.completion_queue(),
+        topology.work_queue("default"),
+    ];
+    let connection = env.connection().await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    while try_get(format!("{base}/readyz"))
+        .await
+        .map(|(status, _)| status)
+        != Some(200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never ready {when}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for queue in &queues {
+        assert!(
+            consumers(&connection, queue).await >= 1,
+            "ready {when} while {queue} has no consumer"
+        );
+    }
+    taskmill::amqp::broker::close_connection(&connection).await;
+}
+
+#[tokio::test]
+async fn a_pod_is_ready_only_once_its_roles_consume() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (config, base) = env.config_with_http();
+    let pod = env.start(env.pod().config(config));
+    ready_only_when_consuming(&env, &base, "at start").await;
+
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_all_connections", "-p", &env.name, "a readiness test"])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(closed.status.success(), "{closed:?}");
+    common::wait_until(LONG, || {
+        let url = format!("{base}/readyz");
+        async move { try_get(url).await.is_some_and(|(status, _)| status != 200) }
+    })
+    .await;
+    ready_only_when_consuming(&env, &base, "after a reconnect").await;
+    pod.stop().await;
+}
+
+/// A producer chooses job types: a `job_type` label takes only types a pod registered,
+/// and rejections are counted too.
+#[tokio::test]
+async fn job_types_no_pod_registered_are_counted_as_other() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (config, base) = env.config_with_http();
+    let pod = env.start(env.pod().config(config));
+    let client = env.client().await;
+    let made_up = format!("made-up-{}", env.name);
+    let mut request = JobRequest::new(made_up.as_str(), vec![json!(1)]);
+    request.task_type = Some(taskmill::builtin::ECHO.to_owned());
+    let done = client.submit(request).await.unwrap();
+    assert!(client.wait(&done).await.unwrap().is_done());
+    // No handler has this type: the intake rejects the request. A rejection leaves no
+    // row to find, so the watch comes first.
+    let unknown = format!("unknown-{}", env.name);
+    let mut request = JobRequest::new(unknown.as_str(), vec![json!(1)]);
+    request.job_id = Some(unknown.clone());
+    let watch = client.watch(&unknown).await.unwrap();
+    client.submit(request).await.unwrap();
+    let answer = tokio::time::timeout(LONG, watch.event()).await.unwrap();
+    assert!(matches!(answer, Err(Error::Rejected { .. })), "{answer:?}");
+
+    let finished = |metrics: &str, stage: &str| {
+        sample(
+            metrics,
+            &format!("taskmill_jobs_finished_total{{job_type=\"other\",stage=\"{stage}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let metrics = common::wait_for_value(Duration::from_secs(20), || {
+        let url = format!("{base}/metrics");
+        async move {
+            let (_, metrics) = get(url).await;
+            (finished(&metrics, "done") >= 1.0 && finished(&metrics, "rejected") >= 1.0)
+                .then_some(metrics)
+        }
+    })
+    .await;
+    assert!(!metrics.contains(&made_up), "{metrics}");
+    assert!(!metrics.contains(&unknown), "{metrics}");
+    client.close().await.unwrap();
+    pod.stop().await;
+}
+
+/// A `taskmill worker` process of this test's broker and database, its stderr piped
+/// (JSON lines), with `vars` on top.
+fn worker_process(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+        .arg("worker")
+        .args(args)
+        .env("AMQP_URL", &env.config.amqp_url)
+        .env("DATABASE_URL", &env.config.database_url)
+        .env("TASKMILL_PREFIX", &env.config.prefix)
+        .env("RUST_LOG", "warn,taskmill=info")
+        .env_remove("TASKMILL_HTTP_ADDR")
+        .env_remove("TASKMILL_LOG_FORMAT")
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("taskmill worker starts")
+}
+
+/// Reads a worker's JSON log lines until one says where it serves HTTP: that address,
+/// and the lines before it.
+async fn serving_addr(worker: &mut tokio::process::Child) -> (std::net::SocketAddr, Vec<Value>) {
+    use tokio::io::AsyncBufReadExt;
+    let stderr = worker.stderr.take().expect("stderr is piped");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let line: Value = serde_json::from_str(&line).expect("JSON lines");
+            if line["fields"]["message"] == "serving probes, metrics and the dashboard" {
+                return line["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+            seen.push(line);
+        }
+        panic!("the worker exited without serving HTTP: {seen:?}");
+    })
+    .await
+    .expect("the worker serves HTTP within two minutes");
+    // The rest is drained, so that the worker never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (found, seen)
+}
+
+/// Several pods on one host at their defaults: the first to start takes port 9464 (if
+/// nothing else on the machine holds it), the next warns once and serves on a free
+/// port; both are ready.
+#[tokio::test]
+async fn two_pods_at_the_default_address_on_one_host_both_serve() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let mut first = worker_process(&env, &[], &[]);
+    let (first_addr, first_lines) = serving_addr(&mut first).await;
+    let mut second = worker_process(&env, &["--no-migrate"], &[]);
+    let (second_addr, second_lines) = serving_addr(&mut second).await;
+    assert_ne!(first_addr.port(), second_addr.port());
+    for (addr, lines) in [(first_addr, &first_lines), (second_addr, &second_lines)] {
+        let warnings: Vec<&Value> = lines
+            .iter()
+            .filter(|line| line["level"] == "WARN" && line["fields"]["taken"] == "0.0.0.0:9464")
+            .collect();
+        let expected = usize::from(addr.port() != 9464);
+        assert_eq!(warnings.len(), expected, "{addr}: {lines:?}");
+        let base = format!("http://127.0.0.1:{}", addr.port());
+        common::wait_until(LONG, || {
+            let url = format!("{base}/readyz");
+            async move { try_get(url).await.is_some_and(|(status, _)| status == 200) }
+        })
+        .await;
+    }
+    for mut worker in [first, second] {
+        let _ = worker.start_kill();
+        let _ = worker.wait().await;
+    }
+}
+
+/// An address asked for that cannot be bound stops the pod at start with one line on
+/// stderr, never a backtrace (even with `RUST_BACKTRACE=1`).
+#[tokio::test]
+async fn an_address_asked_for_that_is_in_use_stops_the_pod_with_one_line() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (args, vars) in [
+        (vec!["--http-addr", addr.as_str()], vec![]),
+        (vec![], vec![("TASKMILL_HTTP_ADDR", addr.as_str())]),
+    ] {
+        let mut vars = vars;
+        vars.push(("RUST_BACKTRACE", "1"));
+        let worker = worker_process(&env, &args, &vars);
+        let output = tokio::time::timeout(LONG, worker.wait_with_output())
+            .await
+            .expect("the worker stops")
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let not_logs: Vec<&str> = stderr
+            .lines()
+            .filter(|line| serde_json::from_str::<Value>(line).is_err())
+            .collect();
+        assert_eq!(not_logs.len(), 1, "one line: {stderr}");
+        assert!(
+            not_logs[0].starts_with(&format!("taskmill: cannot serve HTTP on {addr}: "))
+                && not_logs[0].contains("in use"),
+            "{stderr}"
+        );
+    }
+    drop(taken);
+}
+
 #[tokio::test]
 async fn a_pod_without_its_broker_is_alive_but_not_ready() {
     let env = TestEnv::new(Backend::Sqlite).await;

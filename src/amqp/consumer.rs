@@ -2,8 +2,15 @@
 //! channel with its prefetch, deliveries one at a time or in batches (whatever the
 //! broker has already pushed), decoding with the protocol's checks, and stopping — cancel the consumer, give the work in flight its grace
 //! period, close the channel. Whatever is still unacked then returns to the queue.
+//!
+//! A role run under [`reporting_consumption`] has its flag raised the moment its broker
+//! consumer is started: the readiness probe's "live" means "the broker delivers to it",
+//! not "its run began" (declares and channel setup come first, and can take a while).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -16,6 +23,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{close_channel, BrokerError, CLOSE_TIMEOUT};
 use crate::protocol::{self, DecodeError, Incoming};
+
+tokio::task_local! {
+    /// The flag of the role run being polled, if its supervisor asked to hear when it
+    /// consumes. A task-local rather than a parameter: every consuming role opens its
+    /// consumer the same way, and none of them has to carry its supervisor's flag.
+    static CONSUMING: Arc<AtomicBool>;
+}
+
+/// Runs `run`, raising `consuming` once it has started a [`Consumer`].
+pub(crate) async fn reporting_consumption<F: Future>(
+    consuming: Arc<AtomicBool>,
+    run: F,
+) -> F::Output {
+    CONSUMING.scope(consuming, run).await
+}
 
 /// One queue consumed on a channel of its own.
 pub(crate) struct Consumer {
@@ -44,6 +66,8 @@ impl Consumer {
         let prefetch = qos(prefetch);
         let (tag, stream) = consume(&channel, &queue, prefetch).await?;
         tracing::info!(queue, prefetch, "consuming");
+        // Outside a reporting run (a client, a test) there is nobody to tell.
+        let _ = CONSUMING.try_with(|consuming| consuming.store(true, Ordering::Relaxed));
         Ok(Self {
             channel,
             streams: VecDeque::from([stream]),

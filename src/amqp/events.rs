@@ -126,6 +126,9 @@ impl EventPublisher {
         to_events_exchange: bool,
     ) {
         let event = JobEvent::rejected(&reply.job_id, &reply.job_type, reason);
+        // Counted once per rejection answered, sent or not: it has no outbox row, so
+        // `publish` never sees it.
+        crate::metrics::job_finished(&event.job_type, &event.stage);
         let body = serde_json::to_vec(&event).expect("an event serializes");
         if to_events_exchange {
             let exchange = self.topology.events_exchange();

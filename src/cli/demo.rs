@@ -99,6 +99,8 @@ pub async fn run(
 ) -> anyhow::Result<i32> {
     config.concurrency = args.concurrency;
     config.http_addr = args.http_addr;
+    // Only an address asked for is served: it is served there or not at all.
+    config.http_addr_fallback = false;
     let store = Store::connect(&config.database_url, config.db_pool_size).await?;
     store.migrate().await?;
     let pod_token = shutdown.child_token();

@@ -69,7 +69,8 @@ pub struct PodArgs {
     #[arg(long)]
     pub no_migrate: bool,
     /// Where to serve /healthz, /readyz, /metrics and the dashboard
-    /// [TASKMILL_HTTP_ADDR, 0.0.0.0:9464]. Write actions need TASKMILL_DASHBOARD_TOKEN.
+    /// [TASKMILL_HTTP_ADDR, 0.0.0.0:9464; the default, when in use, falls back to a
+    /// free port; an address given must be free].
     #[arg(long, conflicts_with = "no_http")]
     pub http_addr: Option<std::net::SocketAddr>,
     /// Serve no HTTP endpoint (or TASKMILL_HTTP_ADDR=off).
@@ -112,6 +113,7 @@ impl PodArgs {
         config.migrate_on_start &= !self.no_migrate;
         if self.http_addr.is_some() || self.no_http {
             config.http_addr = self.http_addr;
+            config.http_addr_fallback = false;
         }
     }
 }

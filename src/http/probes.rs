@@ -44,6 +44,9 @@ async fn not_ready_because(endpoint: &Endpoint) -> Vec<String> {
     if !endpoint.link.is_connected() {
         reasons.push("broker: not connected".to_owned());
     }
+    if !endpoint.vitals.started() {
+        reasons.push("roles: not started yet".to_owned());
+    }
     for role in endpoint.vitals.roles_down() {
         reasons.push(format!(
             "role {role}: not running (reconnecting or restarting)"

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::consumer::reporting_consumption;
 use crate::amqp::link::{supervise, BrokerLink};
 use crate::config::Config;
 use crate::error::Error;
@@ -68,6 +69,14 @@ impl Role {
         match self {
             Self::Worker { pool, .. } => format!("worker {pool}"),
             _ => self.name().to_owned(),
+        }
+    }
+
+    /// Whether the role consumes a queue (and so is live only once it does).
+    fn consumes(&self) -> bool {
+        match self {
+            Self::Intake { .. } | Self::Worker { .. } | Self::Completion => true,
+            Self::Sweeper | Self::Syncer => false,
         }
     }
 
@@ -129,7 +138,7 @@ impl Running {
     }
 
     /// Runs `role` until the token is cancelled, restarting it after a failure; its
-    /// vitals say whether a run of it is live.
+    /// vitals say whether a run of it is live: consuming, for a role that consumes.
     pub fn start(&mut self, role: Role) {
         if let Role::Worker { pool, capacity } = &role {
             self.vitals.track_pool(pool.clone(), capacity.clone());
@@ -145,8 +154,14 @@ impl Running {
                 let (role, shared, token) = (role.clone(), shared.clone(), token.clone());
                 let up = up.clone();
                 async move {
-                    up.store(true, Ordering::Relaxed);
-                    let ran = role.run(shared, connection, token).await;
+                    // A consuming role is live once the broker delivers to it, which
+                    // its consumer reports; a periodic one as soon as it runs.
+                    if !role.consumes() {
+                        up.store(true, Ordering::Relaxed);
+                    }
+                    let ran =
+                        reporting_consumption(up.clone(), role.run(shared, connection, token))
+                            .await;
                     up.store(false, Ordering::Relaxed);
                     ran
                 }

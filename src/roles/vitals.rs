@@ -16,13 +16,17 @@ struct RoleVital {
 /// The vitals of one pod's roles.
 #[derive(Default)]
 pub(crate) struct Vitals {
+    /// Set once the pod has started every role it runs: before, an empty list of
+    /// roles means "not started yet", not "nothing down".
+    started: AtomicBool,
     roles: Mutex<Vec<RoleVital>>,
     pools: Mutex<Vec<(String, Arc<Capacity>)>>,
 }
 
 impl Vitals {
     /// Tracks a role labelled `label`; the flag returned says whether a run of it is
-    /// live (set by its supervisor around each run).
+    /// live (lowered by its supervisor when a run ends; raised when a run starts, or
+    /// for a consuming role when its consumer starts).
     pub fn track(&self, label: String) -> Arc<AtomicBool> {
         let up = Arc::new(AtomicBool::new(false));
         self.roles.lock().expect("vitals lock").push(RoleVital {
@@ -30,6 +34,16 @@ impl Vitals {
             up: up.clone(),
         });
         up
+    }
+
+    /// Every role the pod runs is tracked.
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the pod has started its roles (see [`Self::mark_started`]).
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Tracks a worker pool's load.

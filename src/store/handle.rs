@@ -7,9 +7,11 @@ use migration::{Migrator, MigratorTrait};
 use std::future::Future;
 use std::pin::Pin;
 
+use sea_orm::sqlx::postgres::PgPoolOptions;
+use sea_orm::sqlx::sqlite::SqlitePoolOptions;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, TransactionTrait,
+    DatabaseTransaction, SqlxPostgresConnector, SqlxSqliteConnector, TransactionTrait,
 };
 
 use super::error::StoreError;
@@ -82,6 +84,49 @@ impl Store {
         self
     }
 
+    /// A store of its own over the same database, for readers that must never hold
+    /// up the pipeline (the dashboard): at most `connections` connections, opened when
+    /// first needed, and on PostgreSQL a `statement_timeout` on each, so a slow page
+    /// is cancelled by the server rather than left running. (SQLite has no statement
+    /// timeout: its callers bound their wait themselves.)
+    pub fn reader(&self, connections: u32, statement_timeout: Duration) -> Self {
+        let connections = connections.max(1);
+        let db = match self.backend() {
+            DatabaseBackend::Postgres => {
+                let options = self
+                    .db
+                    .get_postgres_connection_pool()
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([(
+                        "statement_timeout",
+                        statement_timeout.as_millis().to_string(),
+                    )]);
+                SqlxPostgresConnector::from_sqlx_postgres_pool(
+                    small_pool(PgPoolOptions::new(), connections, statement_timeout)
+                        .connect_lazy_with(options),
+                )
+            }
+            _ => {
+                let options = self
+                    .db
+                    .get_sqlite_connection_pool()
+                    .connect_options()
+                    .as_ref()
+                    .clone();
+                SqlxSqliteConnector::from_sqlx_sqlite_pool(
+                    small_pool(SqlitePoolOptions::new(), connections, statement_timeout)
+                        .connect_lazy_with(options),
+                )
+            }
+        };
+        Self {
+            db,
+            payload_cap: self.payload_cap,
+        }
+    }
+
     /// Which database it is: PostgreSQL or SQLite.
     pub fn backend(&self) -> DatabaseBackend {
         self.db.get_database_backend()
@@ -146,4 +191,17 @@ impl Store {
     {
         crate::retry::transient(what, StoreError::is_transient, op).await
     }
+}
+
+/// A pool of at most `connections`, none kept open while idle, whose callers wait at
+/// most `wait` for a connection.
+fn small_pool<DB: sea_orm::sqlx::Database>(
+    options: sea_orm::sqlx::pool::PoolOptions<DB>,
+    connections: u32,
+    wait: Duration,
+) -> sea_orm::sqlx::pool::PoolOptions<DB> {
+    options
+        .max_connections(connections)
+        .min_connections(0)
+        .acquire_timeout(wait)
 }

@@ -32,7 +32,7 @@ pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
-pub use rerun::Rerun;
+pub use rerun::{retry_refused, Rerun};
 pub use results::ResultStream;
 pub use rows::{
     Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome,

@@ -34,6 +34,30 @@ pub enum Rerun {
     UnknownJob,
 }
 
+/// Why `job` cannot be retried, or `None` when its row and `again` — how many of its
+/// tasks are failed or cancelled — allow it: the rules [`Store::rerun_job`] applies
+/// under the job's lock, and that the dashboard asks before it offers a retry.
+pub fn retry_refused(job: &job::Model, again: u64) -> Option<String> {
+    if job.stage != JobStage::Failed.as_str() {
+        return Some(format!(
+            "the job is {}: only a failed job can be retried",
+            job.stage
+        ));
+    }
+    if job.started_at.is_none() {
+        return Some(
+            "the job failed in formation, before all its tasks were stored: submit it again".into(),
+        );
+    }
+    if again == 0 {
+        return Some(format!(
+            "no task failed or was cancelled: the job failed as a whole ({}); running it again would fail the same way",
+            job.first_error.as_deref().unwrap_or("no error recorded")
+        ));
+    }
+    None
+}
+
 impl Store {
     /// Runs a failed job's failed and cancelled tasks again (see the module docs).
     /// Refused unless the job is `failed` after running (a job whose formation failed
@@ -48,28 +72,24 @@ impl Store {
                     Box::pin(async move {
                         let Some(job) = lock_job(txn, &job_id, JobStage::Failed).await? else {
                             return Ok(match job::Entity::find_by_id(&job_id).one(txn).await? {
-                                Some(job) => Rerun::Refused(format!(
-                                    "the job is {}: only a failed job can be retried",
-                                    job.stage
+                                // Failed since the lock was tried: a retry may still run.
+                                Some(job) => Rerun::Refused(retry_refused(&job, 0).unwrap_or_else(
+                                    || "the job changed while it was read: try again".into(),
                                 )),
                                 None => Rerun::UnknownJob,
                             });
                         };
-                        if job.started_at.is_none() {
-                            return Ok(Rerun::Refused(
-                                "the job failed in formation, before all its tasks were stored: submit it again".into(),
-                            ));
-                        }
-                        let again = task::Entity::find()
-                            .filter(task::Column::JobId.eq(job_id.as_str()))
-                            .filter(task::Column::Status.is_in(AGAIN))
-                            .count(txn)
-                            .await?;
-                        if again == 0 {
-                            return Ok(Rerun::Refused(format!(
-                                "no task failed or was cancelled: the job failed as a whole ({}); running it again would fail the same way",
-                                job.first_error.as_deref().unwrap_or("no error recorded")
-                            )));
+                        let again = if job.started_at.is_some() {
+                            task::Entity::find()
+                                .filter(task::Column::JobId.eq(job_id.as_str()))
+                                .filter(task::Column::Status.is_in(AGAIN))
+                                .count(txn)
+                                .await?
+                        } else {
+                            0
+                        };
+                        if let Some(reason) = retry_refused(&job, again) {
+                            return Ok(Rerun::Refused(reason));
                         }
                         let event = job_event::Entity::find()
                             .filter(job_event::Column::JobId.eq(job_id.as_str()))

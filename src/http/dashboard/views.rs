@@ -7,11 +7,21 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::amqp::parking::Parked;
 use crate::protocol::TaskResult;
 use crate::state::JobStage;
-use crate::store::{job, JobStatus, Throughput};
+use crate::store::{job, Throughput};
 use crate::summary::{age, rate};
 
 /// Failed tasks shown on a job's page.
-pub(super) const FAILED_SHOWN: usize = 50;
+pub(super) const FAILED_SHOWN: u64 = 50;
+
+/// The failed tasks found among a window of a job's ordinals.
+pub(super) struct Failures {
+    /// The window's first ordinal.
+    pub from: i64,
+    /// Its length.
+    pub window: i64,
+    /// What was found, [`FAILED_SHOWN`] at most.
+    pub tasks: Vec<TaskResult>,
+}
 
 const STYLE: &str = r#"
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
@@ -131,15 +141,23 @@ pub(super) fn jobs(jobs: &[job::Model], stage: Option<JobStage>, job_type: Optio
     )
 }
 
-/// One job: its numbers, tasks by status, throughput, failed tasks and actions.
+/// One job: its numbers, tasks by status, throughput, failed tasks and actions;
+/// `retry_refused`: why a retry would be refused, if it would.
 pub(super) fn job(
-    status: &JobStatus,
-    failed: &[TaskResult],
+    job: &job::Model,
+    failed: &Failures,
     throughput: Option<&Throughput>,
     writable: bool,
+    retry_refused: Option<&str>,
 ) -> Markup {
-    let job = &status.job;
     let now = Utc::now();
+    let ended = job.done_count + job.failed_count + job.cancelled_count;
+    let by_status = [
+        ("done", job.done_count),
+        ("failed", job.failed_count),
+        ("cancelled", job.cancelled_count),
+        ("not ended", (job.task_count - ended).max(0)),
+    ];
     let when = |at: Option<chrono::DateTime<Utc>>| {
         at.map_or("-".to_owned(), |at| {
             format!(
@@ -168,38 +186,60 @@ pub(super) fn job(
                     @if let Some(error) = &job.first_error { dt { "Error" } dd.error { (error) } }
                 }
             }
-            (actions(job, writable))
+            (actions(job, writable, retry_refused))
             h2 { "Tasks by status" }
             table {
                 thead { tr { th { "Status" } th.num { "Tasks" } } }
-                tbody { @for (name, count) in &status.tasks_by_status { tr { td { (name) } td.num { (count) } } } }
+                tbody { @for (name, count) in by_status { tr { td { (name) } td.num { (count) } } } }
             }
             h2 { "Throughput" }
             (chart(throughput))
             h2 { "Failed tasks" }
-            @if failed.is_empty() {
-                p.muted { "None." }
-            } @else {
-                table {
-                    thead { tr { th.num { "#" } th.num { "Task" } th.num { "Attempts" } th { "Last error" } } }
-                    tbody {
-                        @for task in failed {
-                            tr {
-                                td.num { (task.ordinal) } td.num.mono { (task.task_id) }
-                                td.num { (task.attempts) } td.error { (task.error.as_deref().unwrap_or("")) }
-                            }
-                        }
-                    }
-                }
-                @if failed.len() as i64 >= job.failed_count.min(FAILED_SHOWN as i64) && job.failed_count > failed.len() as i64 {
-                    p.muted { "The first " (failed.len()) " of " (job.failed_count) ": " code { "taskmill results " (job.id) " --status failed" } " lists them all." }
-                }
-            }
+            (failures(job, failed))
         },
     )
 }
 
-fn actions(job: &job::Model, writable: bool) -> Markup {
+/// The failed tasks of one window of ordinals, with links to the windows around it
+/// while the job has failures outside it.
+fn failures(job: &job::Model, failed: &Failures) -> Markup {
+    if job.failed_count == 0 {
+        return html! { p.muted { "None." } };
+    }
+    let to = (failed.from + failed.window).min(job.task_count);
+    let window = |from: i64| format!("/jobs/{}?failed_from={from}", job.id);
+    html! {
+        p.muted {
+            (job.failed_count) " failed in all; among tasks #" (failed.from) "–#" (to - 1) ", "
+            @if failed.tasks.len() as u64 >= FAILED_SHOWN { "the first " }
+            (failed.tasks.len()) ". "
+            code { "taskmill results " (job.id) " --status failed" } " lists them all."
+        }
+        @if !failed.tasks.is_empty() {
+            table {
+                thead { tr { th.num { "#" } th.num { "Task" } th.num { "Attempts" } th { "Last error" } } }
+                tbody {
+                    @for task in &failed.tasks {
+                        tr {
+                            td.num { (task.ordinal) } td.num.mono { (task.task_id) }
+                            td.num { (task.attempts) } td.error { (task.error.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+        p {
+            @if failed.from > 0 {
+                a href=(window((failed.from - failed.window).max(0))) { "← earlier tasks" } " "
+            }
+            @if to < job.task_count {
+                a href=(window(to)) { "later tasks →" }
+            }
+        }
+    }
+}
+
+fn actions(job: &job::Model, writable: bool, retry_refused: Option<&str>) -> Markup {
     let running = job.stage == JobStage::Running.as_str();
     let failed = job.stage == JobStage::Failed.as_str();
     if !running && !failed {
@@ -207,7 +247,9 @@ fn actions(job: &job::Model, writable: bool) -> Markup {
     }
     html! {
         div.panel {
-            @if writable {
+            @if let (true, Some(reason)) = (failed, retry_refused) {
+                span.muted { "Not retried from here: " (reason) }
+            } @else if writable {
                 @if running { (action_form(&format!("/jobs/{}/cancel", job.id), "Cancel job", None)) }
                 @if failed { (action_form(&format!("/jobs/{}/retry", job.id), "Retry failed tasks", None)) }
             } @else {
@@ -218,12 +260,11 @@ fn actions(job: &job::Model, writable: bool) -> Markup {
     }
 }
 
-/// A form posting to `action` with the token (typed by the user, never filled in).
+/// A form posting to `action`; the token travels in the dashboard's cookie.
 fn action_form(action: &str, label: &str, id: Option<&str>) -> Markup {
     html! {
         form.inline method="post" action=(action) {
             @if let Some(id) = id { input type="hidden" name="id" value=(id); }
-            input type="password" name="token" placeholder="token" required autocomplete="off";
             button type="submit" { (label) }
         }
     }
@@ -253,6 +294,7 @@ fn chart(throughput: Option<&Throughput>) -> Markup {
             text x="0" y=(height + 15.0) font-size="11" fill="#667" {
                 (throughput.start.format("%H:%M:%S")) " · " (throughput.bucket_ms as f64 / 1000.0) " s per bar · peak "
                 (format!("{:.0}", per_second(peak as u64))) " tasks/s"
+                @if throughput.every > 1 { " · estimated from every " (throughput.every) "th task" }
             }
         }
     }
