@@ -324,3 +324,56 @@ async fn without_a_configured_token_the_pod_makes_one_that_only_reads() {
     let _ = worker.start_kill();
     let _ = worker.wait().await;
 }
+
+/// Pages read through a small store of the dashboard's own, with a time limit: while
+/// the database cannot answer them (the jobs table locked), five open pages each give
+/// up with 503 instead of waiting, and the pipeline's store still has its connections.
+#[tokio::test]
+async fn pages_the_database_cannot_answer_give_up_and_take_nothing_from_the_pipeline() {
+    use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+    let env = TestEnv::new(Backend::Postgres).await;
+    let (mut config, base) = env.config_with_http();
+    config.dashboard_token = taskmill::config::Token::new(TOKEN);
+    let pod = env.start(env.pod().config(config));
+    let client = env.client().await;
+    let job = client
+        .submit(JobRequest::new(taskmill::builtin::ECHO, vec![json!(1)]))
+        .await
+        .unwrap();
+    assert!(client.wait(&job).await.unwrap().is_done());
+    let (_, cookie, _) = get(with_token(&format!("{base}/"), TOKEN), None).await;
+    assert_eq!(get(format!("{base}/"), cookie.clone()).await.0, 200);
+
+    let locker = Database::connect(&env.config.database_url).await.unwrap();
+    let lock = locker.begin().await.unwrap();
+    lock.execute_unprepared("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let pages: Vec<_> = (0..5)
+        .map(|n| {
+            let url = match n % 2 {
+                0 => format!("{base}/"),
+                _ => format!("{base}/jobs/{job}"),
+            };
+            tokio::spawn(get(url, cookie.clone()))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The pages wait on their own connections: the pipeline's store answers.
+    tokio::time::timeout(Duration::from_secs(2), env.store.ping())
+        .await
+        .expect("the pipeline's store has a connection free")
+        .unwrap();
+    for page in pages {
+        let (status, _, _) = tokio::time::timeout(LONG, page)
+            .await
+            .expect("a page gives up rather than waiting for the lock")
+            .unwrap();
+        assert_eq!(status, 503);
+    }
+    lock.rollback().await.unwrap();
+    locker.close().await.unwrap();
+    assert_eq!(get(format!("{base}/"), cookie).await.0, 200);
+    client.close().await.unwrap();
+    pod.stop().await;
+}
