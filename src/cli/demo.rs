@@ -51,6 +51,11 @@ fn demo_request(args: &DemoArgs) -> anyhow::Result<JobRequest> {
         request.retry_delay_ms = args.retry_delay_ms;
         return Ok(request);
     };
+    Ok(JobRequest::new(builtin::WORDCOUNT, texts_in(dir)?))
+}
+
+/// The word count's tasks: one per file of `dir` that is text, in name order.
+fn texts_in(dir: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -69,7 +74,7 @@ fn demo_request(args: &DemoArgs) -> anyhow::Result<JobRequest> {
             Err(_) => eprintln!("skipping {}: not UTF-8 text", path.display()),
         }
     }
-    Ok(JobRequest::new(builtin::WORDCOUNT, tasks))
+    Ok(tasks)
 }
 
 /// The word count's figures and its ten most common words.
@@ -157,4 +162,20 @@ pub async fn run(
     pod.await??;
     client.close().await?;
     Ok(if event.is_done() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_word_count_reads_text_files_only() {
+        let dir = std::env::temp_dir().join(format!("taskmill-demo-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.md"), "hello world").unwrap();
+        std::fs::write(dir.join("b.png"), [0x89, b'P', b'N', b'G', 0xff, 0xfe]).unwrap();
+        let texts = texts_in(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(texts.unwrap(), vec![json!({ "text": "hello world" })]);
+    }
 }
