@@ -247,9 +247,11 @@ impl Client {
         self.watch(job_id).await?.event().await
     }
 
-    /// Cancels a running job: its unfinished tasks become `cancelled`, handlers still
-    /// running are ignored when they finish, and one `job.cancelled` event goes out.
-    /// `None`: the job was not running. Needs a store ([`Client::with_store`]).
+    /// Cancels a running job, or one still forming (a job in parts whose first parts
+    /// run): its unfinished tasks become `cancelled`, handlers still running are
+    /// ignored when they finish, and one `job.cancelled` event goes out; parts sent
+    /// after it are refused. `None`: the job had ended (or never was). Needs a store
+    /// ([`Client::with_store`]).
     pub async fn cancel(&self, job_id: &str) -> Result<Option<JobEvent>, Error> {
         let store = self.store.as_ref().ok_or_else(|| {
             Error::Config("cancelling a job needs a store: Client::with_store".into())

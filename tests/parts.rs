@@ -25,6 +25,7 @@ on_both_backends!(
     an_intake_stopped_between_and_within_parts_resumes,
     a_large_submit_goes_in_parts,
     unsealed_jobs_rest_until_their_next_part,
+    a_job_still_receiving_its_parts_can_be_cancelled,
 );
 
 /// Part `number` of job `job_id`: echo tasks `offset .. offset + count`, each payload
@@ -315,5 +316,31 @@ async fn unsealed_jobs_rest_until_their_next_part(backend: Backend) {
         assert_eq!(job.stage, "done");
         assert_each_task_once(&env, job_id, 20).await;
     }
+    pod.stop().await;
+}
+
+/// A job in parts runs its first parts' tasks before its seal; it can be cancelled
+/// then, and parts sent after the cancel add nothing.
+async fn a_job_still_receiving_its_parts_can_be_cancelled(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let pod = env.start(env.pod());
+    let client = env.client().await;
+    let job_id = new_job_id();
+    send(&env, &part(&job_id, 1, 0, 10, "")).await;
+    common::wait_until(LONG, || async {
+        let status = env.store.job_status(&job_id).await.unwrap();
+        status.is_some_and(|s| s.tasks_by_status.get("done") == Some(&10))
+    })
+    .await;
+    let event = client.cancel(&job_id).await.unwrap().expect("cancelled");
+    assert_eq!((event.event.as_str(), event.done), ("job.cancelled", 10));
+    send(&env, &part(&job_id, 2, 10, 10, "")).await;
+    send(&env, &seal(&job_id, 2, 20)).await;
+    let intake = env.topology().intake_queue();
+    common::wait_until(LONG, || async { env.message_count(&intake).await == 0 }).await;
+    let job = env.store.job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.stage, "cancelled");
+    let rows = env.store.tasks_of_job(&job_id).await.unwrap();
+    assert_eq!(rows.len(), 10, "no part goes into a cancelled job");
     pod.stop().await;
 }

@@ -9,7 +9,8 @@ pub struct CancelArgs {
     pub job_id: String,
 }
 
-/// Returns the process exit code: 0 if the job was cancelled, 2 if it was not running.
+/// Returns the process exit code: 0 if the job was cancelled, 2 if it was neither
+/// running nor forming.
 pub async fn run(config: &Config, args: CancelArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&config.database_url, 2).await?;
     let client = Client::connect(config).await?.with_store(store);
@@ -21,7 +22,7 @@ pub async fn run(config: &Config, args: CancelArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         None => {
-            eprintln!("job {:?} is not running", args.job_id);
+            eprintln!("job {:?} is neither running nor forming", args.job_id);
             Ok(2)
         }
     }

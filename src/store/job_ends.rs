@@ -191,11 +191,21 @@ impl Store {
         .await
     }
 
-    /// Ends a running job as `cancelled`, cancelling its unfinished tasks. `None`: the
-    /// job was not running.
+    /// Ends a running job, or one still forming (a job in parts runs its first parts'
+    /// tasks before its seal), as `cancelled`, cancelling its unfinished tasks. `None`:
+    /// the job was neither.
     pub async fn cancel_job(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
-        self.end_job_at(job_id, JobStage::Running, JobStage::Cancelled, "cancelled")
-            .await
+        // Running, else forming, else running: a job that starts between the first two
+        // looks is found by the third.
+        for from in [JobStage::Running, JobStage::Formation, JobStage::Running] {
+            let cancelled = self
+                .end_job_at(job_id, from, JobStage::Cancelled, "cancelled")
+                .await?;
+            if cancelled.is_some() {
+                return Ok(cancelled);
+            }
+        }
+        Ok(None)
     }
 }
 
