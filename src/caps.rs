@@ -11,9 +11,10 @@ use serde_json::Value;
 /// a payload at the cap still fits with room to spare.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
 
-/// Room a task message keeps for what is not its payload (ids, type, settings): a
-/// payload cap is never above the request limit less this.
-pub const ENVELOPE_BYTES: usize = 64 * 1024;
+/// Room a task message keeps for what is not its payload (a job id of at most 128
+/// characters, a task type of at most 200, a few numbers; under 1 KiB even with every
+/// character escaped): a payload cap is never above the request limit less this.
+pub const ENVELOPE_BYTES: usize = 4 * 1024;
 
 /// The bytes `value` takes as JSON, counted without building the text.
 pub fn json_bytes(value: &Value) -> u64 {

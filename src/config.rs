@@ -431,6 +431,14 @@ mod tests {
         }
         .normalized();
         assert_eq!((config.concurrency, config.sweeper_shards), (1, 1));
+        // A small request limit leaves the payload cap all but a task message's
+        // envelope of it.
+        let small = Config {
+            max_request_bytes: 65_536,
+            ..Config::default()
+        }
+        .normalized();
+        assert_eq!(small.max_payload_bytes, 65_536 - crate::caps::ENVELOPE_BYTES);
         assert!(!config.sweep_interval.is_zero() && !config.task_timeout.is_zero());
         let wide = Config {
             concurrency: 1 << 20,
