@@ -438,7 +438,10 @@ mod tests {
             ..Config::default()
         }
         .normalized();
-        assert_eq!(small.max_payload_bytes, 65_536 - crate::caps::ENVELOPE_BYTES);
+        assert_eq!(
+            small.max_payload_bytes,
+            65_536 - crate::caps::ENVELOPE_BYTES
+        );
         assert!(!config.sweep_interval.is_zero() && !config.task_timeout.is_zero());
         let wide = Config {
             concurrency: 1 << 20,
