@@ -33,6 +33,9 @@ pub struct BrokerLink {
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// When the current outage began, if the broker is away.
     outage: Mutex<Option<Instant>>,
+    /// Whether any connect has succeeded: before the first, the link is not connected
+    /// though no outage has begun.
+    connected_once: std::sync::atomic::AtomicBool,
 }
 
 impl BrokerLink {
@@ -46,6 +49,7 @@ impl BrokerLink {
             preferred: std::sync::atomic::AtomicUsize::new(uuid::Uuid::new_v4().as_u128() as usize),
             current: tokio::sync::Mutex::new(None),
             outage: Mutex::new(None),
+            connected_once: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -72,6 +76,7 @@ impl BrokerLink {
                 Ok((connection, index)) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     *current = Some(connection.clone());
+                    self.connected_once.store(true, Ordering::Relaxed);
                     if let Some(began) = self.outage.lock().expect("outage lock").take() {
                         crate::metrics::broker_reconnected();
                         tracing::warn!(after = ?began.elapsed(), "broker connection restored");
@@ -99,13 +104,17 @@ impl BrokerLink {
     }
 
     /// Whether the broker is connected, as far as the link knows without waiting: a
-    /// role holding the link to reconnect means an outage.
+    /// role holding the link to reconnect means an outage, and so does the first
+    /// connect while it is under way.
     pub fn is_connected(&self) -> bool {
         match self.current.try_lock() {
             Ok(current) => current
                 .as_ref()
                 .is_some_and(|connection| connection.status().connected()),
-            Err(_) => self.outage.lock().expect("outage lock").is_none(),
+            Err(_) => {
+                self.connected_once.load(Ordering::Relaxed)
+                    && self.outage.lock().expect("outage lock").is_none()
+            }
         }
     }
 
