@@ -358,8 +358,21 @@ async fn pages_the_database_cannot_answer_give_up_and_take_nothing_from_the_pipe
             tokio::spawn(get(url, cookie.clone()))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // The pages wait on their own connections: the pipeline's store answers.
+    // The pages wait for the lock on their own connections...
+    common::wait_until(LONG, || async {
+        let row = locker
+            .query_one_raw(sea_orm::Statement::from_string(
+                locker.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap() > 0
+    })
+    .await;
+    // ...and the pipeline's store answers meanwhile.
     tokio::time::timeout(Duration::from_secs(2), env.store.ping())
         .await
         .expect("the pipeline's store has a connection free")

@@ -592,8 +592,23 @@ async fn submit_wait_answers_every_resubmission_and_stops_on_a_signal() {
     );
 
     pod.stop().await;
-    let mut waiting = submit("nobody-runs-it", "1").spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut waiting = submit("nobody-runs-it", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It prints the job id once the request is sent, just before it waits.
+    let mut printed = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::io::AsyncBufReadExt::read_line(
+            &mut tokio::io::BufReader::new(waiting.stdout.take().unwrap()),
+            &mut printed,
+        ),
+    )
+    .await
+    .expect("the job id is printed")
+    .unwrap();
+    assert_eq!(printed.trim(), "nobody-runs-it");
     let pid = waiting.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
