@@ -512,9 +512,9 @@ pub(crate) async fn cancel_job(
     let Some(event) = store.cancel_job(job_id).await? else {
         return Ok(None);
     };
-    EventPublisher::new(publisher.clone(), topology.clone(), store.clone())
-        .publish_or_defer(std::slice::from_ref(&event))
-        .await;
+    let events = EventPublisher::new(publisher.clone(), topology.clone(), store.clone());
+    events.publish_or_defer(std::slice::from_ref(&event)).await;
+    events.close().await;
     serde_json::from_value(event.body)
         .map(Some)
         .map_err(|err| unreadable_event(job_id, &err))

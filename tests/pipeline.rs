@@ -34,7 +34,54 @@ on_both_backends!(
     cancelling_a_job_cancels_what_is_left,
     slow_handlers_leave_their_messages_in_the_queue,
     a_large_job_is_fed_as_its_pool_drains,
+    jobs_end_with_their_last_task,
 );
+
+/// A job of one stage ends in the transaction that records its last task's outcome,
+/// whichever way it ends, and its event goes out from that worker: no finished event
+/// and no completion role are needed (none runs here).
+async fn jobs_end_with_their_last_task(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let events = env.event_log().await;
+    let pod = env.start(env.pod().roles(Roles {
+        intake: true,
+        worker: true,
+        ..Roles::NONE
+    }));
+    let client = env.client().await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let tasks = (0..n % 4 + 1).map(|k| json!({ "k": k })).collect();
+        ids.push(
+            client
+                .submit(JobRequest::new(builtin::ECHO, tasks))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut failing = JobRequest::new(
+        builtin::FAIL,
+        vec![json!({ "times": 9, "permanent": true })],
+    );
+    failing.max_retries = 0;
+    ids.push(client.submit(failing).await.unwrap());
+    let all = events.wait_for(ids.len(), LONG).await;
+    assert_eq!(all.len(), ids.len(), "one event per job");
+    for event in &all {
+        let expected = if Some(&event.job_id) == ids.last() {
+            "job.failed"
+        } else {
+            "job.done"
+        };
+        assert_eq!(event.event, expected, "{event:?}");
+    }
+    assert_eq!(
+        env.message_count(&env.topology().completion_queue()).await,
+        0,
+        "no finished event was sent"
+    );
+    pod.stop().await;
+}
 
 async fn thousand_task_job_completes(backend: Backend) {
     let env = TestEnv::new(backend).await;

@@ -11,8 +11,10 @@
 //! it is recorded on the row and retried [`TARGET_ATTEMPTS`] times in all, with waits
 //! doubling from [`TARGET_FIRST_WAIT`], then given up with a warning.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publisher};
@@ -32,6 +34,8 @@ pub const TARGET_FIRST_WAIT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub(crate) struct EventPublisher {
     publisher: Publisher,
+    /// The channel `on_complete` targets are published on first, opened on first use.
+    targets: Arc<OnceCell<Publisher>>,
     topology: Topology,
     store: Store,
 }
@@ -42,8 +46,17 @@ impl EventPublisher {
     pub fn new(publisher: Publisher, topology: Topology, store: Store) -> Self {
         Self {
             publisher,
+            targets: Arc::default(),
             topology,
             store,
+        }
+    }
+
+    /// Closes the channel of the `on_complete` targets, if one was opened; the main
+    /// publisher is its owner's to close.
+    pub async fn close(&self) {
+        if let Some(targets) = self.targets.get() {
+            targets.close().await;
         }
     }
 
@@ -51,18 +64,18 @@ impl EventPublisher {
     /// published; each event's target, if any, is tried once beside it and its fate
     /// recorded.
     pub async fn publish(&self, events: &[job_event::Model]) -> Result<(), Error> {
+        let bodies: Vec<Vec<u8>> = events
+            .iter()
+            .map(|event| serde_json::to_vec(&event.body).expect("JSON values serialize"))
+            .collect();
         let mut pending = Vec::with_capacity(events.len());
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let body = serde_json::to_vec(&event.body).expect("JSON values serialize");
-            pending.push(self.send(&event.kind, &event.job_id, &body).await?);
-            let target = match event_target(event) {
-                Some(target) => Some(self.attempt_target(event, &target, &body).await),
-                None => None,
-            };
-            outcomes.push((event.id, target));
+        for (event, body) in events.iter().zip(&bodies) {
+            pending.push(self.send(&event.kind, &event.job_id, body).await?);
         }
+        let targets = self.attempt_targets(events, &bodies).await;
         all_confirmed(pending).await?;
+        let outcomes: Vec<(i64, Option<TargetOutcome>)> =
+            events.iter().map(|event| event.id).zip(targets).collect();
         self.store.mark_events_published(&outcomes).await?;
         for event in events {
             tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
@@ -81,7 +94,61 @@ impl EventPublisher {
         publish_to_target(&self.publisher, target, &body).await
     }
 
-    /// One try at a target; what the store should remember of it.
+    /// One try at each event's target, if it has one: all sent on one shared channel,
+    /// confirms pipelined. A target the broker refuses may close that channel under the
+    /// others' publishes, so a send that fails there gets its try on a channel of its
+    /// own ([`Self::attempt_target`]) before it counts as failed.
+    async fn attempt_targets(
+        &self,
+        events: &[job_event::Model],
+        bodies: &[Vec<u8>],
+    ) -> Vec<Option<TargetOutcome>> {
+        let mut sent = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let Some(target) = event_target(event) else {
+                continue;
+            };
+            let pending = match self.shared_targets().await {
+                Ok(shared) => shared
+                    .send(Outgoing {
+                        exchange: &target.exchange,
+                        routing_key: &target.routing_key,
+                        body: &bodies[index],
+                        mandatory: true,
+                        headers: None,
+                    })
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            sent.push((index, target, pending));
+        }
+        let mut outcomes: Vec<Option<TargetOutcome>> = events.iter().map(|_| None).collect();
+        for (index, target, pending) in sent {
+            let confirmed = match pending {
+                Some(pending) => pending.confirmed().await.is_ok(),
+                None => false,
+            };
+            let event = &events[index];
+            outcomes[index] = Some(if confirmed {
+                TargetOutcome::Sent {
+                    attempts: event.target_attempts + 1,
+                }
+            } else {
+                self.attempt_target(event, &target, &bodies[index]).await
+            });
+        }
+        outcomes
+    }
+
+    async fn shared_targets(&self) -> Result<&Publisher, BrokerError> {
+        self.targets
+            .get_or_try_init(|| Publisher::open(self.publisher.connection()))
+            .await
+    }
+
+    /// One try at a target, on a channel of its own; what the store should remember
+    /// of it.
     async fn attempt_target(
         &self,
         event: &job_event::Model,

@@ -1,7 +1,11 @@
-//! Completion: ends each job exactly once, when its tasks are over.
+//! Completion: ends each job exactly once, when its tasks are over, where the
+//! transaction that finished them could not.
 //!
-//! Workers count finished tasks into their jobs in the transaction that finishes them
-//! and then send a finished event (one message per batch of tasks). This role takes
+//! Workers count finished tasks into their jobs in the transaction that finishes them,
+//! and a job those counters show over ends right there. A job that transaction cannot
+//! settle — a multi-stage job whose phase is over, an ending the database refused —
+//! gets a finished event (one message per batch of tasks), as do the tasks of
+//! external backends, which the syncer records. This role takes
 //! those events in batches (whatever the consumer has buffered, up to the prefetch)
 //! and checks each job they touch once per batch: the jobs whose counters say they
 //! are over end together in one transaction ([`crate::store::Store::check_jobs`]),
@@ -78,6 +82,7 @@ pub(crate) async fn run(
         relay.abort();
     }
     consumer.close().await;
+    completion.events.close().await;
     completion.publisher.close().await;
     Ok(())
 }

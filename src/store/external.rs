@@ -271,7 +271,8 @@ impl Store {
                             ended.push(transition);
                         }
                     }
-                    finish_in(txn, &store.finishing(&ended)).await
+                    let (recorded, _) = finish_in(txn, &store.finishing(&ended)).await?;
+                    Ok(recorded)
                 })
             })
         })

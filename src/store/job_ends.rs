@@ -6,15 +6,15 @@
 //! arrive: cost is O(events), never O(tasks) per event. The full aggregate over the
 //! job's tasks runs once, when the job ends, and sets the final counts exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
+    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use super::error::StoreError;
@@ -104,24 +104,17 @@ impl Store {
                             Settled::Wait => {}
                             Settled::Moved(change) => advanced.push(*change),
                             Settled::Ends(to, first_error, result) => {
-                                cancel_rest(txn, &job, JobStage::Running, to).await?;
-                                ending.push((job, to, first_error, result));
+                                let end = Ending {
+                                    from: JobStage::Running,
+                                    to,
+                                    first_error,
+                                    result,
+                                };
+                                ending.push((job, end));
                             }
                         }
                     }
-                    let ids: Vec<String> = ending.iter().map(|(job, ..)| job.id.clone()).collect();
-                    let mut counts = count_by_job_and_status(txn, &ids).await?;
-                    let mut ended = Vec::with_capacity(ending.len());
-                    for (job, to, first_error, result) in ending {
-                        let counts = counts.remove(&job.id).unwrap_or_default();
-                        let end = Ending {
-                            from: JobStage::Running,
-                            to,
-                            first_error,
-                            result,
-                        };
-                        ended.push(finish_job(txn, &job, end, counts).await?);
-                    }
+                    let ended = end_locked(txn, ending).await?;
                     Ok(Checked { ended, advanced })
                 })
             })
@@ -207,6 +200,83 @@ impl Store {
         }
         Ok(None)
     }
+}
+
+/// Ends, in the transaction that recorded their tasks' outcomes, the jobs among
+/// `counted` (their rows as that transaction changed them, under its lock) that are
+/// running and whose counters now say they end: the job ends with its last task,
+/// with no finished event and no transaction of the completion role. Returns their
+/// events, and the jobs left for the completion role to check: a multi-stage job
+/// moving on to its next phase (the completion role makes the phase), and any job
+/// whose ending failed here.
+///
+/// The ending runs under a savepoint: an error in it (a value the database refuses,
+/// say) rolls back the ending alone, never the outcomes, and the completion role ends
+/// the job as it ends any other, failing it alone if it must. A job still forming
+/// needs neither: the transaction that starts it checks it.
+pub(super) async fn end_over_in(
+    txn: &DatabaseTransaction,
+    counted: &[job::Model],
+) -> Result<(Vec<job_event::Model>, BTreeSet<String>), StoreError> {
+    let mut over = Vec::new();
+    let mut to_check = BTreeSet::new();
+    for job in counted
+        .iter()
+        .filter(|job| job.stage == JobStage::Running.as_str())
+    {
+        match Counters::of(job).verdict() {
+            Verdict::Wait => {}
+            Verdict::Advance => {
+                to_check.insert(job.id.clone());
+            }
+            Verdict::End(to) => {
+                let end = Ending {
+                    from: JobStage::Running,
+                    to,
+                    first_error: job.first_error.clone(),
+                    result: None,
+                };
+                over.push((job.clone(), end));
+            }
+        }
+    }
+    if over.is_empty() {
+        return Ok((Vec::new(), to_check));
+    }
+    let ids: Vec<String> = over.iter().map(|(job, _)| job.id.clone()).collect();
+    let savepoint = txn.begin().await?;
+    match end_locked(&savepoint, over).await {
+        Ok(ended) => {
+            savepoint.commit().await?;
+            Ok((ended, to_check))
+        }
+        Err(err) => {
+            tracing::warn!(jobs = ids.len(), %err, "ending jobs with their last outcomes failed; the completion role ends them");
+            savepoint.rollback().await?;
+            to_check.extend(ids);
+            Ok((Vec::new(), to_check))
+        }
+    }
+}
+
+/// Ends each of `ending`'s jobs, locked and at its `from` stage, as its [`Ending`]
+/// says: what is left of it cancelled if it cancels, its final counts from one
+/// aggregate over all of their tasks, its event in the outbox.
+async fn end_locked<C: ConnectionTrait>(
+    txn: &C,
+    ending: Vec<(job::Model, Ending)>,
+) -> Result<Vec<job_event::Model>, StoreError> {
+    for (job, end) in &ending {
+        cancel_rest(txn, job, end.from, end.to).await?;
+    }
+    let ids: Vec<String> = ending.iter().map(|(job, _)| job.id.clone()).collect();
+    let mut counts = count_by_job_and_status(txn, &ids).await?;
+    let mut ended = Vec::with_capacity(ending.len());
+    for (job, end) in ending {
+        let counts = counts.remove(&job.id).unwrap_or_default();
+        ended.push(finish_job(txn, &job, end, counts).await?);
+    }
+    Ok(ended)
 }
 
 /// Ends the job if it is running and its counters say it is over, or moves it to its

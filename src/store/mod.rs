@@ -35,8 +35,8 @@ pub use pools::SilentPool;
 pub use rerun::{retry_refused, Rerun};
 pub use results::ResultStream;
 pub use rows::{
-    Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, StartOutcome, TaskOutcome,
-    Transition, WholeJob,
+    Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, Recorded, StartOutcome,
+    TaskOutcome, Transition, WholeJob,
 };
 pub use stuck::SWEEP_WRITE_BATCH;
 pub use views::Throughput;

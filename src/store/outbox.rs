@@ -1,12 +1,14 @@
 //! The job-event outbox: claim, publish, mark published; and the fate of each event's
 //! `on_complete` target.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement,
 };
 
 use super::error::StoreError;
@@ -108,37 +110,68 @@ impl Store {
     }
 
     /// Marks events confirmed by the events exchange, each with what became of its
-    /// target (if it has one) on the same try: one statement for all the events
-    /// without a target, one for each with.
+    /// target (if it has one) on the same try: one statement for the events without
+    /// a target, one per number of tries for those whose target took them, one for
+    /// each whose target failed — all in one transaction when there are several.
     pub async fn mark_events_published(
         &self,
         events: &[(i64, Option<TargetOutcome>)],
     ) -> Result<(), StoreError> {
-        let plain: Vec<i64> = events
-            .iter()
-            .filter(|(_, target)| target.is_none())
-            .map(|(id, _)| *id)
-            .collect();
+        let mut plain = Vec::new();
+        let mut sent: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (id, target) in events {
+            match target {
+                None => plain.push(*id),
+                Some(TargetOutcome::Sent { attempts }) => {
+                    sent.entry(*attempts).or_default().push(*id)
+                }
+                Some(outcome @ TargetOutcome::Failed { .. }) => failed.push((*id, outcome.clone())),
+            }
+        }
         let backend = self.backend();
+        let now = Utc::now();
+        let mut statements: Vec<sea_orm::UpdateMany<job_event::Entity>> = Vec::new();
+        let published = || {
+            job_event::Entity::update_many()
+                .col_expr(job_event::Column::PublishedAt, Expr::value(now))
+        };
+        if !plain.is_empty() {
+            statements.push(published().filter(one_of(backend, job_event::Column::Id, plain)));
+        }
+        for (attempts, ids) in sent {
+            statements.push(
+                TargetOutcome::Sent { attempts }
+                    .apply(published())
+                    .filter(one_of(backend, job_event::Column::Id, ids)),
+            );
+        }
+        for (id, outcome) in failed {
+            statements.push(
+                outcome
+                    .apply(published())
+                    .filter(job_event::Column::Id.eq(id)),
+            );
+        }
+        let statements: Vec<Statement> = statements
+            .into_iter()
+            .map(|update| backend.build(&update.into_query()))
+            .collect();
         self.retrying("mark events published", || async {
-            let now = Utc::now();
-            if !plain.is_empty() {
-                job_event::Entity::update_many()
-                    .col_expr(job_event::Column::PublishedAt, Expr::value(now))
-                    .filter(one_of(backend, job_event::Column::Id, plain.clone()))
-                    .exec(&self.db)
-                    .await?;
+            if let [one] = statements.as_slice() {
+                self.db.execute_raw(one.clone()).await?;
+                return Ok(());
             }
-            for (id, target) in events {
-                let Some(target) = target else { continue };
-                target
-                    .apply(job_event::Entity::update_many())
-                    .col_expr(job_event::Column::PublishedAt, Expr::value(now))
-                    .filter(job_event::Column::Id.eq(*id))
-                    .exec(&self.db)
-                    .await?;
-            }
-            Ok(())
+            let statements = statements.clone();
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    for statement in statements {
+                        txn.execute_raw(statement).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
         })
         .await
     }

@@ -148,6 +148,22 @@ impl TaskOutcome {
     }
 }
 
+/// What [`Store::finish_tasks`](super::handle::Store::finish_tasks) did.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// The tasks whose outcome was written; the others were duplicates, stale, or
+    /// cancelled meanwhile.
+    pub ids: std::collections::HashSet<i64>,
+    /// The events (in the outbox, claimed by the caller) of the jobs those outcomes
+    /// ended in the same transaction.
+    pub ended: Vec<job_event::Model>,
+    /// The jobs the completion role must still check, from a finished event: a
+    /// multi-stage job whose phase is over, or a job whose ending failed here. Every
+    /// other job the outcomes touched is either ended or, by its counters read under
+    /// its row lock, still going.
+    pub to_check: std::collections::BTreeSet<String>,
+}
+
 /// The outcome of attempt `attempt` (of run `run`) of task `task_id` of job `job_id`.
 #[derive(Clone, Debug)]
 pub struct Transition {

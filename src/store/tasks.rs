@@ -31,8 +31,9 @@ use sea_orm::{
 
 use super::error::StoreError;
 use super::handle::Store;
+use super::job_ends::end_over_in;
 use super::pg_batch::{self, one_of};
-use super::rows::{Claim, TaskOutcome, Transition};
+use super::rows::{Claim, Recorded, TaskOutcome, Transition};
 use crate::clock;
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, task};
@@ -185,17 +186,26 @@ impl Store {
     /// Records many attempts' outcomes in one transaction, each only if its attempt is
     /// still `running` (one statement per outcome kind and attempt number), and adds
     /// the tasks that ended to their jobs' counters in the same transaction — so a
-    /// duplicate, which changes no row, can never count twice. Returns the ids
-    /// recorded; the others were duplicates or cancelled meanwhile.
-    pub async fn finish_tasks(
-        &self,
-        transitions: &[Transition],
-    ) -> Result<HashSet<i64>, StoreError> {
+    /// duplicate, which changes no row, can never count twice. A job those counters
+    /// show over ends in that transaction too ([`end_over_in`]): its event is in the
+    /// outbox when this returns, and no finished event need go to the completion role
+    /// for its tasks.
+    pub async fn finish_tasks(&self, transitions: &[Transition]) -> Result<Recorded, StoreError> {
         let finishing = self.finishing(transitions);
         self.retrying("finish tasks", || async {
             let finishing = finishing.clone();
-            self.transact(move |txn| Box::pin(async move { finish_in(txn, &finishing).await }))
-                .await
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    let (ids, counted) = finish_in(txn, &finishing).await?;
+                    let (ended, to_check) = end_over_in(txn, &counted).await?;
+                    Ok(Recorded {
+                        ids,
+                        ended,
+                        to_check,
+                    })
+                })
+            })
+            .await
         })
         .await
     }
@@ -267,13 +277,13 @@ pub(super) struct Finishing {
 }
 
 /// Records a batch of outcomes inside `txn` (see [`Store::finish_tasks`]); returns the
-/// ids recorded.
+/// ids recorded, and the rows of the jobs whose counters changed, as changed.
 pub(super) async fn finish_in<C: ConnectionTrait>(
     txn: &C,
     finishing: &Finishing,
-) -> Result<HashSet<i64>, StoreError> {
+) -> Result<(HashSet<i64>, Vec<job::Model>), StoreError> {
     if finishing.transitions.is_empty() {
-        return Ok(HashSet::new());
+        return Ok((HashSet::new(), Vec::new()));
     }
     // Jobs first, in id order, like every transaction that changes a job: transactions
     // on one job queue up instead of deadlocking.
@@ -284,8 +294,8 @@ pub(super) async fn finish_in<C: ConnectionTrait>(
             recorded.insert(row.try_get::<i64>("", "id")?);
         }
     }
-    count_into_jobs(txn, &finishing.transitions, &recorded).await?;
-    Ok(recorded)
+    let counted = count_into_jobs(txn, &finishing.transitions, &recorded).await?;
+    Ok((recorded, counted))
 }
 
 /// One claim statement per attempt number and run; returns the ids claimed.
@@ -421,11 +431,13 @@ pub(super) async fn lock_running_jobs<C: ConnectionTrait>(
 
 /// Adds the recorded terminal outcomes to their jobs' counters; a job's first error
 /// is the error of its lowest-numbered failed task among the first failures seen.
+/// Returns the rows of the jobs it changed, as changed.
 async fn count_into_jobs<C: ConnectionTrait>(
     txn: &C,
     transitions: &[Transition],
     recorded: &HashSet<i64>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<job::Model>, StoreError> {
+    let mut counted = Vec::new();
     for (job_id, tally) in tally(transitions, recorded) {
         if tally.done + tally.failed == 0 {
             continue;
@@ -445,16 +457,17 @@ async fn count_into_jobs<C: ConnectionTrait>(
                 Func::coalesce([Expr::col(job::Column::FirstError), Expr::value(info)]).into(),
             );
         }
-        update
+        let changed = update
             .filter(job::Column::Id.eq(job_id))
             .filter(
                 job::Column::Stage
                     .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
             )
-            .exec(txn)
+            .exec_with_returning(txn)
             .await?;
+        counted.extend(changed);
     }
-    Ok(())
+    Ok(counted)
 }
 
 /// What one batch of outcomes adds to one job's counters.

@@ -36,7 +36,15 @@ impl CpuSeconds {
 
     /// What was used between `before` and `self`, per 100,000 tasks.
     pub fn per_100k_tasks(self, before: Self, tasks: usize) -> Self {
-        let scale = 100_000.0 / tasks.max(1) as f64;
+        self.scaled_since(before, 100_000.0 / tasks.max(1) as f64)
+    }
+
+    /// What was used between `before` and `self`, in milliseconds per job.
+    pub fn ms_per_job(self, before: Self, jobs: usize) -> Self {
+        self.scaled_since(before, 1_000.0 / jobs.max(1) as f64)
+    }
+
+    fn scaled_since(self, before: Self, scale: f64) -> Self {
         Self {
             postgres: (self.postgres - before.postgres) * scale,
             rabbitmq: (self.rabbitmq - before.rabbitmq) * scale,

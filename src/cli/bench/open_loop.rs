@@ -13,6 +13,7 @@ use taskmill::config::DEFAULT_QUEUE;
 use taskmill::{builtin, Client, JobRequest};
 use tokio::sync::Mutex;
 
+use super::cpu::CpuSeconds;
 use super::fleet::Fleet;
 use super::scenario::{percentile, Bench};
 
@@ -32,6 +33,9 @@ pub struct OpenLoopResult {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// CPU each process used per job, in milliseconds, from the first publish until
+    /// the last event arrived (or the drain time ran out).
+    pub cpu_ms_per_job: CpuSeconds,
 }
 
 /// The p99 a rate must stay under to count as kept up with.
@@ -92,6 +96,7 @@ impl Bench {
         // Latency from a worker that is still starting would measure its start.
         self.until_consumed().await?;
         let producer = Arc::new(Client::connect(&self.config).await?);
+        let cpu_before = CpuSeconds::now(&fleet.pids());
         let published: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / jobs_per_s));
         let total = (jobs_per_s * seconds).round() as usize;
@@ -131,6 +136,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let cpu_ms_per_job = CpuSeconds::now(&fleet.pids()).ms_per_job(cpu_before, published.len());
         fleet.stop().await;
         if let Some(producer) = Arc::into_inner(producer) {
             let _ = producer.close().await;
@@ -145,6 +151,7 @@ impl Bench {
             latency_p50_ms: percentile(&mut latencies, 0.50),
             latency_p99_ms: percentile(&mut latencies, 0.99),
             latency_max_ms: max,
+            cpu_ms_per_job,
         })
     }
 }

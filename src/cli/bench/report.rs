@@ -183,16 +183,18 @@ impl Report {
         if !self.open_loop.is_empty() {
             println!();
             println!(
-                "{:<8} {:<40} {:>9} {:>7} {:>22}",
+                "{:<8} {:<40} {:>9} {:>7} {:>22} {:>22}",
                 "",
                 "open loop: single-task jobs",
                 "published",
                 "ended",
-                "publish → event p50/p99/max ms"
+                "publish → event p50/p99/max ms",
+                "CPU ms/job pg/mq/worker"
             );
             for s in &self.open_loop {
+                let cpu = &s.cpu_ms_per_job;
                 println!(
-                    "{:<8} {:<40} {:>9} {:>7} {:>22}{}",
+                    "{:<8} {:<40} {:>9} {:>7} {:>22} {:>22}{}",
                     s.name,
                     format!("{:.0} jobs/s for {:.0} s", s.jobs_per_s, s.seconds),
                     s.published,
@@ -201,6 +203,7 @@ impl Report {
                         "{:.0}/{:.0}/{:.0}",
                         s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
                     ),
+                    format!("{:.2}/{:.2}/{:.2}", cpu.postgres, cpu.rabbitmq, cpu.workers),
                     if s.arrived == s.published {
                         ""
                     } else {

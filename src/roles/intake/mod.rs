@@ -119,6 +119,7 @@ pub(crate) async fn run(
         .stop(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
         .await;
     intake.feeder.stop().await;
+    intake.events.close().await;
     publisher.close().await;
     Ok(())
 }

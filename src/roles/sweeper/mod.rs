@@ -128,6 +128,7 @@ pub(crate) async fn run(
             Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
         }
     }
+    sweeper.events.close().await;
     sweeper.publisher.close().await;
     Ok(())
 }

@@ -4,15 +4,21 @@
 //! message claims nothing and is acked), run the registered handler with its lease
 //! renewed, then record the outcome and only then ack:
 //!
-//! - success → `done` + result, finished event;
+//! - success → `done` + result;
 //! - failure, attempt n ≤ max_retries → `retrying`, retry message to the delay queue
 //!   for n × retry_delay_ms;
-//! - failure otherwise, or permanent → `failed`, finished event.
+//! - failure otherwise, or permanent → `failed`.
+//!
+//! A job whose counters say it is over once its outcome is counted ends in that same
+//! transaction, its event written to the outbox and published by this worker after
+//! the commit; only a job the transaction cannot settle (a multi-stage job whose
+//! phase is over, an ending the database refused) gets a finished event for the
+//! completion role.
 //!
 //! Under load the database and broker work is batched without loosening any of that:
 //! the deliveries the consumer has buffered are claimed in one statement, and the
 //! outcomes that finish while a batch is being recorded are recorded together next —
-//! one transaction, one finished-event message for all of them, every publish
+//! one transaction, at most one finished-event message for all of them, every publish
 //! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
 //! acks that never cover a delivery still running). A handler panic is a failed attempt.
 //!
@@ -45,6 +51,7 @@ use super::shared::{take_slot, Shared};
 use crate::amqp::acks::Acks;
 use crate::amqp::broker::Publisher;
 use crate::amqp::consumer::Consumer;
+use crate::amqp::events::EventPublisher;
 use crate::error::Error;
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::store::{Claim, TaskOutcome};
@@ -117,6 +124,11 @@ pub(crate) async fn run(
     let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner {
         shared: shared.clone(),
+        events: EventPublisher::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            shared.store.clone(),
+        ),
         publisher,
         queue: consumer.queue().to_owned(),
         pool,
@@ -147,6 +159,7 @@ pub(crate) async fn run(
     // holds the runner (and its publisher), and a restarted run makes its own.
     recorder.abort();
     consuming.cancel();
+    runner.events.close().await;
     runner.publisher.close().await;
     consumed
 }
@@ -234,6 +247,8 @@ struct Finished {
 struct Runner {
     shared: Arc<Shared>,
     publisher: Publisher,
+    /// Publishes the events of the jobs whose last outcomes this worker records.
+    events: EventPublisher,
     pool: String,
     queue: String,
     shutdown: CancellationToken,

@@ -1,5 +1,6 @@
-//! Recording outcomes: a batch of outcomes in one transaction, the retries and the
-//! one finished-event message it causes, every confirm, then the acks.
+//! Recording outcomes: a batch of outcomes in one transaction (with the ends of the
+//! jobs they end), the retries and the finished-event message it causes, every
+//! confirm, then the acks, then the ended jobs' events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use crate::error::Error;
 use crate::metrics::{self, Outcome};
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
-use crate::store::{StoreError, TaskOutcome, Transition};
+use crate::store::{Recorded, StoreError, TaskOutcome, Transition};
 
 use super::{Finished, Runner};
 
@@ -65,7 +66,11 @@ impl Runner {
                 sea_orm::RuntimeErr::Internal(format!("recording outcomes stopped: {err}")),
             )))
         });
-        let recorded = match written {
+        let Recorded {
+            ids: recorded,
+            ended,
+            to_check,
+        } = match written {
             Ok(recorded) => recorded,
             Err(err) if batch.len() > 1 && !err.is_transient() => {
                 // One bad row must not fail its neighbours: record them one by one.
@@ -120,7 +125,12 @@ impl Runner {
                     Ok(confirm) => pending.push(confirm),
                     Err(err) => sent = Err(err),
                 },
-                outcome => finished_tasks.push(finished_task(&finished.message, outcome.status())),
+                // Only a job the transaction could not settle needs the completion
+                // role; the others ended in it or are still going.
+                outcome if to_check.contains(&finished.message.job_id) => {
+                    finished_tasks.push(finished_task(&finished.message, outcome.status()))
+                }
+                _ => {}
             }
         }
         if !finished_tasks.is_empty() && sent.is_ok() {
@@ -146,6 +156,12 @@ impl Runner {
             let settled = self.settle_stale_after_write(&finished.message).await;
             self.settle(finished.delivery, finished.slot, settled);
         }
+        for event in &ended {
+            tracing::info!(job_id = %event.job_id, kind = %event.kind, "job ended");
+        }
+        // After the acks: the events are safe in the outbox, and one that cannot be
+        // published now is the outbox relay's.
+        self.events.publish_or_defer(&ended).await;
     }
 
     /// Acks a delivery whose effects are committed and confirmed, or returns it to the
