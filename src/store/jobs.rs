@@ -1,7 +1,7 @@
 //! Job rows: creation (idempotent on the job id), task-row insertion, the move from
 //! `formation` to `running`, and read-only views for status and tests.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, OnConflict};
@@ -16,7 +16,7 @@ use super::job_ends::CheckedIn;
 use super::job_ends::{self, count_by_status, count_by_status_from, lock_job};
 use super::pg_batch::one_of;
 use super::rows::{JobFilter, JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
-use super::task_rows::insert_task_rows;
+use super::task_rows::{insert_jobs_task_rows, insert_task_rows};
 use crate::stages::Phase;
 use crate::state::JobStage;
 use entity::{job, task};
@@ -404,6 +404,18 @@ async fn create_whole_in(
         Err(DbErr::RecordNotInserted) => HashSet::new(),
         Err(err) => return Err(err.into()),
     };
+    // Every new job's tasks in one statement.
+    let new: Vec<(&str, &[NewTask])> = jobs
+        .iter()
+        .filter(|whole| created.contains(&whole.job.id))
+        .map(|whole| (whole.job.id.as_str(), whole.tasks.as_slice()))
+        .collect();
+    let mut rows_of: HashMap<String, Vec<(i64, i32)>> = HashMap::new();
+    if !new.is_empty() {
+        for (id, job_id, ordinal) in insert_jobs_task_rows(txn, backend, &new, now).await? {
+            rows_of.entry(job_id).or_default().push((id, ordinal));
+        }
+    }
     let mut results = Vec::with_capacity(jobs.len());
     // A job's first task id, from the rows just inserted: asked of the table,
     // `MIN(id)` for a new job is planned as a walk up the primary key from the
@@ -414,8 +426,9 @@ async fn create_whole_in(
             results.push(None);
             continue;
         }
-        let rows = insert_task_rows(txn, backend, &whole.job.id, &whole.tasks, now).await?;
-        if let Some(first) = rows.iter().map(|(id, _)| *id).min() {
+        let mut rows = rows_of.remove(&whole.job.id).unwrap_or_default();
+        rows.sort_unstable();
+        if let Some(&(first, _)) = rows.first() {
             first_ids = first_ids.case(job::Column::Id.eq(whole.job.id.as_str()), first);
         }
         results.push(Some(rows));

@@ -27,25 +27,29 @@ where
     }
 }
 
-/// Inserts a job's task rows from arrays of ordinals, types and payloads; rows whose
-/// ordinal exists are skipped. Returns `(id, ordinal)` of the inserted rows.
-pub(super) fn insert_tasks(job_id: &str, tasks: &[NewTask], now: DateTime<Utc>) -> Statement {
+/// Inserts the task rows of one or more jobs from arrays of job ids, ordinals, types
+/// and payloads; rows whose ordinal exists are skipped. Returns `(id, job_id,
+/// ordinal)` of the inserted rows.
+pub(super) fn insert_tasks(jobs: &[(&str, &[NewTask])], now: DateTime<Utc>) -> Statement {
     const SQL: &str = r#"
         INSERT INTO tasks (job_id, ordinal, "type", payload, status, attempts, deliveries,
                            version, created_at, updated_at)
-        SELECT $1, new.ordinal, new.type, new.payload, 'pending', 0, 0, 0, $2, $2
-        FROM unnest($3::int[], $4::text[], $5::jsonb[]) AS new(ordinal, type, payload)
+        SELECT new.job_id, new.ordinal, new.type, new.payload, 'pending', 0, 0, 0, $1, $1
+        FROM unnest($2::text[], $3::int[], $4::text[], $5::jsonb[])
+            AS new(job_id, ordinal, type, payload)
         ON CONFLICT (job_id, ordinal) DO NOTHING
-        RETURNING id, ordinal"#;
-    let ordinals: Vec<i32> = tasks.iter().map(|t| t.ordinal).collect();
-    let types: Vec<String> = tasks.iter().map(|t| t.task_type.clone()).collect();
-    let payloads: Vec<serde_json::Value> = tasks.iter().map(|t| t.payload.clone()).collect();
+        RETURNING id, job_id, ordinal"#;
+    let tasks = || jobs.iter().flat_map(|&(job_id, tasks)| tasks.iter().map(move |t| (job_id, t)));
+    let job_ids: Vec<String> = tasks().map(|(job_id, _)| job_id.to_owned()).collect();
+    let ordinals: Vec<i32> = tasks().map(|(_, t)| t.ordinal).collect();
+    let types: Vec<String> = tasks().map(|(_, t)| t.task_type.clone()).collect();
+    let payloads: Vec<serde_json::Value> = tasks().map(|(_, t)| t.payload.clone()).collect();
     Statement::from_sql_and_values(
         DatabaseBackend::Postgres,
         SQL,
         [
-            job_id.into(),
             now.into(),
+            job_ids.into(),
             ordinals.into(),
             types.into(),
             payloads.into(),

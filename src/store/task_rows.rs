@@ -20,29 +20,46 @@ pub(super) async fn insert_task_rows<C: ConnectionTrait>(
     tasks: &[NewTask],
     now: DateTime<Utc>,
 ) -> Result<Vec<(i64, i32)>, StoreError> {
+    let rows = insert_jobs_task_rows(db, backend, &[(job_id, tasks)], now).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, _, ordinal)| (id, ordinal))
+        .collect())
+}
+
+/// [`insert_task_rows`] for the tasks of several jobs at once, `(job id, its tasks)`;
+/// returns `(id, job id, ordinal)` of the rows it inserted: one statement.
+pub(super) async fn insert_jobs_task_rows<C: ConnectionTrait>(
+    db: &C,
+    backend: DatabaseBackend,
+    jobs: &[(&str, &[NewTask])],
+    now: DateTime<Utc>,
+) -> Result<Vec<(i64, String, i32)>, StoreError> {
     let rows = if backend == DatabaseBackend::Postgres {
-        db.query_all_raw(pg_batch::insert_tasks(job_id, tasks, now))
-            .await?
+        db.query_all_raw(pg_batch::insert_tasks(jobs, now)).await?
     } else {
-        db.query_all(&insert_statement(job_id, tasks, now)).await?
+        db.query_all(&insert_statement(jobs, now)).await?
     };
     rows.iter()
         .map(|row| {
             Ok((
                 row.try_get::<i64>("", "id")?,
+                row.try_get::<String>("", "job_id")?,
                 row.try_get::<i32>("", "ordinal")?,
             ))
         })
         .collect()
 }
 
-/// The portable form of [`insert_task_rows`]: one multi-row INSERT.
+/// The portable form of [`insert_jobs_task_rows`]: one multi-row INSERT.
 fn insert_statement(
-    job_id: &str,
-    tasks: &[NewTask],
+    jobs: &[(&str, &[NewTask])],
     now: chrono::DateTime<Utc>,
 ) -> sea_orm::sea_query::InsertStatement {
-    let rows = tasks.iter().map(|new| task::ActiveModel {
+    let tasks = jobs
+        .iter()
+        .flat_map(|&(job_id, tasks)| tasks.iter().map(move |new| (job_id, new)));
+    let rows = tasks.map(|(job_id, new)| task::ActiveModel {
         job_id: Set(job_id.to_owned()),
         ordinal: Set(new.ordinal),
         task_type: Set(new.task_type.clone()),
@@ -67,6 +84,10 @@ fn insert_statement(
                 .to_owned(),
         )
         .into_query();
-    insert.returning(Query::returning().columns([task::Column::Id, task::Column::Ordinal]));
+    insert.returning(Query::returning().columns([
+        task::Column::Id,
+        task::Column::JobId,
+        task::Column::Ordinal,
+    ]));
     insert
 }
