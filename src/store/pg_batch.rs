@@ -39,7 +39,10 @@ pub(super) fn insert_tasks(jobs: &[(&str, &[NewTask])], now: DateTime<Utc>) -> S
             AS new(job_id, ordinal, type, payload)
         ON CONFLICT (job_id, ordinal) DO NOTHING
         RETURNING id, job_id, ordinal"#;
-    let tasks = || jobs.iter().flat_map(|&(job_id, tasks)| tasks.iter().map(move |t| (job_id, t)));
+    let tasks = || {
+        jobs.iter()
+            .flat_map(|&(job_id, tasks)| tasks.iter().map(move |t| (job_id, t)))
+    };
     let job_ids: Vec<String> = tasks().map(|(job_id, _)| job_id.to_owned()).collect();
     let ordinals: Vec<i32> = tasks().map(|(_, t)| t.ordinal).collect();
     let types: Vec<String> = tasks().map(|(_, t)| t.task_type.clone()).collect();

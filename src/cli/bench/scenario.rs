@@ -22,7 +22,7 @@ use super::fleet::Fleet;
 /// How long the broker's and PostgreSQL's statistics may lag behind.
 pub const STATS_SETTLE: Duration = Duration::from_secs(6);
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
-/// S4's failed attempts wait this long (one delay queue, attempt 1 × this).
+/// S4's failed attempts wait this long (attempt 1 × this) in the delay ladder.
 const RETRY_DELAY_MS: i64 = 100;
 
 pub struct Spec {
