@@ -125,7 +125,7 @@ async function main() {
   console.log(JSON.stringify({
     system: 'bullmq',
     scenario: args.scenario,
-    worker: `1 process, concurrency ${args.concurrency || 1}${args.concurrency ? '' : ' (the default)'}`,
+    worker: `1 process, concurrency ${args.concurrency || 1}${args.concurrency ? '' : ' (default)'}`,
     concurrency: args.concurrency || 1,
     jobs,
     tasks: jobs * perJob,

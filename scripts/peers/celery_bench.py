@@ -141,7 +141,7 @@ def main():
     print(json.dumps({
         "system": "celery",
         "scenario": args.scenario,
-        "worker": f"prefork, concurrency {os.cpu_count()} (the defaults)",
+        "worker": f"prefork, concurrency {os.cpu_count()} (defaults)",
         "jobs": jobs,
         "tasks": jobs * per_job,
         "seconds": seconds,
