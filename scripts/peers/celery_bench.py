@@ -3,8 +3,10 @@
 
     celery_bench.py chord --tasks 10000       # one chord of N echo tasks, no-op callback
     celery_bench.py chords --jobs 1000        # 1,000 chords of 10, submitted at once
+    ... [--concurrency C]                     # pool processes (default: one per core)
 
-Starts a fresh `celery worker` at its defaults (prefork, one process per core), waits
+Starts a fresh `celery worker` at its defaults (prefork, one process per core, unless
+--concurrency says otherwise), waits
 until it consumes, submits, and times from the first submit until every chord's
 callback has stored its result (polled in the result backend's table every 20 ms, as
 `taskmill bench` polls its job events), then stops the worker. The environment comes
@@ -51,13 +53,14 @@ def consumers(queue):
 class Worker:
     """`celery worker` at its defaults, in a process group of its own."""
 
-    def __init__(self, label):
+    def __init__(self, label, concurrency):
         run_dir = os.environ["PEERS_RUN_DIR"]
         self.pid_file = os.path.join(run_dir, "pids", f"celery-{label}.pid")
         self.log = open(os.path.join(run_dir, f"celery-worker-{label}.log"), "w")
         self.process = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "celery"), "-A", "celery_app",
-             "worker", "--loglevel=WARNING"],
+             "worker", "--loglevel=WARNING"]
+            + (["--concurrency", str(concurrency)] if concurrency else []),
             cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         with open(self.pid_file, "w") as f:
@@ -111,6 +114,7 @@ def main():
     parser.add_argument("scenario", choices=["chord", "chords"])
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks of the one chord")
     parser.add_argument("--jobs", type=int, default=1_000, help="chords of 10")
+    parser.add_argument("--concurrency", type=int, help="pool processes (default: Celery's, one per core)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -127,7 +131,7 @@ def main():
     cursor.execute("TRUNCATE celery_taskmeta, celery_tasksetmeta")
 
     jobs, per_job = (1, args.tasks) if args.scenario == "chord" else (args.jobs, 10)
-    worker = Worker(args.scenario)
+    worker = Worker(args.scenario, args.concurrency)
     try:
         worker.wait_ready()
         started = time.perf_counter()
@@ -141,7 +145,10 @@ def main():
     print(json.dumps({
         "system": "celery",
         "scenario": args.scenario,
-        "worker": f"prefork, concurrency {os.cpu_count()} (defaults)",
+        "worker": f"prefork, concurrency {args.concurrency}" if args.concurrency
+        else f"prefork, concurrency {os.cpu_count()} (defaults)",
+        "concurrency": args.concurrency or os.cpu_count(),
+        "default_concurrency": not args.concurrency,
         "jobs": jobs,
         "tasks": jobs * per_job,
         "seconds": seconds,

@@ -42,6 +42,9 @@ def median_row(name, system, scenario, rounds):
         "seconds": statistics.median(r["seconds"] for r in rounds),
         "tasks_per_s": statistics.median(r["tasks_per_s"] for r in rounds),
         "jobs_per_s": statistics.median(r["jobs_per_s"] for r in rounds),
+        # How long the submitter took to hand every job over (the peers only).
+        "submit_seconds": statistics.median(r["submit_seconds"] for r in rounds)
+        if all("submit_seconds" in r for r in rounds) else None,
         "tasks_per_s_rounds": [r["tasks_per_s"] for r in rounds],
         "jobs_per_s_rounds": [r["jobs_per_s"] for r in rounds],
     }
@@ -81,6 +84,8 @@ def peer_rows(run_dir, system, label):
         rows[key] = median_row(label(rounds[0]), system, rounds[0]["scenario"], rounds)
         if "concurrency" in rounds[0]:
             rows[key]["concurrency"] = rounds[0]["concurrency"]
+            # The peer's default first (Celery's is one process per core, BullMQ's 1).
+            rows[key]["default"] = rounds[0].get("default_concurrency", rounds[0]["concurrency"] == 1)
     return rows
 
 
@@ -142,7 +147,7 @@ def main():
     celery = peer_rows(run_dir, "celery", lambda r: {
         "chord": f"Celery chord of {r['tasks']:,}",
         "chords": f"Celery {r['jobs']:,} chords × 10",
-    }[r["scenario"]])
+    }[r["scenario"]] + ("" if r.get("default_concurrency", True) else f", c={r['concurrency']}"))
     bullmq = peer_rows(run_dir, "bullmq", lambda r: {
         "flow": f"BullMQ flow of {r['tasks']:,}, c={r['concurrency']}",
         "flows": f"BullMQ {r['jobs']:,} flows × 10, c={r['concurrency']}",
@@ -153,7 +158,7 @@ def main():
         rows = [taskmill[scenario]] if scenario in taskmill else []
         peer = [r for group in peers for r in group.values() if r["scenario"] in SCENARIOS[scenario]]
         order = {"celery": 0, "bullmq": 1}
-        return rows + sorted(peer, key=lambda r: (order[r["system"]], r.get("concurrency", 0)))
+        return rows + sorted(peer, key=lambda r: (order[r["system"]], not r.get("default", True), r.get("concurrency", 0)))
 
     one_job = rows_of("S1", celery, bullmq)
     many = rows_of("S3", celery, bullmq)
@@ -185,6 +190,8 @@ def main():
     print(f"taskmill and its peers: medians of {rounds} round(s); {machine['cores']} cores shared by "
           "the broker, the databases, the workers and the submitters (load average now "
           f"{machine['load_average']:.1f})")
+    if autovacuum is not None:
+        print(f"PostgreSQL autovacuum: {'on' if autovacuum else 'off'}")
     if broker:
         print(f"broker baseline (taskmill bench): {broker:,.0f} persistent msg/s")
     print()

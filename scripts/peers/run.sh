@@ -3,7 +3,11 @@
 # BullMQ, on this machine, against the local RabbitMQ and PostgreSQL.
 #
 #   scripts/peers/run.sh [--tasks N] [--jobs N] [--rounds R] [--bullmq-concurrency 1,32]
-#                        [--only taskmill,celery,bullmq] [--json]
+#                        [--celery-concurrency default[,C...]] [--only taskmill,celery,bullmq]
+#                        [--json]
+#
+# Progress goes to stderr, the table to stdout; with --json, the table goes to stderr and
+# the medians, every round's rates, the versions and the machine go to stdout as JSON.
 #
 # The work (N = --tasks, 10,000; J = --jobs, 1,000):
 #   one job   taskmill S1: one job of N echo tasks; Celery: a chord of N no-op tasks with a
@@ -14,7 +18,7 @@
 #             submitted at once, timed until every job has ended.
 # Each round runs `taskmill bench --only S1,S3 --json` (fresh `taskmill worker`, its
 # defaults), then Celery (a fresh `celery worker` per measurement at its defaults: the
-# prefork pool, one process per core), then BullMQ (a fresh worker process per
+# prefork pool, one process per core; --celery-concurrency adds rows), then BullMQ (a fresh worker process per
 # measurement, at each --bullmq-concurrency; BullMQ's default is 1). The table gives the
 # median of --rounds rounds (3) and "taskmill is X×": taskmill's rate over the peer's.
 #
@@ -56,6 +60,7 @@ TASKS=10000
 JOBS=1000
 ROUNDS=3
 BULLMQ_CONCURRENCY=1,32
+CELERY_CONCURRENCY=default
 ONLY=taskmill,celery,bullmq
 JSON=0
 RABBIT_API=${RABBIT_API:-http://127.0.0.1:15672/api}
@@ -69,6 +74,7 @@ while (($#)); do
     --jobs) JOBS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --bullmq-concurrency) BULLMQ_CONCURRENCY=$2; shift 2 ;;
+    --celery-concurrency) CELERY_CONCURRENCY=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --json) JSON=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -236,6 +242,7 @@ fi
 # --- The rounds --------------------------------------------------------------------------
 
 IFS=, read -r -a CONCURRENCIES <<<"$BULLMQ_CONCURRENCY"
+IFS=, read -r -a CELERY_CONCURRENCIES <<<"$CELERY_CONCURRENCY"
 summary() { "$PYTHON" "$HERE/report.py" --summary "$1"; }
 
 log "taskmill and its peers: --tasks $TASKS, --jobs $JOBS, $ROUNDS round(s), $(nproc) cores, run dir $RUN_DIR"
@@ -251,12 +258,16 @@ for round in $(seq "$ROUNDS"); do
         log "  $(summary "$RUN_DIR/taskmill-$round.json")"
     fi
     if wanted celery; then
-        for scenario in chord chords; do
-            log "round $round: Celery $scenario…"
-            out="$RUN_DIR/celery-$scenario-$round.json"
-            run_child "$out" "celery-$scenario-$round" \
-                "$HERE/.venv/bin/python" "$HERE/celery_bench.py" "$scenario" --tasks "$TASKS" --jobs "$JOBS"
-            log "  $(summary "$out")"
+        for concurrency in "${CELERY_CONCURRENCIES[@]}"; do
+            for scenario in chord chords; do
+                log "round $round: Celery $scenario, concurrency $concurrency…"
+                out="$RUN_DIR/celery-$scenario-c$concurrency-$round.json"
+                args=(--tasks "$TASKS" --jobs "$JOBS")
+                [[ $concurrency == default ]] || args+=(--concurrency "$concurrency")
+                run_child "$out" "celery-$scenario-c$concurrency-$round" \
+                    "$HERE/.venv/bin/python" "$HERE/celery_bench.py" "$scenario" "${args[@]}"
+                log "  $(summary "$out")"
+            done
         done
     fi
     if wanted bullmq; then
@@ -278,6 +289,8 @@ log "measured in $((SECONDS - started)) s"
 echo >&2
 
 if ((JSON)); then
+    # The table still shows, on stderr.
+    "$PYTHON" "$HERE/report.py" "$RUN_DIR" >&2
     "$PYTHON" "$HERE/report.py" "$RUN_DIR" --json
 else
     "$PYTHON" "$HERE/report.py" "$RUN_DIR"
