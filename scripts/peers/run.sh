@@ -4,8 +4,9 @@
 #
 #   scripts/peers/run.sh [--tasks N] [--jobs N] [--rounds R] [--bullmq-concurrency 1,32]
 #                        [--celery-concurrency default[,C...]] [--only taskmill,celery,bullmq]
-#                        [--json]
+#                        [--timeout SECONDS] [--json]
 #
+# --timeout (900) bounds each measurement: one that has not ended by then fails the run.
 # Progress goes to stderr, the table to stdout; with --json, the table goes to stderr and
 # the medians, every round's rates, the versions and the machine go to stdout as JSON.
 #
@@ -48,9 +49,12 @@
 # scripts/peers/.venv, BullMQ (package-lock.json) with `npm ci` in scripts/peers/node_modules,
 # and builds taskmill with `cargo build --release` (TASKMILL_BIN names another binary).
 # It creates, and removes on exit or interruption: a RabbitMQ vhost of its own (for
-# taskmill and Celery, through the management API on 15672), a PostgreSQL database for
-# Celery's results (taskmill bench makes and drops its own), and a Redis server with AOF on
-# a free port in a temporary directory (the machine's own Redis on 6379 has no persistence).
+# taskmill and Celery, through the management API on 15672); a PostgreSQL role of its own
+# (login, createdb) that owns a database for Celery's results and that `taskmill bench`
+# connects as (DATABASE_URL=postgres://ROLE@127.0.0.1/postgres: the scratch database the
+# bench makes is the role's, so one the bench had no time to drop goes too); and a Redis
+# server with AOF on a free port in a temporary directory (the machine's own Redis on 6379
+# has no persistence).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -61,6 +65,7 @@ JOBS=1000
 ROUNDS=3
 BULLMQ_CONCURRENCY=1,32
 CELERY_CONCURRENCY=default
+TIMEOUT=900
 ONLY=taskmill,celery,bullmq
 JSON=0
 RABBIT_API=${RABBIT_API:-http://127.0.0.1:15672/api}
@@ -76,12 +81,13 @@ while (($#)); do
     --bullmq-concurrency) BULLMQ_CONCURRENCY=$2; shift 2 ;;
     --celery-concurrency) CELERY_CONCURRENCY=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
     --json) JSON=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-for n in "$TASKS" "$JOBS" "$ROUNDS"; do
+for n in "$TASKS" "$JOBS" "$ROUNDS" "$TIMEOUT"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "not a positive number: $n" >&2; exit 2; }
 done
 wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -92,6 +98,7 @@ log() { printf '%s\n' "$*" >&2; }
 
 RUN_ID="$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 VHOST="peers-$RUN_ID"
+PG_ROLE="peers_$RUN_ID"
 CELERY_DB="peers_$RUN_ID"
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/taskmill-peers.XXXXXX")"
 mkdir -p "$RUN_DIR/pids" "$RUN_DIR/redis"
@@ -99,7 +106,7 @@ CHILD=""        # the measurement running now
 CHILD_GROUP=0   # 1 when it leads a process group of its own (taskmill bench)
 REDIS_PID=""
 VHOST_MADE=0
-DB_MADE=0
+ROLE_MADE=0
 
 api() { # api METHOD PATH [JSON]
     curl -sf -u guest:guest -X "$1" -H 'content-type: application/json' \
@@ -107,22 +114,28 @@ api() { # api METHOD PATH [JSON]
 }
 psql_admin() { psql -h "$PG_HOST" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAtc "$1"; }
 
+# stop_child: ends the measurement under way, if any.
+stop_child() {
+    [[ -n $CHILD ]] && kill -0 "$CHILD" 2>/dev/null || return 0
+    if ((CHILD_GROUP)); then
+        # taskmill bench does not stop on its first signal: end it and its workers.
+        kill -KILL -- "-$CHILD" 2>/dev/null || true
+    else
+        # The drivers stop their worker on SIGTERM.
+        kill -TERM "$CHILD" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$CHILD" 2>/dev/null || true
+    fi
+    wait "$CHILD" 2>/dev/null || true
+}
+
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
     if [[ -n $CHILD ]] && kill -0 "$CHILD" 2>/dev/null; then
         log "stopping the measurement under way…"
-        if ((CHILD_GROUP)); then
-            # taskmill bench does not stop on its first signal: end it and its workers.
-            kill -KILL -- "-$CHILD" 2>/dev/null
-        else
-            # The drivers stop their worker on SIGTERM.
-            kill -TERM "$CHILD" 2>/dev/null
-            for _ in $(seq 100); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.2; done
-            kill -KILL "$CHILD" 2>/dev/null
-        fi
-        wait "$CHILD" 2>/dev/null
+        stop_child
     fi
     # Workers a driver started and did not stop (each leads its own process group).
     local pid_file
@@ -134,18 +147,15 @@ cleanup() {
         wait "$REDIS_PID" 2>/dev/null
     fi
     if ((VHOST_MADE)); then
-        # A taskmill bench stopped half-way leaves its scratch database, named after the
-        # prefix of its queues in this vhost.
-        local bench
-        for bench in $(api GET "queues/$VHOST?columns=name" 2>/dev/null |
-            grep -o '"bench-[0-9a-f]\{8\}\.' | sed 's/"bench-\(.*\)\./\1/' | sort -u); do
-            psql_admin "DROP DATABASE IF EXISTS taskmill_bench_$bench WITH (FORCE)"
-        done
         api DELETE "vhosts/$VHOST" >/dev/null || log "could not delete vhost $VHOST"
     fi
-    if ((DB_MADE)); then
-        psql_admin "DROP DATABASE IF EXISTS $CELERY_DB WITH (FORCE)" ||
-            log "could not drop database $CELERY_DB"
+    if ((ROLE_MADE)); then
+        # Celery's database and whatever taskmill bench made and had no time to drop.
+        local database
+        for database in $(psql_admin "SELECT datname FROM pg_database WHERE datdba = '$PG_ROLE'::regrole"); do
+            psql_admin "DROP DATABASE IF EXISTS $database WITH (FORCE)" || log "could not drop database $database"
+        done
+        psql_admin "DROP ROLE IF EXISTS $PG_ROLE" || log "could not drop role $PG_ROLE"
     fi
     if ((status != 0)) && [[ -n ${KEEP_LOGS:-} ]]; then
         log "logs kept in $RUN_DIR"
@@ -159,14 +169,24 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # run_child OUT NAME CMD...: runs one measurement in the background (so that a signal
-# reaches the trap at once), its stdout to OUT, its stderr to NAME.log in the run dir.
+# reaches the trap at once), its stdout to OUT, its stderr to NAME.log in the run dir;
+# one that has not ended after --timeout seconds is stopped and fails the run (taskmill
+# bench, for one, waits 15 minutes for job events that a broker restart lost).
 run_child() {
-    local out=$1 name=$2
+    local out=$1 name=$2 deadline=$((SECONDS + TIMEOUT)) status=0
     shift 2
     "$@" >"$out" 2>"$RUN_DIR/$name.log" &
     CHILD=$!
-    if ! wait "$CHILD"; then
-        CHILD=""
+    while kill -0 "$CHILD" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+    if kill -0 "$CHILD" 2>/dev/null; then
+        log "$name: not done after $TIMEOUT s; stopping it"
+        stop_child
+        status=124
+    else
+        wait "$CHILD" || status=$?
+    fi
+    CHILD=""
+    if ((status != 0)); then
         log "$name failed:"
         tail -n 20 "$RUN_DIR/$name.log" >&2
         for worker_log in "$RUN_DIR"/*worker*.log; do
@@ -174,7 +194,6 @@ run_child() {
         done
         return 1
     fi
-    CHILD=""
 }
 
 # --- What it needs -----------------------------------------------------------------------
@@ -221,9 +240,13 @@ api PUT "permissions/$VHOST/guest" '{"configure":".*","write":".*","read":".*"}'
 export AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$VHOST"
 export PEERS_RUN_DIR="$RUN_DIR" PEERS_VHOST="$VHOST" PEERS_RABBIT_API="$RABBIT_API"
 
+# A PostgreSQL role of this run's own: taskmill bench connects as it, so the scratch
+# database it makes is this role's, and so is Celery's: the clean-up drops every
+# database the role owns, and no other.
+psql_admin "CREATE ROLE $PG_ROLE LOGIN CREATEDB"
+ROLE_MADE=1
 if wanted celery; then
-    psql_admin "CREATE DATABASE $CELERY_DB"
-    DB_MADE=1
+    psql_admin "CREATE DATABASE $CELERY_DB OWNER $PG_ROLE"
     export PEERS_CELERY_BROKER="$AMQP_URL"
     export PEERS_CELERY_BACKEND="db+postgresql+psycopg2://postgres@$PG_HOST:5432/$CELERY_DB"
     export PEERS_CELERY_DSN="host=$PG_HOST user=postgres dbname=$CELERY_DB"
@@ -251,7 +274,7 @@ for round in $(seq "$ROUNDS"); do
     if wanted taskmill; then
         log "round $round: taskmill bench --only S1,S3…"
         CHILD_GROUP=1
-        DATABASE_URL="postgres://postgres@$PG_HOST/postgres" RUST_LOG=warn \
+        DATABASE_URL="postgres://$PG_ROLE@$PG_HOST/postgres" RUST_LOG=warn \
             run_child "$RUN_DIR/taskmill-$round.json" "taskmill-$round" \
             setsid "$TASKMILL_BIN" bench --only S1,S3 --json --tasks "$TASKS" --jobs "$JOBS"
         CHILD_GROUP=0
