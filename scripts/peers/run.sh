@@ -6,7 +6,8 @@
 #                        [--celery-concurrency default[,C...]] [--only taskmill,celery,bullmq]
 #                        [--timeout SECONDS] [--json]
 #
-# --timeout (900) bounds each measurement: one that has not ended by then fails the run.
+# --timeout (900) bounds each measurement: one that has not ended by then fails the run
+# (KEEP_LOGS=1 keeps a failed run's directory of logs).
 # Progress goes to stderr, the table to stdout; with --json, the table goes to stderr and
 # the medians, every round's rates, the versions and the machine go to stdout as JSON.
 #
@@ -19,9 +20,10 @@
 #             submitted at once, timed until every job has ended.
 # Each round runs `taskmill bench --only S1,S3 --json` (fresh `taskmill worker`, its
 # defaults), then Celery (a fresh `celery worker` per measurement at its defaults: the
-# prefork pool, one process per core; --celery-concurrency adds rows), then BullMQ (a fresh worker process per
-# measurement, at each --bullmq-concurrency; BullMQ's default is 1). The table gives the
-# median of --rounds rounds (3) and "taskmill is X×": taskmill's rate over the peer's.
+# prefork pool, one process per core; --celery-concurrency adds rows), then BullMQ (a
+# fresh worker process per measurement, at each --bullmq-concurrency; BullMQ's default
+# is 1). The table gives the median of --rounds rounds (3) and "taskmill is X×":
+# taskmill's rate over the peer's.
 #
 # What each one guarantees, as run here:
 #   taskmill  Durable: task messages are persistent on durable queues and published with
