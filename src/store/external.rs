@@ -18,7 +18,7 @@ use sea_orm::{
 use super::error::StoreError;
 use super::handle::Store;
 use super::rows::{TaskOutcome, Transition};
-use super::tasks::{finish_in, lock_running_jobs};
+use super::tasks::{finish_in, lock_live_jobs};
 use crate::state::TaskStatus;
 use entity::{job, task};
 
@@ -261,7 +261,7 @@ impl Store {
                     // them, so that a cancel racing this write queues up instead of
                     // deadlocking.
                     if !job_ids.is_empty() {
-                        lock_running_jobs(txn, &job_ids).await?;
+                        lock_live_jobs(txn, &job_ids).await?;
                     }
                     let now = Utc::now();
                     let mut ended = Vec::new();

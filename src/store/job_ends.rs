@@ -6,21 +6,21 @@
 //! arrive: cost is O(events), never O(tasks) per event. The full aggregate over the
 //! job's tasks runs once, when the job ends, and sets the final counts exactly.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction,
+    EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use super::error::StoreError;
 use super::handle::Store;
 use super::outbox::EVENT_CLAIM;
-use super::pg_batch::one_of;
+use super::pg_batch::{self, one_of};
 use super::results::{result_for_event, results_for_event};
 use super::rows::{Checked, PhaseChange};
 use super::stages::{self, Advanced};
@@ -271,12 +271,14 @@ async fn end_locked<C: ConnectionTrait>(
     }
     let ids: Vec<String> = ending.iter().map(|(job, _)| job.id.clone()).collect();
     let mut counts = count_by_job_and_status(txn, &ids).await?;
-    let mut ended = Vec::with_capacity(ending.len());
-    for (job, end) in ending {
-        let counts = counts.remove(&job.id).unwrap_or_default();
-        ended.push(finish_job(txn, &job, end, counts).await?);
-    }
-    Ok(ended)
+    let ending = ending
+        .into_iter()
+        .map(|(job, end)| {
+            let counts = counts.remove(&job.id).unwrap_or_default();
+            (job, end, counts)
+        })
+        .collect();
+    finish_jobs(txn, ending).await
 }
 
 /// Ends the job if it is running and its counters say it is over, or moves it to its
@@ -547,92 +549,57 @@ async fn finish_job<C: ConnectionTrait>(
     end: Ending,
     counts: BTreeMap<String, i64>,
 ) -> Result<job_event::Model, StoreError> {
-    let Ending {
-        from,
-        to,
-        first_error,
-        result,
-    } = end;
+    let mut events = finish_jobs(txn, vec![(job.clone(), end, counts)]).await?;
+    events
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+}
+
+/// [`finish_job`] for many jobs, locked and cancelled as their endings say: each
+/// job's event made, then one statement moves them all (on PostgreSQL, when they leave
+/// one stage) and one writes their outbox rows. Returns the events in `ending`'s order.
+async fn finish_jobs<C: ConnectionTrait>(
+    txn: &C,
+    ending: Vec<(job::Model, Ending, BTreeMap<String, i64>)>,
+) -> Result<Vec<job_event::Model>, StoreError> {
     let now = Utc::now();
-    let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
-    let failed_task_ids: Vec<i64> = if count_of(TaskStatus::Failed) == 0 {
-        Vec::new()
-    } else {
-        task::Entity::find()
-            .select_only()
-            .column(task::Column::Id)
-            .filter(task::Column::JobId.eq(job.id.as_str()))
-            .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
-            .order_by_asc(task::Column::Id)
-            .limit(FAILED_IDS_IN_EVENT)
-            .into_tuple()
-            .all(txn)
+    let mut ends = Vec::with_capacity(ending.len());
+    for (job, end, counts) in ending {
+        ends.push(JobEnd::make(txn, job, end, &counts, now).await?);
+    }
+    let backend = txn.get_database_backend();
+    let one_stage = ends.windows(2).all(|pair| pair[0].from == pair[1].from);
+    let moved: usize = if backend == DatabaseBackend::Postgres && one_stage && ends.len() > 1 {
+        let rows: Vec<pg_batch::EndRow> = ends.iter().map(JobEnd::row).collect();
+        let from = ends[0].from.as_str();
+        txn.query_all_raw(pg_batch::end_jobs(&rows, from, now))
             .await?
+            .len()
+    } else {
+        let mut moved = 0;
+        for end in &ends {
+            moved += end.update(now).exec(txn).await?.rows_affected as usize;
+        }
+        moved
     };
-    let ended = job::Entity::update_many()
-        .col_expr(job::Column::Stage, Expr::value(to.as_str()))
-        .col_expr(
-            job::Column::DoneCount,
-            Expr::value(count_of(TaskStatus::Done)),
-        )
-        .col_expr(
-            job::Column::FailedCount,
-            Expr::value(count_of(TaskStatus::Failed)),
-        )
-        .col_expr(
-            job::Column::CancelledCount,
-            Expr::value(count_of(TaskStatus::Cancelled)),
-        )
-        .col_expr(job::Column::FirstError, Expr::value(first_error.clone()))
-        .col_expr(job::Column::Result, Expr::value(result.clone()))
-        .col_expr(job::Column::FinishedAt, Expr::value(now))
-        .col_expr(job::Column::UpdatedAt, Expr::value(now))
-        .filter(job::Column::Id.eq(job.id.as_str()))
-        .filter(job::Column::Stage.eq(from.as_str()))
-        .exec(txn)
-        .await?;
-    if ended.rows_affected != 1 {
+    if moved != ends.len() {
         return Err(StoreError::Corrupt(format!(
-            "job {} left {from} while its row was locked",
-            job.id
+            "{} of {} jobs left their stage while their rows were locked",
+            ends.len() - moved,
+            ends.len()
         )));
     }
-    let finished = count_of(TaskStatus::Done) + count_of(TaskStatus::Failed);
-    let (results, results_withheld) = results_for_event(txn, job, finished).await?;
-    let (result, result_withheld) = result_for_event(&job.id, result);
-    let event = JobEvent {
-        version: SCHEMA_VERSION,
-        event: to.event_kind().to_owned(),
-        job_id: job.id.clone(),
-        job_type: job.job_type.clone(),
-        run: job.run,
-        stage: to.as_str().to_owned(),
-        task_count: job.task_count,
-        done: count_of(TaskStatus::Done),
-        failed: count_of(TaskStatus::Failed),
-        cancelled: count_of(TaskStatus::Cancelled),
-        first_error,
-        failed_task_ids,
-        created_at: job.created_at,
-        started_at: job.started_at,
-        finished_at: Some(now),
-        results,
-        results_withheld,
-        phase: None,
-        result,
-        result_withheld,
-    };
-    let row = job_event::ActiveModel {
-        job_id: Set(job.id.clone()),
-        kind: Set(event.event.clone()),
-        body: Set(serde_json::to_value(&event).expect("an event serializes")),
-        on_complete: Set(job.on_complete.clone()),
+    let rows = ends.iter().map(|end| job_event::ActiveModel {
+        job_id: Set(end.job.id.clone()),
+        kind: Set(end.event.event.clone()),
+        body: Set(serde_json::to_value(&end.event).expect("an event serializes")),
+        on_complete: Set(end.job.on_complete.clone()),
         claimed_until: Set(Some(crate::clock::after(now, EVENT_CLAIM))),
         published_at: Set(None),
         created_at: Set(now),
         ..Default::default()
-    };
-    let inserted = job_event::Entity::insert(row)
+    });
+    let inserted = job_event::Entity::insert_many(rows)
         .on_conflict(
             OnConflict::column(job_event::Column::JobId)
                 .do_nothing()
@@ -640,17 +607,145 @@ async fn finish_job<C: ConnectionTrait>(
         )
         .exec_with_returning(txn)
         .await;
-    match inserted {
-        Ok(event) => Ok(event),
-        // The event of a job that ended before (and was restored, say) stands.
+    let mut by_job: HashMap<String, job_event::Model> = match inserted {
+        Ok(events) => events.into_iter().map(|e| (e.job_id.clone(), e)).collect(),
         Err(sea_orm::DbErr::RecordNotInserted | sea_orm::DbErr::RecordNotFound(_)) => {
-            job_event::Entity::find()
-                .filter(job_event::Column::JobId.eq(job.id.as_str()))
+            HashMap::new()
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let mut events = Vec::with_capacity(ends.len());
+    for end in &ends {
+        let event = match by_job.remove(&end.job.id) {
+            Some(event) => event,
+            // The event of a job that ended before (and was restored, say) stands.
+            None => job_event::Entity::find()
+                .filter(job_event::Column::JobId.eq(end.job.id.as_str()))
                 .one(txn)
                 .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("event of job {} vanished", job.id)))
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("event of job {} vanished", end.job.id))
+                })?,
+        };
+        events.push(event);
+    }
+    Ok(events)
+}
+
+/// One job's end as [`finish_jobs`] writes it.
+struct JobEnd {
+    job: job::Model,
+    from: JobStage,
+    to: JobStage,
+    done: i64,
+    failed: i64,
+    cancelled: i64,
+    first_error: Option<String>,
+    result: Option<Value>,
+    event: JobEvent,
+}
+
+impl JobEnd {
+    /// The job's final counts from `counts` (its tasks by status), and its event.
+    async fn make<C: ConnectionTrait>(
+        txn: &C,
+        job: job::Model,
+        end: Ending,
+        counts: &BTreeMap<String, i64>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Self, StoreError> {
+        let Ending {
+            from,
+            to,
+            first_error,
+            result,
+        } = end;
+        let count_of = |status: TaskStatus| counts.get(status.as_str()).copied().unwrap_or(0);
+        let (done, failed, cancelled) = (
+            count_of(TaskStatus::Done),
+            count_of(TaskStatus::Failed),
+            count_of(TaskStatus::Cancelled),
+        );
+        let failed_task_ids: Vec<i64> = if failed == 0 {
+            Vec::new()
+        } else {
+            task::Entity::find()
+                .select_only()
+                .column(task::Column::Id)
+                .filter(task::Column::JobId.eq(job.id.as_str()))
+                .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
+                .order_by_asc(task::Column::Id)
+                .limit(FAILED_IDS_IN_EVENT)
+                .into_tuple()
+                .all(txn)
+                .await?
+        };
+        let (results, results_withheld) = results_for_event(txn, &job, done + failed).await?;
+        let (event_result, result_withheld) = result_for_event(&job.id, result.clone());
+        let event = JobEvent {
+            version: SCHEMA_VERSION,
+            event: to.event_kind().to_owned(),
+            job_id: job.id.clone(),
+            job_type: job.job_type.clone(),
+            run: job.run,
+            stage: to.as_str().to_owned(),
+            task_count: job.task_count,
+            done,
+            failed,
+            cancelled,
+            first_error: first_error.clone(),
+            failed_task_ids,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: Some(now),
+            results,
+            results_withheld,
+            phase: None,
+            result: event_result,
+            result_withheld,
+        };
+        Ok(Self {
+            job,
+            from,
+            to,
+            done,
+            failed,
+            cancelled,
+            first_error,
+            result,
+            event,
+        })
+    }
+
+    /// This end as the batch statement's row.
+    fn row(&self) -> pg_batch::EndRow<'_> {
+        pg_batch::EndRow {
+            id: &self.job.id,
+            to: self.to.as_str(),
+            done: self.done,
+            failed: self.failed,
+            cancelled: self.cancelled,
+            first_error: self.first_error.as_deref(),
+            result: self.result.as_ref(),
         }
-        Err(err) => Err(err.into()),
+    }
+
+    /// The compare-and-set of this job's stage, with its final counts.
+    fn update(&self, now: chrono::DateTime<Utc>) -> sea_orm::UpdateMany<job::Entity> {
+        job::Entity::update_many()
+            .col_expr(job::Column::Stage, Expr::value(self.to.as_str()))
+            .col_expr(job::Column::DoneCount, Expr::value(self.done))
+            .col_expr(job::Column::FailedCount, Expr::value(self.failed))
+            .col_expr(job::Column::CancelledCount, Expr::value(self.cancelled))
+            .col_expr(
+                job::Column::FirstError,
+                Expr::value(self.first_error.clone()),
+            )
+            .col_expr(job::Column::Result, Expr::value(self.result.clone()))
+            .col_expr(job::Column::FinishedAt, Expr::value(now))
+            .col_expr(job::Column::UpdatedAt, Expr::value(now))
+            .filter(job::Column::Id.eq(self.job.id.as_str()))
+            .filter(job::Column::Stage.eq(self.from.as_str()))
     }
 }
 

@@ -60,6 +60,107 @@ pub(super) fn insert_tasks(jobs: &[(&str, &[NewTask])], now: DateTime<Utc>) -> S
     )
 }
 
+/// Adds each job's tally of terminal outcomes, `(job id, done, failed, first error)`,
+/// to its counters, for the jobs that are forming or running, in one statement; a
+/// first error is kept only where the job has none yet. Returns the jobs' rows as
+/// changed.
+pub(super) fn count_into_jobs(tallies: &[(&str, i64, i64, Option<&str>)]) -> Statement {
+    const SQL: &str = r#"
+        UPDATE jobs AS j SET
+            done_count = j.done_count + c.done,
+            failed_count = j.failed_count + c.failed,
+            first_error = CASE WHEN c.has_error THEN COALESCE(j.first_error, c.first_error)
+                               ELSE j.first_error END
+        FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bool[], $5::text[])
+            AS c(id, done, failed, has_error, first_error)
+        WHERE j.id = c.id AND j.stage IN ('formation', 'running')
+        RETURNING j.*"#;
+    let ids: Vec<String> = tallies.iter().map(|t| t.0.to_owned()).collect();
+    let done: Vec<i64> = tallies.iter().map(|t| t.1).collect();
+    let failed: Vec<i64> = tallies.iter().map(|t| t.2).collect();
+    // Arrays cannot hold SQL NULLs here: `has_error` says which filler to ignore.
+    let has_error: Vec<bool> = tallies.iter().map(|t| t.3.is_some()).collect();
+    let errors: Vec<String> = tallies
+        .iter()
+        .map(|t| t.3.unwrap_or_default().to_owned())
+        .collect();
+    Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        SQL,
+        [
+            ids.into(),
+            done.into(),
+            failed.into(),
+            has_error.into(),
+            errors.into(),
+        ],
+    )
+}
+
+/// How one job ends, as [`end_jobs`] writes it.
+pub(super) struct EndRow<'a> {
+    pub id: &'a str,
+    pub to: &'a str,
+    pub done: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub first_error: Option<&'a str>,
+    pub result: Option<&'a serde_json::Value>,
+}
+
+/// Ends every job of `ends` that is at stage `from` with its final counts, first error
+/// and result, in one statement (a compare-and-set per job). Returns the ids moved.
+pub(super) fn end_jobs(ends: &[EndRow], from: &str, now: DateTime<Utc>) -> Statement {
+    const SQL: &str = r#"
+        UPDATE jobs AS j SET
+            stage = e.stage,
+            done_count = e.done,
+            failed_count = e.failed,
+            cancelled_count = e.cancelled,
+            first_error = CASE WHEN e.has_error THEN e.first_error END,
+            result = CASE WHEN e.has_result THEN e.result END,
+            finished_at = $1,
+            updated_at = $1
+        FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                    $7::bool[], $8::text[], $9::bool[], $10::jsonb[])
+            AS e(id, stage, done, failed, cancelled, has_error, first_error, has_result, result)
+        WHERE j.id = e.id AND j.stage = $11
+        RETURNING j.id"#;
+    let ids: Vec<String> = ends.iter().map(|e| e.id.to_owned()).collect();
+    let stages: Vec<String> = ends.iter().map(|e| e.to.to_owned()).collect();
+    let done: Vec<i64> = ends.iter().map(|e| e.done).collect();
+    let failed: Vec<i64> = ends.iter().map(|e| e.failed).collect();
+    let cancelled: Vec<i64> = ends.iter().map(|e| e.cancelled).collect();
+    // Arrays cannot hold SQL NULLs here: the flags say which filler to ignore.
+    let has_error: Vec<bool> = ends.iter().map(|e| e.first_error.is_some()).collect();
+    let errors: Vec<String> = ends
+        .iter()
+        .map(|e| e.first_error.unwrap_or_default().to_owned())
+        .collect();
+    let has_result: Vec<bool> = ends.iter().map(|e| e.result.is_some()).collect();
+    let results: Vec<serde_json::Value> = ends
+        .iter()
+        .map(|e| e.result.cloned().unwrap_or(serde_json::Value::Null))
+        .collect();
+    Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        SQL,
+        [
+            now.into(),
+            ids.into(),
+            stages.into(),
+            done.into(),
+            failed.into(),
+            cancelled.into(),
+            has_error.into(),
+            errors.into(),
+            has_result.into(),
+            results.into(),
+            from.into(),
+        ],
+    )
+}
+
 /// Moves each running attempt of the batch to its outcome (`done` + result, or
 /// `failed`/`retrying` + info) in one statement. Returns the ids moved; an attempt no
 /// longer running (a duplicate, a cancelled task, a task a later run reset) is not.

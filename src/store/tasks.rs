@@ -25,8 +25,8 @@ use sea_orm::sea_query::{
     CaseStatement, Expr, ExprTrait, Func, Query, SimpleExpr, UpdateStatement,
 };
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryTrait,
-    Statement,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult,
+    QueryFilter, QueryTrait, Statement,
 };
 
 use super::error::StoreError;
@@ -287,7 +287,7 @@ pub(super) async fn finish_in<C: ConnectionTrait>(
     }
     // Jobs first, in id order, like every transaction that changes a job: transactions
     // on one job queue up instead of deadlocking.
-    lock_running_jobs(txn, &finishing.job_ids).await?;
+    lock_live_jobs(txn, &finishing.job_ids).await?;
     let mut recorded = HashSet::new();
     for statement in &finishing.statements {
         for row in txn.query_all_raw(statement.clone()).await? {
@@ -411,19 +411,32 @@ fn finish_statement(
     update
 }
 
-/// Locks the rows of the jobs among `job_ids` that are running, in one statement.
-pub(super) async fn lock_running_jobs<C: ConnectionTrait>(
+/// Locks the rows of the jobs among `job_ids` that are forming or running (the jobs
+/// whose counters a batch may change), in one statement: in id order, as every
+/// transaction that changes a job takes its lock first, so that the counters' one
+/// UPDATE for the batch cannot take them in another order.
+pub(super) async fn lock_live_jobs<C: ConnectionTrait>(
     txn: &C,
     job_ids: &[String],
 ) -> Result<(), StoreError> {
+    // A forming job keeps its `updated_at`: its formation is quiet while no part
+    // arrives, whatever its first tasks do meanwhile (the sweeper's formation timeout).
+    let touched = CaseStatement::new()
+        .case(
+            job::Column::Stage.eq(JobStage::Running.as_str()),
+            Expr::value(Utc::now()),
+        )
+        .finally(Expr::col(job::Column::UpdatedAt));
     job::Entity::update_many()
-        .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+        .col_expr(job::Column::UpdatedAt, touched.into())
         .filter(one_of(
             txn.get_database_backend(),
             job::Column::Id,
             job_ids.to_vec(),
         ))
-        .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+        .filter(
+            job::Column::Stage.is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
+        )
         .exec(txn)
         .await?;
     Ok(())
@@ -437,11 +450,31 @@ async fn count_into_jobs<C: ConnectionTrait>(
     transitions: &[Transition],
     recorded: &HashSet<i64>,
 ) -> Result<Vec<job::Model>, StoreError> {
+    let tallies: Vec<(&str, Tally)> = tally(transitions, recorded)
+        .into_iter()
+        .filter(|(_, tally)| tally.done + tally.failed > 0)
+        .collect();
+    if tallies.is_empty() {
+        return Ok(Vec::new());
+    }
+    if txn.get_database_backend() == DatabaseBackend::Postgres {
+        let rows: Vec<(&str, i64, i64, Option<&str>)> = tallies
+            .iter()
+            .map(|(job_id, tally)| {
+                let first_error = tally.first_error.map(|(_, info)| info);
+                (*job_id, tally.done, tally.failed, first_error)
+            })
+            .collect();
+        let changed = txn
+            .query_all_raw(pg_batch::count_into_jobs(&rows))
+            .await?
+            .iter()
+            .map(|row| job::Model::from_query_result(row, ""))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(changed);
+    }
     let mut counted = Vec::new();
-    for (job_id, tally) in tally(transitions, recorded) {
-        if tally.done + tally.failed == 0 {
-            continue;
-        }
+    for (job_id, tally) in tallies {
         let mut update = job::Entity::update_many()
             .col_expr(
                 job::Column::DoneCount,
