@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use taskmill::amqp::topology::DELAY_LEVELS;
+use taskmill::amqp::topology::DELAY_QUEUES;
 use taskmill::{builtin, JobRequest};
 
 use common::{Backend, FreezableProxy, TestEnv};
@@ -474,13 +474,12 @@ async fn the_ladder_waits_exactly() {
     let waits: [u64; 10] = [1, 2, 7, 100, 333, 1000, 1023, 2500, 4097, 5000];
     let send = |publisher: &taskmill::amqp::broker::Publisher, delay: u64, body: String| {
         let publisher = publisher.clone();
-        let entry = topology.delay_entry(delay);
+        let route = topology.delay_route(delay, "ladder");
         async move {
-            let key = taskmill::amqp::topology::Topology::delay_routing_key(delay, "ladder");
             publisher
                 .publish(taskmill::amqp::broker::Outgoing {
-                    exchange: &entry,
-                    routing_key: &key,
+                    exchange: &route.exchange,
+                    routing_key: &route.routing_key,
                     body: body.as_bytes(),
                     mandatory: true,
                     headers: None,
@@ -703,12 +702,9 @@ async fn a_deleted_delay_queue_is_declared_again(backend: Backend) {
     assert_still_serving(&env, &client, "before-delete").await;
     let connection = env.connection().await;
     let channel = connection.create_channel().await.unwrap();
-    for level in 0..DELAY_LEVELS {
+    for queue in env.topology().delay_queues() {
         channel
-            .queue_delete(
-                env.topology().delay_level(level).as_str().into(),
-                Default::default(),
-            )
+            .queue_delete(queue.as_str().into(), Default::default())
             .await
             .unwrap();
     }
@@ -990,7 +986,7 @@ async fn assert_queue_bound(env: &TestEnv) {
             fixed.push(name);
         }
     }
-    let bound = 3 + DELAY_LEVELS as usize;
+    let bound = 3 + DELAY_QUEUES;
     assert!(
         fixed.len() <= bound,
         "{} queues, more than the bound of {bound}: {fixed:?}",

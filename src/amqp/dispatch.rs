@@ -94,12 +94,11 @@ pub async fn send_retry(
         .declare_delay_ladder(&publisher.channel().await?)
         .await?;
     let body = message.next_attempt().to_body();
-    let entry = topology.delay_entry(delay_ms);
-    let routing_key = Topology::delay_routing_key(delay_ms, pool);
+    let route = topology.delay_route(delay_ms, pool);
     Ok(publisher
         .send(Outgoing {
-            exchange: &entry,
-            routing_key: &routing_key,
+            exchange: &route.exchange,
+            routing_key: &route.routing_key,
             body: &body,
             mandatory: true,
             headers: stamped(),

@@ -7,7 +7,8 @@
 //! | `{p}.jobs` | topic exchange | job requests, routing key = job type |
 //! | `{p}.intake` | queue, bound to `{p}.jobs` with `#` | job requests |
 //! | `{p}.work.{pool}` | queue, bound to `{p}.delay.deliver` | task messages of one worker pool |
-//! | `{p}.delay.level.{k}` (k = 00..31) | topic exchange and queue, TTL 2^k ms | retries waiting: the delay ladder |
+//! | `{p}.delay.{k}` (k = 0..9) | topic exchange | retries to wait at level k or below: the delay ladder |
+//! | `{p}.delay.{k}.{d}` (d = 1..9, 85 in all) | queue, TTL d × 10^k ms | retries waiting |
 //! | `{p}.delay.deliver` | topic exchange | retries whose wait is over, to their pool's work queue |
 //! | `{p}.completion` | queue | task-finished events |
 //! | `{p}.events` | topic exchange | job events, routing key `job.<outcome>.<job_id>` |
@@ -18,20 +19,26 @@
 //!
 //! **The delay ladder.** A retry waits `attempt × retry_delay_ms`, and producers choose
 //! the delay, so one queue per wait length would let them grow the broker without
-//! limit. Instead a fixed ladder of [`DELAY_LEVELS`] levels serves every wait of every
-//! pool (the delayed delivery of NServiceBus): level k is a topic exchange and a queue
-//! whose messages live 2^k ms. A retry's routing key spells its wait in binary, one word
-//! per level from the highest down, then the pool (`0.….1.0.1.default`). It enters at
-//! the level of its highest 1 digit; each level's exchange sends it to its queue when its digit is 1 (it
-//! waits 2^k ms there, then dead-letters to the level below) or straight to the level
-//! below when the digit is 0; below level 0, `{p}.delay.deliver` routes it to its pool's
-//! work queue. Each level's queue holds messages of one TTL only, so they expire in
-//! arrival order, and the wait is the sum of the powers of its 1 digits: exact, in at
-//! most 32 hops, whatever delays producers choose.
+//! limit. Instead a fixed ladder serves every wait of every pool (the delayed delivery of
+//! NServiceBus, in decimal): one level per decimal digit of the longest wait, and at
+//! level k one queue per nonzero digit d, whose messages live d × 10^k ms. A retry's
+//! routing key spells its wait in decimal, one word per level from the highest down,
+//! then the pool (`0.….5.0.0.0.default` for 5 s); it waits in the queue of each of its
+//! nonzero digits in turn, from the highest. Level k's exchange routes a message straight
+//! to the queue of its highest nonzero digit at level k or below, and that queue
+//! dead-letters it to the exchange of the level below; with no nonzero digit left it goes
+//! to `{p}.delay.deliver`, which routes it to its pool's work queue. Each queue holds
+//! messages of one TTL only, so they expire in arrival order. Every queue a retry
+//! crosses is a persistent write and a dead-lettering, the broker's main cost of a
+//! retry, so a wait is rounded to its [`DELAY_HOPS`] leading nonzero digits: a retry
+//! crosses at most three queues (one for a round wait such as 100 ms or 5 s), waits under
+//! a second and waits of at most three nonzero digits are exact, and the others are off
+//! by less than 0.5%.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use futures::future::try_join_all;
 use lapin::options::{
     BasicConsumeOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -42,10 +49,65 @@ use lapin::{Channel, Consumer, ExchangeKind};
 use crate::config::QueueType;
 use crate::protocol::MAX_DELAY_MS;
 
-/// Levels of the delay ladder, and so its queues: level k holds a message 2^k ms.
-pub const DELAY_LEVELS: u32 = 32;
-// The ladder spells every wait the protocol allows, and no more.
-const _: () = assert!(MAX_DELAY_MS == (1 << DELAY_LEVELS) - 1);
+/// Levels of the delay ladder: the decimal digits of the longest wait.
+pub const DELAY_LEVELS: u32 = 10;
+// The ladder spells every wait the protocol allows, and its top level is used.
+const _: () =
+    assert!(10u64.pow(DELAY_LEVELS - 1) <= MAX_DELAY_MS && MAX_DELAY_MS < 10u64.pow(DELAY_LEVELS));
+
+/// Queues of the delay ladder: digits 1 to 9 at levels 0 to 8, and 1 to 4 at level 9
+/// (4 × 10^9 ms is the largest that fits under [`MAX_DELAY_MS`]).
+pub const DELAY_QUEUES: usize = 85;
+
+/// Queues a retry crosses at most: a wait is rounded to this many leading nonzero
+/// digits.
+pub const DELAY_HOPS: usize = 3;
+
+/// The queues of the delay ladder as (level, digit): each nonzero digit of each level
+/// whose wait fits under [`MAX_DELAY_MS`].
+fn delay_digits() -> impl Iterator<Item = (u32, u64)> {
+    (0..DELAY_LEVELS)
+        .flat_map(|level| (1..10).map(move |digit| (level, digit)))
+        .filter(|&(level, digit)| digit * 10u64.pow(level) <= MAX_DELAY_MS)
+}
+
+/// The decimal digit of `wait` at `level`.
+fn digit_at(wait: u64, level: u32) -> u64 {
+    wait / 10u64.pow(level) % 10
+}
+
+/// The wait the ladder spells for `delay_ms`: at most [`MAX_DELAY_MS`], rounded to its
+/// [`DELAY_HOPS`] leading nonzero decimal digits (to the nearest, or down where up would
+/// pass the longest wait). Rounding never adds a nonzero digit: a carry turns a 9 into
+/// a 0.
+pub fn ladder_wait(delay_ms: u64) -> u64 {
+    let delay_ms = delay_ms.min(MAX_DELAY_MS);
+    let mut nonzero = (0..DELAY_LEVELS)
+        .rev()
+        .filter(|&level| digit_at(delay_ms, level) != 0);
+    let Some(last_kept) = nonzero.nth(DELAY_HOPS - 1) else {
+        return delay_ms;
+    };
+    if nonzero.next().is_none() {
+        return delay_ms;
+    }
+    let unit = 10u64.pow(last_kept);
+    let nearest = (delay_ms + unit / 2) / unit * unit;
+    if nearest <= MAX_DELAY_MS {
+        nearest
+    } else {
+        delay_ms / unit * unit
+    }
+}
+
+/// Where a retry enters the delay ladder, and the routing key that spells its wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelayRoute {
+    /// The exchange of the level of the wait's highest nonzero digit.
+    pub exchange: String,
+    /// The wait's decimal digits, highest level first, then the pool.
+    pub routing_key: String,
+}
 
 /// The names of one deployment's exchanges and queues, all under one prefix, and their
 /// declaration. Clones share what was declared.
@@ -93,18 +155,41 @@ impl Topology {
         format!("{}.work.{pool}", self.prefix)
     }
 
-    /// The exchange and the queue of one level of the delay ladder (one name: the
-    /// broker keeps exchanges and queues apart).
-    pub fn delay_level(&self, level: u32) -> String {
-        format!("{}.delay.level.{level:02}", self.prefix)
+    /// `<prefix>.delay.<level>`: the exchange that routes a waiting message to the
+    /// queue of its highest nonzero digit at `level` or below, or, with none left, to
+    /// the delivery exchange.
+    fn delay_exchange(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.prefix)
     }
 
-    /// Where a message that waits `delay_ms` enters the ladder: the level of its
-    /// highest 1 digit. The levels above would only pass it down, and every exchange a
-    /// message crosses costs the broker a topic match of the whole key.
-    pub fn delay_entry(&self, delay_ms: u64) -> String {
-        let delay_ms = delay_ms.clamp(1, MAX_DELAY_MS);
-        self.delay_level(63 - delay_ms.leading_zeros())
+    /// `<prefix>.delay.<level>.<digit>`: the queue where a message waits
+    /// `digit` × 10^`level` ms.
+    fn delay_queue(&self, level: u32, digit: u64) -> String {
+        format!("{}.delay.{level}.{digit}", self.prefix)
+    }
+
+    /// Every queue of the delay ladder ([`DELAY_QUEUES`] of them).
+    pub fn delay_queues(&self) -> Vec<String> {
+        delay_digits()
+            .map(|(level, digit)| self.delay_queue(level, digit))
+            .collect()
+    }
+
+    /// Where a message that waits `delay_ms` for `pool` is published, and with which
+    /// routing key: the wait is [`ladder_wait`], entering at the level of its highest
+    /// nonzero digit (a wait of 0 goes straight through to the pool).
+    pub fn delay_route(&self, delay_ms: u64, pool: &str) -> DelayRoute {
+        let wait = ladder_wait(delay_ms);
+        let mut routing_key = String::with_capacity(2 * DELAY_LEVELS as usize + pool.len());
+        for level in (0..DELAY_LEVELS).rev() {
+            routing_key.push_str(&digit_at(wait, level).to_string());
+            routing_key.push('.');
+        }
+        routing_key.push_str(pool);
+        DelayRoute {
+            exchange: self.delay_exchange(wait.checked_ilog10().unwrap_or(0)),
+            routing_key,
+        }
     }
 
     /// Where the ladder hands a message whose wait is over to its pool's work queue.
@@ -112,28 +197,14 @@ impl Topology {
         format!("{}.delay.deliver", self.prefix)
     }
 
-    /// The routing key of a message that waits `delay_ms` (at most [`MAX_DELAY_MS`])
-    /// for `pool`: the wait's binary digits, highest level first, then the pool.
-    pub fn delay_routing_key(delay_ms: u64, pool: &str) -> String {
-        let delay_ms = delay_ms.min(MAX_DELAY_MS);
-        let mut key = String::with_capacity(2 * DELAY_LEVELS as usize + pool.len());
-        for level in (0..DELAY_LEVELS).rev() {
-            key.push(if (delay_ms >> level) & 1 == 1 {
-                '1'
-            } else {
-                '0'
-            });
-            key.push('.');
-        }
-        key.push_str(pool);
-        key
-    }
-
-    /// A binding key that skips the digits of the levels above `level` and matches
-    /// `digit` at `level`.
-    fn level_binding(level: u32, digit: char) -> String {
-        let skipped = (DELAY_LEVELS - 1 - level) as usize;
-        format!("{}{digit}.#", "*.".repeat(skipped))
+    /// A binding key on the exchange of level `from`: any digits at the levels above
+    /// it (already waited), `zeros` zero digits from `from` down, then `rest`.
+    fn ladder_binding(from: u32, zeros: u32, rest: &str) -> String {
+        format!(
+            "{}{}{rest}",
+            "*.".repeat((DELAY_LEVELS - 1 - from) as usize),
+            "0.".repeat(zeros as usize)
+        )
     }
 
     /// The binding of a pool's work queue to the delivery exchange: every digit, then
@@ -254,7 +325,7 @@ impl Topology {
             self.completion_queue(),
             self.parking_queue(),
         ];
-        queues.extend((0..DELAY_LEVELS).map(|level| self.delay_level(level)));
+        queues.extend(self.delay_queues());
         queues
     }
 
@@ -265,7 +336,7 @@ impl Topology {
             self.events_exchange(),
             self.delay_deliver_exchange(),
         ];
-        exchanges.extend((0..DELAY_LEVELS).map(|level| self.delay_level(level)));
+        exchanges.extend((0..DELAY_LEVELS).map(|level| self.delay_exchange(level)));
         exchanges
     }
 
@@ -349,30 +420,34 @@ impl Topology {
         ready_in(channel, &self.work_queue(pool)).await
     }
 
-    /// Declares the delay ladder: per level, a topic exchange and a queue whose
-    /// messages live 2^k ms and then dead-letter to the level below. Idempotent; done
-    /// once per connection by each pod that sends retries.
+    /// Declares the delay ladder: per level a topic exchange, and per nonzero digit a
+    /// queue whose messages live digit × 10^level ms and then dead-letter to the
+    /// exchange of the level below. Idempotent; done once per connection by each pod
+    /// that sends retries, its 600-odd declarations pipelined on `channel`.
     pub async fn declare_delay_ladder(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let ladder = format!("{} ladder", self.delay_level(DELAY_LEVELS - 1));
+        let ladder = format!("{} ladder", self.delay_exchange(DELAY_LEVELS - 1));
         if self.is_declared(&ladder) {
             return Ok(());
         }
-        declare_exchange(channel, &self.delay_deliver_exchange()).await?;
-        for level in 0..DELAY_LEVELS {
-            declare_exchange(channel, &self.delay_level(level)).await?;
-        }
-        for level in 0..DELAY_LEVELS {
-            let name = self.delay_level(level);
-            let below = match level {
-                0 => self.delay_deliver_exchange(),
-                _ => self.delay_level(level - 1),
-            };
+        let deliver = self.delay_deliver_exchange();
+        let below = |level: u32| match level {
+            0 => deliver.clone(),
+            _ => self.delay_exchange(level - 1),
+        };
+        let exchanges: Vec<String> = std::iter::once(deliver.clone())
+            .chain((0..DELAY_LEVELS).map(|level| self.delay_exchange(level)))
+            .collect();
+        try_join_all(exchanges.iter().map(|name| declare_exchange(channel, name))).await?;
+        try_join_all(delay_digits().map(|(level, digit)| {
             let mut args = FieldTable::default();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1 << level));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt((digit * 10u64.pow(level)) as i64),
+            );
             // No dead-letter routing key: the message keeps its own (digits and pool).
             args.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(LongString::from(below.as_str())),
+                AMQPValue::LongString(LongString::from(below(level).as_str())),
             );
             if self.queue_type == QueueType::Quorum {
                 // Quorum queues dead-letter at most once unless told otherwise, and
@@ -386,28 +461,58 @@ impl Topology {
                     AMQPValue::LongString(LongString::from("reject-publish")),
                 );
             }
-            self.declare_queue(channel, &name, args).await?;
-            channel
-                .queue_bind(
-                    name.as_str().into(),
-                    name.as_str().into(),
-                    Self::level_binding(level, '1').as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .exchange_bind(
-                    below.as_str().into(),
-                    name.as_str().into(),
-                    Self::level_binding(level, '0').as_str().into(),
-                    ExchangeBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+            let name = self.delay_queue(level, digit);
+            async move { self.declare_queue(channel, &name, args).await }
+        }))
+        .await?;
+        let (to_queues, to_deliver) = self.ladder_bindings();
+        try_join_all(to_queues.iter().map(|binding| {
+            channel.queue_bind(
+                binding.destination.as_str().into(),
+                binding.source.as_str().into(),
+                binding.key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+        }))
+        .await?;
+        try_join_all(to_deliver.iter().map(|binding| {
+            channel.exchange_bind(
+                binding.destination.as_str().into(),
+                binding.source.as_str().into(),
+                binding.key.as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+        }))
+        .await?;
         self.mark_declared(&ladder);
         Ok(())
+    }
+
+    /// The ladder's bindings: each level's exchange to every queue at or below its
+    /// level, matching zeros down to that queue's level and then its digit; and each
+    /// level's exchange to the delivery exchange, matching zeros down to level 0. A
+    /// message so goes from one queue to the next in one routing, not exchange by
+    /// exchange through its zero digits, and exactly one binding matches it.
+    fn ladder_bindings(&self) -> (Vec<Binding>, Vec<Binding>) {
+        let mut to_queues = Vec::new();
+        let mut to_deliver = Vec::new();
+        for from in 0..DELAY_LEVELS {
+            for (level, digit) in delay_digits().filter(|&(level, _)| level <= from) {
+                to_queues.push(Binding {
+                    destination: self.delay_queue(level, digit),
+                    source: self.delay_exchange(from),
+                    key: Self::ladder_binding(from, from - level, &format!("{digit}.#")),
+                });
+            }
+            to_deliver.push(Binding {
+                destination: self.delay_deliver_exchange(),
+                source: self.delay_exchange(from),
+                key: Self::ladder_binding(from, from + 1, "#"),
+            });
+        }
+        (to_queues, to_deliver)
     }
 
     async fn declare_queue(
@@ -434,6 +539,13 @@ impl Topology {
             .await?;
         Ok(())
     }
+}
+
+/// A binding of a queue or an exchange (`destination`) to an exchange (`source`).
+struct Binding {
+    destination: String,
+    source: String,
+    key: String,
 }
 
 async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
@@ -475,38 +587,145 @@ pub async fn declare_passive(channel: &Channel, queue: &str) -> Result<lapin::Qu
 mod tests {
     use super::*;
 
-    #[test]
-    fn routing_keys_spell_the_wait_in_binary() {
-        let key = Topology::delay_routing_key(5, "default");
+    /// Topic matching as the broker does it, for the keys and bindings of the ladder:
+    /// `*` is one word, `#` any number.
+    fn matches(binding: &str, key: &str) -> bool {
+        fn go(pattern: &[&str], words: &[&str]) -> bool {
+            match (pattern.first(), words.first()) {
+                (None, None) => true,
+                (Some(&"#"), _) => {
+                    go(&pattern[1..], words) || (!words.is_empty() && go(pattern, &words[1..]))
+                }
+                (Some(p), Some(w)) if *p == "*" || p == w => go(&pattern[1..], &words[1..]),
+                _ => false,
+            }
+        }
+        let pattern: Vec<&str> = binding.split('.').collect();
         let words: Vec<&str> = key.split('.').collect();
-        assert_eq!(words.len(), DELAY_LEVELS as usize + 1);
-        assert_eq!(&words[29..], ["1", "0", "1", "default"]);
-        assert!(words[..29].iter().all(|w| *w == "0"));
-        let max = Topology::delay_routing_key(u64::MAX, "p");
-        assert!(max.split('.').take(32).all(|w| w == "1"));
+        go(&pattern, &words)
+    }
+
+    /// The queues a message crosses from its entry to the delivery exchange, following
+    /// the bindings and each queue's dead-letter exchange.
+    fn walk(topology: &Topology, route: &DelayRoute) -> Vec<(u32, u64)> {
+        let (to_queues, to_deliver) = topology.ladder_bindings();
+        let mut exchange = route.exchange.clone();
+        let mut crossed = Vec::new();
+        while exchange != topology.delay_deliver_exchange() {
+            let queues: Vec<&Binding> = to_queues
+                .iter()
+                .filter(|b| b.source == exchange && matches(&b.key, &route.routing_key))
+                .collect();
+            let onward: Vec<&Binding> = to_deliver
+                .iter()
+                .filter(|b| b.source == exchange && matches(&b.key, &route.routing_key))
+                .collect();
+            assert_eq!(
+                queues.len() + onward.len(),
+                1,
+                "one binding of {exchange} matches {}",
+                route.routing_key
+            );
+            if let Some(done) = onward.first() {
+                exchange = done.destination.clone();
+                continue;
+            }
+            let (level, digit) = delay_digits()
+                .find(|&(level, digit)| topology.delay_queue(level, digit) == queues[0].destination)
+                .unwrap();
+            crossed.push((level, digit));
+            exchange = match level {
+                0 => topology.delay_deliver_exchange(),
+                _ => topology.delay_exchange(level - 1),
+            };
+        }
+        crossed
+    }
+
+    #[test]
+    fn routing_keys_spell_the_wait_in_decimal() {
+        let topology = Topology::new("p", QueueType::Classic);
+        let route = topology.delay_route(5_000, "default");
+        assert_eq!(route.exchange, "p.delay.3");
+        assert_eq!(route.routing_key, "0.0.0.0.0.0.5.0.0.0.default");
+        assert_eq!(
+            topology.delay_route(u64::MAX, "a.b").routing_key,
+            "4.2.9.0.0.0.0.0.0.0.a.b"
+        );
     }
 
     #[test]
     fn a_wait_enters_at_its_highest_digit() {
         let topology = Topology::new("p", QueueType::Classic);
-        assert_eq!(topology.delay_entry(1), "p.delay.level.00");
-        assert_eq!(topology.delay_entry(100), "p.delay.level.06");
-        assert_eq!(topology.delay_entry(128), "p.delay.level.07");
-        assert_eq!(topology.delay_entry(0), "p.delay.level.00");
-        assert_eq!(topology.delay_entry(u64::MAX), "p.delay.level.31");
+        let entry = |wait| topology.delay_route(wait, "p").exchange;
+        assert_eq!(entry(0), "p.delay.0");
+        assert_eq!(entry(1), "p.delay.0");
+        assert_eq!(entry(100), "p.delay.2");
+        assert_eq!(entry(999), "p.delay.2");
+        // Rounded up to 10,000.
+        assert_eq!(entry(9_999), "p.delay.4");
+        assert_eq!(entry(u64::MAX), "p.delay.9");
     }
 
     #[test]
-    fn each_level_reads_its_own_digit() {
-        // Level k's binding skips the 31 - k words of the levels above it.
-        assert_eq!(Topology::level_binding(31, '1'), "1.#");
-        assert_eq!(
-            Topology::level_binding(0, '0'),
-            format!("{}0.#", "*.".repeat(31))
-        );
-        let key = Topology::delay_routing_key(1 << 7, "p");
-        let words: Vec<&str> = key.split('.').collect();
-        assert_eq!(words[(DELAY_LEVELS - 1 - 7) as usize], "1");
-        assert_eq!(words.iter().filter(|w| **w == "1").count(), 1);
+    fn waits_keep_three_digits() {
+        for exact in [
+            1, 7, 100, 333, 999, 1_000, 1_023, 4_097, 5_000, 15_000, 2_000_300,
+        ] {
+            assert_eq!(ladder_wait(exact), exact);
+        }
+        assert_eq!(ladder_wait(1_115), 1_120);
+        assert_eq!(ladder_wait(12_345), 12_300);
+        assert_eq!(ladder_wait(19_995), 20_000);
+        assert_eq!(ladder_wait(u64::MAX), 4_290_000_000);
+        let mut wait = 1;
+        while wait <= MAX_DELAY_MS {
+            for wait in [wait, wait + 1, wait * 3 / 2 + 7] {
+                let wait = wait.min(MAX_DELAY_MS);
+                let rounded = ladder_wait(wait);
+                assert!(rounded <= MAX_DELAY_MS);
+                assert!(rounded.abs_diff(wait) * 200 <= wait, "{wait} → {rounded}");
+                let digits = (0..DELAY_LEVELS)
+                    .filter(|&level| digit_at(rounded, level) != 0)
+                    .count();
+                assert!(digits <= DELAY_HOPS, "{wait} → {rounded}");
+            }
+            wait = wait * 7 / 5 + 3;
+        }
+    }
+
+    #[test]
+    fn the_ladder_has_its_documented_queues() {
+        let topology = Topology::new("p", QueueType::Classic);
+        assert_eq!(topology.delay_queues().len(), DELAY_QUEUES);
+        assert_eq!(topology.delay_queue(3, 5), "p.delay.3.5");
+        assert_eq!(topology.fixed_queues().len(), 3 + DELAY_QUEUES);
+    }
+
+    #[test]
+    fn a_message_waits_in_the_queue_of_each_nonzero_digit() {
+        let topology = Topology::new("p", QueueType::Classic);
+        for (wait, crossed) in [
+            (0, vec![]),
+            (1, vec![(0, 1)]),
+            (100, vec![(2, 1)]),
+            (5_000, vec![(3, 5)]),
+            (15_000, vec![(4, 1), (3, 5)]),
+            (1_023, vec![(3, 1), (1, 2), (0, 3)]),
+            (4_000_000_009, vec![(9, 4), (0, 9)]),
+        ] {
+            assert_eq!(walk(&topology, &topology.delay_route(wait, "p")), crossed);
+        }
+        let mut wait = 1;
+        while wait <= MAX_DELAY_MS {
+            let crossed = walk(&topology, &topology.delay_route(wait, "a.b"));
+            let waited: u64 = crossed
+                .iter()
+                .map(|&(level, digit)| digit * 10u64.pow(level))
+                .sum();
+            assert_eq!(waited, ladder_wait(wait));
+            assert!(crossed.len() <= DELAY_HOPS);
+            wait = wait * 3 / 2 + 1;
+        }
     }
 }
