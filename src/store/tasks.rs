@@ -187,9 +187,8 @@ impl Store {
     /// still `running` (one statement per outcome kind and attempt number), and adds
     /// the tasks that ended to their jobs' counters in the same transaction — so a
     /// duplicate, which changes no row, can never count twice. A job those counters
-    /// show over ends in that transaction too ([`end_over_in`]): its event is in the
-    /// outbox when this returns, and no finished event need go to the completion role
-    /// for its tasks.
+    /// show over ends in that transaction too: its event is in the outbox when this
+    /// returns, and no finished event need go to the completion role for its tasks.
     pub async fn finish_tasks(&self, transitions: &[Transition]) -> Result<Recorded, StoreError> {
         let finishing = self.finishing(transitions);
         self.retrying("finish tasks", || async {
