@@ -7,7 +7,7 @@
 //! | `{p}.jobs` | topic exchange | job requests, routing key = job type |
 //! | `{p}.intake` | queue, bound to `{p}.jobs` with `#` | job requests |
 //! | `{p}.work.{pool}` | queue, bound to `{p}.delay.deliver` | task messages of one worker pool |
-//! | `{p}.delay.{k}` (k = 0..9) | topic exchange | retries whose highest digit left is at level k: the delay ladder |
+//! | `{p}.delay.{k}` (k = 0..9) | topic exchange | retries routed by their digit at level k: the delay ladder |
 //! | `{p}.delay.{k}.{d}` (d = 1..9, 85 in all) | queue, TTL d × 10^k ms | retries waiting |
 //! | `{p}.delay.deliver` | topic exchange | retries whose wait is over, to their pool's work queue |
 //! | `{p}.completion` | queue | task-finished events |
@@ -161,9 +161,9 @@ impl Topology {
         format!("{}.work.{pool}", self.prefix)
     }
 
-    /// `<prefix>.delay.<level>`: the exchange that routes a waiting message to the
-    /// queue of its highest nonzero digit at `level` or below, or, with none left, to
-    /// the delivery exchange.
+    /// `<prefix>.delay.<level>`: the exchange that routes a waiting message by its word
+    /// at `level`: to the queue of its digit, on an inner 0 to the exchange of the level
+    /// below, on a `_` to the delivery exchange.
     fn delay_exchange(&self, level: u32) -> String {
         format!("{}.delay.{level}", self.prefix)
     }
