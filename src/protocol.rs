@@ -783,7 +783,7 @@ pub(crate) fn check_id(field: &str, id: &str) -> Result<(), DecodeError> {
     }
 }
 
-/// Pool names end up in queue names and in the delay ladder's routing keys (after 64
+/// Pool names end up in queue names and in the delay ladder's routing keys (after 20
 /// characters of digits, within AMQP's 255): shorter than other names, and made of
 /// non-empty dot-separated words so that topic bindings match them exactly.
 fn check_pool(pool: &str) -> Result<(), DecodeError> {

@@ -390,8 +390,8 @@ while :; do
 done
 FAULT_DONE=$DONE
 "${MGMT[@]}" "$(mgmt_url 1)" queues "$PREFIX" >"$ARTIFACTS/queues-at-fault.txt" || true
-LED=$(awk -v n="$(node_name "$STOP_NODE")" '$9 == n && $1 !~ /delay.level/ { sub(/^[^.]*\./, "", $1); printf "%s ", $1 }' "$ARTIFACTS/queues-at-fault.txt")
-LED_LADDER=$(awk -v n="$(node_name "$STOP_NODE")" '$9 == n && $1 ~ /delay.level/' "$ARTIFACTS/queues-at-fault.txt" | wc -l)
+LED=$(awk -v n="$(node_name "$STOP_NODE")" '$9 == n && $1 !~ /\.delay\.[0-9]/ { sub(/^[^.]*\./, "", $1); printf "%s ", $1 }' "$ARTIFACTS/queues-at-fault.txt")
+LED_LADDER=$(awk -v n="$(node_name "$STOP_NODE")" '$9 == n && $1 ~ /\.delay\.[0-9]/' "$ARTIFACTS/queues-at-fault.txt" | wc -l)
 FAULT_AT=$SECONDS FAULT_AT_T=$EPOCHREALTIME
 say "FAULT: $FAULT $(node_name "$STOP_NODE") with $DONE of $TASKS tasks done"
 # The stop runs in the background: the node is down from when its AMQP port closes.
@@ -612,7 +612,7 @@ done
     echo "  tasks                 $TASKS x taskmill.sleep ${SLEEP_MS} ms, 3 pods x $CONCURRENCY handlers, quorum queues"
     echo "  job wall time         $WALL s (created -> finished), $RATE tasks/s"
     echo "  fault                 $FAULT $(node_name "$STOP_NODE") at $FAULT_DONE tasks done, $((FAULT_AT - SUBMITTED)) s after the submit; its AMQP port closed $((DOWN_AT - FAULT_AT)) s later"
-    echo "  leaders on that node  ${LED:-none} (+ $LED_LADDER delay levels)"
+    echo "  leaders on that node  ${LED:-none} (+ $LED_LADDER delay queues)"
     echo "  node down             AMQP port closed for $PORT_DOWN s ($((RESTART_AT - DOWN_AT)) s until the restart, listening again $((LISTENING_AT - RESTART_AT)) s after it; await_startup returned after $((UP_AT - RESTART_AT)) s)"
     echo "  timeline (s after the submit)  fault $((FAULT_AT - SUBMITTED)), port closed $((DOWN_AT - SUBMITTED)), restart $((RESTART_AT - SUBMITTED)), listening $((LISTENING_AT - SUBMITTED)), started $((UP_AT - SUBMITTED)), job ended $((ENDED - SUBMITTED))"
     echo "  job end after restart $((ENDED - UP_AT)) s; feeding stopped in pod(s): ${FEED_STOPPED:-none}, lost its lease in: ${FEED_LOST:-none}; job fed by pod ${FED_BY:-?}"

@@ -7,7 +7,7 @@
 //! | `{p}.jobs` | topic exchange | job requests, routing key = job type |
 //! | `{p}.intake` | queue, bound to `{p}.jobs` with `#` | job requests |
 //! | `{p}.work.{pool}` | queue, bound to `{p}.delay.deliver` | task messages of one worker pool |
-//! | `{p}.delay.{k}` (k = 0..9) | topic exchange | retries to wait at level k or below: the delay ladder |
+//! | `{p}.delay.{k}` (k = 0..9) | topic exchange | retries routed by their digit at level k: the delay ladder |
 //! | `{p}.delay.{k}.{d}` (d = 1..9, 85 in all) | queue, TTL d × 10^k ms | retries waiting |
 //! | `{p}.delay.deliver` | topic exchange | retries whose wait is over, to their pool's work queue |
 //! | `{p}.completion` | queue | task-finished events |
@@ -23,17 +23,18 @@
 //! NServiceBus, in decimal): one level per decimal digit of the longest wait, and at
 //! level k one queue per nonzero digit d, whose messages live d × 10^k ms. A retry's
 //! routing key spells its wait in decimal, one word per level from the highest down,
-//! then the pool (`0.….5.0.0.0.default` for 5 s); it waits in the queue of each of its
-//! nonzero digits in turn, from the highest. Level k's exchange routes a message straight
-//! to the queue of its highest nonzero digit at level k or below, and that queue
-//! dead-letters it to the exchange of the level below; with no nonzero digit left it goes
-//! to `{p}.delay.deliver`, which routes it to its pool's work queue. Each queue holds
-//! messages of one TTL only, so they expire in arrival order. Every queue a retry
-//! crosses is a persistent write and a dead-lettering, the broker's main cost of a
-//! retry, so a wait is rounded to its [`DELAY_HOPS`] leading nonzero digits: a retry
-//! crosses at most three queues (one for a round wait such as 100 ms or 5 s), waits under
-//! a second and waits of at most three nonzero digits are exact, and the others are off
-//! by less than 0.5%.
+//! the zeros after its last nonzero digit spelled `_`, then the pool
+//! (`0.….0.1.5._._._.default` for 15 s). It enters at the exchange of its highest
+//! nonzero digit's level and waits in the queue of each nonzero digit in turn: level k's
+//! exchange routes a digit d to its queue, which dead-letters the message to the
+//! exchange of level k − 1 when it expires; a 0 to the exchange of level k − 1 at once;
+//! a `_` to `{p}.delay.deliver`, which routes it to its pool's work queue. Each queue
+//! holds messages of one TTL only, so they expire in arrival order. Every queue a retry
+//! crosses costs the broker a persistent write and a dead-lettering, most of what a
+//! retry costs, so a wait is rounded to its [`DELAY_HOPS`] leading nonzero digits: a
+//! retry crosses at most three queues (one for a round wait such as 100 ms or 5 s);
+//! waits under a second and waits of at most three nonzero digits are exact, the others
+//! off by less than 0.5%.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,11 @@ pub fn ladder_wait(delay_ms: u64) -> u64 {
     }
 }
 
+/// The word of a digit with no nonzero digit at or below it in a delay routing key:
+/// the exchange of its level sends the message on to the delivery exchange at once,
+/// not exchange by exchange through the trailing zeros.
+const DONE: &str = "_";
+
 /// Where a retry enters the delay ladder, and the routing key that spells its wait.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DelayRoute {
@@ -155,9 +161,9 @@ impl Topology {
         format!("{}.work.{pool}", self.prefix)
     }
 
-    /// `<prefix>.delay.<level>`: the exchange that routes a waiting message to the
-    /// queue of its highest nonzero digit at `level` or below, or, with none left, to
-    /// the delivery exchange.
+    /// `<prefix>.delay.<level>`: the exchange that routes a waiting message by its word
+    /// at `level`: to the queue of its digit, on an inner 0 to the exchange of the level
+    /// below, on a `_` to the delivery exchange.
     fn delay_exchange(&self, level: u32) -> String {
         format!("{}.delay.{level}", self.prefix)
     }
@@ -182,7 +188,11 @@ impl Topology {
         let wait = ladder_wait(delay_ms);
         let mut routing_key = String::with_capacity(2 * DELAY_LEVELS as usize + pool.len());
         for level in (0..DELAY_LEVELS).rev() {
-            routing_key.push_str(&digit_at(wait, level).to_string());
+            if wait.is_multiple_of(10u64.pow(level + 1)) {
+                routing_key.push_str(DONE);
+            } else {
+                routing_key.push_str(&digit_at(wait, level).to_string());
+            }
             routing_key.push('.');
         }
         routing_key.push_str(pool);
@@ -197,13 +207,12 @@ impl Topology {
         format!("{}.delay.deliver", self.prefix)
     }
 
-    /// A binding key on the exchange of level `from`: any digits at the levels above
-    /// it (already waited), `zeros` zero digits from `from` down, then `rest`.
-    fn ladder_binding(from: u32, zeros: u32, rest: &str) -> String {
+    /// A binding key on the exchange of `level`: any words at the levels above it
+    /// (already waited), `word` at `level`, then anything (the levels below, the pool).
+    fn ladder_binding(level: u32, word: &str) -> String {
         format!(
-            "{}{}{rest}",
-            "*.".repeat((DELAY_LEVELS - 1 - from) as usize),
-            "0.".repeat(zeros as usize)
+            "{}{word}.#",
+            "*.".repeat((DELAY_LEVELS - 1 - level) as usize)
         )
     }
 
@@ -423,18 +432,13 @@ impl Topology {
     /// Declares the delay ladder: per level a topic exchange, and per nonzero digit a
     /// queue whose messages live digit × 10^level ms and then dead-letter to the
     /// exchange of the level below. Idempotent; done once per connection by each pod
-    /// that sends retries, its 600-odd declarations pipelined on `channel`.
+    /// that sends retries, its 200-odd declarations pipelined on `channel`.
     pub async fn declare_delay_ladder(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let ladder = format!("{} ladder", self.delay_exchange(DELAY_LEVELS - 1));
         if self.is_declared(&ladder) {
             return Ok(());
         }
-        let deliver = self.delay_deliver_exchange();
-        let below = |level: u32| match level {
-            0 => deliver.clone(),
-            _ => self.delay_exchange(level - 1),
-        };
-        let exchanges: Vec<String> = std::iter::once(deliver.clone())
+        let exchanges: Vec<String> = std::iter::once(self.delay_deliver_exchange())
             .chain((0..DELAY_LEVELS).map(|level| self.delay_exchange(level)))
             .collect();
         try_join_all(exchanges.iter().map(|name| declare_exchange(channel, name))).await?;
@@ -447,7 +451,7 @@ impl Topology {
             // No dead-letter routing key: the message keeps its own (digits and pool).
             args.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(LongString::from(below(level).as_str())),
+                AMQPValue::LongString(LongString::from(self.below(level).as_str())),
             );
             if self.queue_type == QueueType::Quorum {
                 // Quorum queues dead-letter at most once unless told otherwise, and
@@ -465,7 +469,7 @@ impl Topology {
             async move { self.declare_queue(channel, &name, args).await }
         }))
         .await?;
-        let (to_queues, to_deliver) = self.ladder_bindings();
+        let (to_queues, onward) = self.ladder_bindings();
         try_join_all(to_queues.iter().map(|binding| {
             channel.queue_bind(
                 binding.destination.as_str().into(),
@@ -476,7 +480,7 @@ impl Topology {
             )
         }))
         .await?;
-        try_join_all(to_deliver.iter().map(|binding| {
+        try_join_all(onward.iter().map(|binding| {
             channel.exchange_bind(
                 binding.destination.as_str().into(),
                 binding.source.as_str().into(),
@@ -490,29 +494,42 @@ impl Topology {
         Ok(())
     }
 
-    /// The ladder's bindings: each level's exchange to every queue at or below its
-    /// level, matching zeros down to that queue's level and then its digit; and each
-    /// level's exchange to the delivery exchange, matching zeros down to level 0. A
-    /// message so goes from one queue to the next in one routing, not exchange by
-    /// exchange through its zero digits, and exactly one binding matches it.
+    /// The ladder's bindings: each level's exchange to the queue of each of its
+    /// digits, to the exchange of the level below on an inner 0, and to the delivery
+    /// exchange on a `_` (no nonzero digit left). Exactly one matches a message.
     fn ladder_bindings(&self) -> (Vec<Binding>, Vec<Binding>) {
         let mut to_queues = Vec::new();
-        let mut to_deliver = Vec::new();
-        for from in 0..DELAY_LEVELS {
-            for (level, digit) in delay_digits().filter(|&(level, _)| level <= from) {
+        let mut onward = Vec::new();
+        for level in 0..DELAY_LEVELS {
+            let exchange = self.delay_exchange(level);
+            for (_, digit) in delay_digits().filter(|&(at, _)| at == level) {
                 to_queues.push(Binding {
                     destination: self.delay_queue(level, digit),
-                    source: self.delay_exchange(from),
-                    key: Self::ladder_binding(from, from - level, &format!("{digit}.#")),
+                    source: exchange.clone(),
+                    key: Self::ladder_binding(level, &digit.to_string()),
                 });
             }
-            to_deliver.push(Binding {
+            onward.push(Binding {
+                destination: self.below(level),
+                source: exchange.clone(),
+                key: Self::ladder_binding(level, "0"),
+            });
+            onward.push(Binding {
                 destination: self.delay_deliver_exchange(),
-                source: self.delay_exchange(from),
-                key: Self::ladder_binding(from, from + 1, "#"),
+                source: exchange,
+                key: Self::ladder_binding(level, DONE),
             });
         }
-        (to_queues, to_deliver)
+        (to_queues, onward)
+    }
+
+    /// Where a message goes on from `level`: the exchange of the level below, or
+    /// below level 0 the delivery exchange.
+    fn below(&self, level: u32) -> String {
+        match level {
+            0 => self.delay_deliver_exchange(),
+            _ => self.delay_exchange(level - 1),
+        }
     }
 
     async fn declare_queue(
@@ -605,41 +622,42 @@ mod tests {
         go(&pattern, &words)
     }
 
-    /// The queues a message crosses from its entry to the delivery exchange, following
-    /// the bindings and each queue's dead-letter exchange.
-    fn walk(topology: &Topology, route: &DelayRoute) -> Vec<(u32, u64)> {
-        let (to_queues, to_deliver) = topology.ladder_bindings();
+    /// The queues a message crosses from its entry to the delivery exchange, and the
+    /// exchanges that route it, following the bindings and each queue's dead-letter
+    /// exchange.
+    fn walk(topology: &Topology, route: &DelayRoute) -> (Vec<(u32, u64)>, Vec<String>) {
+        let (to_queues, onward) = topology.ladder_bindings();
         let mut exchange = route.exchange.clone();
         let mut crossed = Vec::new();
+        let mut routed_by = vec![exchange.clone()];
         while exchange != topology.delay_deliver_exchange() {
-            let queues: Vec<&Binding> = to_queues
-                .iter()
-                .filter(|b| b.source == exchange && matches(&b.key, &route.routing_key))
-                .collect();
-            let onward: Vec<&Binding> = to_deliver
-                .iter()
-                .filter(|b| b.source == exchange && matches(&b.key, &route.routing_key))
-                .collect();
+            let matching = |bindings: &[Binding]| -> Vec<String> {
+                bindings
+                    .iter()
+                    .filter(|b| b.source == exchange && matches(&b.key, &route.routing_key))
+                    .map(|b| b.destination.clone())
+                    .collect()
+            };
+            let (queues, on) = (matching(&to_queues), matching(&onward));
             assert_eq!(
-                queues.len() + onward.len(),
+                queues.len() + on.len(),
                 1,
                 "one binding of {exchange} matches {}",
                 route.routing_key
             );
-            if let Some(done) = onward.first() {
-                exchange = done.destination.clone();
-                continue;
-            }
-            let (level, digit) = delay_digits()
-                .find(|&(level, digit)| topology.delay_queue(level, digit) == queues[0].destination)
-                .unwrap();
-            crossed.push((level, digit));
-            exchange = match level {
-                0 => topology.delay_deliver_exchange(),
-                _ => topology.delay_exchange(level - 1),
+            exchange = match on.first() {
+                Some(next) => next.clone(),
+                None => {
+                    let (level, digit) = delay_digits()
+                        .find(|&(level, digit)| topology.delay_queue(level, digit) == queues[0])
+                        .unwrap();
+                    crossed.push((level, digit));
+                    topology.below(level)
+                }
             };
+            routed_by.push(exchange.clone());
         }
-        crossed
+        (crossed, routed_by)
     }
 
     #[test]
@@ -647,10 +665,18 @@ mod tests {
         let topology = Topology::new("p", QueueType::Classic);
         let route = topology.delay_route(5_000, "default");
         assert_eq!(route.exchange, "p.delay.3");
-        assert_eq!(route.routing_key, "0.0.0.0.0.0.5.0.0.0.default");
+        assert_eq!(route.routing_key, "0.0.0.0.0.0.5._._._.default");
+        assert_eq!(
+            topology.delay_route(1_023, "p").routing_key,
+            "0.0.0.0.0.0.1.0.2.3.p"
+        );
         assert_eq!(
             topology.delay_route(u64::MAX, "a.b").routing_key,
-            "4.2.9.0.0.0.0.0.0.0.a.b"
+            "4.2.9._._._._._._._.a.b"
+        );
+        assert_eq!(
+            topology.delay_route(0, "p").routing_key,
+            "_._._._._._._._._._.p"
         );
     }
 
@@ -714,11 +740,16 @@ mod tests {
             (1_023, vec![(3, 1), (1, 2), (0, 3)]),
             (4_000_000_009, vec![(9, 4), (0, 9)]),
         ] {
-            assert_eq!(walk(&topology, &topology.delay_route(wait, "p")), crossed);
+            assert_eq!(walk(&topology, &topology.delay_route(wait, "p")).0, crossed);
         }
+        // After its last queue a round wait goes on to the delivery exchange at once.
+        assert_eq!(
+            walk(&topology, &topology.delay_route(5_000, "p")).1,
+            ["p.delay.3", "p.delay.2", "p.delay.deliver"]
+        );
         let mut wait = 1;
         while wait <= MAX_DELAY_MS {
-            let crossed = walk(&topology, &topology.delay_route(wait, "a.b"));
+            let (crossed, _) = walk(&topology, &topology.delay_route(wait, "a.b"));
             let waited: u64 = crossed
                 .iter()
                 .map(|&(level, digit)| digit * 10u64.pow(level))
