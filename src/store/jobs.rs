@@ -55,15 +55,25 @@ impl Store {
     /// duplicate request). A retry after a commit whose answer was lost finds every job
     /// existing, so nothing is created twice. Each job needs at least one task: a job
     /// without tasks ends at once ([`Store::start_job`]).
+    ///
+    /// `published`: jobs made earlier whose task messages the broker has confirmed
+    /// since, marked so ([`Store::mark_tasks_published`]) in the same transaction, so
+    /// that a stream of small jobs costs one commit each, not two.
     pub async fn create_whole_jobs(
         &self,
         jobs: &[WholeJob],
+        published: &[String],
     ) -> Result<Vec<Option<Vec<(i64, i32)>>>, StoreError> {
         let backend = self.backend();
         self.retrying("create whole jobs", || {
-            let jobs = jobs.to_vec();
+            let (jobs, published) = (jobs.to_vec(), published.to_vec());
             self.transact(move |txn| {
-                Box::pin(async move { create_whole_in(txn, backend, &jobs).await })
+                Box::pin(async move {
+                    if !published.is_empty() {
+                        mark_published(backend, &published, 0).exec(txn).await?;
+                    }
+                    create_whole_in(txn, backend, &jobs).await
+                })
             })
         })
         .await
@@ -195,10 +205,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let backend = self.backend();
         self.retrying("mark tasks published", || async {
-            job::Entity::update_many()
-                .col_expr(job::Column::TasksPublished, Expr::value(true))
-                .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
-                .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
+            mark_published(backend, job_ids, phase_first_ordinal)
                 .exec(&self.db)
                 .await?;
             Ok(())
@@ -381,6 +388,18 @@ fn job_row(
         run: Set(1),
         fed_through: Set(-1),
     }
+}
+
+/// The statement of [`Store::mark_tasks_published`].
+fn mark_published(
+    backend: DatabaseBackend,
+    job_ids: &[String],
+    phase_first_ordinal: i64,
+) -> sea_orm::UpdateMany<job::Entity> {
+    job::Entity::update_many()
+        .col_expr(job::Column::TasksPublished, Expr::value(true))
+        .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
+        .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
 }
 
 /// The statements of [`Store::create_whole_jobs`], in the caller's transaction.

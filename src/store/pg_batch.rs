@@ -161,9 +161,11 @@ pub(super) fn end_jobs(ends: &[EndRow], from: &str, now: DateTime<Utc>) -> State
     )
 }
 
-/// Moves each running attempt of the batch to its outcome (`done` + result, or
-/// `failed`/`retrying` + info) in one statement. Returns the ids moved; an attempt no
-/// longer running (a duplicate, a cancelled task, a task a later run reset) is not.
+/// Moves each attempt of the batch to its outcome (`done` + result, or
+/// `failed`/`retrying` + info) in one statement: an attempt running, or one that ran
+/// without a claim (its row still `pending`/`retrying` at the attempt before). Returns
+/// the ids moved; an attempt neither (a duplicate, a cancelled task, a task a later
+/// run reset) is not.
 pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> Statement {
     const SQL: &str = r#"
         UPDATE tasks AS t SET
@@ -173,11 +175,14 @@ pub(super) fn finish_tasks(transitions: &[Transition], now: DateTime<Utc>) -> St
             finished_at = CASE WHEN o.status IN ('done', 'failed') THEN $1 END,
             lease_until = NULL,
             version = t.version + 1,
-            updated_at = $1
+            updated_at = $1,
+            attempts = o.attempt,
+            deliveries = CASE WHEN t.status = 'running' THEN t.deliveries ELSE 1 END
         FROM unnest($2::bigint[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::int[])
             AS o(id, attempt, status, result, info, run)
-        WHERE t.id = o.id AND t.status = 'running' AND t.attempts = o.attempt
-            AND t.run <= o.run
+        WHERE t.id = o.id AND t.run <= o.run
+            AND (t.status = 'running' AND t.attempts = o.attempt
+                 OR t.status IN ('pending', 'retrying') AND t.attempts = o.attempt - 1)
         RETURNING t.id"#;
     let ids: Vec<i64> = transitions.iter().map(|t| t.task_id).collect();
     let attempts: Vec<i32> = transitions.iter().map(|t| t.attempt).collect();

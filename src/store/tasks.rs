@@ -26,12 +26,13 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, FromQueryResult,
-    QueryFilter, QueryTrait, Statement,
+    QueryFilter, QuerySelect, QueryTrait, Statement,
 };
 
 use super::error::StoreError;
 use super::handle::Store;
 use super::job_ends::end_over_in;
+use super::outbox::{mark_published, Published};
 use super::pg_batch::{self, one_of};
 use super::rows::{Claim, Recorded, TaskOutcome, Transition};
 use crate::clock;
@@ -161,10 +162,7 @@ impl Store {
         token: &str,
         lease: Duration,
     ) -> Result<HashSet<i64>, StoreError> {
-        let mut by_attempt: BTreeMap<(i32, i32), Vec<i64>> = BTreeMap::new();
-        for &(task_id, attempt, run) in claims {
-            by_attempt.entry((attempt, run)).or_default().push(task_id);
-        }
+        let by_attempt = by_attempt(claims);
         if by_attempt.len() == 1 {
             return self
                 .retrying("claim tasks", || {
@@ -183,20 +181,66 @@ impl Store {
         .await
     }
 
+    /// Which of `attempts` (task id, attempt, run) may start without a claim: the
+    /// attempt before is the row's last (`pending` or `retrying`), and no later run
+    /// reset it. A read: it writes nothing, so a short handler costs no claim; the
+    /// outcome's compare-and-set ([`Store::finish_tasks`]) is what counts it once.
+    pub async fn startable_tasks(
+        &self,
+        attempts: &[(i64, i32, i32)],
+    ) -> Result<HashSet<i64>, StoreError> {
+        let backend = self.backend();
+        let by_attempt = by_attempt(attempts);
+        self.retrying("read tasks to start", || async {
+            let mut startable = HashSet::new();
+            for (&(attempt, run), ids) in &by_attempt {
+                let ids: Vec<i64> = task::Entity::find()
+                    .select_only()
+                    .column(task::Column::Id)
+                    .filter(one_of(backend, task::Column::Id, ids.clone()))
+                    .filter(task::Column::Run.lte(run))
+                    .filter(
+                        task::Column::Status
+                            .is_in([TaskStatus::Pending.as_str(), TaskStatus::Retrying.as_str()]),
+                    )
+                    .filter(task::Column::Attempts.eq(attempt - 1))
+                    .into_tuple()
+                    .all(&self.db)
+                    .await?;
+                startable.extend(ids);
+            }
+            Ok(startable)
+        })
+        .await
+    }
+
     /// Records many attempts' outcomes in one transaction, each only if its attempt is
-    /// still `running` (one statement per outcome kind and attempt number), and adds
+    /// still `running`, or was never claimed (the row still `pending` or `retrying` at
+    /// the attempt before: a short handler runs unclaimed), and adds
     /// the tasks that ended to their jobs' counters in the same transaction — so a
     /// duplicate, which changes no row, can never count twice. A job those counters
     /// show over ends in that transaction too: its event is in the outbox when this
     /// returns, and no finished event need go to the completion role for its tasks.
-    pub async fn finish_tasks(&self, transitions: &[Transition]) -> Result<Recorded, StoreError> {
+    ///
+    /// `published`: events published since the last call, marked so in the same
+    /// transaction, so that recording outcomes and the events they caused share a
+    /// commit.
+    pub async fn finish_tasks(
+        &self,
+        transitions: &[Transition],
+        published: &[Published],
+    ) -> Result<Recorded, StoreError> {
         let finishing = self.finishing(transitions);
+        let marks = mark_published(self.backend(), published);
         self.retrying("finish tasks", || async {
-            let finishing = finishing.clone();
+            let (finishing, marks) = (finishing.clone(), marks.clone());
             self.transact(move |txn| {
                 Box::pin(async move {
                     let (ids, counted) = finish_in(txn, &finishing).await?;
                     let (ended, to_check) = end_over_in(txn, &counted).await?;
+                    for mark in marks {
+                        txn.execute_raw(mark).await?;
+                    }
                     Ok(Recorded {
                         ids,
                         ended,
@@ -297,6 +341,15 @@ pub(super) async fn finish_in<C: ConnectionTrait>(
     Ok((recorded, counted))
 }
 
+/// Task ids by attempt number and run: one statement each.
+fn by_attempt(attempts: &[(i64, i32, i32)]) -> BTreeMap<(i32, i32), Vec<i64>> {
+    let mut by_attempt: BTreeMap<(i32, i32), Vec<i64>> = BTreeMap::new();
+    for &(task_id, attempt, run) in attempts {
+        by_attempt.entry((attempt, run)).or_default().push(task_id);
+    }
+    by_attempt
+}
+
 /// One claim statement per attempt number and run; returns the ids claimed.
 async fn claim_by_attempt<C: ConnectionTrait>(
     db: &C,
@@ -354,9 +407,9 @@ fn claiming(
         )
 }
 
-/// One UPDATE moving a group of running attempts (same outcome kind, same attempt
-/// number and run) to `status`, each with its own result or error, returning the ids
-/// moved.
+/// One UPDATE moving a group of attempts (same outcome kind, same attempt number and
+/// run), running or run without a claim, to `status`, each with its own result or
+/// error, returning the ids moved.
 fn finish_statement(
     status: TaskStatus,
     (attempt, run): (i32, i32),
@@ -388,24 +441,50 @@ fn finish_statement(
     } else {
         None
     };
-    let mut update = task::Entity::update_many()
-        .col_expr(task::Column::Status, Expr::value(status.as_str()))
-        .col_expr(column, value)
-        .col_expr(task::Column::FinishedAt, Expr::value(finished_at))
-        .col_expr(
-            task::Column::LeaseUntil,
-            Expr::value(Option::<chrono::DateTime<Utc>>::None),
-        )
-        .col_expr(
-            task::Column::Version,
-            Expr::col(task::Column::Version).add(1),
-        )
-        .col_expr(task::Column::UpdatedAt, Expr::value(now))
-        .filter(task::Column::Id.is_in(group.iter().map(|t| t.task_id)))
-        .filter(task::Column::Status.eq(TaskStatus::Running.as_str()))
-        .filter(task::Column::Attempts.eq(attempt))
-        .filter(task::Column::Run.lte(run))
-        .into_query();
+    let mut update =
+        task::Entity::update_many()
+            .col_expr(task::Column::Status, Expr::value(status.as_str()))
+            .col_expr(column, value)
+            .col_expr(task::Column::FinishedAt, Expr::value(finished_at))
+            .col_expr(
+                task::Column::LeaseUntil,
+                Expr::value(Option::<chrono::DateTime<Utc>>::None),
+            )
+            .col_expr(
+                task::Column::Version,
+                Expr::col(task::Column::Version).add(1),
+            )
+            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            .col_expr(task::Column::Attempts, Expr::value(attempt))
+            .col_expr(
+                task::Column::Deliveries,
+                CaseStatement::new()
+                    .case(
+                        task::Column::Status.eq(TaskStatus::Running.as_str()),
+                        Expr::col(task::Column::Deliveries),
+                    )
+                    .finally(Expr::value(1))
+                    .into(),
+            )
+            .filter(task::Column::Id.is_in(group.iter().map(|t| t.task_id)))
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(task::Column::Status.eq(TaskStatus::Running.as_str()))
+                            .add(task::Column::Attempts.eq(attempt)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(task::Column::Status.is_in([
+                                TaskStatus::Pending.as_str(),
+                                TaskStatus::Retrying.as_str(),
+                            ]))
+                            .add(task::Column::Attempts.eq(attempt - 1)),
+                    ),
+            )
+            .filter(task::Column::Run.lte(run))
+            .into_query();
     update.returning(Query::returning().column(task::Column::Id));
     update
 }

@@ -3,16 +3,19 @@
 //! A request whose job fits in one insert hands it to the group former instead of
 //! forming it alone. The former takes every job waiting when it is free (up to
 //! [`GROUP_TASKS`] tasks), creates them whole in one transaction — `running` at once,
-//! with all their task rows — publishes their task messages (confirms pipelined),
-//! marks them published in one statement, and answers each request. Requests that
-//! arrive together share one commit and one round of confirms instead of four
-//! transactions each.
+//! with all their task rows — publishes their task messages (confirms pipelined), and
+//! answers each request. That their messages went out is recorded in the next group's
+//! transaction, or after [`MARK_AFTER`] with no next group: a stream of small jobs
+//! costs one commit per group. Until then a job looks unpublished, which costs nothing
+//! but on a crash: the orphan scan (which waits longer than that for a job) then
+//! publishes its messages again, and a claim finds the copies stale.
 //!
 //! One request's failure never fails its neighbours: a group whose transaction fails
 //! for good is formed again one job at a time, so only the job the database refuses
 //! gets the error (and its request is parked with it).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,6 +31,9 @@ use crate::store::{Store, WholeJob};
 pub(super) const WHOLE_JOB_TASKS: usize = 256;
 /// Tasks in one group at most (a group holds at least one job).
 const GROUP_TASKS: usize = 1_024;
+/// How long the former waits for a next group to record the jobs it published with,
+/// before it records them alone.
+const MARK_AFTER: Duration = Duration::from_millis(50);
 
 /// What became of a job handed to the group former.
 pub(super) enum Grouped {
@@ -81,7 +87,20 @@ struct Former {
 impl Former {
     /// Takes the jobs waiting, a group at a time, until every handle is dropped.
     async fn run(self, mut waiting: mpsc::UnboundedReceiver<Member>) {
-        while let Some(first) = waiting.recv().await {
+        // Jobs whose messages are confirmed but not yet recorded as published.
+        let mut unmarked = Vec::new();
+        loop {
+            let first = match unmarked.is_empty() {
+                true => waiting.recv().await,
+                false => match tokio::time::timeout(MARK_AFTER, waiting.recv()).await {
+                    Ok(first) => first,
+                    Err(_) => {
+                        self.mark(&mut unmarked).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(first) = first else { break };
             let mut tasks = first.whole.tasks.len();
             let mut group = vec![first];
             while tasks < GROUP_TASKS {
@@ -89,11 +108,26 @@ impl Former {
                 tasks += next.whole.tasks.len();
                 group.push(next);
             }
-            self.form_group(group).await;
+            self.form_group(group, &mut unmarked).await;
+        }
+        self.mark(&mut unmarked).await;
+    }
+
+    /// Records `unmarked` as published on its own. A failure leaves them to the next
+    /// group's transaction, or to the orphan scan.
+    async fn mark(&self, unmarked: &mut Vec<String>) {
+        if unmarked.is_empty() {
+            return;
+        }
+        match self.store.mark_tasks_published(unmarked, 0).await {
+            Ok(()) => unmarked.clear(),
+            Err(err) => {
+                tracing::warn!(jobs = unmarked.len(), %err, "could not record published jobs; the next group will")
+            }
         }
     }
 
-    async fn form_group(&self, group: Vec<Member>) {
+    async fn form_group(&self, group: Vec<Member>, unmarked: &mut Vec<String>) {
         // Two requests with one job id: only the first can create it here; the other
         // finds it made and goes the way of a duplicate.
         let mut ids = std::collections::HashSet::new();
@@ -105,7 +139,7 @@ impl Former {
         }
         let (jobs, answers): (Vec<WholeJob>, Vec<_>) =
             group.into_iter().map(|m| (m.whole, m.answer)).unzip();
-        match self.form(&jobs).await {
+        match self.form(&jobs, unmarked).await {
             Ok(results) => {
                 for (answer, grouped) in answers.into_iter().zip(results) {
                     let _ = answer.send(Ok(grouped));
@@ -115,7 +149,7 @@ impl Former {
                 tracing::warn!(jobs = jobs.len(), %err, "a group of jobs failed; forming them one at a time");
                 for (whole, answer) in jobs.iter().zip(answers) {
                     let alone = self
-                        .form(std::slice::from_ref(whole))
+                        .form(std::slice::from_ref(whole), unmarked)
                         .await
                         .map(|mut results| results.remove(0))
                         .map_err(Arc::new);
@@ -133,10 +167,16 @@ impl Former {
         }
     }
 
-    /// Creates the jobs whole, publishes the tasks of those it created, and marks
-    /// them published.
-    async fn form(&self, jobs: &[WholeJob]) -> Result<Vec<Grouped>, Error> {
-        let created = self.store.create_whole_jobs(jobs).await?;
+    /// Creates the jobs whole (recording `unmarked` as published in that transaction)
+    /// and publishes the tasks of those it created, adding them to `unmarked` once
+    /// confirmed.
+    async fn form(
+        &self,
+        jobs: &[WholeJob],
+        unmarked: &mut Vec<String>,
+    ) -> Result<Vec<Grouped>, Error> {
+        let created = self.store.create_whole_jobs(jobs, unmarked).await?;
+        unmarked.clear();
         let mut pending = Vec::new();
         let mut published = Vec::new();
         for (whole, rows) in jobs.iter().zip(&created) {
@@ -162,7 +202,7 @@ impl Former {
             published.push(job.id.clone());
         }
         all_confirmed(pending).await?;
-        self.store.mark_tasks_published(&published, 0).await?;
+        unmarked.extend(published);
         Ok(created
             .into_iter()
             .map(|rows| match rows {

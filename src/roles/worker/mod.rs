@@ -1,8 +1,10 @@
 //! Worker: runs task messages from one pool's work queue.
 //!
-//! Per message: claim the task row (a conditional UPDATE: a stale or duplicate
-//! message claims nothing and is acked), run the registered handler with its lease
-//! renewed, then record the outcome and only then ack:
+//! Per message: check that its attempt may start (a read: a stale or duplicate message
+//! finds its row moved on, and goes the way of a claim that found nothing: acked), run
+//! the registered handler — claimed, under a renewed lease, once it has run for a
+//! second (see `run.rs`) — then record the outcome with a compare-and-set from the
+//! attempt's row as it was, and only then ack:
 //!
 //! - success → `done` + result;
 //! - failure, attempt n ≤ max_retries → `retrying`, retry message to the delay queue
@@ -16,14 +18,14 @@
 //! completion role.
 //!
 //! Under load the database and broker work is batched without loosening any of that:
-//! the deliveries the consumer has buffered are claimed in one statement, and the
+//! the deliveries the consumer has buffered are checked in one statement, and the
 //! outcomes that finish while a batch is being recorded are recorded together next —
 //! one transaction, at most one finished-event message for all of them, every publish
 //! confirmed, then the batch acked (coalesced by the `acks` module into `multiple`
 //! acks that never cover a delivery still running). A handler panic is a failed attempt.
 //!
 //! A delivery holds one of `prefetch` message slots from receipt until it is settled,
-//! and one of `concurrency` handler slots from just before its claim until its handler
+//! and one of `concurrency` handler slots from just before its check until its handler
 //! returns: recording and acking never hold a handler back, and a claimed task never
 //! waits for a handler while its lease runs. How many messages the channel holds
 //! beyond the handlers follows their pace ([`pace`]).
@@ -32,11 +34,14 @@
 //! channel) runs in quarantine — alone in its pod — and only then is its start
 //! counted, so a task that keeps killing its worker fails once it was started more
 //! than `max_deliveries` times, while the tasks that happened to run beside it are
-//! never charged for its crashes.
+//! never charged for its crashes. (A task that kills its worker within the second it
+//! runs unclaimed is charged from its redelivery on, which always claims: one crash
+//! more.)
 
 mod pace;
 mod record;
 mod run;
+mod unclaimed;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -128,7 +133,8 @@ pub(crate) async fn run(
             publisher.clone(),
             shared.topology.clone(),
             shared.store.clone(),
-        ),
+        )
+        .deferring_marks(),
         publisher,
         queue: consumer.queue().to_owned(),
         pool,
@@ -137,9 +143,11 @@ pub(crate) async fn run(
         acks: Acks::start(),
         quarantine: capacity.quarantine.clone(),
         pace: capacity.pace.clone(),
+        unclaimed: Arc::default(),
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     let consuming = shutdown.child_token();
+    tokio::spawn(runner.events.clone().mark_every(consuming.clone()));
     tokio::spawn(crate::known_pools::keep_registered(
         shared.store.clone(),
         vec![runner.pool.clone()],
@@ -242,6 +250,17 @@ struct Finished {
     slot: OwnedSemaphorePermit,
     message: TaskMessage,
     outcome: TaskOutcome,
+    /// Held until the outcome is recorded, for an attempt that ran unclaimed: copies
+    /// of its message wait for it.
+    _unclaimed: Option<unclaimed::Running>,
+}
+
+/// How an attempt starts.
+enum Start {
+    /// Claimed: fresh, or taken over.
+    Claimed(Claim),
+    /// Unclaimed, until its handler has run [`run::CLAIM_AFTER`].
+    Unclaimed(unclaimed::Running),
 }
 
 struct Runner {
@@ -256,14 +275,20 @@ struct Runner {
     acks: Acks,
     quarantine: Arc<RwLock<()>>,
     pace: Arc<pace::Pace>,
+    unclaimed: Arc<unclaimed::Unclaimed>,
 }
 
 impl Runner {
-    /// Decodes a batch of deliveries, claims the fresh ones in one statement, and
-    /// starts a handler for each claimed task.
+    /// Decodes a batch of deliveries, finds which fresh ones may start (one read, or
+    /// one claim for external tasks), and starts a handler for each; a redelivery, or
+    /// a delivery that may not start as it is, goes the one-task way.
     async fn dispatch(self: &Arc<Self>, batch: Vec<Received>) {
-        let mut fresh = Vec::with_capacity(batch.len());
-        let mut in_batch = HashSet::with_capacity(batch.len());
+        // A handler of this pod starts without a claim: the read finds which attempts
+        // may start, and the outcome's compare-and-set counts each once. A hand-off is
+        // recorded on a claimed row, so an external task is claimed first.
+        let mut unclaimed = Vec::with_capacity(batch.len());
+        let mut claiming = Vec::new();
+        let mut in_batch = HashSet::new();
         for Received {
             delivery,
             slot,
@@ -271,16 +296,8 @@ impl Runner {
             message,
         } in batch
         {
-            match message {
-                // A second copy in the same batch must not share the first one's claim.
-                Ok(message)
-                    if !delivery.redelivered
-                        && in_batch.insert((message.task_id, message.attempt)) =>
-                {
-                    fresh.push((delivery, slot, handler, message))
-                }
-                // A redelivery may need a takeover: the one-task claim handles it.
-                Ok(message) => self.spawn_single(delivery, slot, handler, message, new_token()),
+            let message = match message {
+                Ok(message) => message,
                 Err(err) => {
                     drop(handler);
                     let runner = self.clone();
@@ -288,50 +305,87 @@ impl Runner {
                         let parked = runner.park(&delivery, &err.to_string()).await;
                         runner.settle(delivery, slot, parked);
                     });
+                    continue;
+                }
+            };
+            let key = (message.task_id, message.attempt);
+            // A redelivery may need a takeover: the one-task claim handles it.
+            if delivery.redelivered {
+                self.spawn_single(delivery, slot, handler, message, new_token());
+            } else if self.shared.registry.backend(&message.task_type).is_some() {
+                // A second copy in the same batch must not share the first one's claim.
+                match in_batch.insert(key) {
+                    true => claiming.push((delivery, slot, handler, message)),
+                    false => self.spawn_single(delivery, slot, handler, message, new_token()),
+                }
+            } else if let Some(running) = self.unclaimed.start(key) {
+                unclaimed.push(((delivery, slot, handler, message), running));
+            } else {
+                // A copy of an attempt running here unclaimed: once the original is
+                // recorded (or claimed), the copy's claim finds it moved on.
+                let runner = self.clone();
+                tokio::spawn(async move {
+                    runner.unclaimed.wait(key, run::CLAIM_AFTER * 2).await;
+                    runner.spawn_single(delivery, slot, handler, message, new_token());
+                });
+            }
+        }
+        let token = new_token();
+        let key = |m: &TaskMessage| (m.task_id, m.attempt, m.run);
+        let store = &self.shared.store;
+        let mut startable = HashSet::new();
+        if !unclaimed.is_empty() {
+            let attempts: Vec<_> = unclaimed.iter().map(|((.., m), _)| key(m)).collect();
+            match store.startable_tasks(&attempts).await {
+                Ok(found) => startable = found,
+                Err(err) => {
+                    tracing::error!(%err, "reading a batch of tasks failed; claiming them one by one")
                 }
             }
         }
-        if fresh.is_empty() {
-            return;
+        let mut claimed = HashSet::new();
+        if !claiming.is_empty() {
+            let claims: Vec<_> = claiming.iter().map(|(.., m)| key(m)).collect();
+            match store
+                .claim_tasks(&claims, &token, self.shared.config.lease)
+                .await
+            {
+                Ok(found) => claimed = found,
+                // Part of the batch may have been claimed before the error: the
+                // one-task claims under the same token find those rows claimed by it.
+                Err(err) => {
+                    tracing::error!(%err, "claiming a batch of tasks failed; trying them one by one")
+                }
+            }
         }
-        let token = new_token();
-        let claims: Vec<(i64, i32, i32)> = fresh
-            .iter()
-            .map(|(_, _, _, m)| (m.task_id, m.attempt, m.run))
-            .collect();
-        let claimed = match self
-            .shared
-            .store
-            .claim_tasks(&claims, &token, self.shared.config.lease)
-            .await
-        {
-            Ok(claimed) => claimed,
-            // Part of the batch may have been claimed before the error: the one-task
-            // claims under the same token find those rows claimed by it already.
-            Err(err) => {
-                tracing::error!(%err, "claiming a batch of tasks failed; trying them one by one");
-                HashSet::new()
-            }
+        let fresh_claim = Claim {
+            deliveries: 1,
+            taken_over: false,
         };
-        for (delivery, slot, handler, message) in fresh {
-            if claimed.contains(&message.task_id) {
-                let (runner, token) = (self.clone(), token.clone());
-                let claim = Claim {
-                    deliveries: 1,
-                    taken_over: false,
-                };
-                let span = task_span(&message);
-                tokio::spawn(
-                    async move {
-                        runner
-                            .attempt(delivery, slot, handler, message, &token, claim)
-                            .await
-                    }
-                    .instrument(span),
-                );
-            } else {
+        let starts = unclaimed
+            .into_iter()
+            .map(|(received, running)| (received, &startable, Start::Unclaimed(running)))
+            .chain(
+                claiming
+                    .into_iter()
+                    .map(|received| (received, &claimed, Start::Claimed(fresh_claim))),
+            );
+        for ((delivery, slot, handler, message), found, start) in starts {
+            if !found.contains(&message.task_id) {
+                drop(start);
                 self.spawn_single(delivery, slot, handler, message, token.clone());
+                continue;
             }
+            let (runner, token) = (self.clone(), token.clone());
+            let span = task_span(&message);
+            tokio::spawn(
+                async move {
+                    runner
+                        .attempt(delivery, slot, handler, message, &token, start)
+                        .await
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -363,7 +417,14 @@ impl Runner {
             match claim {
                 Ok(Some(claim)) => {
                     runner
-                        .attempt(delivery, slot, handler, message, &token, claim)
+                        .attempt(
+                            delivery,
+                            slot,
+                            handler,
+                            message,
+                            &token,
+                            Start::Claimed(claim),
+                        )
                         .await
                 }
                 Ok(None) => {

@@ -1,5 +1,11 @@
-//! Running one claimed attempt: its turn (alone in quarantine if it was taken over),
-//! its handler under a lease and a timeout, and the outcome handed to the recorder.
+//! Running one attempt: its turn (alone in quarantine if it was taken over), its
+//! handler under a lease and a timeout, and the outcome handed to the recorder.
+//!
+//! A fresh attempt of a handler starts unclaimed: a handler that returns within
+//! [`CLAIM_AFTER`] costs no write but its outcome's. One still running then is claimed,
+//! so that it shows as running, holds a lease the sweeper respects, and counts its
+//! start: a task that kills its worker later than that is charged from its first
+//! start; one that kills it sooner, from its redelivery on (which always claims).
 
 use std::time::Duration;
 
@@ -13,10 +19,12 @@ use crate::external::Backend;
 use crate::metrics;
 use crate::protocol::TaskMessage;
 use crate::registry::{TaskContext, TaskError};
-use crate::store::{Claim, TaskOutcome};
+use crate::store::TaskOutcome;
 
-use super::{Finished, Runner};
+use super::{Finished, Runner, Start};
 
+/// How long a handler runs unclaimed before its attempt is claimed.
+pub(super) const CLAIM_AFTER: Duration = Duration::from_secs(1);
 /// How long a handler whose timeout passed gets to return after its stop token fired,
 /// before it is dropped.
 const STOP_GRACE: Duration = Duration::from_secs(1);
@@ -35,7 +43,8 @@ struct Turn {
 }
 
 impl Runner {
-    /// Runs one claimed attempt and hands its outcome to the recorder.
+    /// Runs one attempt, claimed or still unclaimed, and hands its outcome to the
+    /// recorder.
     pub(super) async fn attempt(
         &self,
         delivery: Delivery,
@@ -43,8 +52,12 @@ impl Runner {
         handler: OwnedSemaphorePermit,
         message: TaskMessage,
         token: &str,
-        claim: Claim,
+        start: Start,
     ) {
+        let (claim, unclaimed) = match start {
+            Start::Claimed(claim) => (Some(claim), None),
+            Start::Unclaimed(running) => (None, Some(running)),
+        };
         let result = if !self.shared.registry.knows_task_type(&message.task_type) {
             drop(handler);
             if let Err(err) = self
@@ -64,7 +77,7 @@ impl Runner {
             // A taken-over attempt may be what killed the last worker: it runs alone,
             // so that if it kills this one too, no neighbour was running beside it. Its
             // start is counted only now, so waiting for its turn costs it nothing.
-            let turn = if claim.taken_over {
+            let turn = if claim.is_some_and(|claim| claim.taken_over) {
                 let alone = tokio::select! {
                     biased;
                     alone = self.quarantine.clone().write_owned() => alone,
@@ -90,14 +103,14 @@ impl Runner {
                     Err(err) => return self.settle(delivery, slot, Err(err.into())),
                 }
             } else {
-                // A fresh claim counted its start already, so it runs whenever it can
-                // — at once unless a quarantined attempt runs — even during shutdown,
-                // like any claimed attempt; only a pod stopping while it waits behind
-                // a quarantined one leaves it to redelivery, one start overcounted.
+                // A fresh attempt runs whenever it can — at once unless a quarantined
+                // attempt runs — even during shutdown, like any claimed attempt; only
+                // a pod stopping while it waits behind a quarantined one leaves it to
+                // redelivery (a claimed one with a start overcounted).
                 tokio::select! {
                     biased;
                     beside = self.quarantine.clone().read_owned() => Turn {
-                        starts: claim.deliveries,
+                        starts: claim.map_or(1, |claim| claim.deliveries),
                         _handler: handler,
                         _beside: Some(beside),
                         _alone: None,
@@ -125,7 +138,7 @@ impl Runner {
             } else {
                 let started = std::time::Instant::now();
                 metrics::task_started(&self.pool, &message.task_type);
-                let result = self.run_handler(&message, token).await;
+                let result = self.run_handler(&message, token, claim.is_some()).await;
                 let ran = started.elapsed();
                 self.pace.record(ran);
                 metrics::task_ran(&self.pool, &message.task_type, ran);
@@ -160,10 +173,53 @@ impl Runner {
             slot,
             message,
             outcome,
+            _unclaimed: unclaimed,
         };
         if let Err(mpsc::error::SendError(finished)) = self.outcomes.send(finished) {
             // The recorder is gone (shutdown past its grace): leave it to redelivery.
             drop(finished);
+        }
+    }
+
+    /// Claims a running attempt not claimed yet (`Some(false)`), or renews the lease of
+    /// one claimed (`Some(true)`); returns what the attempt is now. An attempt that
+    /// cannot be claimed moved on meanwhile (a copy finished it, its job ended): the
+    /// handler runs on, and its outcome will find the row moved (`None`).
+    async fn keep_claim(
+        &self,
+        message: &TaskMessage,
+        token: &str,
+        ours: Option<bool>,
+    ) -> Option<bool> {
+        let store = &self.shared.store;
+        let (task_id, lease) = (message.task_id, self.shared.config.lease);
+        match ours {
+            Some(false) => {
+                let attempt = [(task_id, message.attempt, message.run)];
+                match store.claim_tasks(&attempt, token, lease).await {
+                    Ok(claimed) if claimed.contains(&task_id) => Some(true),
+                    Ok(_) => {
+                        tracing::debug!(task_id, "task moved on while its unclaimed handler runs");
+                        None
+                    }
+                    Err(err) => {
+                        tracing::warn!(task_id, %err, "claiming a running attempt failed");
+                        Some(false)
+                    }
+                }
+            }
+            Some(true) => {
+                match store
+                    .renew_lease(task_id, message.attempt, token, lease)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(task_id, "lease lost while the handler runs"),
+                    Err(err) => tracing::warn!(task_id, %err, "lease renewal failed"),
+                }
+                Some(true)
+            }
+            None => None,
         }
     }
 
@@ -248,6 +304,7 @@ impl Runner {
     }
 
     /// Runs the handler in its own task (so a panic is an error, not a dead worker),
+    /// claiming the attempt after [`CLAIM_AFTER`] if it is not `claimed` yet, and
     /// renewing the lease while it runs. When its timeout passes, its stop token
     /// fires; if it has not returned [`STOP_GRACE`] later it is dropped, and the
     /// attempt fails (retryably) as timed out, freeing its slot.
@@ -255,6 +312,7 @@ impl Runner {
         &self,
         message: &TaskMessage,
         token: &str,
+        claimed: bool,
     ) -> Result<serde_json::Value, TaskError> {
         let stop = CancellationToken::new();
         let ctx = TaskContext {
@@ -281,8 +339,13 @@ impl Runner {
         // The handler's own log lines carry the attempt's span: its job and task ids.
         let mut handle = tokio::spawn(future.instrument(tracing::Span::current()));
         let lease = self.shared.config.lease;
-        let mut renew =
-            tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+        let first = match claimed {
+            true => lease / 3,
+            false => CLAIM_AFTER.min(lease / 3),
+        };
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + first, lease / 3);
+        // Whether the attempt is ours in the store: claimed, or still to claim (Some(false)).
+        let mut ours = Some(claimed);
         let started = std::time::Instant::now();
         // RabbitMQ closes the channel of a delivery unacked past consumer_timeout; the
         // task then comes back as a redelivery and runs a second time. Say so early.
@@ -321,11 +384,7 @@ impl Runner {
                             "handler is nearing the broker's consumer_timeout; raise it in rabbitmq.conf for tasks this long"
                         );
                     }
-                    match self.shared.store.renew_lease(message.task_id, message.attempt, token, lease).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::warn!(task_id = message.task_id, "lease lost while the handler runs"),
-                        Err(err) => tracing::warn!(task_id = message.task_id, %err, "lease renewal failed"),
-                    }
+                    ours = self.keep_claim(message, token, ours).await;
                 }
             }
         }
