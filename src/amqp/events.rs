@@ -3,7 +3,7 @@
 //!
 //! The row is written in the transaction that ends the job and claimed by its writer;
 //! it is marked published only after the events exchange confirmed it — at once, or,
-//! for a publisher that [defers its marks](EventPublisher::deferring_marks), in its
+//! for a publisher that defers its marks (`EventPublisher::deferring_marks`), in its
 //! owner's next transaction or [`MARK_AFTER`] later. A crash in between leaves the
 //! row for the relay, once the claim lapses: the event is published again.
 //!

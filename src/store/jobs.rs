@@ -57,7 +57,7 @@ impl Store {
     /// without tasks ends at once ([`Store::start_job`]).
     ///
     /// `published`: jobs made earlier whose task messages the broker has confirmed
-    /// since, marked so ([`Store::mark_tasks_published`]) in the same transaction, so
+    /// since, marked so (as `mark_tasks_published` does) in the same transaction, so
     /// that a stream of small jobs costs one commit each, not two.
     pub async fn create_whole_jobs(
         &self,

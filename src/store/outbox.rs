@@ -110,7 +110,7 @@ impl Store {
     }
 
     /// Marks events confirmed by the events exchange, each with what became of its
-    /// target (if it has one) on the same try ([`mark_published`]), in one transaction
+    /// target (if it has one) on the same try (`mark_published`), in one transaction
     /// when there are several statements.
     pub async fn mark_events_published(&self, events: &[Published]) -> Result<(), StoreError> {
         let statements = mark_published(self.backend(), events);
