@@ -259,7 +259,7 @@ struct Finished {
 enum Start {
     /// Claimed: fresh, or taken over.
     Claimed(Claim),
-    /// Unclaimed, until its handler has run [`run::CLAIM_AFTER`].
+    /// Unclaimed, until its handler has run [`unclaimed::CLAIM_AFTER`].
     Unclaimed(unclaimed::Running),
 }
 
@@ -325,7 +325,7 @@ impl Runner {
                 // recorded (or claimed), the copy's claim finds it moved on.
                 let runner = self.clone();
                 tokio::spawn(async move {
-                    runner.unclaimed.wait(key, run::CLAIM_AFTER * 2).await;
+                    runner.unclaimed.wait(key, unclaimed::CLAIM_AFTER * 2).await;
                     runner.spawn_single(delivery, slot, handler, message, new_token());
                 });
             }

@@ -21,10 +21,9 @@ use crate::protocol::TaskMessage;
 use crate::registry::{TaskContext, TaskError};
 use crate::store::TaskOutcome;
 
+use super::unclaimed::CLAIM_AFTER;
 use super::{Finished, Runner, Start};
 
-/// How long a handler runs unclaimed before its attempt is claimed.
-pub(super) const CLAIM_AFTER: Duration = Duration::from_secs(1);
 /// How long a handler whose timeout passed gets to return after its stop token fired,
 /// before it is dropped.
 const STOP_GRACE: Duration = Duration::from_secs(1);

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+/// How long a handler runs unclaimed before its attempt is claimed.
+pub(super) const CLAIM_AFTER: Duration = Duration::from_secs(1);
+
 /// A task id and an attempt number.
 type Key = (i64, i32);
 
