@@ -322,6 +322,7 @@ impl Inner {
                             .mark_tasks_published(
                                 std::slice::from_ref(&job.id),
                                 job.phase_first_ordinal,
+                                job.run,
                             )
                             .await?;
                         tracing::info!(%job_id, tasks = job.task_count, pool = %job.queue, "job fed");

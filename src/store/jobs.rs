@@ -55,25 +55,15 @@ impl Store {
     /// duplicate request). A retry after a commit whose answer was lost finds every job
     /// existing, so nothing is created twice. Each job needs at least one task: a job
     /// without tasks ends at once ([`Store::start_job`]).
-    ///
-    /// `published`: jobs made earlier whose task messages the broker has confirmed
-    /// since, marked so (as `mark_tasks_published` does) in the same transaction, so
-    /// that a stream of small jobs costs one commit each, not two.
     pub async fn create_whole_jobs(
         &self,
         jobs: &[WholeJob],
-        published: &[String],
     ) -> Result<Vec<Option<Vec<(i64, i32)>>>, StoreError> {
         let backend = self.backend();
         self.retrying("create whole jobs", || {
-            let (jobs, published) = (jobs.to_vec(), published.to_vec());
+            let jobs = jobs.to_vec();
             self.transact(move |txn| {
-                Box::pin(async move {
-                    if !published.is_empty() {
-                        mark_published(backend, &published, 0).exec(txn).await?;
-                    }
-                    create_whole_in(txn, backend, &jobs).await
-                })
+                Box::pin(async move { create_whole_in(txn, backend, &jobs).await })
             })
         })
         .await
@@ -193,19 +183,26 @@ impl Store {
         .await
     }
 
-    /// Records that every task message of the jobs' phase that starts at ordinal
-    /// `phase_first_ordinal` was published, so that a redelivered request does not
-    /// publish them again. A job that has moved on to a later phase since (its tasks
-    /// all finished the moment their messages went out) is left alone: the messages of
-    /// its new phase are not published yet.
+    /// Records that every task message of run `run` of the running jobs' phase that
+    /// starts at ordinal `phase_first_ordinal` was published, so that a redelivered
+    /// request (or the orphan scan) does not publish them again. A job that has ended
+    /// needs no mark; one that has moved on to a later phase since (its tasks all
+    /// finished the moment their messages went out), or was retried (a later run), is
+    /// left alone: the messages of its new phase or run are not published yet.
     pub(crate) async fn mark_tasks_published(
         &self,
         job_ids: &[String],
         phase_first_ordinal: i64,
+        run: i32,
     ) -> Result<(), StoreError> {
         let backend = self.backend();
         self.retrying("mark tasks published", || async {
-            mark_published(backend, job_ids, phase_first_ordinal)
+            job::Entity::update_many()
+                .col_expr(job::Column::TasksPublished, Expr::value(true))
+                .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
+                .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
+                .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
+                .filter(job::Column::Run.eq(run))
                 .exec(&self.db)
                 .await?;
             Ok(())
@@ -388,18 +385,6 @@ fn job_row(
         run: Set(1),
         fed_through: Set(-1),
     }
-}
-
-/// The statement of [`Store::mark_tasks_published`].
-fn mark_published(
-    backend: DatabaseBackend,
-    job_ids: &[String],
-    phase_first_ordinal: i64,
-) -> sea_orm::UpdateMany<job::Entity> {
-    job::Entity::update_many()
-        .col_expr(job::Column::TasksPublished, Expr::value(true))
-        .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
-        .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
 }
 
 /// The statements of [`Store::create_whole_jobs`], in the caller's transaction.

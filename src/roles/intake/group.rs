@@ -1,23 +1,30 @@
 //! Group formation: small new jobs of many requests made in one transaction.
 //!
 //! A request whose job fits in one insert hands it to the group former instead of
-//! forming it alone. The former takes every job waiting when it is free (up to
-//! [`GROUP_TASKS`] tasks), creates them whole in one transaction — `running` at once,
-//! with all their task rows — publishes their task messages (confirms pipelined), and
-//! answers each request. That their messages went out is recorded in the next group's
-//! transaction, or after [`MARK_AFTER`] with no next group: a stream of small jobs
-//! costs one commit per group. Until then a job looks unpublished, which costs nothing
-//! but on a crash: the orphan scan (which waits longer than that for a job) then
-//! publishes its messages again, and a claim finds the copies stale.
+//! forming it alone. The former takes every job waiting when the last group's
+//! transaction has committed (up to [`GROUP_TASKS`] tasks), creates them whole in one
+//! transaction — `running` at once, with all their task rows — publishes their task
+//! messages (confirms pipelined), and answers each request. One group's transaction
+//! runs while the groups before it wait for their confirms; jobs that arrive meanwhile
+//! join the next group, so a burst costs few transactions. That their messages went
+//! out is recorded every [`MARK_AFTER`], for every job published meanwhile in one
+//! statement, and only on the jobs still running then: a single-task job has usually
+//! ended by then, so the mark costs no row version and never waits on the row lock of
+//! the worker ending the job. Until
+//! then a job looks unpublished, which costs nothing but on a crash: the orphan scan
+//! (which waits five times longer for a job) then publishes its messages again, and
+//! the copies find their rows moved on.
 //!
 //! One request's failure never fails its neighbours: a group whose transaction fails
 //! for good is formed again one job at a time, so only the job the database refuses
 //! gets the error (and its request is parked with it).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{all_confirmed, Publisher};
 use crate::amqp::dispatch;
@@ -31,9 +38,8 @@ use crate::store::{Store, WholeJob};
 pub(super) const WHOLE_JOB_TASKS: usize = 256;
 /// Tasks in one group at most (a group holds at least one job).
 const GROUP_TASKS: usize = 1_024;
-/// How long the former waits for a next group to record the jobs it published with,
-/// before it records them alone.
-const MARK_AFTER: Duration = Duration::from_millis(50);
+/// How long after its messages are confirmed a job is recorded as published, at most.
+const MARK_AFTER: Duration = Duration::from_secs(1);
 
 /// What became of a job handed to the group former.
 pub(super) enum Grouped {
@@ -58,11 +64,12 @@ impl GroupFormer {
     /// Starts a former publishing on `publisher`.
     pub fn start(publisher: Publisher, topology: Topology, store: Store) -> Self {
         let (jobs, waiting) = mpsc::unbounded_channel();
-        let former = Former {
+        let former = Arc::new(Former {
             publisher,
             topology,
             store,
-        };
+            unmarked: Mutex::default(),
+        });
         tokio::spawn(former.run(waiting));
         Self { jobs }
     }
@@ -82,25 +89,23 @@ struct Former {
     publisher: Publisher,
     topology: Topology,
     store: Store,
+    /// Jobs whose messages are confirmed but not yet recorded as published.
+    unmarked: Mutex<Vec<String>>,
 }
 
 impl Former {
     /// Takes the jobs waiting, a group at a time, until every handle is dropped.
-    async fn run(self, mut waiting: mpsc::UnboundedReceiver<Member>) {
-        // Jobs whose messages are confirmed but not yet recorded as published.
-        let mut unmarked = Vec::new();
-        loop {
-            let first = match unmarked.is_empty() {
-                true => waiting.recv().await,
-                false => match tokio::time::timeout(MARK_AFTER, waiting.recv()).await {
-                    Ok(first) => first,
-                    Err(_) => {
-                        self.mark(&mut unmarked).await;
-                        continue;
-                    }
-                },
+    async fn run(self: Arc<Self>, mut waiting: mpsc::UnboundedReceiver<Member>) {
+        let marking = CancellationToken::new();
+        tokio::spawn(self.clone().mark_every(marking.clone()));
+        // One group in its transaction at a time.
+        let transaction = Arc::new(Semaphore::new(1));
+        let forming = TaskTracker::new();
+        while let Some(first) = waiting.recv().await {
+            // Jobs that arrive while every group is busy join the next one.
+            let Ok(turn) = transaction.clone().acquire_owned().await else {
+                break;
             };
-            let Some(first) = first else { break };
             let mut tasks = first.whole.tasks.len();
             let mut group = vec![first];
             while tasks < GROUP_TASKS {
@@ -108,26 +113,41 @@ impl Former {
                 tasks += next.whole.tasks.len();
                 group.push(next);
             }
-            self.form_group(group, &mut unmarked).await;
+            let former = self.clone();
+            forming.spawn(async move { former.form_group(group, turn).await });
         }
-        self.mark(&mut unmarked).await;
+        forming.close();
+        forming.wait().await;
+        marking.cancel();
+        self.mark().await;
     }
 
-    /// Records `unmarked` as published on its own. A failure leaves them to the next
-    /// group's transaction, or to the orphan scan.
-    async fn mark(&self, unmarked: &mut Vec<String>) {
-        if unmarked.is_empty() {
-            return;
-        }
-        match self.store.mark_tasks_published(unmarked, 0).await {
-            Ok(()) => unmarked.clear(),
-            Err(err) => {
-                tracing::warn!(jobs = unmarked.len(), %err, "could not record published jobs; the next group will")
+    /// Records the jobs published meanwhile, every [`MARK_AFTER`], until `stop`.
+    async fn mark_every(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(MARK_AFTER) => self.mark().await,
             }
         }
     }
 
-    async fn form_group(&self, group: Vec<Member>, unmarked: &mut Vec<String>) {
+    /// Records the jobs published so far; a failure leaves them to the next try (the
+    /// orphan scan publishes them meanwhile if it must).
+    async fn mark(&self) {
+        let unmarked = std::mem::take(&mut *self.unmarked.lock().unwrap());
+        if unmarked.is_empty() {
+            return;
+        }
+        // A job the former made is in its first run; a retry since is another's.
+        if let Err(err) = self.store.mark_tasks_published(&unmarked, 0, 1).await {
+            tracing::warn!(jobs = unmarked.len(), %err, "could not record published jobs; will retry");
+            self.unmarked.lock().unwrap().extend(unmarked);
+        }
+    }
+
+    /// Forms a group, letting the next one have `turn` once its transaction is over.
+    async fn form_group(&self, group: Vec<Member>, turn: OwnedSemaphorePermit) {
         // Two requests with one job id: only the first can create it here; the other
         // finds it made and goes the way of a duplicate.
         let mut ids = std::collections::HashSet::new();
@@ -139,7 +159,7 @@ impl Former {
         }
         let (jobs, answers): (Vec<WholeJob>, Vec<_>) =
             group.into_iter().map(|m| (m.whole, m.answer)).unzip();
-        match self.form(&jobs, unmarked).await {
+        match self.form(&jobs, Some(turn)).await {
             Ok(results) => {
                 for (answer, grouped) in answers.into_iter().zip(results) {
                     let _ = answer.send(Ok(grouped));
@@ -149,7 +169,7 @@ impl Former {
                 tracing::warn!(jobs = jobs.len(), %err, "a group of jobs failed; forming them one at a time");
                 for (whole, answer) in jobs.iter().zip(answers) {
                     let alone = self
-                        .form(std::slice::from_ref(whole), unmarked)
+                        .form(std::slice::from_ref(whole), None)
                         .await
                         .map(|mut results| results.remove(0))
                         .map_err(Arc::new);
@@ -167,16 +187,16 @@ impl Former {
         }
     }
 
-    /// Creates the jobs whole (recording `unmarked` as published in that transaction)
-    /// and publishes the tasks of those it created, adding them to `unmarked` once
-    /// confirmed.
+    /// Creates the jobs whole, gives up `turn`, and publishes the tasks of those it
+    /// created, to be recorded as published once confirmed.
     async fn form(
         &self,
         jobs: &[WholeJob],
-        unmarked: &mut Vec<String>,
+        turn: Option<OwnedSemaphorePermit>,
     ) -> Result<Vec<Grouped>, Error> {
-        let created = self.store.create_whole_jobs(jobs, unmarked).await?;
-        unmarked.clear();
+        let created = self.store.create_whole_jobs(jobs).await;
+        drop(turn);
+        let created = created?;
         let mut pending = Vec::new();
         let mut published = Vec::new();
         for (whole, rows) in jobs.iter().zip(&created) {
@@ -202,7 +222,7 @@ impl Former {
             published.push(job.id.clone());
         }
         all_confirmed(pending).await?;
-        unmarked.extend(published);
+        self.unmarked.lock().unwrap().extend(published);
         Ok(created
             .into_iter()
             .map(|rows| match rows {

@@ -50,6 +50,7 @@ use lapin::message::Delivery;
 use lapin::Connection;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::shared::{take_slot, Shared};
@@ -135,6 +136,7 @@ pub(crate) async fn run(
             shared.store.clone(),
         )
         .deferring_marks(),
+        publishing: TaskTracker::new(),
         publisher,
         queue: consumer.queue().to_owned(),
         pool,
@@ -167,6 +169,8 @@ pub(crate) async fn run(
     // holds the runner (and its publisher), and a restarted run makes its own.
     recorder.abort();
     consuming.cancel();
+    runner.publishing.close();
+    runner.publishing.wait().await;
     runner.events.close().await;
     runner.publisher.close().await;
     consumed
@@ -268,6 +272,9 @@ struct Runner {
     publisher: Publisher,
     /// Publishes the events of the jobs whose last outcomes this worker records.
     events: EventPublisher,
+    /// The publishing of those events: each batch's runs beside the next batch's
+    /// recording, and the run waits for them before it closes.
+    publishing: TaskTracker,
     pool: String,
     queue: String,
     shutdown: CancellationToken,

@@ -1,6 +1,7 @@
 //! Recording outcomes: a batch of outcomes in one transaction (with the ends of the
 //! jobs they end), the retries and the finished-event message it causes, every
-//! confirm, then the acks, then the ended jobs' events.
+//! confirm, then the acks, then the ended jobs' events, published beside the next
+//! batch.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,8 +168,13 @@ impl Runner {
             tracing::info!(job_id = %event.job_id, kind = %event.kind, "job ended");
         }
         // After the acks: the events are safe in the outbox, and one that cannot be
-        // published now is the outbox relay's.
-        self.events.publish_or_defer(&ended).await;
+        // published now is the outbox relay's. The next batch need not wait for their
+        // confirms.
+        if !ended.is_empty() {
+            let events = self.events.clone();
+            self.publishing
+                .spawn(async move { events.publish_or_defer(&ended).await });
+        }
     }
 
     /// Acks a delivery whose effects are committed and confirmed, or returns it to the
