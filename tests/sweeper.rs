@@ -244,7 +244,7 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
         run: 1,
         outcome: TaskOutcome::Done(json!("ok")),
     };
-    assert_eq!(store.finish_tasks(&[done], &[]).await.unwrap().ids.len(), 1);
+    assert_eq!(store.finish_tasks(&[done]).await.unwrap().ids.len(), 1);
     // Its finished event lost, the job is the sweeper's; so is a stale formation.
     assert!(store
         .create_job(&echo_job("half-formed", FailurePolicy::Continue))
@@ -345,18 +345,10 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
             outcome: TaskOutcome::Done(json!("ok")),
         })
         .collect();
-    assert_eq!(
-        store
-            .finish_tasks(&transitions, &[])
-            .await
-            .unwrap()
-            .ids
-            .len(),
-        3
-    );
+    assert_eq!(store.finish_tasks(&transitions).await.unwrap().ids.len(), 3);
     assert!(
         store
-            .finish_tasks(&transitions, &[])
+            .finish_tasks(&transitions)
             .await
             .unwrap()
             .ids
@@ -421,14 +413,11 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         outcome,
     };
     let recorded = store
-        .finish_tasks(
-            &[
-                outcome(first, TaskOutcome::Done(json!("ok"))),
-                outcome(first, TaskOutcome::Failed("second copy failed".into())),
-                outcome(second, TaskOutcome::Done(json!("ok"))),
-            ],
-            &[],
-        )
+        .finish_tasks(&[
+            outcome(first, TaskOutcome::Done(json!("ok"))),
+            outcome(first, TaskOutcome::Failed("second copy failed".into())),
+            outcome(second, TaskOutcome::Done(json!("ok"))),
+        ])
         .await
         .unwrap();
     assert_eq!(recorded.ids.len(), 2);
@@ -457,16 +446,13 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
         .await
         .unwrap();
     store
-        .finish_tasks(
-            &[Transition {
-                job_id: "split-claim".into(),
-                task_id: retried,
-                attempt: 1,
-                run: 1,
-                outcome: TaskOutcome::Retrying("once more".into()),
-            }],
-            &[],
-        )
+        .finish_tasks(&[Transition {
+            job_id: "split-claim".into(),
+            task_id: retried,
+            attempt: 1,
+            run: 1,
+            outcome: TaskOutcome::Retrying("once more".into()),
+        }])
         .await
         .unwrap();
     // The database refuses every claim of a second attempt.
@@ -523,16 +509,13 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
         .await
         .unwrap();
     store
-        .finish_tasks(
-            &[Transition {
-                job_id: "lost-retry".into(),
-                task_id,
-                attempt: 1,
-                run: 1,
-                outcome: TaskOutcome::Retrying("first try failed".into()),
-            }],
-            &[],
-        )
+        .finish_tasks(&[Transition {
+            job_id: "lost-retry".into(),
+            task_id,
+            attempt: 1,
+            run: 1,
+            outcome: TaskOutcome::Retrying("first try failed".into()),
+        }])
         .await
         .unwrap();
     let before = store.task(task_id).await.unwrap().unwrap();

@@ -2,10 +2,8 @@
 //! `on_complete` target, and the relay that publishes what is left over.
 //!
 //! The row is written in the transaction that ends the job and claimed by its writer;
-//! it is marked published only after the events exchange confirmed it — at once, or,
-//! for a publisher that defers its marks (`EventPublisher::deferring_marks`), in its
-//! owner's next transaction or [`MARK_AFTER`] later. A crash in between leaves the
-//! row for the relay, once the claim lapses: the event is published again.
+//! it is marked published only after the events exchange confirmed it. A crash in
+//! between leaves the row for the relay, once the claim lapses.
 //!
 //! The `on_complete` target is named by the producer and may not exist. It is published
 //! on a channel of its own (a missing exchange makes the broker close the channel it was
@@ -13,8 +11,8 @@
 //! it is recorded on the row and retried [`TARGET_ATTEMPTS`] times in all, with waits
 //! doubling from [`TARGET_FIRST_WAIT`], then given up with a warning.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
@@ -23,17 +21,13 @@ use crate::amqp::broker::{all_confirmed, BrokerError, Outgoing, Pending, Publish
 use crate::amqp::topology::Topology;
 use crate::error::Error;
 use crate::protocol::{JobEvent, ReplyAddress, Target, REJECTED, STAGE};
-use crate::store::{job_event, PhaseChange, Published, Store, TargetOutcome};
+use crate::store::{job_event, PhaseChange, Store, TargetOutcome};
 
 const RELAY_BATCH: u64 = 100;
 /// Publishes to an `on_complete` target before it is given up.
 pub const TARGET_ATTEMPTS: i32 = 5;
 /// The wait after the first failed publish to a target; each later one doubles it.
 pub const TARGET_FIRST_WAIT: Duration = Duration::from_secs(2);
-/// How long a deferred mark waits for its owner's next transaction before it is
-/// written on its own: far inside [`crate::store::EVENT_CLAIM`], so that the relay
-/// never takes a published event for a stray.
-pub const MARK_AFTER: Duration = Duration::from_millis(50);
 
 /// Publishes job events from the outbox: to the events exchange and each job's
 /// `on_complete` target, and, as the relay, whatever a publisher left behind.
@@ -44,15 +38,6 @@ pub(crate) struct EventPublisher {
     targets: Arc<OnceCell<Publisher>>,
     topology: Topology,
     store: Store,
-    /// Set when the marks are deferred: the events published and not marked yet.
-    unmarked: Option<Arc<Mutex<Unmarked>>>,
-}
-
-/// Published events waiting for their mark, and since when the oldest has waited.
-#[derive(Default)]
-struct Unmarked {
-    events: Vec<Published>,
-    since: Option<Instant>,
 }
 
 impl EventPublisher {
@@ -64,81 +49,12 @@ impl EventPublisher {
             targets: Arc::default(),
             topology,
             store,
-            unmarked: None,
         }
     }
 
-    /// This publisher, leaving the marks of the events it publishes to its owner's
-    /// next transaction ([`Self::take_unmarked`]), or to [`Self::mark_every`] once
-    /// they have waited [`MARK_AFTER`]: a role that commits often saves a commit per
-    /// event.
-    pub fn deferring_marks(mut self) -> Self {
-        self.unmarked = Some(Arc::default());
-        self
-    }
-
-    /// The published events not marked yet, for the caller's next transaction to mark;
-    /// [`Self::put_back`] them if it fails.
-    pub fn take_unmarked(&self) -> Vec<Published> {
-        match &self.unmarked {
-            Some(unmarked) => {
-                let mut unmarked = unmarked.lock().unwrap();
-                unmarked.since = None;
-                std::mem::take(&mut unmarked.events)
-            }
-            None => Vec::new(),
-        }
-    }
-
-    /// Returns marks taken by [`Self::take_unmarked`] whose transaction failed.
-    pub fn put_back(&self, events: Vec<Published>) {
-        if let (Some(unmarked), false) = (&self.unmarked, events.is_empty()) {
-            let mut unmarked = unmarked.lock().unwrap();
-            unmarked.events.extend(events);
-            unmarked.since.get_or_insert_with(Instant::now);
-        }
-    }
-
-    /// Marks the deferred events that have waited [`MARK_AFTER`], every [`MARK_AFTER`],
-    /// until `stop`.
-    pub async fn mark_every(self, stop: CancellationToken) {
-        let Some(unmarked) = self.unmarked.clone() else {
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(MARK_AFTER) => {}
-            }
-            let due = {
-                let mut unmarked = unmarked.lock().unwrap();
-                match unmarked.since {
-                    Some(since) if since.elapsed() >= MARK_AFTER => {
-                        unmarked.since = None;
-                        std::mem::take(&mut unmarked.events)
-                    }
-                    _ => continue,
-                }
-            };
-            self.mark(due).await;
-        }
-    }
-
-    /// Marks events taken from the deferred ones; on failure they go back.
-    async fn mark(&self, events: Vec<Published>) {
-        if events.is_empty() {
-            return;
-        }
-        if let Err(err) = self.store.mark_events_published(&events).await {
-            tracing::warn!(events = events.len(), %err, "could not mark published events; will retry");
-            self.put_back(events);
-        }
-    }
-
-    /// Marks the deferred events now, and closes the channel of the `on_complete`
-    /// targets, if one was opened; the main publisher is its owner's to close.
+    /// Closes the channel of the `on_complete` targets, if one was opened; the main
+    /// publisher is its owner's to close.
     pub async fn close(&self) {
-        self.mark(self.take_unmarked()).await;
         if let Some(targets) = self.targets.get() {
             targets.close().await;
         }
@@ -158,11 +74,9 @@ impl EventPublisher {
         }
         let targets = self.attempt_targets(events, &bodies).await;
         all_confirmed(pending).await?;
-        let outcomes: Vec<Published> = events.iter().map(|event| event.id).zip(targets).collect();
-        match &self.unmarked {
-            Some(_) => self.put_back(outcomes),
-            None => self.store.mark_events_published(&outcomes).await?,
-        }
+        let outcomes: Vec<(i64, Option<TargetOutcome>)> =
+            events.iter().map(|event| event.id).zip(targets).collect();
+        self.store.mark_events_published(&outcomes).await?;
         for event in events {
             tracing::info!(job_id = %event.job_id, kind = %event.kind, "job event published");
             // Counted here, once per event marked published, rather than where jobs

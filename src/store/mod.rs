@@ -29,7 +29,7 @@ mod views;
 pub use error::StoreError;
 pub use external::{Seen, SyncChange, SyncWrite};
 pub use handle::Store;
-pub use outbox::{Published, TargetOutcome, EVENT_CLAIM};
+pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
 pub use rerun::{retry_refused, Rerun};

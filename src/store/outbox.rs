@@ -7,8 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement,
 };
 
 use super::error::StoreError;
@@ -110,10 +110,53 @@ impl Store {
     }
 
     /// Marks events confirmed by the events exchange, each with what became of its
-    /// target (if it has one) on the same try (`mark_published`), in one transaction
-    /// when there are several statements.
-    pub async fn mark_events_published(&self, events: &[Published]) -> Result<(), StoreError> {
-        let statements = mark_published(self.backend(), events);
+    /// target (if it has one) on the same try: one statement for the events without
+    /// a target, one per number of tries for those whose target took them, one for
+    /// each whose target failed — all in one transaction when there are several.
+    pub async fn mark_events_published(
+        &self,
+        events: &[(i64, Option<TargetOutcome>)],
+    ) -> Result<(), StoreError> {
+        let mut plain = Vec::new();
+        let mut sent: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (id, target) in events {
+            match target {
+                None => plain.push(*id),
+                Some(TargetOutcome::Sent { attempts }) => {
+                    sent.entry(*attempts).or_default().push(*id)
+                }
+                Some(outcome @ TargetOutcome::Failed { .. }) => failed.push((*id, outcome.clone())),
+            }
+        }
+        let backend = self.backend();
+        let now = Utc::now();
+        let mut statements: Vec<sea_orm::UpdateMany<job_event::Entity>> = Vec::new();
+        let published = || {
+            job_event::Entity::update_many()
+                .col_expr(job_event::Column::PublishedAt, Expr::value(now))
+        };
+        if !plain.is_empty() {
+            statements.push(published().filter(one_of(backend, job_event::Column::Id, plain)));
+        }
+        for (attempts, ids) in sent {
+            statements.push(
+                TargetOutcome::Sent { attempts }
+                    .apply(published())
+                    .filter(one_of(backend, job_event::Column::Id, ids)),
+            );
+        }
+        for (id, outcome) in failed {
+            statements.push(
+                outcome
+                    .apply(published())
+                    .filter(job_event::Column::Id.eq(id)),
+            );
+        }
+        let statements: Vec<Statement> = statements
+            .into_iter()
+            .map(|update| backend.build(&update.into_query()))
+            .collect();
         self.retrying("mark events published", || async {
             if let [one] = statements.as_slice() {
                 self.db.execute_raw(one.clone()).await?;
@@ -206,52 +249,6 @@ impl Store {
         })
         .await
     }
-}
-
-/// An event the events exchange confirmed, with what became of its target (if it has
-/// one) on the same try.
-pub type Published = (i64, Option<TargetOutcome>);
-
-/// The statements that mark `events` published: one for the events without a target,
-/// one per number of tries for those whose target took them, one for each whose
-/// target failed.
-pub(super) fn mark_published(backend: DatabaseBackend, events: &[Published]) -> Vec<Statement> {
-    let mut plain = Vec::new();
-    let mut sent: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-    let mut failed = Vec::new();
-    for (id, target) in events {
-        match target {
-            None => plain.push(*id),
-            Some(TargetOutcome::Sent { attempts }) => sent.entry(*attempts).or_default().push(*id),
-            Some(outcome @ TargetOutcome::Failed { .. }) => failed.push((*id, outcome)),
-        }
-    }
-    let now = Utc::now();
-    let mut statements: Vec<sea_orm::UpdateMany<job_event::Entity>> = Vec::new();
-    let published = || {
-        job_event::Entity::update_many().col_expr(job_event::Column::PublishedAt, Expr::value(now))
-    };
-    if !plain.is_empty() {
-        statements.push(published().filter(one_of(backend, job_event::Column::Id, plain)));
-    }
-    for (attempts, ids) in sent {
-        statements.push(
-            TargetOutcome::Sent { attempts }
-                .apply(published())
-                .filter(one_of(backend, job_event::Column::Id, ids)),
-        );
-    }
-    for (id, outcome) in failed {
-        statements.push(
-            outcome
-                .apply(published())
-                .filter(job_event::Column::Id.eq(id)),
-        );
-    }
-    statements
-        .into_iter()
-        .map(|update| backend.build(&update.into_query()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -32,7 +32,6 @@ use sea_orm::{
 use super::error::StoreError;
 use super::handle::Store;
 use super::job_ends::end_over_in;
-use super::outbox::{mark_published, Published};
 use super::pg_batch::{self, one_of};
 use super::rows::{Claim, Recorded, TaskOutcome, Transition};
 use crate::clock;
@@ -221,26 +220,14 @@ impl Store {
     /// duplicate, which changes no row, can never count twice. A job those counters
     /// show over ends in that transaction too: its event is in the outbox when this
     /// returns, and no finished event need go to the completion role for its tasks.
-    ///
-    /// `published`: events published since the last call, marked so in the same
-    /// transaction, so that recording outcomes and the events they caused share a
-    /// commit.
-    pub async fn finish_tasks(
-        &self,
-        transitions: &[Transition],
-        published: &[Published],
-    ) -> Result<Recorded, StoreError> {
+    pub async fn finish_tasks(&self, transitions: &[Transition]) -> Result<Recorded, StoreError> {
         let finishing = self.finishing(transitions);
-        let marks = mark_published(self.backend(), published);
         self.retrying("finish tasks", || async {
-            let (finishing, marks) = (finishing.clone(), marks.clone());
+            let finishing = finishing.clone();
             self.transact(move |txn| {
                 Box::pin(async move {
                     let (ids, counted) = finish_in(txn, &finishing).await?;
                     let (ended, to_check) = end_over_in(txn, &counted).await?;
-                    for mark in marks {
-                        txn.execute_raw(mark).await?;
-                    }
                     Ok(Recorded {
                         ids,
                         ended,

@@ -134,8 +134,7 @@ pub(crate) async fn run(
             publisher.clone(),
             shared.topology.clone(),
             shared.store.clone(),
-        )
-        .deferring_marks(),
+        ),
         publishing: TaskTracker::new(),
         publisher,
         queue: consumer.queue().to_owned(),
@@ -149,7 +148,6 @@ pub(crate) async fn run(
     });
     let recorder = tokio::spawn(runner.clone().record_loop(outcomes_rx));
     let consuming = shutdown.child_token();
-    tokio::spawn(runner.events.clone().mark_every(consuming.clone()));
     tokio::spawn(crate::known_pools::keep_registered(
         shared.store.clone(),
         vec![runner.pool.clone()],

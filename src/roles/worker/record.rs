@@ -61,19 +61,12 @@ impl Runner {
         // connection to the pool still open, holding its job's row lock. Spawned, the
         // transaction commits or rolls back whatever happens to the recorder.
         let store = self.shared.store.clone();
-        // The marks of the events this worker published last time share the commit.
-        let marks = self.events.take_unmarked();
-        let marking = marks.clone();
-        let written =
-            tokio::spawn(async move { store.finish_tasks(&transitions, &marking).await }).await;
+        let written = tokio::spawn(async move { store.finish_tasks(&transitions).await }).await;
         let written = written.unwrap_or_else(|err| {
             Err(StoreError::Db(sea_orm::DbErr::Conn(
                 sea_orm::RuntimeErr::Internal(format!("recording outcomes stopped: {err}")),
             )))
         });
-        if written.is_err() {
-            self.events.put_back(marks);
-        }
         let Recorded {
             ids: recorded,
             ended,
