@@ -183,12 +183,12 @@ impl Store {
         .await
     }
 
-    /// Records that every task message of run `run` of the running jobs' phase that
-    /// starts at ordinal `phase_first_ordinal` was published, so that a redelivered
-    /// request (or the orphan scan) does not publish them again. A job that has ended
-    /// needs no mark; one that has moved on to a later phase since (its tasks all
-    /// finished the moment their messages went out), or was retried (a later run), is
-    /// left alone: the messages of its new phase or run are not published yet.
+    /// Records that every task message of run `run` of the jobs' phase that starts at
+    /// ordinal `phase_first_ordinal` was published, so that a redelivered request (or
+    /// the orphan scan) does not publish them again. A job that has moved on to a later
+    /// phase since (its tasks all finished the moment their messages went out), or was
+    /// retried (a later run), is left alone: the messages of its new phase or run are
+    /// not published yet.
     pub(crate) async fn mark_tasks_published(
         &self,
         job_ids: &[String],
@@ -200,7 +200,6 @@ impl Store {
             job::Entity::update_many()
                 .col_expr(job::Column::TasksPublished, Expr::value(true))
                 .filter(one_of(backend, job::Column::Id, job_ids.to_vec()))
-                .filter(job::Column::Stage.eq(JobStage::Running.as_str()))
                 .filter(job::Column::PhaseFirstOrdinal.eq(phase_first_ordinal))
                 .filter(job::Column::Run.eq(run))
                 .exec(&self.db)

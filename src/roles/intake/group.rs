@@ -8,9 +8,8 @@
 //! runs while the groups before it wait for their confirms; jobs that arrive meanwhile
 //! join the next group, so a burst costs few transactions. That their messages went
 //! out is recorded every [`MARK_AFTER`], for every job published meanwhile in one
-//! statement, and only on the jobs still running then: a single-task job has usually
-//! ended by then, so the mark costs no row version and never waits on the row lock of
-//! the worker ending the job. Until
+//! statement: a single-task job has usually ended by then, so the mark rarely waits on
+//! the row lock of the worker ending the job. Until
 //! then a job looks unpublished, which costs nothing but on a crash: the orphan scan
 //! (which waits five times longer for a job) then publishes its messages again, and
 //! the copies find their rows moved on.
