@@ -6,10 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::Serialize;
-use taskmill::config::DEFAULT_QUEUE;
 use taskmill::{builtin, Client, JobRequest};
 use tokio::sync::Mutex;
 
@@ -17,8 +14,6 @@ use super::cpu::CpuSeconds;
 use super::fleet::Fleet;
 use super::scenario::{percentile, Bench};
 
-/// How long a fresh worker may take to start consuming.
-const READY_WITHIN: Duration = Duration::from_secs(30);
 /// How long events may still arrive after the last publish before they count missing.
 const DRAIN: Duration = Duration::from_secs(15);
 
@@ -49,41 +44,6 @@ impl OpenLoopResult {
 }
 
 impl Bench {
-    /// Waits until the intake, work and completion queues each have a consumer.
-    async fn until_consumed(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_WITHIN;
-        while !self.all_consumed().await? {
-            anyhow::ensure!(Instant::now() < deadline, "no worker started consuming");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    async fn all_consumed(&self) -> anyhow::Result<bool> {
-        let topology = self.client.topology();
-        let queues = [
-            topology.intake_queue(),
-            topology.work_queue(DEFAULT_QUEUE),
-            topology.completion_queue(),
-        ];
-        let channel = self.listener.create_channel().await?;
-        for queue in queues {
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            // A passive declare of a queue not declared yet fails and closes the channel.
-            let declared = channel
-                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-                .await;
-            if !declared.is_ok_and(|queue| queue.consumer_count() > 0) {
-                return Ok(false);
-            }
-        }
-        let _ = channel.close(200, "ready".into()).await;
-        Ok(true)
-    }
-
     /// Publishes one single-task job every 1/`jobs_per_s` s for `seconds`, to one
     /// fresh worker process at the configured settings.
     pub async fn open_loop(
@@ -94,7 +54,7 @@ impl Bench {
     ) -> anyhow::Result<OpenLoopResult> {
         let fleet = Fleet::spawn(&self.config, 1)?;
         // Latency from a worker that is still starting would measure its start.
-        self.until_consumed().await?;
+        self.until_consumed(1).await?;
         let producer = Arc::new(Client::connect(&self.config).await?);
         let cpu_before = CpuSeconds::now(&fleet.pids());
         let published: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();

@@ -131,6 +131,10 @@ impl Report {
         println!();
         println!("columns: db tx and db rows are PostgreSQL transactions and rows written per task; msgs are broker publishes per task;");
         println!("         ÷broker and ÷db 1-row are tasks/s as a share of the baselines above");
+        let ready = self.scenarios.iter().map(|s| s.workers_ready_ms);
+        if let (Some(min), Some(max)) = (ready.clone().reduce(f64::min), ready.reduce(f64::max)) {
+            println!("         each clock starts once its fresh worker processes consume: {min:.0}–{max:.0} ms after they were spawned");
+        }
         if let Some(s1) = self.scenario("S1") {
             println!();
             println!(

@@ -134,6 +134,9 @@ pub struct ScenarioResult {
     pub worker_peak_rss_mib: Option<f64>,
     /// From the first submit to the first task finishing.
     pub first_task_ms: Option<f64>,
+    /// From spawning the worker processes until each consumed, before the clock
+    /// started.
+    pub workers_ready_ms: f64,
     /// The `taskmill submit` process's peak resident set, when it submitted.
     pub submit_peak_rss_mib: Option<f64>,
     /// CPU seconds per 100,000 tasks, by process, from submit to the last event.
@@ -186,6 +189,7 @@ impl Bench {
 
     pub async fn run(&self, spec: &Spec) -> anyhow::Result<ScenarioResult> {
         let fleet = Fleet::spawn(&self.config, spec.workers)?;
+        let workers_ready = self.until_consumed(spec.workers).await?;
         let cpu_before = CpuSeconds::now(&fleet.pids());
         let db_before = self.counters.server_counters().await?;
         let published_before = self.api.as_ref().and_then(ManagementApi::published);
@@ -311,6 +315,7 @@ impl Bench {
             first_task_ms: first_finished
                 .map(|first| (first - started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0),
             submit_peak_rss_mib,
+            workers_ready_ms: workers_ready.as_secs_f64() * 1000.0,
             cpu_s_per_100k_tasks: cpu_after.per_100k_tasks(cpu_before, tasks),
             all_done,
         })
