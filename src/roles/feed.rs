@@ -156,18 +156,24 @@ impl Feeder {
         let (inner, job_id) = (self.inner.clone(), job_id.to_owned());
         self.inner.tasks.spawn(async move {
             let lease = format!("feed:{job_id}");
-            if let Err(err) = inner.feed(&job_id, &lease, patience, &wake).await {
-                tracing::warn!(%job_id, %err, "feeding stopped; a feeder will carry on");
+            let mut patience = patience;
+            loop {
+                if let Err(err) = inner.feed(&job_id, &lease, patience, &wake).await {
+                    tracing::warn!(%job_id, %err, "feeding stopped; a feeder will carry on");
+                }
+                if let Err(err) = inner
+                    .shared
+                    .store
+                    .release_lease(&lease, &inner.holder)
+                    .await
+                {
+                    tracing::debug!(%job_id, %err, "feed lease not released; it expires");
+                }
+                if inner.forget(&job_id, &wake) {
+                    return;
+                }
+                patience = Patience::Wait;
             }
-            if let Err(err) = inner
-                .shared
-                .store
-                .release_lease(&lease, &inner.holder)
-                .await
-            {
-                tracing::debug!(%job_id, %err, "feed lease not released; it expires");
-            }
-            inner.forget(&job_id, &wake);
         });
     }
 
@@ -197,15 +203,23 @@ impl Feeder {
 
 impl Inner {
     /// Takes `job_id` off this pod's list if `wake` is still its entry (a feeder that
-    /// rested took it off already, and a new one may be there).
-    fn forget(&self, job_id: &str, wake: &Arc<Wake>) {
+    /// rested took it off already, and a new one may be there), and says so; or, if the
+    /// job was handed to this feeder again since it last looked, keeps it and says the
+    /// feeder must feed again. That request found the entry and only woke the feeder —
+    /// a multi-stage job's next phase, asked for while the feeder of the last one was
+    /// finishing — and would otherwise wait for the orphan scan.
+    fn forget(&self, job_id: &str, wake: &Arc<Wake>) -> bool {
         let mut feeding = self.feeding.lock().unwrap();
+        if wake.again.swap(false, Ordering::SeqCst) {
+            return false;
+        }
         if feeding
             .get(job_id)
             .is_some_and(|entry| Arc::ptr_eq(entry, wake))
         {
             feeding.remove(job_id);
         }
+        true
     }
 
     /// Whether the feeder of `job_id` may rest: not if it was handed the job again
