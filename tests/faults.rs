@@ -203,8 +203,17 @@ async fn bad_input_flood_is_parked(backend: Backend) {
     .await;
 
     let topology = env.topology();
-    // The workers may not have declared the work queue yet.
-    env.declare_queue(&topology.work_queue("default")).await;
+    // The workers may not have declared the work queue yet: declared as they declare
+    // it (its queue type included), or the first of them to do so would be refused.
+    // Its binding needs the delay ladder's exchanges.
+    let connection = env.connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare_delay_ladder(&channel).await.unwrap();
+    topology
+        .declare_work_queue(&channel, "default")
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
     let targets = [
         (topology.jobs_exchange(), "bad.request".to_owned()),
         (String::new(), topology.work_queue("default")),
