@@ -12,9 +12,14 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat};
 
-#[tokio::main]
-async fn main() {
-    match run(Cli::parse()).await {
+fn main() {
+    // Before the runtime starts its threads: arenas are made as threads first allocate.
+    malloc_arenas();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(Cli::parse())) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("taskmill: {err:#}");
@@ -22,6 +27,27 @@ async fn main() {
         }
     }
 }
+
+/// Caps glibc's malloc at one arena per core, unless `MALLOC_ARENA_MAX` says otherwise.
+/// glibc's own cap is eight per core, and a pod's threads (the runtime's, and on SQLite
+/// one per connection) each end up with an arena that keeps what it once held: a
+/// 100,000-task job on SQLite peaked at 91–94 MiB with glibc's cap and at 66–76 MiB
+/// with this one on 2 cores, in the same time. One arena for all kept it at 62 MiB but
+/// made that job 30–60% slower, its threads waiting on the one arena's lock.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // SAFETY: mallopt only sets a tunable, and no other thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, cores as libc::c_int);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn malloc_arenas() {}
 
 /// Runs the command; its exit code.
 async fn run(cli: Cli) -> anyhow::Result<i32> {
