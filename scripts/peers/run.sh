@@ -210,7 +210,7 @@ if wanted celery; then
         log "installing Celery into scripts/peers/.venv…"
         rm -rf "$HERE/.venv"
         python3 -m venv "$HERE/.venv"
-        "$HERE/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$HERE/requirements.txt"
+        "$HERE/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$HERE/requirements.txt" >&2
         cp "$HERE/requirements.txt" "$HERE/.venv/requirements.txt"
     fi
 fi
@@ -218,7 +218,8 @@ if wanted bullmq; then
     command -v redis-server >/dev/null || { log "redis-server is not on the PATH"; exit 1; }
     if ! cmp -s "$HERE/package-lock.json" "$HERE/node_modules/.peers-lock.json"; then
         log "installing BullMQ into scripts/peers/node_modules…"
-        (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error)
+        # Its summary goes with the progress, to stderr: stdout is the table or the JSON.
+        (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) >&2
         cp "$HERE/package-lock.json" "$HERE/node_modules/.peers-lock.json"
     fi
 fi
