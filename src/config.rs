@@ -117,6 +117,51 @@ pub struct Config {
     /// pod makes a token of its own at start, logs the dashboard's URL with it, and
     /// the dashboard is read-only.
     pub dashboard_token: Option<Token>,
+    /// How long ended jobs are kept once their event is delivered ([`Retention`]).
+    pub retention: Retention,
+    /// How often the cleaner looks for jobs past their retention.
+    pub clean_interval: Duration,
+    /// On PostgreSQL, the span of job creation times whose tasks share a partition
+    /// (`TASKMILL_PARTITION_SPAN`); a day by default.
+    pub partition_span: Duration,
+}
+
+/// How long ended jobs and all their rows are kept after they end (and their event
+/// is delivered): `None` keeps them for ever. The defaults follow River's job
+/// cleaner: a day for jobs that ended as asked, a week for failed ones, which
+/// someone may still want to read or retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Jobs that ended `done` or `cancelled` (`TASKMILL_RETENTION`); 24 h by default.
+    pub ended: Option<Duration>,
+    /// Jobs that ended `failed` (`TASKMILL_RETENTION_FAILED`); 7 days by default.
+    pub failed: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            ended: Some(Duration::from_secs(24 * 3600)),
+            failed: Some(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+impl Retention {
+    /// Keeps every job for ever.
+    pub const FOREVER: Retention = Retention {
+        ended: None,
+        failed: None,
+    };
+}
+
+/// A retention setting: a duration such as `90s`, `30m`, `24h` or `7d`, or `off`
+/// (kept for ever).
+pub fn parse_retention(value: &str) -> Option<Option<Duration>> {
+    match value.trim() {
+        "off" | "forever" => Some(None),
+        value => humantime::parse_duration(value).ok().map(Some),
+    }
 }
 
 /// A secret that never shows in `Debug` output or logs, compared in constant time.
@@ -185,6 +230,9 @@ impl Default for Config {
             http_addr: Some(DEFAULT_HTTP_ADDR),
             http_addr_fallback: true,
             dashboard_token: None,
+            retention: Retention::default(),
+            clean_interval: Duration::from_secs(60),
+            partition_span: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -196,7 +244,9 @@ impl Config {
     /// `TASKMILL_PREFETCH`, `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
     /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
     /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS`, `TASKMILL_CONSUMER_TIMEOUT_SECS`,
-    /// `TASKMILL_HTTP_ADDR` and `TASKMILL_DASHBOARD_TOKEN`. A value that
+    /// `TASKMILL_HTTP_ADDR`, `TASKMILL_DASHBOARD_TOKEN`, `TASKMILL_RETENTION`,
+    /// `TASKMILL_RETENTION_FAILED`, `TASKMILL_CLEAN_SECS` and `TASKMILL_PARTITION_SPAN`.
+    /// A value that
     /// does not parse is an error, not a silent default.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -260,6 +310,19 @@ impl Config {
         if let Some(token) = var("TASKMILL_DASHBOARD_TOKEN") {
             config.dashboard_token = Token::new(token);
         }
+        vars.retention("TASKMILL_RETENTION", &mut config.retention.ended)?;
+        vars.retention("TASKMILL_RETENTION_FAILED", &mut config.retention.failed)?;
+        vars.seconds("TASKMILL_CLEAN_SECS", &mut config.clean_interval)?;
+        if let Some(span) = var("TASKMILL_PARTITION_SPAN") {
+            config.partition_span = humantime::parse_duration(span.trim())
+                .ok()
+                .filter(|span| *span >= Duration::from_secs(1))
+                .ok_or(ConfigError {
+                    variable: "TASKMILL_PARTITION_SPAN",
+                    value: span,
+                    expected: "a duration of a second or more, such as 6h or 1d",
+                })?;
+        }
         Ok(config)
     }
 
@@ -272,6 +335,7 @@ impl Config {
         self.prefetch = self.prefetch.clamp(self.concurrency, u16::MAX as usize);
         self.sweeper_shards = self.sweeper_shards.max(1);
         self.sweep_interval = self.sweep_interval.max(Duration::from_millis(1));
+        self.clean_interval = self.clean_interval.max(Duration::from_millis(1));
         self.task_timeout = self.task_timeout.max(Duration::from_millis(1));
         // A task message holding a payload at the cap must pass the workers' limit.
         self.max_payload_bytes = self.max_payload_bytes.clamp(
@@ -309,6 +373,22 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
             variable,
             value,
             expected: "a whole number",
+        })?;
+        Ok(())
+    }
+
+    fn retention(
+        &self,
+        variable: &'static str,
+        into: &mut Option<Duration>,
+    ) -> Result<(), ConfigError> {
+        let Some(value) = (self.0)(variable) else {
+            return Ok(());
+        };
+        *into = parse_retention(&value).ok_or(ConfigError {
+            variable,
+            value,
+            expected: "a duration such as 90s, 30m, 24h or 7d, or off",
         })?;
         Ok(())
     }
@@ -372,6 +452,10 @@ mod tests {
             ("TASKMILL_FORMATION_SECS", "16"),
             ("TASKMILL_HTTP_ADDR", "127.0.0.1:17"),
             ("TASKMILL_DASHBOARD_TOKEN", "s3cret"),
+            ("TASKMILL_RETENTION", "90m"),
+            ("TASKMILL_RETENTION_FAILED", "off"),
+            ("TASKMILL_CLEAN_SECS", "18"),
+            ("TASKMILL_PARTITION_SPAN", "6h"),
         ])
         .unwrap();
         assert_eq!(config.amqp_url, "amqp://a");
@@ -391,6 +475,10 @@ mod tests {
         assert_eq!(config.consumer_timeout, Duration::from_secs(15));
         assert_eq!(config.formation_timeout, Duration::from_secs(16));
         assert_eq!(config.http_addr, Some("127.0.0.1:17".parse().unwrap()));
+        assert_eq!(config.retention.ended, Some(Duration::from_secs(90 * 60)));
+        assert_eq!(config.retention.failed, None);
+        assert_eq!(config.clean_interval, Duration::from_secs(18));
+        assert_eq!(config.partition_span, Duration::from_secs(6 * 3600));
         assert!(!config.http_addr_fallback, "an address asked for is kept");
         let token = config.dashboard_token.unwrap();
         assert!(token.matches("s3cret") && !token.matches("s3cre") && !token.matches(""));
@@ -418,6 +506,9 @@ mod tests {
         assert!(from(&[("TASKMILL_QUEUE_TYPE", "stream")]).is_err());
         assert!(from(&[("TASKMILL_GRACE_SECS", "-1")]).is_err());
         assert!(from(&[("TASKMILL_HTTP_ADDR", "9464")]).is_err());
+        assert!(from(&[("TASKMILL_RETENTION", "a while")]).is_err());
+        assert!(from(&[("TASKMILL_RETENTION_FAILED", "-7d")]).is_err());
+        assert!(from(&[("TASKMILL_PARTITION_SPAN", "0s")]).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod metrics;
 pub mod pod;
 pub mod protocol;
 pub mod registry;
+pub mod retention;
 mod retry;
 mod roles;
 pub mod stages;

@@ -74,6 +74,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cancel(args) => cli::cancel::run(&config, args).await,
         Command::Retry(args) => cli::retry::run(&config, args).await,
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
+        Command::Prune(args) => cli::prune::run(&config, args, shutdown).await,
         Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
         Command::Bench(args) => cli::bench::run(&config, args).await.map(|()| 0),
     }

@@ -35,6 +35,8 @@ const ROLE_RESTARTS: &str = "taskmill_role_restarts_total";
 const CHANNELS_REOPENED: &str = "taskmill_publisher_channels_reopened_total";
 const DATABASE_RETRIES: &str = "taskmill_database_retries_total";
 const SWEEPER_ACTIONS: &str = "taskmill_sweeper_actions_total";
+/// Rows the cleaner and `taskmill prune` removed: `kind` is `jobs` or `tasks`.
+const ROWS_REMOVED: &str = "taskmill_retention_removed_total";
 /// Task messages of a job's earlier run (from before `taskmill retry`), dropped.
 const STALE_RUN_MESSAGES: &str = "taskmill_stale_run_messages_total";
 
@@ -154,6 +156,10 @@ fn describe() {
     describe_counter!(
         SWEEPER_ACTIONS,
         "What the sweeper did: republished, taken_over, formations_failed"
+    );
+    describe_counter!(
+        ROWS_REMOVED,
+        "Ended jobs, and their task rows, removed past their retention (kind: jobs, tasks)"
     );
     describe_counter!(
         STALE_RUN_MESSAGES,
@@ -278,6 +284,12 @@ pub(crate) fn sweeper_did(action: &'static str, count: usize) {
     if count > 0 {
         counter!(SWEEPER_ACTIONS, "action" => action).increment(count as u64);
     }
+}
+
+/// Retention removed `jobs` jobs and `tasks` task rows.
+pub(crate) fn removed(jobs: u64, tasks: u64) {
+    counter!(ROWS_REMOVED, "kind" => "jobs").increment(jobs);
+    counter!(ROWS_REMOVED, "kind" => "tasks").increment(tasks);
 }
 
 /// A task message of an earlier run of its job reached `pool`'s worker and was dropped.

@@ -42,8 +42,8 @@ pub struct Roles {
     pub worker: bool,
     /// End jobs whose tasks are over, and relay their unpublished events.
     pub completion: bool,
-    /// Re-send lost or stuck work and fail stale formations; one pod at a time holds
-    /// its lease.
+    /// Re-send lost or stuck work and fail stale formations; and remove ended jobs
+    /// past their retention. One pod at a time holds each one's lease.
     pub sweeper: bool,
 }
 
@@ -295,6 +295,7 @@ impl Pod {
         }
         if self.roles.sweeper {
             running.start(Role::Sweeper);
+            running.start(Role::Cleaner);
             // External tasks are synced where they can be: by a pod that has their backend.
             if shared.registry.has_backends() {
                 running.start(Role::Syncer);

@@ -49,6 +49,7 @@ on_both_backends!(
     a_poison_task_fails_alone,
     a_killed_feeder_is_taken_over,
     an_intake_killed_between_parts,
+    a_killed_cleaner_leaves_no_half_removed_job,
 );
 
 mod postgres_only {
@@ -195,12 +196,12 @@ async fn purged_work_queue_is_swept_back(backend: Backend) {
 async fn bad_input_flood_is_parked(backend: Backend) {
     let _serial = SERIAL.lock().await;
     let (env, audit, mut fleet) = setup(backend, &["--max-request-bytes", "65536"]).await;
-    let job_id = submit(
-        &env,
-        builtin::ECHO,
-        (0..1000).map(|n| json!({ "n": n })).collect(),
-    )
-    .await;
+    let job_id = env
+        .submit(
+            builtin::ECHO,
+            (0..1000).map(|n| json!({ "n": n })).collect(),
+        )
+        .await;
 
     let topology = env.topology();
     // The workers may not have declared the work queue yet: declared as they declare
@@ -406,6 +407,133 @@ async fn poison_pod() {
         .unwrap();
 }
 
+/// A cleaner killed -9 half-way through a removal: on SQLite while it deletes a job
+/// too big for one transaction a batch at a time, on PostgreSQL while it deletes the
+/// jobs of a detached partition (slowed by a trigger, so that the kill lands there).
+/// Every job is then whole, gone, or in the removal under way; the next cleaner
+/// finishes it, and what the retention keeps is untouched.
+async fn a_killed_cleaner_leaves_no_half_removed_job(backend: Backend) {
+    const BIG: i64 = 10 * taskmill::retention::TASK_BATCH as i64;
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    // Short partitions, so that the jobs' partition is due at once.
+    let span = [("TASKMILL_PARTITION_SPAN", "1s")];
+    let config = taskmill::Config {
+        partition_span: Duration::from_secs(1),
+        ..env.config.clone()
+    };
+    let pod = env.start(env.pod().config(config));
+    env.wait_for_partition().await;
+    let big = env
+        .submit(builtin::ECHO, (0..BIG).map(|n| json!(n)).collect())
+        .await;
+    let mut small = Vec::new();
+    for _ in 0..5 {
+        small.push(
+            env.submit(builtin::ECHO, vec![json!(1), json!(2), json!(3)])
+                .await,
+        );
+    }
+    // Failed jobs are kept for ever here: it stays.
+    let kept = env
+        .submit(builtin::FAIL, vec![json!({"times": 1, "permanent": true})])
+        .await;
+    for job_id in small.iter().chain([&big, &kept]) {
+        env.wait_for_end(job_id, JOB_TIMEOUT).await;
+    }
+    let delivered = "SELECT COUNT(*) AS n FROM job_events WHERE published_at IS NOT NULL";
+    common::wait_until(JOB_TIMEOUT, || async { env.count(delivered).await == 7 }).await;
+    pod.stop().await;
+    let kept_tasks = env.store.tasks_of_job(&kept).await.unwrap();
+
+    let mut cleaner = Fleet::start(&env, 0, &["--roles", "sweeper"]).await;
+    cleaner.vars.extend(
+        [
+            ("TASKMILL_RETENTION", "0s"),
+            ("TASKMILL_RETENTION_FAILED", "off"),
+            ("TASKMILL_CLEAN_SECS", "1"),
+        ]
+        .into_iter()
+        .chain(span)
+        .map(|(name, value)| (name.to_owned(), value.to_owned())),
+    );
+    let half_way = match backend {
+        Backend::Sqlite => format!(
+            "SELECT COUNT(*) AS n FROM jobs WHERE id = '{big}' AND removal_started_at IS NOT NULL \
+             AND (SELECT COUNT(*) FROM tasks WHERE job_id = '{big}') BETWEEN 1 AND {}",
+            BIG - 1
+        ),
+        Backend::Postgres => {
+            env.execute_sql(&[
+                "CREATE FUNCTION slow_removal() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN PERFORM pg_sleep(0.5); RETURN OLD; END $$",
+                "CREATE TRIGGER slow_removal BEFORE DELETE ON jobs \
+                 FOR EACH ROW EXECUTE FUNCTION slow_removal()",
+            ])
+            .await;
+            "SELECT COUNT(*) AS n FROM task_partitions WHERE detached_at IS NOT NULL".to_owned()
+        }
+    };
+    let child = cleaner.spawn();
+    cleaner.children.push(child);
+    common::wait_until(JOB_TIMEOUT, || async { env.count(&half_way).await == 1 }).await;
+    if backend == Backend::Postgres {
+        // Inside the deletes of the detached partition's jobs.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    cleaner.kill_9(0).await;
+
+    // A job is whole unless it is the one marked for removal, or of a detached span.
+    let being_removed = match backend {
+        Backend::Sqlite => "removal_started_at IS NOT NULL",
+        Backend::Postgres => {
+            "removal_started_at IS NOT NULL OR EXISTS (SELECT 1 FROM task_partitions p \
+             WHERE p.detached_at IS NOT NULL AND jobs.created_at >= p.starts_at \
+             AND jobs.created_at < p.ends_at AND NOT jobs.tasks_kept)"
+        }
+    };
+    let half_removed = format!(
+        "SELECT COUNT(*) AS n FROM jobs WHERE NOT ({being_removed}) \
+         AND task_count <> (SELECT COUNT(*) FROM tasks WHERE tasks.job_id = jobs.id)"
+    );
+    assert_eq!(
+        env.count(&half_removed).await,
+        0,
+        "every other job is whole"
+    );
+    let being = format!("SELECT COUNT(*) AS n FROM jobs WHERE {being_removed}");
+    assert!(env.count(&being).await >= 1, "the kill came half-way");
+    for job_id in &small {
+        let rows = env.rows_of_job(job_id).await;
+        assert!(
+            rows == [0; 4] || rows == [1, 3, 1, 0] || rows == [1, 0, 1, 0],
+            "{job_id}: {rows:?}"
+        );
+    }
+
+    if backend == Backend::Postgres {
+        env.execute_sql(&["DROP TRIGGER slow_removal ON jobs"])
+            .await;
+    }
+    cleaner.restart(0);
+    common::wait_until(JOB_TIMEOUT, || async {
+        env.count("SELECT COUNT(*) AS n FROM jobs").await == 1
+    })
+    .await;
+    cleaner.stop_all().await;
+    assert_eq!(env.rows_of_job(&big).await, [0; 4]);
+    assert_eq!(env.store.tasks_of_job(&kept).await.unwrap(), kept_tasks);
+    let totals = env.store.removed_totals().await.unwrap();
+    assert_eq!(
+        totals
+            .iter()
+            .map(|stage| (stage.stage.as_str(), stage.jobs, stage.tasks))
+            .collect::<Vec<_>>(),
+        [("done", 6, BIG + 15)],
+        "each removed row counted once"
+    );
+}
+
 // ---------------------------------------------------------------- the checks
 
 /// Waits for the jobs to end, then checks every invariant; returns a summary.
@@ -417,7 +545,9 @@ async fn a_killed_feeder_is_taken_over(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let audit = env.audit_events().await;
     let mut feeder = Fleet::start(&env, 1, &["--roles", "intake"]).await;
-    let job_id = submit(&env, builtin::ECHO, (0..5_000).map(|n| json!(n)).collect()).await;
+    let job_id = env
+        .submit(builtin::ECHO, (0..5_000).map(|n| json!(n)).collect())
+        .await;
     env.wait_for_feeding(&job_id, JOB_TIMEOUT).await;
     feeder.kill_9(0).await;
 
@@ -584,22 +714,11 @@ async fn setup(backend: Backend, extra: &[&str]) -> (TestEnv, String, Fleet) {
 
 /// A job of `tasks` tasks that each sleep `ms` milliseconds.
 async fn sleep_job(env: &TestEnv, tasks: usize, ms: u64) -> String {
-    submit(
-        env,
+    env.submit(
         builtin::SLEEP,
         (0..tasks).map(|_| json!({ "ms": ms })).collect(),
     )
     .await
-}
-
-async fn submit(env: &TestEnv, task_type: &str, tasks: Vec<serde_json::Value>) -> String {
-    let client = env.client().await;
-    let id = client
-        .submit(JobRequest::new(task_type, tasks))
-        .await
-        .unwrap();
-    client.close().await.unwrap();
-    id
 }
 
 async fn job_ended(env: &TestEnv, job_id: &str) -> bool {

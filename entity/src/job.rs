@@ -61,6 +61,12 @@ pub struct Model {
     /// The last ordinal whose task message a feeder published (confirmed) in the
     /// current phase or an earlier one; -1 for none. The next feeder starts after it.
     pub fed_through: i64,
+    /// When the cleaner began removing the job's rows in batches (a job with more
+    /// tasks than one short transaction deletes); `None` for every other job.
+    pub removal_started_at: Option<DateTimeUtc>,
+    /// On PostgreSQL: its tasks were set aside in the partition of kept tasks, so
+    /// that the partition of its creation could be dropped without them.
+    pub tasks_kept: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,5 +1,6 @@
 //! SeaORM entities for taskmill's tables: `jobs`, `tasks`, `job_parts` (a job sent
-//! in parts), the `job_events` outbox, `leases` and `pools`.
+//! in parts), the `job_events` outbox, `leases`, `pools`, and `removed_jobs` (what retention
+//! removed).
 //!
 //! Only the shape of the rows lives here; every query and state change lives in
 //! `taskmill::store`, so that the dangerous parts are written once.
@@ -9,6 +10,7 @@ pub mod job_event;
 pub mod job_part;
 pub mod lease;
 pub mod pool;
+pub mod removed_job;
 pub mod task;
 
 pub mod prelude {
@@ -17,5 +19,6 @@ pub mod prelude {
     pub use super::job_part::Entity as JobPart;
     pub use super::lease::Entity as Lease;
     pub use super::pool::Entity as Pool;
+    pub use super::removed_job::Entity as RemovedJob;
     pub use super::task::Entity as Task;
 }

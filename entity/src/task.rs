@@ -1,5 +1,9 @@
 //! A task: one unit of work of a job, with statuses
 //! `pending` → `running` → `done` | `failed` (or `retrying` → `running` again, or `cancelled`).
+//!
+//! On PostgreSQL the table also has `filed_at`, its partition key (the job's creation
+//! time, see migration 17): only the store's insert statements write it, and nothing
+//! reads it as a field, so the model leaves it out.
 
 use sea_orm::entity::prelude::*;
 

@@ -18,6 +18,8 @@ mod m20261128_000012_jobs_by_creation;
 mod m20261202_000013_job_runs;
 mod m20261204_000014_feed_progress;
 mod m20261204_000015_task_runs;
+mod m20261206_000016_retention;
+mod m20261206_000017_task_partitions;
 
 pub struct Migrator;
 
@@ -40,6 +42,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000013_job_runs::Migration),
             Box::new(m20261204_000014_feed_progress::Migration),
             Box::new(m20261204_000015_task_runs::Migration),
+            Box::new(m20261206_000016_retention::Migration),
+            Box::new(m20261206_000017_task_partitions::Migration),
         ]
     }
 }

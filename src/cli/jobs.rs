@@ -78,5 +78,21 @@ pub async fn run(config: &Config, args: JobsArgs) -> anyhow::Result<()> {
             rate(job, now).map_or("-".to_owned(), |rate| format!("{rate:.0}")),
         );
     }
+    let removed = store.removed_totals().await?;
+    if !removed.is_empty() {
+        let each: Vec<String> = removed
+            .iter()
+            .map(|stage| {
+                format!(
+                    "{} {} ({} tasks, the last {} ago)",
+                    stage.jobs,
+                    stage.stage,
+                    stage.tasks,
+                    age(stage.last_removed_at, now)
+                )
+            })
+            .collect();
+        println!("\nremoved past their retention: {}", each.join(", "));
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod migrate;
 pub mod pod;
 pub mod progress;
+pub mod prune;
 pub mod results;
 pub mod retry;
 pub mod status;
@@ -113,6 +114,8 @@ pub enum Command {
     Retry(retry::RetryArgs),
     /// Run every role in-process, submit a demo job, wait, and print a summary.
     Demo(demo::DemoArgs),
+    /// Remove ended jobs past their retention (or older than asked) with all their rows.
+    Prune(prune::PruneArgs),
     /// The parking lot: list, replay or purge messages that could not be processed.
     Dead(dead::DeadArgs),
     /// Measure the machine's limits and taskmill against them.

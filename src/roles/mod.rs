@@ -1,9 +1,10 @@
 //! The roles of the pipeline — [`intake`], [`worker`], [`completion`], [`sweeper`],
-//! and [`syncer`] for external tasks — what they share, and their one lifecycle: a pod [`Running::start`]s
+//! [`syncer`] for external tasks and [`cleaner`] for retention — what they share, and their one lifecycle: a pod [`Running::start`]s
 //! each [`Role`] under the broker link's supervisor (restarted on a live connection
 //! whenever it fails), the token stops them all, and [`Running::join`] reports the
 //! first failure. A role never imports another role or the pod.
 
+pub(crate) mod cleaner;
 pub(crate) mod completion;
 mod feed;
 pub(crate) mod intake;
@@ -46,6 +47,8 @@ pub(crate) enum Role {
     Sweeper,
     /// Runs in the sweeper's pods that have a backend for external tasks.
     Syncer,
+    /// Runs in the sweeper's pods.
+    Cleaner,
 }
 
 impl Role {
@@ -76,7 +79,7 @@ impl Role {
     fn consumes(&self) -> bool {
         match self {
             Self::Intake { .. } | Self::Worker { .. } | Self::Completion => true,
-            Self::Sweeper | Self::Syncer => false,
+            Self::Sweeper | Self::Syncer | Self::Cleaner => false,
         }
     }
 
@@ -87,6 +90,7 @@ impl Role {
             Self::Completion => "completion",
             Self::Sweeper => "sweeper",
             Self::Syncer => "syncer",
+            Self::Cleaner => "cleaner",
         }
     }
 
@@ -107,6 +111,7 @@ impl Role {
             Self::Completion => completion::run(shared, connection, shutdown).await,
             Self::Sweeper => sweeper::run(shared, connection, shutdown).await,
             Self::Syncer => syncer::run(shared, connection, shutdown).await,
+            Self::Cleaner => cleaner::run(shared, shutdown).await,
         }
     }
 }

@@ -63,9 +63,15 @@ impl StoreError {
 }
 
 fn text_is_transient(text: &str) -> bool {
-    const MARKERS: [&str; 14] = [
+    const MARKERS: [&str; 16] = [
         "deadlock",
         "could not serialize",
+        // A row the cleaner moved to the partition of kept tasks while this statement
+        // waited for it (PostgreSQL's serialization failure for row movement).
+        "already moved to another partition",
+        // A row routed to the default partition while the cleaner attached the
+        // partition it belongs to: routed again, it goes there.
+        "violates partition constraint",
         "database is locked",
         "database table is locked",
         "connection",

@@ -383,6 +383,8 @@ fn job_row(
         sealed_tasks: Set(None),
         run: Set(1),
         fed_through: Set(-1),
+        removal_started_at: Set(None),
+        tasks_kept: Set(false),
     }
 }
 

@@ -14,11 +14,13 @@ mod handle;
 mod job_ends;
 mod jobs;
 mod outbox;
+mod partitions;
 mod parts;
 mod pg_batch;
 mod pools;
 mod rerun;
 mod results;
+mod retention;
 mod rows;
 mod stages;
 mod stuck;
@@ -30,10 +32,12 @@ pub use error::StoreError;
 pub use external::{Seen, SyncChange, SyncWrite};
 pub use handle::Store;
 pub use outbox::{TargetOutcome, EVENT_CLAIM};
+pub use partitions::MOVE_CAP;
 pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
 pub use rerun::{retry_refused, Rerun};
 pub use results::ResultStream;
+pub use retention::{RemovalRule, Removed};
 pub use rows::{
     Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, Recorded, StartOutcome,
     TaskOutcome, Transition, WholeJob,
@@ -41,7 +45,7 @@ pub use rows::{
 pub use stuck::SWEEP_WRITE_BATCH;
 pub use views::Throughput;
 
-pub use entity::{job, job_event, job_part, pool, task};
+pub use entity::{job, job_event, job_part, pool, removed_job, task};
 
 /// A running job's row as unit tests start from: one task, nothing counted yet.
 #[cfg(test)]
@@ -79,5 +83,7 @@ pub(crate) fn running_job_for_tests() -> job::Model {
         sealed_tasks: None,
         run: 1,
         fed_through: -1,
+        removal_started_at: None,
+        tasks_kept: false,
     }
 }

@@ -28,16 +28,21 @@ where
 }
 
 /// Inserts the task rows of one or more jobs from arrays of job ids, ordinals, types
-/// and payloads; rows whose ordinal exists are skipped. Returns `(id, job_id,
-/// ordinal)` of the inserted rows.
+/// and payloads, each filed in its job's partition (`filed_at`: the job's creation);
+/// rows whose ordinal exists are skipped. Returns `(id, job_id, ordinal)` of the
+/// inserted rows.
 pub(super) fn insert_tasks(jobs: &[(&str, &[NewTask])], now: DateTime<Utc>) -> Statement {
     const SQL: &str = r#"
         INSERT INTO tasks (job_id, ordinal, "type", payload, status, attempts, deliveries,
-                           version, created_at, updated_at)
-        SELECT new.job_id, new.ordinal, new.type, new.payload, 'pending', 0, 0, 0, $1, $1
-        FROM unnest($2::text[], $3::int[], $4::text[], $5::jsonb[])
-            AS new(job_id, ordinal, type, payload)
-        ON CONFLICT (job_id, ordinal) DO NOTHING
+                           version, created_at, updated_at, filed_at)
+        SELECT new.job_id, new.ordinal, new.type, new.payload, 'pending', 0, 0, 0, $1, $1,
+               CASE WHEN j.tasks_kept THEN '1970-01-01 00:00:00+00' ELSE j.created_at END
+        FROM unnest($2::text[], $3::int[], $4::text[], $5::jsonb[]) WITH ORDINALITY
+            AS new(job_id, ordinal, type, payload, n)
+            JOIN jobs j ON j.id = new.job_id
+        -- Ids in the order given, as without the join.
+        ORDER BY new.n
+        ON CONFLICT (job_id, ordinal, filed_at) DO NOTHING
         RETURNING id, job_id, ordinal"#;
     let tasks = || {
         jobs.iter()

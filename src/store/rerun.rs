@@ -11,6 +11,7 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use super::error::StoreError;
 use super::handle::Store;
 use super::job_ends::lock_job;
+use super::partitions;
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, task};
 
@@ -38,6 +39,9 @@ pub enum Rerun {
 /// tasks are failed or cancelled — allow it: the rules [`Store::rerun_job`] applies
 /// under the job's lock, and that the dashboard asks before it offers a retry.
 pub fn retry_refused(job: &job::Model, again: u64) -> Option<String> {
+    if job.removal_started_at.is_some() {
+        return Some("the job is past its retention and being removed".into());
+    }
     if job.stage != JobStage::Failed.as_str() {
         return Some(format!(
             "the job is {}: only a failed job can be retried",
@@ -70,6 +74,7 @@ impl Store {
             self
                 .transact(move |txn| {
                     Box::pin(async move {
+                        partitions::lock_for_rerun(txn).await?;
                         let Some(job) = lock_job(txn, &job_id, JobStage::Failed).await? else {
                             return Ok(match job::Entity::find_by_id(&job_id).one(txn).await? {
                                 // Failed since the lock was tried: a retry may still run.
@@ -79,6 +84,9 @@ impl Store {
                                 None => Rerun::UnknownJob,
                             });
                         };
+                        if let Some(reason) = partitions::rerun_refused(txn, &job).await? {
+                            return Ok(Rerun::Refused(reason));
+                        }
                         let again = if job.started_at.is_some() {
                             task::Entity::find()
                                 .filter(task::Column::JobId.eq(job_id.as_str()))
@@ -91,6 +99,7 @@ impl Store {
                         if let Some(reason) = retry_refused(&job, again) {
                             return Ok(Rerun::Refused(reason));
                         }
+
                         let event = job_event::Entity::find()
                             .filter(job_event::Column::JobId.eq(job_id.as_str()))
                             .one(txn)

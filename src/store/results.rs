@@ -47,7 +47,8 @@ impl From<ResultRow> for TaskResult {
 
 impl Store {
     /// The results and errors of the job's tasks in ordinal order, only those in
-    /// `status` when given; `None` when there is no such job. A task that has not ended
+    /// `status` when given; `None` when there is no such job, or it is being removed
+    /// past its retention. A task that has not ended
     /// is listed with its status and no result. Reads 1,000 ordinals at a time, as
     /// the stream is polled.
     pub async fn results(
@@ -55,7 +56,8 @@ impl Store {
         job_id: &str,
         status: Option<TaskStatus>,
     ) -> Result<Option<ResultStream>, StoreError> {
-        let Some(job) = self.job(job_id).await? else {
+        let job = self.job(job_id).await?;
+        let Some(job) = job.filter(|job| job.removal_started_at.is_none()) else {
             return Ok(None);
         };
         let end = job.task_count;

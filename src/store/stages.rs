@@ -348,20 +348,26 @@ const SQLITE_VALUE: &str = r#"json(CASE e.type WHEN 'text' THEN json_quote(e.val
 fn reduce_sql(backend: DatabaseBackend, per_key: bool) -> String {
     const INSERT: &str = r#"INSERT INTO tasks (job_id, ordinal, "type", payload, status,
         attempts, deliveries, version, created_at, updated_at)"#;
+    // Filed in the job's partition (see `pg_batch::insert_tasks`).
+    const PG_INSERT: &str = r#"INSERT INTO tasks (job_id, ordinal, "type", payload, status,
+        attempts, deliveries, version, created_at, updated_at, filed_at)"#;
+    const PG_FILED: &str = "(SELECT CASE WHEN tasks_kept THEN '1970-01-01 00:00:00+00' ELSE created_at END FROM jobs WHERE id = $1)";
     if backend == DatabaseBackend::Postgres {
         let grouped = format!(
             "SELECT e.key, jsonb_agg(e.value ORDER BY t.ordinal) AS vals {PG_PAIRS} GROUP BY e.key"
         );
         if per_key {
             format!(
-                "{INSERT} SELECT $1, $3 + (row_number() OVER (ORDER BY g.key))::int - 1, $4,
-                    jsonb_build_object('key', g.key, 'values', g.vals), 'pending', 0, 0, 0, $5, $5
+                "{PG_INSERT} SELECT $1, $3 + (row_number() OVER (ORDER BY g.key))::int - 1, $4,
+                    jsonb_build_object('key', g.key, 'values', g.vals), 'pending', 0, 0, 0, $5, $5,
+                    {PG_FILED}
                  FROM ({grouped}) AS g"
             )
         } else {
             format!(
-                "{INSERT} SELECT $1, $3 + s.shard, $4,
-                    jsonb_build_object('shard', s.shard, 'groups', s.groups), 'pending', 0, 0, 0, $5, $5
+                "{PG_INSERT} SELECT $1, $3 + s.shard, $4,
+                    jsonb_build_object('shard', s.shard, 'groups', s.groups), 'pending', 0, 0, 0, $5, $5,
+                    {PG_FILED}
                  FROM (SELECT k.shard, jsonb_object_agg(k.key, k.vals) AS groups
                        FROM (SELECT g.key, g.vals,
                                     ((row_number() OVER (ORDER BY g.key)) - 1)::int % $6 AS shard

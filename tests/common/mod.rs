@@ -80,6 +80,13 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(backend: Backend) -> Self {
+        let env = Self::unmigrated(backend).await;
+        env.store.migrate().await.expect("migrations apply");
+        env
+    }
+
+    /// [`Self::new`] with an empty database: for a test of the migrations.
+    pub async fn unmigrated(backend: Backend) -> Self {
         let name = format!("tm_{}", uuid::Uuid::new_v4().simple());
         let vhost = name.clone();
         tokio::task::spawn_blocking({
@@ -121,7 +128,6 @@ impl TestEnv {
         let store = Store::connect(&config.database_url, 8)
             .await
             .expect("database reachable");
-        store.migrate().await.expect("migrations apply");
         Self {
             backend,
             config,
@@ -170,6 +176,18 @@ impl TestEnv {
         broker::connect(&self.config.amqp_url)
             .await
             .expect("broker reachable")
+    }
+
+    /// Submits a job of `job_type` with these task payloads at the request's defaults;
+    /// its id.
+    pub async fn submit(&self, job_type: &str, tasks: Vec<serde_json::Value>) -> String {
+        let client = self.client().await;
+        let id = client
+            .submit(taskmill::JobRequest::new(job_type, tasks))
+            .await
+            .unwrap();
+        client.close().await.unwrap();
+        id
     }
 
     /// Collects every job event published from now on, in a queue of its own.
@@ -225,25 +243,67 @@ impl TestEnv {
     /// How many leases whose name starts with `prefix` are held now (a feed lease is
     /// `feed:<job id>`).
     pub async fn live_leases(&self, prefix: &str) -> i64 {
+        self.count(&format!(
+            "SELECT count(*) AS n FROM leases WHERE name LIKE '{prefix}%'"
+        ))
+        .await
+    }
+
+    /// The number `sql` selects as `n` (`SELECT count(*) AS n ...`), on the test's
+    /// database.
+    pub async fn count(&self, sql: &str) -> i64 {
         let admin = Database::connect(&self.config.database_url)
             .await
             .expect("database reachable");
         let row = admin
-            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            .query_one_raw(sea_orm::Statement::from_string(
                 admin.get_database_backend(),
-                match admin.get_database_backend() {
-                    sea_orm::DatabaseBackend::Postgres => {
-                        "SELECT count(*) AS n FROM leases WHERE name LIKE $1"
-                    }
-                    _ => "SELECT count(*) AS n FROM leases WHERE name LIKE ?",
-                },
-                [format!("{prefix}%").into()],
+                sql.to_owned(),
             ))
             .await
-            .expect("leases readable")
+            .unwrap_or_else(|err| panic!("{sql}: {err}"))
             .expect("a count");
         admin.close().await.unwrap();
         row.try_get("", "n").unwrap()
+    }
+
+    /// On PostgreSQL, waits until a partition of the tasks table covers jobs created
+    /// from now on (the cleaner makes them a moment ahead): so that a test's jobs are
+    /// filed in a partition, not the default one.
+    pub async fn wait_for_partition(&self) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        wait_until(Duration::from_secs(60), || async {
+            self.count(
+                "SELECT COUNT(*) AS n FROM task_partitions \
+                 WHERE starts_at <= now() AND ends_at > now() + interval '200 milliseconds'",
+            )
+            .await
+                > 0
+        })
+        .await;
+    }
+
+    /// The rows of each table that names the job: jobs, tasks, job_events, job_parts.
+    pub async fn rows_of_job(&self, job_id: &str) -> [i64; 4] {
+        let mut rows = [0; 4];
+        for (n, (table, column)) in [
+            ("jobs", "id"),
+            ("tasks", "job_id"),
+            ("job_events", "job_id"),
+            ("job_parts", "job_id"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            rows[n] = self
+                .count(&format!(
+                    "SELECT COUNT(*) AS n FROM {table} WHERE {column} = '{job_id}'"
+                ))
+                .await;
+        }
+        rows
     }
 
     /// Publishes raw bytes (confirmed) with the given content type.

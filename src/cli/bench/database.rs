@@ -102,7 +102,8 @@ impl BenchDb {
                 "SELECT (xact_commit + xact_rollback)::bigint AS transactions, \
                  (tup_inserted + tup_updated + tup_deleted)::bigint AS rows_written, \
                  (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS wal_bytes, \
-                 pg_total_relation_size('tasks') AS tasks_bytes \
+                 (SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)::bigint \
+                  FROM pg_inherits WHERE inhparent = 'tasks'::regclass) AS tasks_bytes \
                  FROM pg_stat_database WHERE datname = current_database()",
             )
             .await?;

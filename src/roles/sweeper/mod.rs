@@ -128,6 +128,7 @@ pub(crate) async fn run(
             Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
         }
     }
+    super::shared::hand_lease_on(&sweeper.shared.store, LEASE_NAME, &sweeper.holder).await;
     sweeper.events.close().await;
     sweeper.publisher.close().await;
     Ok(())
