@@ -391,7 +391,14 @@ async fn partitions_go_whole_and_kept_jobs_are_set_aside(backend: Backend) {
     tokio::time::sleep(SPAN).await;
     env.wait_for_partition().await;
     let running = env.submit("hold", vec![json!({ "test": env.name })]).await;
-    let running_tasks = env.store.tasks_of_job(&running).await.unwrap();
+    let running_tasks = common::wait_for_value(LONG, || async {
+        let tasks = env.store.tasks_of_job(&running).await.unwrap();
+        tasks
+            .iter()
+            .any(|task| task.status == "running")
+            .then_some(tasks)
+    })
+    .await;
     tokio::time::sleep(SPAN).await;
 
     let rule = taskmill::retention::rule(
@@ -479,9 +486,14 @@ async fn the_partitioned_table_keeps_the_rows_it_was_made_from(backend: Backend)
         for ordinal in 0..3 {
             statements.push(format!(
                 "INSERT INTO tasks (job_id, ordinal, type, payload, status, attempts, deliveries, \
-                 version, created_at, updated_at, result) VALUES ('{job}', {ordinal}, \
-                 'taskmill.echo', '{ordinal}', '{status}', 1, 1, 1, '{created}', '{created}', {result})",
-                status = if stage == "done" { "done" } else { "pending" },
+                 version, created_at, updated_at, result, claimed_by, lease_until) VALUES ('{job}', \
+                 {ordinal}, 'taskmill.echo', '{ordinal}', '{status}', 1, 1, 1, '{created}', \
+                 '{created}', {result}, {claimed_by}, {lease_until})",
+                // The running job's tasks are claimed, their lease live: the sweeper
+                // leaves them be.
+                status = if stage == "done" { "done" } else { "running" },
+                claimed_by = if stage == "done" { "NULL" } else { "'a worker'" },
+                lease_until = if stage == "done" { "NULL" } else { "now() + interval '1 day'" },
                 result = if stage == "done" { "'{\"n\": 1}'" } else { "NULL" },
             ));
         }
@@ -490,7 +502,7 @@ async fn the_partitioned_table_keeps_the_rows_it_was_made_from(backend: Backend)
     env.execute_sql(&statements).await;
     let snapshot = "SELECT COUNT(*) AS n FROM tasks WHERE \
         (job_id = 'old-done' AND status = 'done' AND result = '{\"n\": 1}') OR \
-        (job_id = 'old-running' AND status = 'pending' AND result IS NULL)";
+        (job_id = 'old-running' AND status = 'running' AND result IS NULL)";
     assert_eq!(env.count(snapshot).await, 6);
     let last_id = env.count("SELECT MAX(id) AS n FROM tasks").await;
 

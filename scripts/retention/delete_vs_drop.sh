@@ -15,13 +15,15 @@ TASKS=${TASKS:-1000000}
 DB=tm_retention_bench_$$
 PSQL=(psql -X -q -t -A -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1)
 export DATABASE_URL=postgres://postgres@127.0.0.1/$DB
-export TASKMILL_PREFIX=retention-bench-$$
+VHOST=tm_retention_bench_$$
+export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/$VHOST
 export TASKMILL_HTTP_ADDR=off
 export RUST_LOG=warn
 
 cleanup() {
     [[ -n ${WORKER:-} ]] && kill "$WORKER" 2>/dev/null && wait "$WORKER" 2>/dev/null || true
     "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+    rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -51,9 +53,11 @@ ended_job() {
 }
 
 "${PSQL[@]}" -d postgres -c "CREATE DATABASE $DB" >/dev/null
+rabbitmqctl -q add_vhost "$VHOST" >/dev/null
+rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
 
 # Migration 17 on a table of $TASKS rows.
-"$MIGRATE" -u "$DATABASE_URL" up -n 16 >/dev/null
+"$MIGRATE" 16 >/dev/null
 ended_job old "2026-01-01 00:00:00+00" no
 started=$(now_ms)
 "$TASKMILL" migrate >/dev/null

@@ -42,6 +42,8 @@ pub(super) const RERUN_LOCK: i64 = 7_215_863;
 /// How long detaching or attaching waits for the tasks table's lock before it gives
 /// up until the next run: claims and finishes queue behind a waiting lock.
 const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '200ms'";
+/// Tries at detaching a partition whose lock times out, half a second apart.
+const DETACH_TRIES: usize = 10;
 
 #[derive(Clone, Debug, FromQueryResult)]
 struct Partition {
@@ -142,10 +144,33 @@ impl Store {
             return Ok(None);
         };
         for partition in partitions.iter().filter(|p| p.ends_at <= due_before) {
-            if let Some(step) = self.free_partition(partition, rule).await? {
+            if let Some(step) = self.free_partition_when_let(partition, rule).await? {
                 return Ok(Some(step));
             }
         }
+        Ok(None)
+    }
+
+    /// [`Self::free_partition`], tried again a few times when its lock on the tasks
+    /// table did not come within the lock timeout (a long transaction on the table);
+    /// `None` if it never came: the next run tries again.
+    async fn free_partition_when_let(
+        &self,
+        partition: &Partition,
+        rule: &RemovalRule,
+    ) -> Result<Option<Removed>, StoreError> {
+        for _ in 0..DETACH_TRIES {
+            match self.free_partition(partition, rule).await {
+                Err(err) if err.to_string().contains("lock timeout") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                freed => return freed,
+            }
+        }
+        tracing::info!(
+            partition = partition.name,
+            "partition not detached: the tasks table stayed busy; the next run tries again"
+        );
         Ok(None)
     }
 

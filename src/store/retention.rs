@@ -363,7 +363,7 @@ impl Store {
                     };
                     let marked = [Marked { id: job_id, stage }];
                     let tasks = delete_tasks(txn, &marked, Some(task_batch)).await?;
-                    if tasks == task_batch {
+                    if has_tasks(txn, &marked[0].id).await? {
                         add_to_totals(txn, &marked[0].stage, 0, tasks).await?;
                         return Ok(Removed { jobs: 0, tasks });
                     }
@@ -385,21 +385,44 @@ async fn delete_tasks(
 ) -> Result<u64, StoreError> {
     let backend = txn.get_database_backend();
     let ids: Vec<String> = jobs.iter().map(|job| job.id.clone()).collect();
-    let mut delete = task::Entity::delete_many();
-    delete = match limit {
-        None => delete.filter(one_of(backend, task::Column::JobId, ids)),
-        Some(limit) => delete.filter(
-            task::Column::Id.in_subquery(
-                Query::select()
-                    .column(task::Column::Id)
-                    .from(task::Entity)
-                    .and_where(one_of(backend, task::Column::JobId, ids))
-                    .limit(limit)
-                    .to_owned(),
-            ),
-        ),
+    let delete = task::Entity::delete_many();
+    let delete = match (limit, jobs) {
+        (Some(limit), [job]) => {
+            // A range of the (job_id, ordinal) index from the lowest ordinal left:
+            // `id IN (… LIMIT n)` is planned, on the partitioned table, as a scan of
+            // every partition for each batch.
+            let lowest: Option<Option<i32>> = task::Entity::find()
+                .select_only()
+                .expr(task::Column::Ordinal.min())
+                .filter(task::Column::JobId.eq(job.id.as_str()))
+                .into_tuple()
+                .one(txn)
+                .await?;
+            let Some(Some(lowest)) = lowest else {
+                return Ok(0);
+            };
+            let end = i64::from(lowest).saturating_add(limit as i64);
+            delete
+                .filter(task::Column::JobId.eq(job.id.as_str()))
+                .filter(task::Column::Ordinal.gte(lowest))
+                .filter(task::Column::Ordinal.lt(std::cmp::min(end, i64::from(i32::MAX))))
+        }
+        _ => delete.filter(one_of(backend, task::Column::JobId, ids)),
     };
     Ok(delete.exec(txn).await?.rows_affected)
+}
+
+/// Whether `job_id` has a task row left.
+async fn has_tasks(txn: &DatabaseTransaction, job_id: &str) -> Result<bool, StoreError> {
+    Ok(task::Entity::find()
+        .select_only()
+        .column(task::Column::Id)
+        .filter(task::Column::JobId.eq(job_id))
+        .limit(1)
+        .into_tuple::<i64>()
+        .one(txn)
+        .await?
+        .is_some())
 }
 
 /// The stages `jobs` ended in, each once.
