@@ -61,36 +61,51 @@ rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
 ended_job old "2026-01-01 00:00:00+00" no
 started=$(now_ms)
 "$TASKMILL" migrate >/dev/null
-echo "| migration 17, $TASKS task rows | $(( $(now_ms) - started )) ms |"
+echo "migration 17 on $TASKS task rows: $(( $(now_ms) - started )) ms"
 sql "DELETE FROM tasks; DELETE FROM jobs" >/dev/null
 
-# A job running beside each removal: a worker and a job long enough to outlast it.
+# A job running beside each removal: a worker, and before each removal a job of
+# 20 ms tasks long enough to outlast it, at a steady pace the database's locks can
+# only slow down.
 "$TASKMILL" worker --roles intake,worker,completion >/tmp/retention-bench-worker.log 2>&1 &
 WORKER=$!
 sleep 3
-"$TASKMILL" submit --type taskmill.echo --tasks-file <(seq 1 400000) --job-id running >/dev/null
 
-# The running job's finishes per second and longest pause within [from, to].
+# The running job $1's finishes per second and longest pause within [$2, $3] (ms).
 beside() {
-    sql "WITH f AS (SELECT finished_at FROM tasks WHERE job_id = 'running'
-           AND finished_at BETWEEN to_timestamp($1 / 1000.0) AND to_timestamp($2 / 1000.0)),
+    sql "WITH f AS (SELECT finished_at FROM tasks WHERE job_id = '$1'
+           AND finished_at BETWEEN to_timestamp($2 / 1000.0) AND to_timestamp($3 / 1000.0)),
          g AS (SELECT finished_at - lag(finished_at) OVER (ORDER BY finished_at) AS gap FROM f)
-         SELECT round(count(*) / (($2 - $1) / 1000.0)) || ' tasks/s, longest pause '
-                || coalesce(round(extract(epoch FROM max(gap)) * 1000), 0) || ' ms'
-         FROM f, (SELECT max(gap) AS gap FROM g) m GROUP BY m.gap"
+         SELECT round(count(*) / (($3 - $2) / 1000.0)) || ' tasks/s, longest pause '
+                || coalesce(round(extract(epoch FROM (SELECT max(gap) FROM g)) * 1000), 0) || ' ms'
+         FROM f"
 }
 
+runs=0
 measure() {
     local label=$1; shift
-    sleep 5
-    local before_from before_to from to wal0 wal1
-    before_from=$(( $(now_ms) - 5000 )); before_to=$(now_ms)
+    runs=$((runs + 1))
+    local running=running-$runs
+    seq 1 200000 | sed 's/.*/{"ms": 20}/' >/tmp/retention-bench-tasks.jsonl
+    "$TASKMILL" submit --type taskmill.sleep --tasks-file /tmp/retention-bench-tasks.jsonl \
+        --job-id "$running" >/dev/null
+    # Formed, and running steadily for 10 s: the WAL it writes meanwhile is measured
+    # too, and taken from the removal's.
+    until [[ $(sql "SELECT stage FROM jobs WHERE id = '$running'") == running ]]; do sleep 1; done
+    local before_from before_to from to wal0 wal1 wal_before
+    wal0=$(wal); before_from=$(now_ms)
+    sleep 10
+    before_to=$(now_ms); wal_before=$(( $(wal) - wal0 ))
     wal0=$(wal); from=$(now_ms)
     "$@" >/dev/null
     to=$(now_ms); wal1=$(wal)
-    echo "| $label | $(( to - from )) ms | $(( (wal1 - wal0) / 1048576 )) MiB WAL | before: $(beside $before_from $before_to) | during: $(beside $from $to) |"
+    local wal_running=$(( wal_before * (to - from) / (before_to - before_from) ))
+    echo "| $label | $(( to - from )) ms | $(( (wal1 - wal0 - wal_running) / 1048576 )) MiB | $(beside "$running" "$before_from" "$before_to") | $(beside "$running" "$from" "$to") |"
+    "$TASKMILL" cancel "$running" >/dev/null || true
 }
 
+echo "| removal of a job of $TASKS tasks | time | WAL (less the running job's) | a running job, 10 s before | during |"
+echo "|---|---|---|---|---|"
 # One job at a time: batched DELETEs of the job's tasks (the job sits in the
 # partition made at migration, and `--stage` removes one job at a time).
 cut=$(sql "SELECT ends_at - interval '1 hour' FROM task_partitions WHERE name = 'tasks_before_migration'")
