@@ -478,8 +478,10 @@ async fn a_killed_cleaner_leaves_no_half_removed_job(backend: Backend) {
     cleaner.children.push(child);
     common::wait_until(JOB_TIMEOUT, || async { env.count(&half_way).await == 1 }).await;
     if backend == Backend::Postgres {
-        // Inside the deletes of the detached partition's jobs.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Inside the deletes of the detached partition's jobs (the trigger holds each).
+        let deleting = "SELECT COUNT(*) AS n FROM pg_stat_activity \
+            WHERE state = 'active' AND query LIKE 'DELETE FROM jobs%'";
+        common::wait_until(JOB_TIMEOUT, || async { env.count(deleting).await > 0 }).await;
     }
     cleaner.kill_9(0).await;
 
