@@ -175,6 +175,12 @@ impl Consumer {
     /// Stops deliveries, waits for the work in flight — it holds permits of `slots`,
     /// `permits` in all — for at most `grace`, and closes the channel.
     pub async fn stop(self, slots: &Semaphore, permits: usize, grace: Duration) {
+        self.drain(slots, permits, grace).await;
+        self.close().await;
+    }
+
+    /// [`Self::stop`] but for the close: work still in flight can be abandoned first.
+    pub async fn drain(&self, slots: &Semaphore, permits: usize, grace: Duration) {
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
             self.channel
@@ -192,7 +198,6 @@ impl Consumer {
                 "work still in flight after the grace period; the broker will redeliver its messages"
             );
         }
-        self.close().await;
     }
 
     /// Closes the channel at once: its unacked deliveries return to the queue.

@@ -99,25 +99,37 @@ pub(crate) async fn run(
     });
     let large = Arc::new(Semaphore::new(LARGE_AT_ONCE));
     let max_bytes = shared.config.max_request_bytes;
+    // Past the grace period the broker has every unsettled request back: a handler
+    // still running then must not go on to park it (a second copy) or touch its job.
+    let abandoned = CancellationToken::new();
+    let _abandon = abandoned.clone().drop_guard();
     while let Some(delivery) = consumer.next(&shutdown).await? {
         let Some(slot) = take_slot(&slots, &shutdown).await else {
             break;
         };
-        let (intake, large) = (intake.clone(), large.clone());
+        let (intake, large, abandoned) = (intake.clone(), large.clone(), abandoned.clone());
         tokio::spawn(async move {
-            let _large = match delivery.data.len() > LARGE_REQUEST_BYTES {
-                true => large.acquire_owned().await.ok(),
-                false => None,
+            let handled = async {
+                let _large = match delivery.data.len() > LARGE_REQUEST_BYTES {
+                    true => large.acquire_owned().await.ok(),
+                    false => None,
+                };
+                let request = decode(&delivery, max_bytes);
+                intake.handle(delivery, request).await;
             };
-            let request = decode(&delivery, max_bytes);
-            intake.handle(delivery, request).await;
+            tokio::select! {
+                _ = handled => {}
+                _ = abandoned.cancelled() => {}
+            }
             drop(slot);
         });
     }
     // Requests in flight get the grace period to finish.
     consumer
-        .stop(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
+        .drain(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
         .await;
+    abandoned.cancel();
+    consumer.close().await;
     intake.feeder.stop().await;
     intake.events.close().await;
     publisher.close().await;
