@@ -12,6 +12,9 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://taskmill.db?mode=rwc";
 /// The default [`Config::prefix`].
 pub const DEFAULT_PREFIX: &str = "taskmill";
+/// The parking lot's bound unless `TASKMILL_PARKING_MAX` says otherwise: Sidekiq's
+/// dead set keeps 10,000 jobs too.
+pub const DEFAULT_PARKING_MAX: u32 = 10_000;
 /// The pool a request goes to when it names none; requests may always name it.
 pub const DEFAULT_QUEUE: &str = "default";
 /// Task messages a worker holds per pool by default (see [`Config::prefetch`]).
@@ -124,6 +127,9 @@ pub struct Config {
     /// On PostgreSQL, the span of job creation times whose tasks share a partition
     /// (`TASKMILL_PARTITION_SPAN`); a day by default.
     pub partition_span: Duration,
+    /// The parking lot's bound in messages (`TASKMILL_PARKING_MAX`; 10,000 by default):
+    /// past it a message that would be parked is dropped with an error log instead.
+    pub parking_max: u32,
 }
 
 /// How long ended jobs and all their rows are kept after they end (and their event
@@ -233,6 +239,7 @@ impl Default for Config {
             retention: Retention::default(),
             clean_interval: Duration::from_secs(60),
             partition_span: Duration::from_secs(24 * 3600),
+            parking_max: DEFAULT_PARKING_MAX,
         }
     }
 }
@@ -245,7 +252,8 @@ impl Config {
     /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
     /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS`, `TASKMILL_CONSUMER_TIMEOUT_SECS`,
     /// `TASKMILL_HTTP_ADDR`, `TASKMILL_DASHBOARD_TOKEN`, `TASKMILL_RETENTION`,
-    /// `TASKMILL_RETENTION_FAILED`, `TASKMILL_CLEAN_SECS` and `TASKMILL_PARTITION_SPAN`.
+    /// `TASKMILL_RETENTION_FAILED`, `TASKMILL_CLEAN_SECS`, `TASKMILL_PARTITION_SPAN` and
+    /// `TASKMILL_PARKING_MAX`.
     /// A value that
     /// does not parse is an error, not a silent default.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -313,6 +321,7 @@ impl Config {
         vars.retention("TASKMILL_RETENTION", &mut config.retention.ended)?;
         vars.retention("TASKMILL_RETENTION_FAILED", &mut config.retention.failed)?;
         vars.seconds("TASKMILL_CLEAN_SECS", &mut config.clean_interval)?;
+        vars.number("TASKMILL_PARKING_MAX", &mut config.parking_max)?;
         if let Some(span) = var("TASKMILL_PARTITION_SPAN") {
             config.partition_span = humantime::parse_duration(span.trim())
                 .ok()
@@ -456,6 +465,7 @@ mod tests {
             ("TASKMILL_RETENTION_FAILED", "off"),
             ("TASKMILL_CLEAN_SECS", "18"),
             ("TASKMILL_PARTITION_SPAN", "6h"),
+            ("TASKMILL_PARKING_MAX", "19"),
         ])
         .unwrap();
         assert_eq!(config.amqp_url, "amqp://a");
@@ -479,6 +489,7 @@ mod tests {
         assert_eq!(config.retention.failed, None);
         assert_eq!(config.clean_interval, Duration::from_secs(18));
         assert_eq!(config.partition_span, Duration::from_secs(6 * 3600));
+        assert_eq!(config.parking_max, 19);
         assert!(!config.http_addr_fallback, "an address asked for is kept");
         let token = config.dashboard_token.unwrap();
         assert!(token.matches("s3cret") && !token.matches("s3cre") && !token.matches(""));

@@ -22,6 +22,10 @@ const TASKS_STARTED: &str = "taskmill_tasks_started_total";
 const TASKS_PROCESSED: &str = "taskmill_tasks_processed_total";
 /// Messages sent to the parking lot, by the queue they came from.
 const MESSAGES_PARKED: &str = "taskmill_messages_parked_total";
+/// Messages that would have been parked but found the lot at its bound, dropped.
+const PARKS_REFUSED: &str = "taskmill_parks_refused_total";
+/// The parking lot's bound, beside `taskmill_queue_ready_messages` of the lot.
+const PARKING_MAX: &str = "taskmill_parking_max_messages";
 const TASK_DURATION: &str = "taskmill_task_duration_seconds";
 const TASK_LATENCY: &str = "taskmill_task_latency_seconds";
 const TASKS_IN_FLIGHT: &str = "taskmill_tasks_in_flight";
@@ -106,6 +110,14 @@ fn describe() {
         "Task attempts recorded, by outcome (done, retried, failed)"
     );
     describe_counter!(MESSAGES_PARKED, "Messages sent to the parking lot");
+    describe_counter!(
+        PARKS_REFUSED,
+        "Messages dropped instead of parked because the parking lot was at its bound"
+    );
+    describe_gauge!(
+        PARKING_MAX,
+        "The parking lot's bound in messages (TASKMILL_PARKING_MAX)"
+    );
     describe_histogram!(
         TASK_DURATION,
         metrics::Unit::Seconds,
@@ -220,6 +232,16 @@ fn processed(pool: &str, task_type: &str, outcome: Outcome) -> metrics::Counter 
 /// A message from `queue` went to the parking lot.
 pub(crate) fn message_parked(queue: &str) {
     counter!(MESSAGES_PARKED, "queue" => queue.to_owned()).increment(1);
+}
+
+/// A message from `queue` found the parking lot full and was dropped.
+pub(crate) fn park_refused(queue: &str) {
+    counter!(PARKS_REFUSED, "queue" => queue.to_owned()).increment(1);
+}
+
+/// The parking lot's bound, exported once a pod starts.
+pub(crate) fn parking_max(max: u32) {
+    gauge!(PARKING_MAX).set(f64::from(max));
 }
 
 /// A pool's load in this pod now: task messages held (waiting for a handler,

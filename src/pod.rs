@@ -218,7 +218,8 @@ impl Pod {
             None => Store::connect(&self.config.database_url, self.config.db_pool_size).await?,
         }
         .with_payload_cap(self.config.max_payload_bytes);
-        let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type);
+        let topology = Topology::new(self.config.prefix.clone(), self.config.queue_type)
+            .with_parking_max(self.config.parking_max);
         let link = Arc::new(BrokerLink::new(self.config.amqp_url.clone()));
         let vitals = Arc::new(Vitals::default());
         // Up before the migrations and the first connect, so that a pod waiting for
@@ -229,6 +230,7 @@ impl Pod {
         crate::metrics::register_job_types(self.registry.job_types());
         if let Some(addr) = self.config.http_addr {
             crate::metrics::prometheus();
+            crate::metrics::parking_max(self.config.parking_max);
             let listener = http::bind(addr, self.config.http_addr_fallback)
                 .await
                 .map_err(|source| Error::Serve { addr, source })?;

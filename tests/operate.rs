@@ -620,3 +620,66 @@ async fn submit_wait_answers_every_resubmission_and_stops_on_a_signal() {
         .unwrap();
     assert_eq!(status.code(), Some(130));
 }
+
+/// The parking lot holds at most `TASKMILL_PARKING_MAX` messages: past it a message
+/// that would be parked is dropped and counted (`taskmill_parks_refused_total`), the
+/// pod goes on serving, and `taskmill dead purge --older-than` makes room from the
+/// oldest end.
+#[tokio::test]
+async fn a_full_parking_lot_drops_parks_loudly_and_purges_by_age() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let (mut config, base) = env.config_with_http();
+    config.parking_max = 2;
+    let pod = env.start(env.pod().config(config));
+    let topology = env.topology();
+    let lot = topology.parking_queue();
+    let bad = |n: u32| format!("{{\"not a request\": {n}}}");
+    let send_bad = |n: u32| {
+        let (env, jobs, body) = (&env, topology.jobs_exchange(), bad(n));
+        async move {
+            env.publish_raw(&jobs, "bad", body.as_bytes(), Some("application/json"))
+                .await
+        }
+    };
+    send_bad(1).await;
+    common::wait_until(LONG, || async { env.message_count(&lot).await == 1 }).await;
+    // The first parked message ages past the purge's cut-off below; time itself must
+    // pass here.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for n in 2..=4 {
+        send_bad(n).await;
+    }
+    let refused = common::wait_for_value(LONG, || async {
+        let (_, metrics) = get(format!("{base}/metrics")).await;
+        sample(
+            &metrics,
+            r#"taskmill_parks_refused_total{queue="tm.intake"}"#,
+        )
+        .filter(|refused| *refused == 2.0)
+        .map(|_| metrics)
+    })
+    .await;
+    // The registry is the process's: other tests' pods set the bound's gauge too.
+    assert!(
+        sample(&refused, "taskmill_parking_max_messages").is_some(),
+        "{refused}"
+    );
+    let intake = topology.intake_queue();
+    common::wait_until(LONG, || async { env.message_count(&intake).await == 0 }).await;
+    assert_eq!(env.message_count(&lot).await, 2, "two parked, two dropped");
+
+    // The pod still serves.
+    let done = env.submit(taskmill::builtin::ECHO, vec![json!(1)]).await;
+    assert_eq!(env.wait_for_end(&done, LONG).await.stage, "done");
+
+    // The purge takes the message parked before the cut-off only.
+    let purged = env.cli(&["dead", "purge", "--older-than", "1s"]);
+    assert_eq!(purged, "purged 1");
+    let left = env.drain_queue(&lot).await;
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0].0, bad(1).into_bytes(), "the oldest one went");
+    // With room again, a bad request is parked once more.
+    send_bad(5).await;
+    common::wait_until(LONG, || async { env.message_count(&lot).await == 1 }).await;
+    pod.stop().await;
+}

@@ -271,54 +271,24 @@ async fn prune_removes_by_hand_and_reports(backend: Backend) {
     }
     pod.stop().await;
 
-    let dry = taskmill_cli(&env, &["prune", "--older-than", "0s", "--dry-run"]);
+    let dry = env.cli(&["prune", "--older-than", "0s", "--dry-run"]);
     assert_eq!(dry, "would remove 2 jobs (3 tasks)");
-    let by_stage = taskmill_cli(&env, &["prune", "--older-than", "0s", "--stage", "done"]);
+    let by_stage = env.cli(&["prune", "--older-than", "0s", "--stage", "done"]);
     assert_eq!(by_stage, "removed 1 jobs (2 tasks)");
     assert!(env.store.job(&done).await.unwrap().is_none());
     assert!(env.store.job(&failed).await.unwrap().is_some());
     // At the default retention, a job that ended a moment ago stays.
-    let at_default = taskmill_cli(&env, &["prune"]);
+    let at_default = env.cli(&["prune"]);
     assert_eq!(at_default, "removed 0 jobs (0 tasks)");
-    let listed = taskmill_cli(&env, &["jobs"]);
+    let listed = env.cli(&["jobs"]);
     assert!(
         listed.contains("removed past their retention: 1 done (2 tasks"),
         "{listed}"
     );
-    let running = taskmill_cli_fails(&env, &["prune", "--stage", "running"]);
+    let running = env.cli_fails(&["prune", "--stage", "running"]);
     assert!(running.contains("has not ended"), "{running}");
     let seen: HashSet<&str> = listed.lines().collect();
     assert!(seen.iter().any(|line| line.contains(&failed)));
-}
-
-/// Runs the `taskmill` binary against the test's database; its trimmed stdout.
-fn taskmill_cli(env: &TestEnv, args: &[&str]) -> String {
-    let output = cli_command(env, args);
-    assert!(
-        output.status.success(),
-        "taskmill {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
-/// Runs the `taskmill` binary, which must fail; its stderr.
-fn taskmill_cli_fails(env: &TestEnv, args: &[&str]) -> String {
-    let output = cli_command(env, args);
-    assert!(!output.status.success(), "taskmill {args:?} succeeded");
-    String::from_utf8(output.stderr).unwrap()
-}
-
-fn cli_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
-        .args(args)
-        .env("DATABASE_URL", &env.config.database_url)
-        .env("AMQP_URL", &env.config.amqp_url)
-        .env("TASKMILL_LOG_FORMAT", "text")
-        .env_remove("TASKMILL_RETENTION")
-        .env_remove("TASKMILL_RETENTION_FAILED")
-        .output()
-        .unwrap()
 }
 
 mod postgres_only {

@@ -1,13 +1,20 @@
 //! The parking lot: where a message goes when it cannot be processed (malformed,
-//! unknown type, oversize, unknown task). Never dropped, never retried forever: it
-//! waits there, with the reason in its headers, until an operator lists, replays or
-//! purges it.
+//! unknown type, oversize, unknown task). Never retried forever: it waits there, with
+//! the reason in its headers, until an operator lists, replays or purges it.
+//!
+//! The lot is bounded ([`Topology::parking_max`] messages; each at most
+//! `TASKMILL_MAX_REQUEST_BYTES`). A park first counts the lot: from 80% of the bound
+//! on, each park warns; at the bound the message is dropped instead, with an error log
+//! carrying its reason, ids and the start of its body, and
+//! `taskmill_parks_refused_total`. Dropped rather than left in its queue, where it
+//! would come back for ever and hold its consumer's slot. Pods parking at the same
+//! moment may each see room: the lot can pass its bound by the parks in flight.
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use serde::Serialize;
@@ -29,9 +36,12 @@ pub const ROUTING_KEY_HEADER: &str = "x-taskmill-original-routing-key";
 /// Header of a parked message: a UUID that names it for [`replay`].
 pub const PARKED_ID_HEADER: &str = "x-taskmill-parked-id";
 const OUR_HEADER_PREFIX: &str = "x-taskmill-";
+/// From this share of the bound on, every park warns.
+const NEARLY_FULL: f64 = 0.8;
 
-/// Copies the delivery to the parking lot with the reason (confirmed). The caller acks
-/// the original afterwards.
+/// Copies the delivery to the parking lot with the reason (confirmed), or, with the
+/// lot at its bound, logs it as dropped. Either way the caller acks the original
+/// afterwards.
 pub async fn park(
     publisher: &Publisher,
     topology: &Topology,
@@ -39,6 +49,35 @@ pub async fn park(
     source_queue: &str,
     reason: &str,
 ) -> Result<(), BrokerError> {
+    let held = topology.parked_now(&publisher.channel().await?).await?;
+    let max = topology.parking_max();
+    if held >= max {
+        let body: String = String::from_utf8_lossy(&delivery.data)
+            .chars()
+            .take(500)
+            .collect();
+        tracing::error!(
+            queue = source_queue,
+            routing_key = %delivery.routing_key,
+            message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+            bytes = delivery.data.len(),
+            reason,
+            body,
+            parked = held,
+            max,
+            "parking lot full (TASKMILL_PARKING_MAX): message dropped, not parked"
+        );
+        crate::metrics::park_refused(source_queue);
+        return Ok(());
+    }
+    if f64::from(held) >= NEARLY_FULL * f64::from(max) {
+        tracing::warn!(
+            parked = held,
+            max,
+            "parking lot nearly full: past TASKMILL_PARKING_MAX messages are dropped; \
+             see `taskmill dead list`, `replay` and `purge`"
+        );
+    }
     tracing::warn!(
         queue = source_queue,
         routing_key = %delivery.routing_key,
@@ -76,10 +115,12 @@ pub async fn park(
         ROUTING_KEY_HEADER.into(),
         string_header(delivery.routing_key.as_str()),
     );
-    let parking = topology.parking_queue();
     let properties = delivery.properties.clone().with_headers(headers);
     publisher
-        .send_with(Outgoing::to_queue(&parking, &delivery.data), properties)
+        .send_with(
+            Outgoing::to_queue(&topology.parking_queue(), &delivery.data),
+            properties,
+        )
         .await?
         .confirmed()
         .await?;
@@ -179,19 +220,11 @@ pub async fn replay(
     topology: &Topology,
     ids: Option<&[String]>,
 ) -> Result<usize, BrokerError> {
-    let channel = connection.create_channel().await?;
+    let mut lot = LotWalk::open(connection, topology).await?;
     let publisher = Publisher::open(connection).await?;
-    let queue = topology.parking_queue();
-    let in_lot = crate::amqp::topology::ready_in(&channel, &queue).await?;
     let mut replayed = 0;
-    for _ in 0..in_lot {
-        let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions::default())
-            .await?
-        else {
-            break;
-        };
-        let delivery = &message.delivery;
+    while let Some(delivery) = lot.next().await? {
+        let delivery = &delivery;
         let parked = Parked::from_delivery(delivery);
         if ids.is_some_and(|ids| !ids.contains(&parked.id)) {
             continue;
@@ -223,7 +256,7 @@ pub async fn replay(
         replayed += 1;
     }
     publisher.close().await;
-    channel.close(200, "replayed".into()).await?;
+    lot.close("replayed").await?;
     Ok(replayed)
 }
 
@@ -238,4 +271,73 @@ pub async fn purge(connection: &Connection, topology: &Topology) -> Result<u32, 
         .await?;
     channel.close(200, "purged".into()).await?;
     Ok(count)
+}
+
+/// Removes parked messages from the head of the lot, where the oldest wait, while
+/// they were parked before `cut_off`; the first later one (or one without a readable
+/// [`PARKED_AT_HEADER`]) goes back and ends the purge. Returns how many were removed.
+/// Pods' clocks differ a little, so a message parked just before the cut-off behind
+/// one parked just after it stays.
+pub async fn purge_parked_before(
+    connection: &Connection,
+    topology: &Topology,
+    cut_off: DateTime<Utc>,
+) -> Result<u32, BrokerError> {
+    let mut lot = LotWalk::open(connection, topology).await?;
+    let mut purged = 0;
+    while let Some(delivery) = lot.next().await? {
+        let parked_at = Parked::from_delivery(&delivery).parked_at;
+        let older = DateTime::parse_from_rfc3339(&parked_at).is_ok_and(|at| at < cut_off);
+        if !older {
+            let back = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            delivery.acker.nack(back).await?;
+            break;
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        purged += 1;
+    }
+    lot.close("purged").await?;
+    Ok(purged)
+}
+
+/// The messages in the lot when the walk began, one at a time and unacked: each is
+/// acked, or goes back when the walk's channel closes. Counting first keeps a message
+/// parked again meanwhile (by a replay, say) from being met twice.
+struct LotWalk {
+    channel: lapin::Channel,
+    queue: String,
+    left: u32,
+}
+
+impl LotWalk {
+    async fn open(connection: &Connection, topology: &Topology) -> Result<Self, BrokerError> {
+        let channel = connection.create_channel().await?;
+        let queue = topology.parking_queue();
+        let left = crate::amqp::topology::ready_in(&channel, &queue).await?;
+        Ok(Self {
+            channel,
+            queue,
+            left,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let message = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await?;
+        Ok(message.map(|message| message.delivery))
+    }
+
+    async fn close(self, why: &str) -> Result<(), BrokerError> {
+        self.channel.close(200, why.into()).await?;
+        Ok(())
+    }
 }

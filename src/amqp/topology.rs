@@ -124,6 +124,8 @@ pub struct Topology {
     /// What this process has declared on its current connection: declaring is
     /// idempotent but costs round trips, so each is declared once per connection.
     declared: Arc<Mutex<HashSet<String>>>,
+    /// The parking lot's bound in messages (`TASKMILL_PARKING_MAX`).
+    parking_max: u32,
 }
 
 impl Topology {
@@ -133,7 +135,21 @@ impl Topology {
             prefix: prefix.into(),
             queue_type,
             declared: Arc::default(),
+            parking_max: crate::config::DEFAULT_PARKING_MAX,
         }
+    }
+
+    /// These names with a parking lot bound to `max` messages.
+    pub fn with_parking_max(self, max: u32) -> Self {
+        Self {
+            parking_max: max,
+            ..self
+        }
+    }
+
+    /// The parking lot's bound in messages.
+    pub fn parking_max(&self) -> u32 {
+        self.parking_max
     }
 
     /// The prefix every name starts with.
@@ -532,12 +548,21 @@ impl Topology {
         }
     }
 
+    /// Messages in the parking lot now, declaring it if it is missing (a declare,
+    /// unlike a passive one, leaves the channel open either way).
+    pub async fn parked_now(&self, channel: &Channel) -> Result<u32, lapin::Error> {
+        let lot = self
+            .declare_queue(channel, &self.parking_queue(), FieldTable::default())
+            .await?;
+        Ok(lot.message_count())
+    }
+
     async fn declare_queue(
         &self,
         channel: &Channel,
         name: &str,
         mut args: FieldTable,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<lapin::Queue, lapin::Error> {
         if self.queue_type == QueueType::Quorum {
             args.insert(
                 ShortString::from("x-queue-type"),
@@ -553,8 +578,7 @@ impl Topology {
                 },
                 args,
             )
-            .await?;
-        Ok(())
+            .await
     }
 }
 

@@ -27,13 +27,19 @@ pub enum DeadAction {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
-    /// Delete every parked message.
-    Purge,
+    /// Delete parked messages: all, or those parked longer ago than --older-than.
+    Purge {
+        /// Only the messages parked longer ago than this (e.g. 7d), taken from the
+        /// head of the lot, where the oldest wait.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
 }
 
 pub async fn run(config: &Config, args: DeadArgs) -> anyhow::Result<()> {
     let connection = broker::connect(&config.amqp_url).await?;
-    let topology = Topology::new(config.prefix.clone(), config.queue_type);
+    let topology = Topology::new(config.prefix.clone(), config.queue_type)
+        .with_parking_max(config.parking_max);
     match args.action {
         DeadAction::List { json } => {
             let parked = parking::list(&connection, &topology, usize::MAX).await?;
@@ -51,7 +57,11 @@ pub async fn run(config: &Config, args: DeadArgs) -> anyhow::Result<()> {
                     let preview: String = message.body_preview.chars().take(120).collect();
                     println!("    body:   {preview}");
                 }
-                println!("{} parked", parked.len());
+                println!(
+                    "{} parked (bound: {}, TASKMILL_PARKING_MAX)",
+                    parked.len(),
+                    topology.parking_max()
+                );
             }
         }
         DeadAction::Replay { ids, all } => {
@@ -59,8 +69,14 @@ pub async fn run(config: &Config, args: DeadArgs) -> anyhow::Result<()> {
             let replayed = parking::replay(&connection, &topology, only).await?;
             println!("replayed {replayed}");
         }
-        DeadAction::Purge => {
-            let purged = parking::purge(&connection, &topology).await?;
+        DeadAction::Purge { older_than } => {
+            let purged = match older_than {
+                Some(age) => {
+                    let cut_off = chrono::Utc::now() - chrono::Duration::from_std(age)?;
+                    parking::purge_parked_before(&connection, &topology, cut_off).await?
+                }
+                None => parking::purge(&connection, &topology).await?,
+            };
             println!("purged {purged}");
         }
     }

@@ -87,6 +87,7 @@ impl TestEnv {
 
     /// [`Self::new`] with an empty database: for a test of the migrations.
     pub async fn unmigrated(backend: Backend) -> Self {
+        log_warnings();
         let name = format!("tm_{}", uuid::Uuid::new_v4().simple());
         let vhost = name.clone();
         tokio::task::spawn_blocking({
@@ -150,6 +151,39 @@ impl TestEnv {
 
     pub fn topology(&self) -> Topology {
         Topology::new(self.config.prefix.clone(), self.config.queue_type)
+    }
+
+    /// Runs the `taskmill` binary against the test's broker and database; its
+    /// trimmed stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_command(args);
+        assert!(
+            output.status.success(),
+            "taskmill {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Runs the `taskmill` binary, which must fail; its stderr.
+    pub fn cli_fails(&self, args: &[&str]) -> String {
+        let output = self.cli_command(args);
+        assert!(!output.status.success(), "taskmill {args:?} succeeded");
+        String::from_utf8(output.stderr).unwrap()
+    }
+
+    fn cli_command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+            .args(args)
+            .env("DATABASE_URL", &self.config.database_url)
+            .env("AMQP_URL", &self.config.amqp_url)
+            .env("TASKMILL_PREFIX", &self.config.prefix)
+            .env("TASKMILL_LOG_FORMAT", "text")
+            .env_remove("TASKMILL_RETENTION")
+            .env_remove("TASKMILL_RETENTION_FAILED")
+            .env_remove("TASKMILL_PARKING_MAX")
+            .output()
+            .unwrap()
     }
 
     /// A pod builder wired to this test's broker and database.
@@ -582,6 +616,18 @@ impl Drop for TestEnv {
         .join()
         .unwrap();
     }
+}
+
+/// Warnings and errors go to the test's captured output, shown when it fails: the
+/// reason a message was parked, a retry that gave up. `RUST_LOG` widens them.
+fn log_warnings() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _already_set = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
 }
 
 fn create_vhost(vhost: &str) {
