@@ -39,7 +39,8 @@ pub fn rule(retention: &Retention, span: Duration, now: DateTime<Utc>) -> Remova
         rule = rule
             .with(JobStage::Done, cut_off)
             .with(JobStage::Cancelled, cut_off)
-            .by_partition(cut_off, Some(crate::clock::before(cut_off, span)));
+            .by_partition(cut_off, Some(crate::clock::before(cut_off, span)))
+            .holding_within(chrono::Duration::from_std(span).unwrap_or(chrono::Duration::MAX));
     }
     rule
 }

@@ -371,6 +371,24 @@ async fn partitions_go_whole_and_kept_jobs_are_set_aside(backend: Backend) {
     .await;
     tokio::time::sleep(SPAN).await;
 
+    // A failed job whose retention ends within a span holds its partition: its tasks
+    // are not moved aside, and the jobs beside it wait to leave with the partition.
+    let holding = taskmill::retention::rule(
+        &Retention {
+            ended: Some(Duration::ZERO),
+            failed: Some(Duration::from_secs(3_600)),
+        },
+        Duration::from_secs(7_200),
+        chrono::Utc::now(),
+    );
+    assert_eq!(remove_all(&env, &holding).await, Removed::default());
+    assert_ne!(partitions_of(&env, &failed).await, ["tasks_kept"]);
+    assert_eq!(
+        env.rows_of_job(&done).await[1],
+        3,
+        "held with the failed job"
+    );
+
     let rule = taskmill::retention::rule(
         &Retention {
             ended: Some(Duration::ZERO),

@@ -58,8 +58,9 @@ struct Blocker {
     id: String,
     stage: String,
     task_count: i64,
-    /// Its event is not delivered yet, or it is being removed one job at a time:
-    /// either way it is about to leave, and the partition waits for it.
+    /// Its event is not delivered yet, it is being removed one job at a time, or its
+    /// retention ends within the rule's hold time: it is about to leave, and the
+    /// partition waits for it.
     leaving_soon: bool,
 }
 
@@ -347,11 +348,13 @@ async fn blockers(
     partition: &Partition,
     rule: &RemovalRule,
 ) -> Result<Vec<Blocker>, StoreError> {
-    use sea_orm::sea_query::{Alias, Expr, ExprTrait, PostgresQueryBuilder, Query};
-    let leaving_soon = Expr::cust(
-        "removal_started_at IS NOT NULL OR EXISTS (SELECT 1 FROM job_events e \
-         WHERE e.job_id = jobs.id AND (e.published_at IS NULL OR e.target_retry_at IS NOT NULL))",
-    );
+    use sea_orm::sea_query::{Alias, CaseStatement, Expr, ExprTrait, PostgresQueryBuilder, Query};
+    let leaving_soon = CaseStatement::new()
+        .case(rule.leaves_soon(), Expr::val(true))
+        .finally(Expr::cust(
+            "removal_started_at IS NOT NULL OR EXISTS (SELECT 1 FROM job_events e \
+             WHERE e.job_id = jobs.id AND (e.published_at IS NULL OR e.target_retry_at IS NOT NULL))",
+        ));
     let (sql, values) = Query::select()
         .columns([
             entity::job::Column::Id,

@@ -38,6 +38,9 @@ pub struct RemovalRule {
     one_by_one_created_before: Option<DateTime<Utc>>,
     /// On PostgreSQL, the partitions that ended before this may go.
     partitions_ending_before: Option<DateTime<Utc>>,
+    /// On PostgreSQL, an ended job in a partition that is due, which this rule will let
+    /// go within this time, holds the partition: its tasks are not moved aside.
+    holds_within: chrono::Duration,
 }
 
 impl RemovalRule {
@@ -77,6 +80,28 @@ impl RemovalRule {
         self.partitions_ending_before = Some(ending_before);
         self.one_by_one_created_before = one_by_one_before;
         self
+    }
+
+    /// The rule, letting a due partition wait for the ended jobs in it that it lets go
+    /// within `within` (those that ran late in its span, say), instead of moving
+    /// their tasks aside: a move writes every row twice, waiting writes nothing.
+    pub fn holding_within(mut self, within: chrono::Duration) -> Self {
+        self.holds_within = within;
+        self
+    }
+
+    /// Which jobs it lets go within its hold time.
+    pub(super) fn leaves_soon(&self) -> Condition {
+        let later = Self {
+            ended_before: (self.ended_before.iter())
+                .map(|(stage, cut_off)| {
+                    let later = cut_off.checked_add_signed(self.holds_within);
+                    (*stage, later.unwrap_or(DateTime::<Utc>::MAX_UTC))
+                })
+                .collect(),
+            ..Self::default()
+        };
+        later.leaves()
     }
 
     /// Whether no job may leave under it.
