@@ -17,8 +17,10 @@ fn bench_reports_every_scenario_as_json() {
             "2000",
             "--open-loop-secs",
             "1",
+            "--soak-secs",
+            "1",
             "--only",
-            "S1,S3,S4,S6,S8",
+            "S1,S3,S4,S6,S8,S9",
         ])
         // The bench makes its own scratch SQLite file and broker prefix, and removes both.
         .env_remove("DATABASE_URL")
@@ -88,5 +90,16 @@ fn bench_reports_every_scenario_as_json() {
             !climb.is_empty(),
             "a rate that kept up is followed by a higher one"
         );
+    }
+    // The soak: S2-sized jobs (10 × --tasks), one after another, each with the size of
+    // the database once it ended.
+    let soak = &report["soak"];
+    assert_eq!(soak["tasks_per_job"], 2_000);
+    let jobs = soak["jobs"].as_array().unwrap();
+    assert!(!jobs.is_empty(), "{soak}");
+    for job in jobs {
+        assert!(job["tasks_per_s"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(job["sizes"]["database_bytes"].as_i64().unwrap() > 0, "{job}");
+        assert!(job["sizes"]["free_bytes"].as_i64().is_some(), "SQLite: {job}");
     }
 }

@@ -1,13 +1,33 @@
 //! The bench's own SQL, kept out of the production `Store`: the database baseline's
-//! scratch table (updated one row and 100 rows per statement) and PostgreSQL's own
-//! counters of transactions, rows and WAL written, and the size of the tasks table.
+//! scratch table (updated one row and 100 rows per statement), PostgreSQL's own
+//! counters of transactions, rows and WAL written, and the sizes of the database and
+//! its tasks table.
 
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, QueryResult,
     Statement,
 };
+use serde::Serialize;
 
 const TABLE: &str = "taskmill_bench_rows";
+/// The partitions of `tasks`, with their indexes and TOAST, in bytes.
+const TASKS_BYTES: &str = "(SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)::bigint \
+     FROM pg_inherits WHERE inhparent = 'tasks'::regclass)";
+
+/// How large the database is now.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Sizes {
+    /// PostgreSQL: `pg_database_size`; SQLite: the file's pages (its WAL aside).
+    pub database_bytes: i64,
+    /// The tasks table with its indexes (PostgreSQL).
+    pub tasks_bytes: Option<i64>,
+    /// The jobs table with its indexes (PostgreSQL).
+    pub jobs_bytes: Option<i64>,
+    /// The partitions of the tasks table (PostgreSQL).
+    pub partitions: Option<i64>,
+    /// Pages of the file on SQLite's free list, reused before the file grows.
+    pub free_bytes: Option<i64>,
+}
 
 /// Cumulative server counters (PostgreSQL only).
 #[derive(Clone, Copy, Debug, Default)]
@@ -98,14 +118,13 @@ impl BenchDb {
     /// them (its statistics lag by up to a second); `None` on SQLite.
     pub async fn server_counters(&self) -> anyhow::Result<Option<ServerCounters>> {
         let row = self
-            .postgres_row(
+            .postgres_row(&format!(
                 "SELECT (xact_commit + xact_rollback)::bigint AS transactions, \
                  (tup_inserted + tup_updated + tup_deleted)::bigint AS rows_written, \
                  (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS wal_bytes, \
-                 (SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)::bigint \
-                  FROM pg_inherits WHERE inhparent = 'tasks'::regclass) AS tasks_bytes \
-                 FROM pg_stat_database WHERE datname = current_database()",
-            )
+                 {TASKS_BYTES} AS tasks_bytes \
+                 FROM pg_stat_database WHERE datname = current_database()"
+            ))
             .await?;
         Ok(row.map(|row| ServerCounters {
             transactions: row.try_get("", "transactions").unwrap_or(0),
@@ -113,6 +132,35 @@ impl BenchDb {
             wal_bytes: row.try_get("", "wal_bytes").unwrap_or(0),
             tasks_bytes: row.try_get("", "tasks_bytes").unwrap_or(0),
         }))
+    }
+
+    /// The database's size now.
+    pub async fn sizes(&self) -> anyhow::Result<Sizes> {
+        let sql = match self.backend() {
+            DatabaseBackend::Postgres => format!(
+                "SELECT pg_database_size(current_database())::bigint AS database_bytes, \
+                 {TASKS_BYTES} AS tasks_bytes, \
+                 pg_total_relation_size('jobs')::bigint AS jobs_bytes, \
+                 (SELECT COUNT(*) FROM pg_inherits \
+                  WHERE inhparent = 'tasks'::regclass)::bigint AS partitions"
+            ),
+            _ => "SELECT page_count * page_size AS database_bytes, \
+                  freelist_count * page_size AS free_bytes \
+                  FROM pragma_page_count(), pragma_page_size(), pragma_freelist_count()"
+                .to_owned(),
+        };
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.backend(), sql))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no size"))?;
+        Ok(Sizes {
+            database_bytes: row.try_get("", "database_bytes")?,
+            tasks_bytes: row.try_get("", "tasks_bytes").ok(),
+            jobs_bytes: row.try_get("", "jobs_bytes").ok(),
+            partitions: row.try_get("", "partitions").ok(),
+            free_bytes: row.try_get("", "free_bytes").ok(),
+        })
     }
 
     /// Whether PostgreSQL's autovacuum is on; `None` on SQLite, which has none.

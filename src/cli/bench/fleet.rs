@@ -21,6 +21,15 @@ pub struct Fleet {
 impl Fleet {
     /// `workers` processes with the configuration's concurrency and prefetch.
     pub fn spawn(config: &Config, workers: usize) -> anyhow::Result<Self> {
+        Self::spawn_with(config, workers, &[])
+    }
+
+    /// [`Self::spawn`] with more environment variables.
+    pub fn spawn_with(
+        config: &Config,
+        workers: usize,
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         for _ in 0..workers {
@@ -40,6 +49,7 @@ impl Fleet {
                     .env("RUST_LOG", "warn")
                     // Several pods on one host: each serves its endpoint on a free port.
                     .env("TASKMILL_HTTP_ADDR", "127.0.0.1:0")
+                    .envs(vars.iter().copied())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .kill_on_drop(true)

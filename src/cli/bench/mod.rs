@@ -11,7 +11,8 @@
 //!    with 10% of tasks failing once, S8 a map → reduce job (the built-in word count)
 //!    of N map tasks and 100 reduce shards, S5 S1 with 1, 2 and 4 worker processes; S6
 //!    single-task jobs published at a fixed rate (200/s, and half S3's rate), each
-//!    timed from its publish to its event.
+//!    timed from its publish to its event; S9 (only when named) the soak, S2-sized
+//!    jobs one after another for `--soak-secs` with a short retention ([`soak`]).
 //! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
 //!    the ratios to the baselines: the machine is shared and noisy, so ratios measured
 //!    in the same run are what compare across runs.
@@ -27,6 +28,7 @@ mod open_loop;
 mod report;
 mod scenario;
 mod scratch;
+mod soak;
 
 use clap::Args;
 use taskmill::store::Store;
@@ -67,7 +69,10 @@ pub struct BenchArgs {
     /// Messages for the broker baseline.
     #[arg(long, default_value_t = 50_000)]
     pub baseline_messages: usize,
-    /// Scenarios to run (default: all but S7, which runs only when named).
+    /// Seconds S9 submits jobs for.
+    #[arg(long, default_value_t = 300.0)]
+    pub soak_secs: f64,
+    /// Scenarios to run (default: all but S7 and S9, which run only when named).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print JSON instead of a table.
@@ -179,8 +184,9 @@ async fn measure(
             .iter()
             .any(|s| name.eq_ignore_ascii_case(s) || name.starts_with(s.as_str()))
     };
-    // S7 (100 × N tasks) runs only when named: it takes minutes.
-    let selected = |name: &str| (args.only.is_empty() && name != "S7") || named(name);
+    // S7 (100 × N tasks) and S9 (the soak) run only when named: they take minutes.
+    let selected =
+        |name: &str| (args.only.is_empty() && !["S7", "S9"].contains(&name)) || named(name);
     specs.retain(|spec| selected(&spec.name));
 
     let counters = database::BenchDb::connect(&config.database_url, 1).await?;
@@ -214,6 +220,12 @@ async fn measure(
             kept_up = result.kept_up();
             report.open_loop.push(result);
         }
+    }
+    if selected("S9") {
+        eprintln!("scenario S9: jobs × {} back to back…", 10 * n);
+        let sizes = database::BenchDb::connect(&config.database_url, 1).await?;
+        report.soak = Some(bench.soak(&sizes, 10 * n, args.soak_secs).await?);
+        sizes.close().await?;
     }
     bench.stop().await;
     Ok(report)

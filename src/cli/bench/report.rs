@@ -6,6 +6,7 @@ use taskmill::Config;
 use super::baseline::{BrokerBaseline, DatabaseBaseline};
 use super::open_loop::OpenLoopResult;
 use super::scenario::ScenarioResult;
+use super::soak::SoakResult;
 
 /// What a run without autovacuum means for its figures.
 pub const AUTOVACUUM_OFF: &str = "dead task rows pile up and large jobs slow down; \
@@ -25,6 +26,7 @@ pub struct Report {
     pub database: DatabaseBaseline,
     pub scenarios: Vec<ScenarioResult>,
     pub open_loop: Vec<OpenLoopResult>,
+    pub soak: Option<SoakResult>,
 }
 
 impl Report {
@@ -55,6 +57,7 @@ impl Report {
             database,
             scenarios: Vec::new(),
             open_loop: Vec::new(),
+            soak: None,
         }
     }
 
@@ -90,50 +93,8 @@ impl Report {
             "  database  100-row UPDATE, 8 connections                     {:>9.0} rows/s",
             self.database.batched_rows_per_s
         );
-        println!();
-        println!(
-            "{:<6} {:<30} {:>7} {:>7} {:>8} {:>8} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
-            "", "scenario", "tasks", "wall s", "tasks/s", "jobs/s", "task p50/p99 ms", "job p50/p99 ms",
-            "db tx", "db rows", "msgs", "RSS MiB", "÷broker", "÷db 1-row"
-        );
-        let opt = |value: Option<f64>, decimals: usize| {
-            value.map_or("n/a".to_owned(), |v| format!("{v:.decimals$}"))
-        };
-        for s in &self.scenarios {
-            println!(
-                "{:<6} {:<30} {:>7} {:>7.2} {:>8.0} {:>8.1} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>7.0}% {:>8.0}%{}",
-                s.name,
-                s.title,
-                s.tasks,
-                s.seconds,
-                s.tasks_per_s,
-                s.jobs_per_s,
-                format!("{:.0}/{:.0}", s.task_latency_p50_ms, s.task_latency_p99_ms),
-                format!("{:.0}/{:.0}", s.job_latency_p50_ms, s.job_latency_p99_ms),
-                opt(s.db_transactions_per_task, 2),
-                opt(s.db_rows_written_per_task, 2),
-                opt(s.broker_messages_per_task, 2),
-                opt(s.worker_peak_rss_mib, 1),
-                100.0 * s.tasks_per_s / self.broker.messages_per_s,
-                100.0 * s.tasks_per_s / self.database.single_row_updates_per_s,
-                if s.all_done { "" } else { "  (not every job done!)" },
-            );
-        }
-        println!();
-        println!("CPU seconds per 100,000 tasks (from /proc):  PostgreSQL  RabbitMQ  workers");
-        for s in &self.scenarios {
-            let cpu = &s.cpu_s_per_100k_tasks;
-            println!(
-                "  {:<42} {:>10.1} {:>9.1} {:>8.1}",
-                s.name, cpu.postgres, cpu.rabbitmq, cpu.workers
-            );
-        }
-        println!();
-        println!("columns: db tx and db rows are PostgreSQL transactions and rows written per task; msgs are broker publishes per task;");
-        println!("         ÷broker and ÷db 1-row are tasks/s as a share of the baselines above");
-        let ready = self.scenarios.iter().map(|s| s.workers_ready_ms);
-        if let (Some(min), Some(max)) = (ready.clone().reduce(f64::min), ready.reduce(f64::max)) {
-            println!("         each clock starts once its fresh worker processes consume: {min:.0}–{max:.0} ms after they were spawned");
+        if !self.scenarios.is_empty() {
+            self.print_scenarios();
         }
         if let Some(s1) = self.scenario("S1") {
             println!();
@@ -257,5 +218,100 @@ impl Report {
                 );
             }
         }
+        if let Some(soak) = &self.soak {
+            print_soak(soak);
+        }
     }
+}
+
+impl Report {
+    /// The closed-loop scenarios' table and their CPU per task.
+    fn print_scenarios(&self) {
+        println!();
+        println!(
+            "{:<6} {:<30} {:>7} {:>7} {:>8} {:>8} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            "", "scenario", "tasks", "wall s", "tasks/s", "jobs/s", "task p50/p99 ms", "job p50/p99 ms",
+            "db tx", "db rows", "msgs", "RSS MiB", "÷broker", "÷db 1-row"
+        );
+        for s in &self.scenarios {
+            println!(
+                "{:<6} {:<30} {:>7} {:>7.2} {:>8.0} {:>8.1} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7} {:>7.0}% {:>8.0}%{}",
+                s.name,
+                s.title,
+                s.tasks,
+                s.seconds,
+                s.tasks_per_s,
+                s.jobs_per_s,
+                format!("{:.0}/{:.0}", s.task_latency_p50_ms, s.task_latency_p99_ms),
+                format!("{:.0}/{:.0}", s.job_latency_p50_ms, s.job_latency_p99_ms),
+                opt(s.db_transactions_per_task, 2),
+                opt(s.db_rows_written_per_task, 2),
+                opt(s.broker_messages_per_task, 2),
+                opt(s.worker_peak_rss_mib, 1),
+                100.0 * s.tasks_per_s / self.broker.messages_per_s,
+                100.0 * s.tasks_per_s / self.database.single_row_updates_per_s,
+                if s.all_done { "" } else { "  (not every job done!)" },
+            );
+        }
+        println!();
+        println!("CPU seconds per 100,000 tasks (from /proc):  PostgreSQL  RabbitMQ  workers");
+        for s in &self.scenarios {
+            let cpu = &s.cpu_s_per_100k_tasks;
+            println!(
+                "  {:<42} {:>10.1} {:>9.1} {:>8.1}",
+                s.name, cpu.postgres, cpu.rabbitmq, cpu.workers
+            );
+        }
+        println!();
+        println!("columns: db tx and db rows are PostgreSQL transactions and rows written per task; msgs are broker publishes per task;");
+        println!("         ÷broker and ÷db 1-row are tasks/s as a share of the baselines above");
+        let ready = self.scenarios.iter().map(|s| s.workers_ready_ms);
+        if let (Some(min), Some(max)) = (ready.clone().reduce(f64::min), ready.reduce(f64::max)) {
+            println!("         each clock starts once its fresh worker processes consume: {min:.0}–{max:.0} ms after they were spawned");
+        }
+    }
+}
+
+/// `value` with `decimals` decimals, or `n/a`.
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("n/a".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn print_soak(soak: &SoakResult) {
+    let mib = |bytes: Option<i64>| {
+        bytes.map_or("n/a".to_owned(), |b| {
+            format!("{:.1}", b as f64 / (1024.0 * 1024.0))
+        })
+    };
+    println!();
+    println!(
+        "S9 soak: jobs × {} back to back, retention {}, partitions of {}",
+        soak.tasks_per_job, soak.retention, soak.partition_span
+    );
+    println!(
+        "  {:>4} {:>7} {:>8} {:>12} {:>10} {:>9} {:>6} {:>9}",
+        "job", "at s", "tasks/s", "database MiB", "tasks MiB", "jobs MiB", "parts", "free MiB"
+    );
+    for (n, job) in soak.jobs.iter().enumerate() {
+        let sizes = &job.sizes;
+        println!(
+            "  {:>4} {:>7.0} {:>8.0} {:>12} {:>10} {:>9} {:>6} {:>9}",
+            n + 1,
+            job.at_s,
+            job.tasks_per_s,
+            mib(Some(sizes.database_bytes)),
+            mib(sizes.tasks_bytes),
+            mib(sizes.jobs_bytes),
+            sizes.partitions.map_or("n/a".to_owned(), |p| p.to_string()),
+            mib(sizes.free_bytes),
+        );
+    }
+    println!(
+        "goal S9 last job's rate ÷ first's ≥ 0.90:  {}",
+        opt(soak.last_to_first(), 2)
+    );
+    println!(
+        "goal S9 database size, largest of the second half ÷ first half ≤ 1.10:  {}",
+        opt(soak.second_half_growth(), 2)
+    );
 }
