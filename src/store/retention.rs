@@ -377,16 +377,28 @@ impl Store {
             let job_id = job_id.clone();
             self.transact(move |txn| {
                 Box::pin(async move {
-                    let Some(stage) = job::Entity::find_by_id(&job_id)
-                        .select_only()
-                        .column(job::Column::Stage)
-                        .into_tuple::<String>()
-                        .one(txn)
+                    // A write first: on SQLite a transaction that reads before it
+                    // writes fails at its first write if the pipeline wrote meanwhile,
+                    // which under load is nearly always, and the removal then crawls
+                    // from retry to retry.
+                    let Some(job) = job::Entity::update_many()
+                        .col_expr(
+                            job::Column::RemovalStartedAt,
+                            Expr::col(job::Column::RemovalStartedAt),
+                        )
+                        .filter(job::Column::Id.eq(job_id.as_str()))
+                        .filter(job::Column::RemovalStartedAt.is_not_null())
+                        .exec_with_returning(txn)
                         .await?
+                        .into_iter()
+                        .next()
                     else {
                         return Ok(Removed::default());
                     };
-                    let marked = [Marked { id: job_id, stage }];
+                    let marked = [Marked {
+                        id: job_id,
+                        stage: job.stage,
+                    }];
                     let tasks = delete_tasks(txn, &marked, Some(task_batch)).await?;
                     if has_tasks(txn, &marked[0].id).await? {
                         add_to_totals(txn, &marked[0].stage, 0, tasks).await?;
