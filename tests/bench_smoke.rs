@@ -99,7 +99,13 @@ fn bench_reports_every_scenario_as_json() {
     assert!(!jobs.is_empty(), "{soak}");
     for job in jobs {
         assert!(job["tasks_per_s"].as_f64().unwrap() > 0.0, "{job}");
-        assert!(job["sizes"]["database_bytes"].as_i64().unwrap() > 0, "{job}");
-        assert!(job["sizes"]["free_bytes"].as_i64().is_some(), "SQLite: {job}");
+        assert!(
+            job["sizes"]["database_bytes"].as_i64().unwrap() > 0,
+            "{job}"
+        );
+        assert!(
+            job["sizes"]["free_bytes"].as_i64().is_some(),
+            "SQLite: {job}"
+        );
     }
 }
