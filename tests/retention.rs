@@ -293,6 +293,11 @@ async fn prune_removes_by_hand_and_reports(backend: Backend) {
 
 mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cleaner_keeps_the_partitions_few() {
+        super::the_cleaner_keeps_the_partitions_few(super::Backend::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn partitions_go_whole_and_kept_jobs_are_set_aside() {
         super::partitions_go_whole_and_kept_jobs_are_set_aside(super::Backend::Postgres).await
     }
@@ -528,4 +533,47 @@ async fn the_partitioned_table_keeps_the_rows_it_was_made_from(backend: Backend)
     assert_eq!(env.rows_of_job("old-done").await[..2], [0, 0]);
     assert_eq!(env.rows_of_job("old-running").await[..2], [1, 3]);
     db.close().await.unwrap();
+}
+
+/// Partitions are bounded: the cleaner makes them two spans ahead and drops each once
+/// its span is past the retention and its jobs have left, so however long jobs come,
+/// at most the spans ahead, the current one and those within the retention remain.
+async fn the_cleaner_keeps_the_partitions_few(backend: Backend) {
+    const SPAN: Duration = Duration::from_secs(1);
+    let env = TestEnv::new(backend).await;
+    let config = Config {
+        retention: Retention {
+            ended: Some(SPAN),
+            failed: Some(SPAN),
+        },
+        clean_interval: Duration::from_millis(100),
+        partition_span: SPAN,
+        ..env.config.clone()
+    };
+    let pod = env.start(env.pod().config(config));
+    env.wait_for_partition().await;
+    let partitions = "SELECT COUNT(*) AS n FROM task_partitions";
+    let mut most = 0;
+    let mut spans = HashSet::new();
+    // Jobs over eight spans: each span's partition is made, filled and dropped.
+    for _ in 0..16 {
+        let job_id = env.submit(builtin::ECHO, vec![json!(1), json!(2)]).await;
+        env.wait_for_end(&job_id, LONG).await;
+        spans.extend(partitions_of(&env, &job_id).await);
+        most = std::cmp::max(most, env.count(partitions).await);
+        tokio::time::sleep(SPAN / 2).await;
+    }
+    assert!(spans.len() >= 6, "jobs filed in {spans:?}");
+    // Two spans ahead and the current one (three, or four when "now + two spans" is
+    // not on a boundary), one within the retention, one waiting for its last job.
+    assert!(most <= 6, "{most} partitions at once");
+    // The spans the first jobs were filed in are gone.
+    let left = env
+        .count(
+            "SELECT COUNT(*) AS n FROM task_partitions \
+             WHERE ends_at < now() - interval '3 seconds'",
+        )
+        .await;
+    assert_eq!(left, 0, "partitions past their retention are dropped");
+    pod.stop().await;
 }
