@@ -272,11 +272,8 @@ async fn the_dashboard_renders_and_its_actions_need_the_token() {
 async fn without_a_configured_token_the_pod_makes_one_that_only_reads() {
     use tokio::io::AsyncBufReadExt;
     let env = TestEnv::new(Backend::Sqlite).await;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+    let mut worker = tokio::process::Command::from(env.taskmill())
         .args(["worker", "--no-migrate", "--http-addr", "127.0.0.1:0"])
-        .env("AMQP_URL", &env.config.amqp_url)
-        .env("DATABASE_URL", &env.config.database_url)
-        .env("TASKMILL_PREFIX", &env.config.prefix)
         .env("RUST_LOG", "warn,taskmill=info")
         .env_remove("TASKMILL_DASHBOARD_TOKEN")
         .env_remove("TASKMILL_LOG_FORMAT")

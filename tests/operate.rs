@@ -229,12 +229,9 @@ async fn job_types_no_pod_registered_are_counted_as_other() {
 /// A `taskmill worker` process of this test's broker and database, its stderr piped
 /// (JSON lines), with `vars` on top.
 fn worker_process(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
+    tokio::process::Command::from(env.taskmill())
         .arg("worker")
         .args(args)
-        .env("AMQP_URL", &env.config.amqp_url)
-        .env("DATABASE_URL", &env.config.database_url)
-        .env("TASKMILL_PREFIX", &env.config.prefix)
         .env("RUST_LOG", "warn,taskmill=info")
         .env_remove("TASKMILL_HTTP_ADDR")
         .env_remove("TASKMILL_LOG_FORMAT")

@@ -172,12 +172,19 @@ impl TestEnv {
         String::from_utf8(output.stderr).unwrap()
     }
 
-    fn cli_command(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_taskmill"))
-            .args(args)
-            .env("DATABASE_URL", &self.config.database_url)
+    /// The `taskmill` binary, pointed at this test's broker, database and prefix.
+    pub fn taskmill(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_taskmill"));
+        command
             .env("AMQP_URL", &self.config.amqp_url)
-            .env("TASKMILL_PREFIX", &self.config.prefix)
+            .env("DATABASE_URL", &self.config.database_url)
+            .env("TASKMILL_PREFIX", &self.config.prefix);
+        command
+    }
+
+    fn cli_command(&self, args: &[&str]) -> std::process::Output {
+        self.taskmill()
+            .args(args)
             .env("TASKMILL_LOG_FORMAT", "text")
             .env_remove("TASKMILL_RETENTION")
             .env_remove("TASKMILL_RETENTION_FAILED")
