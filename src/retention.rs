@@ -27,8 +27,8 @@ pub const TASK_BATCH: u64 = 1_000;
 /// On PostgreSQL the tasks of the jobs created in one `span` share a partition, and
 /// they leave with it: a partition goes once it ended `retention.ended` ago and every
 /// job of its span may leave (or has ended and is kept longer: its tasks are set
-/// aside). Jobs leave one by one only from a partition still held a span after that,
-/// by a job running or not yet delivered.
+/// aside; one it lets go within a span holds the partition instead). From a held
+/// partition jobs leave one by one, each once it was created a span before the cut-off.
 pub fn rule(retention: &Retention, span: Duration, now: DateTime<Utc>) -> RemovalRule {
     let mut rule = RemovalRule::none();
     if let Some(kept) = retention.failed {
