@@ -40,8 +40,22 @@ impl Intake {
                 }
                 PartClaim::Store => {
                     self.feeder.feed(&job.id);
-                    self.insert_adaptively(job, task_type, tasks, part.offset as usize)
-                        .await?;
+                    let stored = self
+                        .insert_adaptively(job, task_type, tasks, part.offset as usize)
+                        .await;
+                    if let Err(refused) = stored {
+                        // Two copies of one part store it at once; the job may start
+                        // on the other's commit, and then this one finds it formed.
+                        let digest = request.part_digest();
+                        let claim = store
+                            .claim_part(&job.id, part, tasks.len() as i64, &digest)
+                            .await?;
+                        if !matches!(claim, PartClaim::AlreadyStored) {
+                            return Err(refused);
+                        }
+                        tracing::info!(job_id = %job.id, part = part.number, "part stored by another copy");
+                        return Ok(());
+                    }
                     store.part_stored(&job.id, part.number).await?;
                     tracing::info!(job_id = %job.id, part = part.number, tasks = tasks.len(), "part stored");
                 }
