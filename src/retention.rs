@@ -28,7 +28,10 @@ pub const TASK_BATCH: u64 = 1_000;
 /// they leave with it: a partition goes once it ended `retention.ended` ago and every
 /// job of its span may leave (or has ended and is kept longer: its tasks are set
 /// aside; one it lets go within a span holds the partition instead). From a held
-/// partition jobs leave one by one, each once it was created a span before the cut-off.
+/// partition jobs leave one by one, each once it was created two spans before the
+/// cut-off: by then its partition has ended a span before the cut-off, and nothing
+/// that would let it go whole within the hold window is left, so a job never goes row
+/// by row from a partition about to be dropped.
 pub fn rule(retention: &Retention, span: Duration, now: DateTime<Utc>) -> RemovalRule {
     let mut rule = RemovalRule::none();
     if let Some(kept) = retention.failed {
@@ -39,7 +42,7 @@ pub fn rule(retention: &Retention, span: Duration, now: DateTime<Utc>) -> Remova
         rule = rule
             .with(JobStage::Done, cut_off)
             .with(JobStage::Cancelled, cut_off)
-            .by_partition(cut_off, Some(crate::clock::before(cut_off, span)))
+            .by_partition(cut_off, Some(crate::clock::before(cut_off, span * 2)))
             .holding_within(chrono::Duration::from_std(span).unwrap_or(chrono::Duration::MAX));
     }
     rule

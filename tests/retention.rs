@@ -306,8 +306,93 @@ mod postgres_only {
     async fn the_partitioned_table_keeps_the_rows_it_was_made_from() {
         super::the_partitioned_table_keeps_the_rows_it_was_made_from(super::Backend::Postgres).await
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_by_id_probe_each_partitions_index_without_statistics() {
+        super::lookups_by_id_probe_each_partitions_index_without_statistics().await
+    }
 }
 
+/// Partitions of the tasks table that lack a unique index on `id` alone.
+const LEAVES_WITHOUT_ID_INDEX: &str = "SELECT COUNT(*) AS n FROM pg_inherits i \
+    WHERE i.inhparent = 'tasks'::regclass AND NOT EXISTS (SELECT 1 FROM pg_index x \
+    JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] \
+    WHERE x.indrelid = i.inhrelid AND x.indisunique AND x.indnkeyatts = 1 AND a.attname = 'id')";
+
+/// Claims and finishes look up tasks by id alone, a batch at a time. With no
+/// statistics on a partition (a fresh one, or any with autovacuum off), only a unique
+/// index on `id` tells the planner that an id finds one row; without it, it expects
+/// hundreds per id and, for a batch, reads the whole partition instead of probing its
+/// index. Every partition, the ones the cleaner makes included, has that index.
+async fn lookups_by_id_probe_each_partitions_index_without_statistics() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let made = env
+        .store
+        .make_partitions(
+            Duration::from_secs(3_600),
+            chrono::Utc::now() + chrono::Duration::hours(2),
+        )
+        .await
+        .unwrap();
+    assert!(made > 0);
+    assert_eq!(env.count(LEAVES_WITHOUT_ID_INDEX).await, 0);
+    let made_partition = env
+        .texts(
+            "SELECT name FROM task_partitions WHERE name <> 'tasks_before_migration' \
+             ORDER BY starts_at LIMIT 1",
+        )
+        .await
+        .remove(0);
+    // 150,000 tasks in the partition the cleaner made and as many in the default one:
+    // a size at which reading a whole partition costs several times 256 probes.
+    env.execute_sql(&[&format!(
+        "INSERT INTO tasks (job_id, ordinal, type, payload, status, created_at, updated_at, \
+         filed_at) SELECT 'probe', g, 'taskmill.echo', '{{}}', 'pending', now(), now(), \
+         CASE WHEN g <= 150000 THEN (SELECT starts_at FROM task_partitions \
+           WHERE name = '{made_partition}') ELSE '2100-01-01 00:00:00+00' END \
+         FROM generate_series(1, 300000) g"
+    )])
+    .await;
+    for (partition, first) in [(made_partition.as_str(), 1), ("tasks_default", 150_001)] {
+        let ids = env
+            .texts(&format!(
+                "SELECT array_agg(id)::text FROM tasks WHERE job_id = 'probe' \
+                 AND ordinal BETWEEN {first} AND {}",
+                first + 255
+            ))
+            .await
+            .remove(0);
+        let one_id = ids
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .next()
+            .unwrap();
+        let lookups = [
+            (
+                format!("SELECT id FROM tasks WHERE id = {one_id}"),
+                "rows=1 ",
+            ),
+            (
+                format!("SELECT id FROM tasks WHERE id = ANY('{ids}'::bigint[])"),
+                "",
+            ),
+        ];
+        for (statement, estimate) in lookups {
+            let plan = env.texts(&format!("EXPLAIN {statement}")).await.join("\n");
+            let scans: Vec<&str> = plan
+                .lines()
+                .filter(|line| line.contains("Scan") && line.contains(&format!(" on {partition} ")))
+                .collect();
+            assert!(
+                !scans.is_empty()
+                    && scans
+                        .iter()
+                        .all(|line| !line.contains("Seq Scan") && line.contains(estimate)),
+                "{partition} is not probed by its index as it should be:\n{plan}"
+            );
+        }
+    }
+}
 /// Which of the tasks table's partitions hold the job's tasks.
 async fn partitions_of(env: &TestEnv, job_id: &str) -> Vec<String> {
     use sea_orm::{ConnectionTrait, Database};
@@ -511,6 +596,11 @@ async fn the_partitioned_table_keeps_the_rows_it_was_made_from(backend: Backend)
     );
     let ids = "SELECT COUNT(DISTINCT id) AS n FROM tasks WHERE id <= 6";
     assert_eq!(env.count(ids).await, 6);
+    assert_eq!(
+        env.count(LEAVES_WITHOUT_ID_INDEX).await,
+        0,
+        "migration 18 gives every partition its index on id"
+    );
     let before = env.store.tasks_of_job("old-done").await.unwrap();
     assert_eq!(before.len(), 3);
 

@@ -20,6 +20,7 @@ mod m20261204_000014_feed_progress;
 mod m20261204_000015_task_runs;
 mod m20261206_000016_retention;
 mod m20261206_000017_task_partitions;
+mod m20261206_000018_task_ids_per_partition;
 
 pub struct Migrator;
 
@@ -44,6 +45,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000015_task_runs::Migration),
             Box::new(m20261206_000016_retention::Migration),
             Box::new(m20261206_000017_task_partitions::Migration),
+            Box::new(m20261206_000018_task_ids_per_partition::Migration),
         ]
     }
 }

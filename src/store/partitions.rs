@@ -6,7 +6,9 @@
 //! jobs set aside because they are kept longer than the rest of their partition;
 //! `tasks_before_migration`; and `tasks_default`, for rows filed where no partition was
 //! made in time. Only the spans are ever dropped; the rows of the other three leave by
-//! the batched deletes of `retention.rs`.
+//! the batched deletes of `retention.rs`. Each partition has a unique index on `id`
+//! of its own (migration 18), for lookups by task id: the table as a whole has none,
+//! since PostgreSQL would need `filed_at` in it.
 //!
 //! A span's partition goes, in steps, once it is due (it ended before the rule's
 //! `partitions_ending_before`):
@@ -26,7 +28,7 @@
 //! advisory lock (shared for the retry), so a retry never starts on a job whose tasks
 //! are leaving, and a partition is never detached under a job a retry just started.
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, SubsecRound, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseTransaction, FromQueryResult, Statement};
 
 use super::error::StoreError;
@@ -102,14 +104,20 @@ impl Store {
             let last_end: Option<DateTime<Utc>> = self
                 .scalar("SELECT MAX(ends_at) AS at FROM task_partitions")
                 .await?;
+            if last_end.is_some_and(|end| end >= until) {
+                // The usual run: nothing to make, and no scan of `tasks_default`.
+                return Ok(made);
+            }
             let default_end: Option<DateTime<Utc>> = self
                 .scalar("SELECT MAX(filed_at) + interval '1 microsecond' AS at FROM tasks_default")
                 .await?;
             // Never a span that starts before a moment from now (a span, at most a
             // minute): a row of it may be going into the default partition right now
             // (its job created just before, or by a pod whose clock runs ahead), and
-            // attaching would then fail, or fail that insert.
-            let soonest = Utc::now() + span.min(TimeDelta::minutes(1));
+            // attaching would then fail, or fail that insert. In whole microseconds,
+            // PostgreSQL's precision: the bound is written as text, which it rounds,
+            // and `starts_at` as a value, which is truncated, and the two must agree.
+            let soonest = (Utc::now() + span.min(TimeDelta::minutes(1))).trunc_subsecs(6);
             let Some(start) = last_end.max(default_end).map(|start| start.max(soonest)) else {
                 return Ok(made);
             };
@@ -291,7 +299,9 @@ impl Store {
         .await
     }
 
-    /// Makes and attaches the partition for `[start, end)`.
+    /// Makes and attaches the partition for `[start, end)`, with its unique index on
+    /// `id`: the planner then knows an id finds one row before it has statistics on
+    /// the partition (migration 18).
     async fn attach_partition(
         &self,
         start: DateTime<Utc>,
@@ -307,6 +317,7 @@ impl Store {
                     &format!(
                         "CREATE TABLE {name} (LIKE tasks INCLUDING DEFAULTS INCLUDING STORAGE) \
                            WITH (fillfactor = 80);
+                         CREATE UNIQUE INDEX {name}_id ON {name} (id);
                          ALTER TABLE {name} ADD CONSTRAINT {name}_span \
                            CHECK (filed_at >= '{from}' AND filed_at < '{to}');
                          ALTER TABLE tasks ATTACH PARTITION {name} \

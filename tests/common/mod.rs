@@ -293,19 +293,31 @@ impl TestEnv {
     /// The number `sql` selects as `n` (`SELECT count(*) AS n ...`), on the test's
     /// database.
     pub async fn count(&self, sql: &str) -> i64 {
+        let rows = self.rows(sql).await;
+        rows.first().expect("a count").try_get("", "n").unwrap()
+    }
+
+    /// The first column of every row `sql` returns, as text, on the test's database.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let rows = self.rows(sql).await;
+        rows.iter()
+            .map(|row| row.try_get_by_index::<String>(0).unwrap())
+            .collect()
+    }
+
+    async fn rows(&self, sql: &str) -> Vec<sea_orm::QueryResult> {
         let admin = Database::connect(&self.config.database_url)
             .await
             .expect("database reachable");
-        let row = admin
-            .query_one_raw(sea_orm::Statement::from_string(
+        let rows = admin
+            .query_all_raw(sea_orm::Statement::from_string(
                 admin.get_database_backend(),
                 sql.to_owned(),
             ))
             .await
-            .unwrap_or_else(|err| panic!("{sql}: {err}"))
-            .expect("a count");
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
         admin.close().await.unwrap();
-        row.try_get("", "n").unwrap()
+        rows
     }
 
     /// On PostgreSQL, waits until a partition of the tasks table covers jobs created
