@@ -108,3 +108,28 @@ pub async fn remove(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A held partition's jobs go one by one from two spans before the cut-off: at one
+    /// span they went row by row while their partition waited seconds for a job that
+    /// ended late in the span, about to let it go whole.
+    #[test]
+    fn jobs_of_a_held_partition_go_one_by_one_from_two_spans_before_the_cut_off() {
+        let now = "2026-12-06T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let (day, hour) = (Duration::from_secs(86_400), Duration::from_secs(3_600));
+        let retention = Retention {
+            ended: Some(day),
+            failed: None,
+        };
+        let cut_off = now - chrono::Duration::days(1);
+        let expected = RemovalRule::none()
+            .with(JobStage::Done, cut_off)
+            .with(JobStage::Cancelled, cut_off)
+            .by_partition(cut_off, Some(cut_off - chrono::Duration::hours(2)))
+            .holding_within(chrono::Duration::hours(1));
+        assert_eq!(rule(&retention, hour, now), expected);
+    }
+}
