@@ -146,37 +146,10 @@ impl Client {
     /// each part going out as it fills, then [`JobParts::seal`] it. The request gives
     /// the job's settings (its `tasks` are ignored; its `job_id` is generated when
     /// absent). Memory holds one part at a time, whatever the job's size.
-    pub fn open_job(&self, mut request: JobRequest) -> Result<JobParts<'_>, Error> {
-        request
-            .job_id
-            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-        let header = JobRequest::<Box<RawValue>> {
-            version: request.version,
-            job_id: request.job_id,
-            job_type: request.job_type,
-            task_type: request.task_type,
-            queue: request.queue,
-            params: request.params,
-            tasks: None,
-            max_retries: request.max_retries,
-            retry_delay_ms: request.retry_delay_ms,
-            on_failure: request.on_failure,
-            on_complete: request.on_complete,
-            task_timeout_ms: request.task_timeout_ms,
-            results_in_event: request.results_in_event,
-            reduce_shards: request.reduce_shards,
-            reduce_per_key: request.reduce_per_key,
-            part: None,
-            seal: None,
-        };
-        header.validate()?;
+    pub fn open_job(&self, request: JobRequest) -> Result<JobParts<'_>, Error> {
         Ok(JobParts {
             client: self,
-            header,
-            buffer: Vec::new(),
-            buffered_bytes: 0,
-            parts: 0,
-            tasks: 0,
+            parting: Parting::new(request)?,
         })
     }
 
@@ -427,20 +400,13 @@ fn unreadable_event(job_id: &str, err: &serde_json::Error) -> Error {
 /// A job being sent in parts ([`Client::open_job`]).
 pub struct JobParts<'a> {
     client: &'a Client,
-    /// The job's settings, repeated by every part and the seal.
-    header: JobRequest<Box<RawValue>>,
-    buffer: Vec<Box<RawValue>>,
-    buffered_bytes: usize,
-    /// Parts sent so far.
-    parts: u32,
-    /// Tasks in the parts sent so far.
-    tasks: u64,
+    parting: Parting,
 }
 
 impl JobParts<'_> {
     /// The job's id.
     pub fn job_id(&self) -> &str {
-        self.header.job_id.as_deref().unwrap_or_default()
+        self.parting.job_id()
     }
 
     /// Adds a task; sends a part once [`PART_TASKS`] tasks or [`PART_BYTES`] bytes are
@@ -452,53 +418,127 @@ impl JobParts<'_> {
 
     /// [`JobParts::push`] for a payload that is JSON text already.
     pub async fn push_raw(&mut self, payload: Box<RawValue>) -> Result<(), Error> {
-        if self.buffered_bytes + payload.get().len() > PART_BYTES && !self.buffer.is_empty() {
-            self.send_part().await?;
-        }
-        self.buffered_bytes += payload.get().len();
-        self.buffer.push(payload);
-        if self.buffer.len() >= PART_TASKS {
-            self.send_part().await?;
+        if let Some(part) = self.parting.push(payload) {
+            self.client.publish_request(&part).await?;
         }
         Ok(())
     }
 
     /// Sends what is waiting and seals the job; returns its id. A job that fits in
     /// one part goes as one plain request instead.
-    pub async fn seal(mut self) -> Result<String, Error> {
+    pub async fn seal(self) -> Result<String, Error> {
         let job_id = self.job_id().to_owned();
+        for request in self.parting.finish() {
+            self.client.publish_request(&request).await?;
+        }
+        Ok(job_id)
+    }
+}
+
+/// Cuts a job's tasks into the requests that carry it: parts of at most
+/// [`PART_TASKS`] tasks and [`PART_BYTES`] bytes as they fill, then the seal; or, for
+/// a job that never filled a part, one plain request. What [`JobParts`] publishes and
+/// `submit_in` stores.
+pub(crate) struct Parting {
+    /// The job's settings, repeated by every part and the seal.
+    header: JobRequest<Box<RawValue>>,
+    buffer: Vec<Box<RawValue>>,
+    buffered_bytes: usize,
+    /// Parts cut so far.
+    parts: u32,
+    /// Tasks in the parts cut so far.
+    tasks: u64,
+}
+
+impl Parting {
+    /// Takes the job's settings from `request` (its `tasks` are ignored; its `job_id`
+    /// is generated when absent) and checks them.
+    pub fn new(mut request: JobRequest) -> Result<Self, Error> {
+        request
+            .job_id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+        let header = JobRequest::<Box<RawValue>> {
+            version: request.version,
+            job_id: request.job_id,
+            job_type: request.job_type,
+            task_type: request.task_type,
+            queue: request.queue,
+            params: request.params,
+            tasks: None,
+            max_retries: request.max_retries,
+            retry_delay_ms: request.retry_delay_ms,
+            on_failure: request.on_failure,
+            on_complete: request.on_complete,
+            task_timeout_ms: request.task_timeout_ms,
+            results_in_event: request.results_in_event,
+            reduce_shards: request.reduce_shards,
+            reduce_per_key: request.reduce_per_key,
+            part: None,
+            seal: None,
+        };
+        header.validate()?;
+        Ok(Self {
+            header,
+            buffer: Vec::new(),
+            buffered_bytes: 0,
+            parts: 0,
+            tasks: 0,
+        })
+    }
+
+    pub fn job_id(&self) -> &str {
+        self.header.job_id.as_deref().unwrap_or_default()
+    }
+
+    /// Adds a task; returns the part it filled, if it did.
+    pub fn push(&mut self, payload: Box<RawValue>) -> Option<JobRequest<Box<RawValue>>> {
+        let mut full = None;
+        if self.buffered_bytes + payload.get().len() > PART_BYTES && !self.buffer.is_empty() {
+            full = Some(self.cut());
+        }
+        self.buffered_bytes += payload.get().len();
+        self.buffer.push(payload);
+        if self.buffer.len() >= PART_TASKS {
+            // A byte-full part leaves one task behind, never PART_TASKS.
+            full = Some(self.cut());
+        }
+        full
+    }
+
+    /// The requests still to send: the job whole if no part was cut, else the last
+    /// part (if any task waits) and the seal.
+    pub fn finish(mut self) -> Vec<JobRequest<Box<RawValue>>> {
         if self.parts == 0 {
-            let mut whole = self.header.clone();
-            whole.tasks = Some(std::mem::take(&mut self.buffer));
-            self.client.publish_request(&whole).await?;
-            return Ok(job_id);
+            let mut whole = self.header;
+            whole.tasks = Some(self.buffer);
+            return vec![whole];
         }
+        let mut requests = Vec::with_capacity(2);
         if !self.buffer.is_empty() {
-            self.send_part().await?;
+            requests.push(self.cut());
         }
-        let mut seal = self.header.clone();
+        let mut seal = self.header;
         seal.seal = Some(Seal {
             parts: self.parts,
             tasks: self.tasks,
         });
-        self.client.publish_request(&seal).await?;
-        Ok(job_id)
+        requests.push(seal);
+        requests
     }
 
-    async fn send_part(&mut self) -> Result<(), Error> {
+    /// The waiting tasks as the next part.
+    fn cut(&mut self) -> JobRequest<Box<RawValue>> {
         let tasks = std::mem::take(&mut self.buffer);
-        let count = tasks.len() as u64;
         let mut part = self.header.clone();
         part.part = Some(Part {
             number: self.parts + 1,
             offset: self.tasks,
         });
-        part.tasks = Some(tasks);
-        self.client.publish_request(&part).await?;
         self.parts += 1;
-        self.tasks += count;
+        self.tasks += tasks.len() as u64;
         self.buffered_bytes = 0;
-        Ok(())
+        part.tasks = Some(tasks);
+        part
     }
 }
 

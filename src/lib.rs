@@ -5,7 +5,8 @@
 //! task messages; the worker role runs them and records each outcome before acking;
 //! failures come back through the delay ladder's dead-letter queues; the completion role
 //! reads each job's counters and ends it exactly once; the sweeper re-sends what got
-//! lost. A [`Pod`] runs any of these roles; a [`Client`] submits and waits.
+//! lost. A [`Pod`] runs any of these roles; a [`Client`] submits and waits, and
+//! [`submit_in`] submits inside the producer's own database transaction.
 //! [`store`] holds every SQL statement and [`amqp::topology`] every queue name. The
 //! repository's `docs/protocol.md` describes the wire protocol and
 //! `docs/architecture.md` the guarantees and how each is kept.
@@ -31,6 +32,7 @@ pub mod stages;
 pub mod state;
 pub mod store;
 pub mod summary;
+mod transactional;
 
 pub use client::{Client, JobParts, Watch};
 pub use config::{Config, QueueType};
@@ -38,6 +40,7 @@ pub use error::Error;
 pub use pod::{Pod, PodBuilder, Roles};
 pub use registry::{JobType, Registry, TaskContext, TaskError};
 pub use roles::intake::FEED_DEPTH;
+pub use transactional::submit_in;
 
 pub use protocol::{FailurePolicy, JobEvent, JobRequest, ResultsWithheld, Target, TaskResult};
 

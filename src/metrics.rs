@@ -34,6 +34,7 @@ const JOBS_FINISHED: &str = "taskmill_jobs_finished_total";
 const JOBS: &str = "taskmill_jobs";
 const QUEUE_READY: &str = "taskmill_queue_ready_messages";
 const OUTBOX_BACKLOG: &str = "taskmill_outbox_backlog";
+const REQUESTS_WAITING: &str = "taskmill_requests_waiting";
 const BROKER_RECONNECTS: &str = "taskmill_broker_reconnects_total";
 const ROLE_RESTARTS: &str = "taskmill_role_restarts_total";
 const CHANNELS_REOPENED: &str = "taskmill_publisher_channels_reopened_total";
@@ -148,6 +149,10 @@ fn describe() {
     describe_gauge!(
         OUTBOX_BACKLOG,
         "Job events committed but not yet published (read from the database at scrape)"
+    );
+    describe_gauge!(
+        REQUESTS_WAITING,
+        "Job requests committed in producers' transactions but not yet published by the relay (read from the database at scrape)"
     );
     describe_counter!(
         BROKER_RECONNECTS,
@@ -279,6 +284,11 @@ pub(crate) fn queue_ready(queue: &str, count: u32) {
 /// Job events waiting to be published.
 pub(crate) fn outbox_backlog(count: u64) {
     gauge!(OUTBOX_BACKLOG).set(count as f64);
+}
+
+/// Job requests in the outbox, waiting for the relay.
+pub(crate) fn requests_waiting(count: u64) {
+    gauge!(REQUESTS_WAITING).set(count as f64);
 }
 
 /// The broker connection came back after a loss.

@@ -799,7 +799,7 @@ fn check_pool(pool: &str) -> Result<(), DecodeError> {
     )))
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), DecodeError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name

@@ -1,5 +1,5 @@
 //! SeaORM entities for taskmill's tables: `jobs`, `tasks`, `job_parts` (a job sent
-//! in parts), the `job_events` outbox, `leases`, `pools`, and `removed_jobs` (what retention
+//! in parts), the `job_events` outbox, the `job_requests` outbox, `leases`, `pools`, and `removed_jobs` (what retention
 //! removed).
 //!
 //! Only the shape of the rows lives here; every query and state change lives in
@@ -8,6 +8,7 @@
 pub mod job;
 pub mod job_event;
 pub mod job_part;
+pub mod job_request;
 pub mod lease;
 pub mod pool;
 pub mod removed_job;
@@ -17,6 +18,7 @@ pub mod prelude {
     pub use super::job::Entity as Job;
     pub use super::job_event::Entity as JobEvent;
     pub use super::job_part::Entity as JobPart;
+    pub use super::job_request::Entity as JobRequest;
     pub use super::lease::Entity as Lease;
     pub use super::pool::Entity as Pool;
     pub use super::removed_job::Entity as RemovedJob;

@@ -21,6 +21,7 @@ mod m20261204_000015_task_runs;
 mod m20261206_000016_retention;
 mod m20261206_000017_task_partitions;
 mod m20261206_000018_task_ids_per_partition;
+mod m20261206_000019_job_requests;
 
 pub struct Migrator;
 
@@ -46,6 +47,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000016_retention::Migration),
             Box::new(m20261206_000017_task_partitions::Migration),
             Box::new(m20261206_000018_task_ids_per_partition::Migration),
+            Box::new(m20261206_000019_job_requests::Migration),
         ]
     }
 }

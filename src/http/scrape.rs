@@ -57,6 +57,10 @@ async fn read_database(endpoint: &Endpoint) {
         Ok(count) => metrics::outbox_backlog(count),
         Err(err) => tracing::debug!(%err, "metrics: outbox backlog not read"),
     }
+    match endpoint.store.waiting_request_count().await {
+        Ok(count) => metrics::requests_waiting(count),
+        Err(err) => tracing::debug!(%err, "metrics: waiting requests not read"),
+    }
 }
 
 /// Ready messages of the queues this pod reads, by passive declares; a queue not

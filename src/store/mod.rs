@@ -18,6 +18,7 @@ mod partitions;
 mod parts;
 mod pg_batch;
 mod pools;
+mod requests;
 mod rerun;
 mod results;
 mod retention;
@@ -35,6 +36,7 @@ pub use outbox::{TargetOutcome, EVENT_CLAIM};
 pub use partitions::MOVE_CAP;
 pub use parts::{PartClaim, PartsState};
 pub use pools::SilentPool;
+pub use requests::{write_requests, NewRequest, WaitingRequest};
 pub use rerun::{retry_refused, Rerun};
 pub use results::ResultStream;
 pub use retention::{RemovalRule, Removed};
@@ -45,7 +47,7 @@ pub use rows::{
 pub use stuck::SWEEP_WRITE_BATCH;
 pub use views::Throughput;
 
-pub use entity::{job, job_event, job_part, pool, removed_job, task};
+pub use entity::{job, job_event, job_part, job_request, pool, removed_job, task};
 
 /// A running job's row as unit tests start from: one task, nothing counted yet.
 #[cfg(test)]

@@ -10,12 +10,14 @@
 //! task count in one transaction. Either way the request is acked only then. A
 //! redelivered request for an existing job resumes where the last attempt stopped
 //! instead of duplicating anything. A job too large for one request comes in parts
-//! ([`parts`]), each stored like a slice of a large job. This file takes requests and
-//! settles them; [`form`] makes the job, [`group`] many at once.
+//! ([`parts`]), each stored like a slice of a large job. Requests written in a
+//! producer's own transaction reach the intake queue through the [`relay`]. This file
+//! takes requests and settles them; [`form`] makes the job, [`group`] many at once.
 
 mod form;
 mod group;
 mod parts;
+mod relay;
 
 pub use super::feed::FEED_DEPTH;
 
@@ -97,6 +99,10 @@ pub(crate) async fn run(
             feeder
         },
     });
+    // The relay publishes on this run's connection, and stops with it.
+    let relaying = shutdown.child_token();
+    let _stop_relaying = relaying.clone().drop_guard();
+    let relay = tokio::spawn(intake.clone().relay(relaying.clone()));
     let large = Arc::new(Semaphore::new(LARGE_AT_ONCE));
     let max_bytes = shared.config.max_request_bytes;
     // Past the grace period the broker has every unsettled request back: a handler
@@ -129,6 +135,8 @@ pub(crate) async fn run(
         .drain(&slots, CONCURRENT_REQUESTS, shared.config.grace_period)
         .await;
     abandoned.cancel();
+    relaying.cancel();
+    let _ = relay.await;
     consumer.close().await;
     intake.feeder.stop().await;
     intake.events.close().await;
@@ -258,7 +266,13 @@ impl Intake {
                 .await
                 {
                     Ok(()) => {
-                        self.answer_rejection(delivery, &reason).await;
+                        let message_id = delivery.properties.message_id().as_ref();
+                        self.answer_rejection(
+                            &delivery.data,
+                            message_id.map(|id| id.as_str()),
+                            &reason,
+                        )
+                        .await;
                         settle_one(delivery, Settlement::Ack).await
                     }
                     Err(err) => Err(err),
@@ -277,13 +291,8 @@ impl Intake {
     /// had begun, that job fails with the reason (its `job.failed` event says it). A
     /// request reusing another job's id is answered on its own `on_complete` only: the
     /// events of that id belong to the other job.
-    async fn answer_rejection(&self, delivery: &Delivery, reason: &str) {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
-        let Some(reply) = ReplyAddress::read(&delivery.data, message_id) else {
+    async fn answer_rejection(&self, body: &[u8], message_id: Option<&str>, reason: &str) {
+        let Some(reply) = ReplyAddress::read(body, message_id) else {
             return;
         };
         let existing = match self.shared.store.job(&reply.job_id).await {
@@ -296,7 +305,7 @@ impl Intake {
         let Some(job) = existing else {
             return self.events.publish_rejection(&reply, reason, true).await;
         };
-        let ours = protocol::decode::<JobRequest<Box<RawValue>>>(&delivery.data, None, usize::MAX)
+        let ours = protocol::decode::<JobRequest<Box<RawValue>>>(body, None, usize::MAX)
             .is_ok_and(|request| job.request_digest.as_deref() == Some(request.digest().as_str()));
         if ours && job.stage == JobStage::Formation.as_str() {
             match self.shared.store.fail_formation(&job.id, reason).await {

@@ -1,0 +1,200 @@
+//! The request relay: publishes the `job_requests` outbox ([`crate::submit_in`]) to
+//! the jobs exchange.
+//!
+//! One intake pod at a time holds the `request-relay` lease and looks at the outbox
+//! every [`POLL`]; the others try for the lease every [`RENEW`], so an idle outbox
+//! costs one small indexed read per poll and a lease write per renewal. A pass
+//! publishes the oldest rows in id order — at most [`BATCH_ROWS`] rows and
+//! [`BATCH_CHARS`] characters of JSON — waits for the broker's confirms, and deletes
+//! the rows it confirmed. A relay that dies between the confirm and the delete leaves
+//! rows that the next holder publishes again: each names its job (the body's `job_id`,
+//! or the row's as the message id), so the copy makes nothing new. A row over the
+//! intake's request limit is never published (the broker could refuse it and stall the
+//! outbox): it is answered with `job.rejected` and deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Intake;
+use crate::amqp::broker::Outgoing;
+use crate::error::Error;
+use crate::protocol::{check_id, check_name, CONTENT_TYPE};
+use crate::store::job_request;
+
+const LEASE_NAME: &str = "request-relay";
+/// How often the holder looks at the outbox: the most a committed request waits for
+/// its publish while the outbox is otherwise empty.
+const POLL: Duration = Duration::from_millis(200);
+/// How often the holder renews its lease, and the others try for it.
+const RENEW: Duration = Duration::from_secs(5);
+/// The lease outlives two missed renewals, so a slow pass does not let a second relay
+/// start beside it; a dead holder's lease lapses within this.
+const LEASE: Duration = Duration::from_secs(15);
+/// The longest a relay waits after a failed pass, doubling from [`POLL`].
+const FAILURE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Rows per pass at most.
+const BATCH_ROWS: u64 = 256;
+/// Characters of request JSON per pass at most (one row whatever its size): what a
+/// pass holds in memory.
+const BATCH_CHARS: i64 = 8 * 1024 * 1024;
+
+impl Intake {
+    /// Relays the outbox until `shutdown`, giving the lease up on the way out.
+    pub(super) async fn relay(self: Arc<Self>, shutdown: CancellationToken) {
+        let holder = uuid::Uuid::new_v4().to_string();
+        let store = &self.shared.store;
+        let mut holding = false;
+        let mut renew_at = Instant::now();
+        let mut failure_wait = POLL;
+        loop {
+            if Instant::now() >= renew_at {
+                holding = match store.acquire_lease(LEASE_NAME, &holder, LEASE).await {
+                    Ok(holding) => holding,
+                    Err(err) => {
+                        tracing::warn!(%err, "request relay lease unavailable");
+                        false
+                    }
+                };
+                renew_at = Instant::now() + RENEW;
+            }
+            let wait = if !holding {
+                RENEW
+            } else {
+                // A pass dropped half-way leaves its rows for the next: nothing is lost.
+                let passed = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    passed = self.relay_pass() => passed,
+                };
+                match passed {
+                    Ok(more) => {
+                        failure_wait = POLL;
+                        if more {
+                            Duration::ZERO
+                        } else {
+                            POLL
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, wait = ?failure_wait, "request relay pass failed; trying again");
+                        let wait = failure_wait;
+                        failure_wait = (failure_wait * 2).min(FAILURE_WAIT_MAX);
+                        wait
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if holding {
+            crate::roles::shared::hand_lease_on(store, LEASE_NAME, &holder).await;
+        }
+    }
+
+    /// Publishes and removes the oldest waiting rows; `true` if more may be waiting.
+    async fn relay_pass(&self) -> Result<bool, Error> {
+        let store = &self.shared.store;
+        let waiting = store.waiting_requests(BATCH_ROWS).await?;
+        if waiting.is_empty() {
+            return Ok(false);
+        }
+        let mut chars = 0;
+        let ids: Vec<i64> = waiting
+            .iter()
+            .take_while(|row| {
+                let first = chars == 0;
+                chars += i64::from(row.size);
+                first || chars <= BATCH_CHARS
+            })
+            .map(|row| row.id)
+            .collect();
+        let more = ids.len() < waiting.len() || waiting.len() as u64 == BATCH_ROWS;
+        let rows = store.requests(ids).await?;
+        let exchange = self.shared.topology.jobs_exchange();
+        let limit = self.shared.config.max_request_bytes;
+        let mut answered = Vec::new();
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.body.len() > limit {
+                self.refuse(row, limit).await;
+                answered.push(row.id);
+                continue;
+            }
+            let sent = self
+                .publisher
+                .send_with(
+                    Outgoing {
+                        exchange: &exchange,
+                        // The intake's binding takes any key; one the broker would
+                        // refuse must not stall the outbox (the body's job type is the
+                        // one the intake checks).
+                        routing_key: match check_name("job_type", &row.job_type) {
+                            Ok(()) => &row.job_type,
+                            Err(_) => "",
+                        },
+                        body: row.body.as_bytes(),
+                        mandatory: true,
+                        headers: None,
+                    },
+                    properties(row),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => pending.push((row.id, confirm)),
+                // The rows sent so far may still be confirmed: wait for them below.
+                Err(err) => {
+                    tracing::warn!(%err, "request relay publish failed");
+                    break;
+                }
+            }
+        }
+        let mut failed = None;
+        for (id, confirm) in pending {
+            match confirm.confirmed().await {
+                Ok(()) => answered.push(id),
+                Err(err) => {
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        let relayed = answered.len();
+        if !answered.is_empty() {
+            store.remove_requests(answered).await?;
+        }
+        tracing::debug!(relayed, "job requests relayed");
+        match failed {
+            Some(err) => Err(err.into()),
+            None if relayed < rows.len() => Err(Error::Other(
+                "request relay stopped at a failed publish".into(),
+            )),
+            None => Ok(more),
+        }
+    }
+
+    /// A row too large for the intake: answered as the intake answers a request it
+    /// parks, since the parking lot could not hold it either.
+    async fn refuse(&self, row: &job_request::Model, limit: usize) {
+        let reason = format!(
+            "request of {} bytes is over the intake's limit of {limit} bytes",
+            row.body.len()
+        );
+        tracing::error!(job_id = %row.job_id, %reason, "job request in the outbox refused");
+        self.answer_rejection(row.body.as_bytes(), Some(&row.job_id), &reason)
+            .await;
+    }
+}
+
+/// A request's properties: its row's job id as the message id when it is a valid id,
+/// which names the job of a body without a `job_id`.
+fn properties(row: &job_request::Model) -> BasicProperties {
+    let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into());
+    match check_id("job_id", &row.job_id) {
+        Ok(()) => properties.with_message_id(row.job_id.as_str().into()),
+        Err(_) => properties,
+    }
+}
