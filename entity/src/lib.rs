@@ -1,6 +1,6 @@
 //! SeaORM entities for taskmill's tables: `jobs`, `tasks`, `job_parts` (a job sent
-//! in parts), the `job_events` outbox, the `job_requests` outbox, `leases`, `pools`, and `removed_jobs` (what retention
-//! removed).
+//! in parts), the `job_events` and `job_requests` outboxes, `leases`, `pools`, and
+//! `removed_jobs` (what retention removed).
 //!
 //! Only the shape of the rows lives here; every query and state change lives in
 //! `taskmill::store`, so that the dangerous parts are written once.
