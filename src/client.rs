@@ -475,6 +475,7 @@ impl Parting {
             reduce_per_key: request.reduce_per_key,
             part: None,
             seal: None,
+            run_at: request.run_at,
         };
         header.validate()?;
         Ok(Self {

@@ -19,6 +19,11 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// The longest wait a retry may be given: 2^32 - 1 ms (about 49.7 days), RabbitMQ's
 /// limit for a message TTL.
 pub const MAX_DELAY_MS: u64 = (1 << 32) - 1;
+/// Set by the request relay on a scheduled job's request once its `run_at` has come:
+/// the intake forms the job then, whatever its own clock says.
+pub(crate) const DUE_HEADER: &str = "x-taskmill-due";
+/// How far ahead a request's `run_at` may be: 366 days, a year and a day.
+pub const MAX_RUN_AT_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(366);
 /// Retries per task of a request that names no `max_retries`: up to 4 attempts.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 /// The `retry_delay_ms` of a request that names none: attempt n then waits n × 5 s.
@@ -151,6 +156,11 @@ pub struct JobRequest<T = Value> {
     /// parts and tasks. The job runs once every part is stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal: Option<Seal>,
+    /// Not before then: the job is `scheduled` until this time (RFC 3339), then its
+    /// tasks start. At most [`MAX_RUN_AT_AHEAD`] ahead; a time past means now. Every
+    /// part and the seal of a job in parts carry the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
 }
 
 /// Where a part's tasks go in its job: part `number` (from 1), whose first task is
@@ -211,7 +221,14 @@ impl JobRequest {
             reduce_per_key: None,
             part: None,
             seal: None,
+            run_at: None,
         }
+    }
+
+    /// The same request, to run `delay` from now (see [`JobRequest::run_at`]).
+    pub fn delayed(mut self, delay: std::time::Duration) -> Self {
+        self.run_at = Some(crate::clock::from_now(delay));
+        self
     }
 }
 
@@ -251,6 +268,8 @@ impl<T> JobRequest<T> {
             // have their own ([`JobRequest::part_digest`]).
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             in_parts: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            run_at: Option<DateTime<Utc>>,
         }
         let in_parts = self.in_parts();
         let asked = Asked {
@@ -266,6 +285,7 @@ impl<T> JobRequest<T> {
             reduce_shards: self.reduce_shards,
             reduce_per_key: self.reduce_per_key,
             in_parts,
+            run_at: self.run_at,
         };
         hex_digest(&asked)
     }
@@ -320,6 +340,15 @@ impl<T> JobRequest<T> {
             }
         }
         self.validate_parts()?;
+        if let Some(run_at) = self.run_at {
+            if run_at - Utc::now() > MAX_RUN_AT_AHEAD {
+                return Err(DecodeError::Invalid(format!(
+                    "run_at {} is more than {} days ahead",
+                    run_at.to_rfc3339(),
+                    MAX_RUN_AT_AHEAD.num_days()
+                )));
+            }
+        }
         let longest_wait = u64::from(self.max_retries) * self.retry_delay_ms;
         if longest_wait > MAX_DELAY_MS {
             return Err(DecodeError::Invalid(format!(

@@ -7,6 +7,9 @@ use std::str::FromStr;
 /// one of the three terminal stages, normally by way of `running`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum JobStage {
+    /// Waiting for its request's `run_at`: no task row yet, its request kept in the
+    /// outbox of requests until then.
+    Scheduled,
     /// Its task rows are being stored; tasks already stored may run.
     Formation,
     /// Every task row is stored and the task count set; its tasks run.
@@ -24,6 +27,7 @@ impl JobStage {
     /// The stage's name in the database and in job events.
     pub const fn as_str(self) -> &'static str {
         match self {
+            Self::Scheduled => "scheduled",
             Self::Formation => "formation",
             Self::Running => "running",
             Self::Done => "done",
@@ -102,6 +106,7 @@ impl FromStr for JobStage {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         [
+            Self::Scheduled,
             Self::Formation,
             Self::Running,
             Self::Done,

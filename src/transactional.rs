@@ -59,5 +59,7 @@ fn row<T: Serialize>(job_id: &str, request: &JobRequest<T>) -> NewRequest {
         job_id: job_id.to_owned(),
         job_type: request.job_type.clone(),
         body: serde_json::to_string(request).expect("a request serializes"),
+        // A request with a `run_at` of its own is scheduled by the intake.
+        run_at: None,
     }
 }

@@ -20,7 +20,7 @@ fn bench_reports_every_scenario_as_json() {
             "--soak-secs",
             "1",
             "--only",
-            "S1,S3,S4,S6,S8,S9",
+            "S1,S3,S4,S6,S8,S9,S10",
         ])
         // The bench makes its own scratch SQLite file and broker prefix, and removes both.
         .env_remove("DATABASE_URL")
@@ -46,7 +46,7 @@ fn bench_reports_every_scenario_as_json() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["S1", "S3", "S4", "S8"]);
+    assert_eq!(names, ["S1", "S3", "S4", "S10/pub", "S10/tx", "S8"]);
     for scenario in scenarios {
         assert_eq!(scenario["all_done"], true, "{scenario}");
         assert!(scenario["tasks_per_s"].as_f64().unwrap() > 0.0);
@@ -56,7 +56,12 @@ fn bench_reports_every_scenario_as_json() {
     assert_eq!(scenarios[2]["tasks"], 200);
     // 200 map tasks, 100 reduce shards (the texts have more than 100 distinct words),
     // one finalize task.
-    assert_eq!(scenarios[3]["tasks"], 301);
+    assert_eq!(scenarios[5]["tasks"], 301);
+    // The same 20 single-task jobs, published and written in transactions.
+    for transactional in &scenarios[3..5] {
+        assert_eq!(transactional["jobs"], 20, "{transactional}");
+        assert_eq!(transactional["tasks"], 20, "{transactional}");
+    }
     // S6 at 200 jobs/s, then at half of S3's rate, then from 200/s up by half while
     // every event arrives with p99 under 250 ms.
     let open_loop = report["open_loop"].as_array().unwrap();

@@ -1,7 +1,8 @@
 //! The fault-injection suite: real `taskmill worker` processes against the real broker
 //! and database, faults injected for real (kill -9, broker restart, database restart,
 //! rolling SIGTERM, a purged queue, a flood of bad input, an intake killed between the
-//! parts of a job, a request relay killed between its publish and its delete), then the same invariants
+//! parts of a job, a request relay killed between its publish and its delete, the only pod killed while
+//! jobs wait for their time), then the same invariants
 //! checked every time:
 //!
 //! - every job ends in the expected stage, and every task row is terminal;
@@ -52,6 +53,7 @@ on_both_backends!(
     an_intake_killed_between_parts,
     a_killed_cleaner_leaves_no_half_removed_job,
     a_relay_killed_between_publish_and_delete,
+    scheduled_jobs_outlive_a_killed_pod,
 );
 
 mod postgres_only {
@@ -617,6 +619,45 @@ async fn a_relay_killed_between_publish_and_delete(backend: Backend) {
     fleet.stop_all().await;
     db.close().await.unwrap();
     eprintln!("relay killed between publish and delete: {report}");
+}
+
+/// Ten jobs scheduled a few seconds ahead, and the only pod killed -9 while they wait:
+/// pods started after their time run each once, none before its time.
+async fn scheduled_jobs_outlive_a_killed_pod(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    let mut first = Fleet::start(&env, 1, &[]).await;
+    let client = env.client().await;
+    let run_at = chrono::Utc::now() + chrono::TimeDelta::seconds(5);
+    let ids: Vec<String> = (0..10).map(|n| format!("later-{n}")).collect();
+    for id in &ids {
+        let mut request = JobRequest::new(builtin::ECHO, vec![json!(1), json!(2)]);
+        request.job_id = Some(id.clone());
+        request.run_at = Some(run_at);
+        client.submit(request).await.unwrap();
+    }
+    let scheduled = "SELECT COUNT(*) AS n FROM jobs WHERE stage = 'scheduled'";
+    common::wait_until(JOB_TIMEOUT, || async { env.count(scheduled).await == 10 }).await;
+    first.kill_9(0).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(env.count(scheduled).await, 10, "nothing ran them meanwhile");
+
+    let mut fleet = Fleet::start(&env, 2, &[]).await;
+    let jobs: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "done")).collect();
+    let report = check_invariants(&env, &jobs, &audit, 0).await;
+    for id in &ids {
+        let job = env.store.job(id).await.unwrap().unwrap();
+        assert!(
+            job.started_at.unwrap() >= run_at,
+            "{id} not before its time"
+        );
+        let rows = env.store.tasks_of_job(id).await.unwrap();
+        assert!(rows.iter().all(|row| row.attempts == 1), "{id} ran once");
+    }
+    client.close().await.unwrap();
+    fleet.stop_all().await;
+    eprintln!("scheduled jobs outlive a killed pod: {report}");
 }
 
 // ---------------------------------------------------------------- the checks

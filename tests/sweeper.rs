@@ -42,6 +42,7 @@ fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
         task_timeout_ms: None,
         results_in_event: false,
         stage_plan: None,
+        run_at: None,
     }
 }
 

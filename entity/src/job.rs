@@ -67,6 +67,8 @@ pub struct Model {
     /// On PostgreSQL: its tasks were set aside in the partition of kept tasks, so
     /// that the partition of its creation could be dropped without them.
     pub tasks_kept: bool,
+    /// A scheduled job's start: its request's `run_at`.
+    pub run_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

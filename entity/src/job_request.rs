@@ -17,6 +17,8 @@ pub struct Model {
     /// The request's JSON, published as it is.
     #[sea_orm(column_type = "Text")]
     pub body: String,
+    /// A scheduled job's request waits until then; null: publish at once.
+    pub run_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

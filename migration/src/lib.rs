@@ -22,6 +22,7 @@ mod m20261206_000016_retention;
 mod m20261206_000017_task_partitions;
 mod m20261206_000018_task_ids_per_partition;
 mod m20261206_000019_job_requests;
+mod m20261206_000020_scheduled_jobs;
 
 pub struct Migrator;
 
@@ -48,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000017_task_partitions::Migration),
             Box::new(m20261206_000018_task_ids_per_partition::Migration),
             Box::new(m20261206_000019_job_requests::Migration),
+            Box::new(m20261206_000020_scheduled_jobs::Migration),
         ]
     }
 }

@@ -40,6 +40,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
             "result": job.result,
             "first_error": job.first_error,
             "created_at": job.created_at,
+            "run_at": job.run_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
             "on_complete": job.on_complete,
@@ -57,6 +58,9 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
         println!("stage    {} (run {})", job.stage, job.run);
     } else {
         println!("stage    {}", job.stage);
+    }
+    if let Some(run_at) = job.run_at {
+        println!("run at   {}", run_at.to_rfc3339());
     }
     println!("tasks    {}", job.task_count);
     for (status, count) in &status.tasks_by_status {

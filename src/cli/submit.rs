@@ -51,6 +51,13 @@ pub struct SubmitArgs {
     /// Ask for the tasks' results in the job event (small jobs; see the protocol).
     #[arg(long)]
     pub results_in_event: bool,
+    /// Run the job's tasks not before this time (RFC 3339, e.g.
+    /// 2026-12-24T18:00:00+01:00); the job is `scheduled` until then.
+    #[arg(long, conflicts_with = "delay")]
+    pub run_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// Run the job's tasks this long from now (`10m`, `2h`): a `run_at` computed here.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub delay: Option<std::time::Duration>,
     /// Wait for the job event; exit 0 when done, 1 when failed. Shows the job's
     /// progress meanwhile when DATABASE_URL names its database.
     #[arg(long)]
@@ -86,6 +93,10 @@ pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     }
     if let Some(params) = &args.params {
         request.params = parse_json(params, "--params")?;
+    }
+    request.run_at = args.run_at.map(|at| at.with_timezone(&chrono::Utc));
+    if let Some(delay) = args.delay {
+        request = request.delayed(delay);
     }
     Ok(request)
 }

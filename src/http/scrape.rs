@@ -43,7 +43,7 @@ pub(super) async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
 async fn read_database(endpoint: &Endpoint) {
     match endpoint.store.unfinished_jobs_by_stage().await {
         Ok(counts) => {
-            for stage in [JobStage::Formation, JobStage::Running] {
+            for stage in [JobStage::Scheduled, JobStage::Formation, JobStage::Running] {
                 let count = counts
                     .iter()
                     .find(|(counted, _)| *counted == stage)
@@ -57,7 +57,11 @@ async fn read_database(endpoint: &Endpoint) {
         Ok(count) => metrics::outbox_backlog(count),
         Err(err) => tracing::debug!(%err, "metrics: outbox backlog not read"),
     }
-    match endpoint.store.waiting_request_count().await {
+    match endpoint
+        .store
+        .waiting_request_count(chrono::Utc::now())
+        .await
+    {
         Ok(count) => metrics::requests_waiting(count),
         Err(err) => tracing::debug!(%err, "metrics: waiting requests not read"),
     }

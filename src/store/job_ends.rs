@@ -27,7 +27,7 @@ use super::stages::{self, Advanced};
 use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION, STAGE};
 use crate::stages::Phase;
 use crate::state::{JobStage, TaskStatus};
-use entity::{job, job_event, task};
+use entity::{job, job_event, job_request, task};
 
 const FAILED_IDS_IN_EVENT: u64 = 100;
 /// The most of a database's error kept as a job's first error.
@@ -175,6 +175,13 @@ impl Store {
                     };
                     // The job ends as a whole, not by a task: nothing of it goes on.
                     cancel_rest(txn, &job, from, JobStage::Cancelled).await?;
+                    if from == JobStage::Scheduled {
+                        // Its requests, waiting for its time, will never form it.
+                        job_request::Entity::delete_many()
+                            .filter(job_request::Column::JobId.eq(job.id.as_str()))
+                            .exec(txn)
+                            .await?;
+                    }
                     let event = end_job_with(txn, &job, from, to, Some(reason)).await?;
                     Ok(Some(event))
                 })
@@ -184,13 +191,18 @@ impl Store {
         .await
     }
 
-    /// Ends a running job, or one still forming (a job in parts runs its first parts'
-    /// tasks before its seal), as `cancelled`, cancelling its unfinished tasks. `None`:
-    /// the job was neither.
+    /// Ends a scheduled job (its waiting requests removed), a running job, or one still
+    /// forming (a job in parts runs its first parts' tasks before its seal), as
+    /// `cancelled`, cancelling its unfinished tasks. `None`: the job was none of these.
     pub async fn cancel_job(&self, job_id: &str) -> Result<Option<job_event::Model>, StoreError> {
-        // Running, else forming, else running: a job that starts between the first two
-        // looks is found by the third.
-        for from in [JobStage::Running, JobStage::Formation, JobStage::Running] {
+        // Scheduled, else running, else forming, else running: a job whose time comes,
+        // or that starts, between two looks is found by a later one.
+        for from in [
+            JobStage::Scheduled,
+            JobStage::Running,
+            JobStage::Formation,
+            JobStage::Running,
+        ] {
             let cancelled = self
                 .end_job_at(job_id, from, JobStage::Cancelled, "cancelled")
                 .await?;

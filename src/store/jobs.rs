@@ -15,6 +15,7 @@ use super::handle::Store;
 use super::job_ends::CheckedIn;
 use super::job_ends::{self, count_by_status, count_by_status_from, lock_job};
 use super::pg_batch::one_of;
+use super::requests::{write_requests, NewRequest};
 use super::rows::{JobFilter, JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
 use super::task_rows::{insert_jobs_task_rows, insert_task_rows};
 use crate::stages::Phase;
@@ -44,6 +45,58 @@ impl Store {
                 .await?
                 .ok_or_else(|| StoreError::JobNotFound(new.id.clone()))?;
             Ok(Some(existing))
+        })
+        .await
+    }
+
+    /// Stores a job whose request asks to run later: its row `scheduled` (no task row
+    /// yet) and `request`, which the request relay publishes at its `run_at`, in one
+    /// transaction. Returns `None` when it was stored, or the existing row when a job
+    /// with this id exists.
+    pub async fn schedule_job(
+        &self,
+        new: &NewJob,
+        request: NewRequest,
+    ) -> Result<Option<job::Model>, StoreError> {
+        self.retrying("schedule job", || {
+            let (new, request) = (new.clone(), request.clone());
+            self.transact(move |txn| {
+                Box::pin(async move {
+                    let row = job_row(&new, JobStage::Scheduled, 0, Utc::now());
+                    let inserted = job::Entity::insert(row)
+                        .on_conflict(OnConflict::column(job::Column::Id).do_nothing().to_owned())
+                        .exec_without_returning(txn)
+                        .await?;
+                    if inserted == 1 {
+                        write_requests(txn, vec![request]).await?;
+                        return Ok(None);
+                    }
+                    let existing = job::Entity::find_by_id(new.id.clone())
+                        .one(txn)
+                        .await?
+                        .ok_or_else(|| StoreError::JobNotFound(new.id.clone()))?;
+                    Ok(Some(existing))
+                })
+            })
+        })
+        .await
+    }
+
+    /// Moves a scheduled job whose time has come to `formation`, where its request
+    /// forms it; `false` if it is not scheduled (formed already, or cancelled).
+    pub async fn unschedule(&self, job_id: &str) -> Result<bool, StoreError> {
+        self.retrying("unschedule job", || async {
+            let moved = job::Entity::update_many()
+                .col_expr(
+                    job::Column::Stage,
+                    Expr::value(JobStage::Formation.as_str()),
+                )
+                .col_expr(job::Column::UpdatedAt, Expr::value(Utc::now()))
+                .filter(job::Column::Id.eq(job_id))
+                .filter(job::Column::Stage.eq(JobStage::Scheduled.as_str()))
+                .exec(&self.db)
+                .await?;
+            Ok(moved.rows_affected == 1)
         })
         .await
     }
@@ -385,6 +438,7 @@ fn job_row(
         fed_through: Set(-1),
         removal_started_at: Set(None),
         tasks_kept: Set(false),
+        run_at: Set(new.run_at),
     }
 }
 

@@ -87,5 +87,6 @@ pub(crate) fn running_job_for_tests() -> job::Model {
         fed_through: -1,
         removal_started_at: None,
         tasks_kept: false,
+        run_at: None,
     }
 }

@@ -1,10 +1,12 @@
-//! The outbox of job requests: rows a producer writes in its own transaction, read
-//! by the intake's relay in id order and deleted once the broker confirmed them.
+//! The outbox of job requests: rows a producer writes in its own transaction, and
+//! the requests of scheduled jobs, which wait for their `run_at`; read by the
+//! intake's relay and deleted once the broker confirmed them.
 
+use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, Func};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::error::StoreError;
@@ -22,6 +24,8 @@ pub struct NewRequest {
     pub job_type: String,
     /// The request's JSON text.
     pub body: String,
+    /// Publish it then (a scheduled job's); `None`: at once.
+    pub run_at: Option<DateTime<Utc>>,
 }
 
 /// A waiting request's place and size, read before its body so that one batch of
@@ -46,6 +50,7 @@ pub async fn write_requests<C: ConnectionTrait>(
             job_id: Set(request.job_id),
             job_type: Set(request.job_type),
             body: Set(request.body),
+            run_at: Set(request.run_at),
             ..Default::default()
         })
         .exec_without_returning(connection)
@@ -55,36 +60,71 @@ pub async fn write_requests<C: ConnectionTrait>(
 }
 
 impl Store {
-    /// The oldest `limit` requests waiting to be published, with their sizes.
-    pub async fn waiting_requests(&self, limit: u64) -> Result<Vec<WaitingRequest>, StoreError> {
+    /// The requests to publish now, with their sizes, at most `limit`: those to
+    /// publish at once in id order, then those whose `run_at` has come, soonest
+    /// first. Each of the two reads is bounded by its own index, however many wait
+    /// for a later time.
+    pub async fn waiting_requests(
+        &self,
+        limit: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<WaitingRequest>, StoreError> {
         self.retrying("list waiting requests", || async {
-            Ok(job_request::Entity::find()
-                .select_only()
-                .column(job_request::Column::Id)
-                .expr_as(
-                    Func::char_length(Expr::col(job_request::Column::Body)),
-                    "size",
-                )
+            let sized = || {
+                job_request::Entity::find()
+                    .select_only()
+                    .column(job_request::Column::Id)
+                    .expr_as(
+                        Func::char_length(Expr::col(job_request::Column::Body)),
+                        "size",
+                    )
+            };
+            let mut waiting = sized()
+                .filter(job_request::Column::RunAt.is_null())
                 .order_by_asc(job_request::Column::Id)
                 .limit(limit)
                 .into_model::<WaitingRequest>()
                 .all(&self.db)
-                .await?)
+                .await?;
+            let room = limit - waiting.len() as u64;
+            if room > 0 {
+                waiting.extend(
+                    sized()
+                        .filter(job_request::Column::RunAt.lte(now))
+                        .order_by_asc(job_request::Column::RunAt)
+                        .order_by_asc(job_request::Column::Id)
+                        .limit(room)
+                        .into_model::<WaitingRequest>()
+                        .all(&self.db)
+                        .await?,
+                );
+            }
+            Ok(waiting)
         })
         .await
     }
 
-    /// The requests `ids`, in id order.
-    pub async fn requests(&self, ids: Vec<i64>) -> Result<Vec<job_request::Model>, StoreError> {
-        let backend = self.backend();
-        self.retrying("read requests", || async {
-            Ok(job_request::Entity::find()
-                .filter(one_of(backend, job_request::Column::Id, ids.clone()))
-                .order_by_asc(job_request::Column::Id)
-                .all(&self.db)
-                .await?)
+    /// Adds one request to the outbox (a part of a scheduled job, say).
+    pub async fn add_request(&self, request: NewRequest) -> Result<(), StoreError> {
+        self.retrying("add request", || async {
+            write_requests(&self.db, vec![request.clone()]).await
         })
         .await
+    }
+
+    /// The requests `ids`, in the order given.
+    pub async fn requests(&self, ids: Vec<i64>) -> Result<Vec<job_request::Model>, StoreError> {
+        let backend = self.backend();
+        let mut rows = self
+            .retrying("read requests", || async {
+                Ok(job_request::Entity::find()
+                    .filter(one_of(backend, job_request::Column::Id, ids.clone()))
+                    .all(&self.db)
+                    .await?)
+            })
+            .await?;
+        rows.sort_by_key(|row| ids.iter().position(|id| *id == row.id));
+        Ok(rows)
     }
 
     /// Removes requests the broker confirmed (or that were answered without it).
@@ -100,10 +140,17 @@ impl Store {
         .await
     }
 
-    /// Requests written and not yet published.
-    pub async fn waiting_request_count(&self) -> Result<u64, StoreError> {
+    /// Requests to publish now and not yet published.
+    pub async fn waiting_request_count(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         self.retrying("count waiting requests", || async {
-            Ok(job_request::Entity::find().count(&self.db).await?)
+            Ok(job_request::Entity::find()
+                .filter(
+                    Condition::any()
+                        .add(job_request::Column::RunAt.is_null())
+                        .add(job_request::Column::RunAt.lte(now)),
+                )
+                .count(&self.db)
+                .await?)
         })
         .await
     }

@@ -37,6 +37,8 @@ pub struct NewJob {
     pub results_in_event: bool,
     /// The stages after the map stage, for a multi-stage job type.
     pub stage_plan: Option<StagePlan>,
+    /// Not before then: the request's `run_at`.
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// One task row to insert.

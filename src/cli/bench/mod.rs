@@ -12,7 +12,9 @@
 //!    of N map tasks and 100 reduce shards, S5 S1 with 1, 2 and 4 worker processes; S6
 //!    single-task jobs published at a fixed rate (200/s, and half S3's rate), each
 //!    timed from its publish to its event; S9 (only when named) the soak, S2-sized
-//!    jobs one after another for `--soak-secs` with a short retention ([`soak`]).
+//!    jobs one after another for `--soak-secs` with a short retention ([`soak`]);
+//!    S10 single-task jobs submitted by the client (`S10/pub`) and the same written
+//!    with `submit_in`, each in a transaction of its own (`S10/tx`).
 //! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
 //!    the ratios to the baselines: the machine is shared and noisy, so ratios measured
 //!    in the same run are what compare across runs.
@@ -49,7 +51,7 @@ pub struct BenchArgs {
     /// Tasks of the S1, S4 and S5 job (S2 runs ten times as many).
     #[arg(long, default_value_t = 10_000)]
     pub tasks: usize,
-    /// Jobs of S3 (10 tasks each).
+    /// Jobs of S3 (10 tasks each) and of S10 (one task each).
     #[arg(long, default_value_t = 1_000)]
     pub jobs: usize,
     /// Worker processes for S1–S4.
@@ -160,6 +162,25 @@ async fn measure(
         )
         .failing_every(10),
     ];
+    // The same single-task jobs published by the client, then written in the
+    // producers' transactions and published by the relay: what the outbox costs.
+    specs.push(Spec::new(
+        "S10/pub",
+        format!("{} jobs × 1, Client::submit", args.jobs),
+        args.jobs,
+        1,
+        args.workers,
+    ));
+    specs.push(
+        Spec::new(
+            "S10/tx",
+            format!("{} jobs × 1, submit_in", args.jobs),
+            args.jobs,
+            1,
+            args.workers,
+        )
+        .in_transactions(),
+    );
     specs.push(
         Spec::new(
             "S8",
@@ -180,9 +201,11 @@ async fn measure(
         ));
     }
     let named = |name: &str| {
-        args.only
-            .iter()
-            .any(|s| name.eq_ignore_ascii_case(s) || name.starts_with(s.as_str()))
+        args.only.iter().any(|s| {
+            // `S5` names S5/1, S5/2 and S5/4; `S1` names S1 alone, not S10.
+            let family = name.split('/').next().unwrap_or(name);
+            name.eq_ignore_ascii_case(s) || family.eq_ignore_ascii_case(s)
+        })
     };
     // S7 (100 × N tasks) and S9 (the soak) run only when named: they take minutes.
     let selected =

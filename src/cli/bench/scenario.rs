@@ -37,6 +37,9 @@ pub struct Spec {
     /// Submitted as a user would: `taskmill submit --tasks-file` in a process of its
     /// own (whose memory is measured), the file streamed in parts.
     through_cli: bool,
+    /// Submitted with `taskmill::submit_in`, each job in a database transaction of
+    /// its own, which the request relay publishes after the commit.
+    in_transactions: bool,
 }
 
 impl Spec {
@@ -56,7 +59,14 @@ impl Spec {
             fail_every: None,
             reduce_shards: None,
             through_cli: false,
+            in_transactions: false,
         }
+    }
+
+    /// Submit each job with `taskmill::submit_in` in a transaction of its own.
+    pub fn in_transactions(mut self) -> Self {
+        self.in_transactions = true;
+        self
     }
 
     /// Submit with `taskmill submit --tasks-file` instead of the library.
@@ -208,6 +218,7 @@ impl Bench {
                 submit_peak_rss_mib = rss;
                 ids.into_iter().map(|id| (id, Instant::now())).collect()
             }
+            None if spec.in_transactions => self.submit_in_transactions(requests).await?,
             None => {
                 futures::stream::iter(requests)
                     .map(|request| async move {
@@ -319,6 +330,31 @@ impl Bench {
             cpu_s_per_100k_tasks: cpu_after.per_100k_tasks(cpu_before, tasks),
             all_done,
         })
+    }
+
+    /// Each request in a transaction of its own, as an application would write it
+    /// beside its own rows, 16 at once; each job's clock starts at its commit.
+    async fn submit_in_transactions(
+        &self,
+        requests: Vec<JobRequest>,
+    ) -> anyhow::Result<Vec<(String, Instant)>> {
+        use sea_orm::TransactionTrait;
+        let db = sea_orm::Database::connect(&self.config.database_url).await?;
+        let submitted = futures::stream::iter(requests)
+            .map(|request| {
+                let db = &db;
+                async move {
+                    let txn = db.begin().await?;
+                    let id = taskmill::submit_in(&txn, request).await?;
+                    txn.commit().await?;
+                    Ok::<_, anyhow::Error>((id, Instant::now()))
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .await;
+        db.close().await?;
+        submitted
     }
 
     /// Removes what the scenarios declared: the names they use over AMQP (the

@@ -99,7 +99,14 @@ fn stage_of(job: &job::Model) -> Markup {
 /// The jobs list, filtered as asked; refreshed every 5 s.
 pub(super) fn jobs(jobs: &[job::Model], stage: Option<JobStage>, job_type: Option<&str>) -> Markup {
     let now = Utc::now();
-    let stages = ["formation", "running", "done", "failed", "cancelled"];
+    let stages = [
+        "scheduled",
+        "formation",
+        "running",
+        "done",
+        "failed",
+        "cancelled",
+    ];
     page(
         "Jobs",
         true,

@@ -3,16 +3,43 @@
 //! batches while a feeder ([`crate::roles::feed`]) publishes its task messages; a job
 //! sent in parts goes on in [`super::parts`].
 
+use chrono::Utc;
 use lapin::message::Delivery;
 use serde_json::value::RawValue;
 
 use super::group::{Grouped, WHOLE_JOB_TASKS};
 use super::{Intake, Rejection};
-use crate::protocol::{self, JobRequest, Target};
+use crate::protocol::{self, JobRequest, Target, DUE_HEADER};
 use crate::retry::Delays;
 use crate::stages::StagePlan;
 use crate::state::JobStage;
-use crate::store::{NewJob, NewTask, StartOutcome, WholeJob};
+use crate::store::{job, NewJob, NewRequest, NewTask, StartOutcome, WholeJob};
+
+/// The job a request with this id made before, if it is the same request; a
+/// different request under that id is parked: the job of the first request stands.
+fn same_request(existing: job::Model, new_job: &NewJob) -> Result<job::Model, Rejection> {
+    let reused = existing
+        .request_digest
+        .as_ref()
+        .is_some_and(|first| *first != new_job.request_digest);
+    if reused {
+        return Err(Rejection::Park(format!(
+            "job_id {:?} reused with a different request: the job of the first request \
+             stands",
+            new_job.id
+        )));
+    }
+    Ok(existing)
+}
+
+/// Whether the request relay sent this request because its `run_at` has come.
+fn is_due(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|headers| headers.inner().contains_key(DUE_HEADER))
+}
 
 /// Rows per INSERT at first; halved on each error while above 5 (64→32→16→8→4), as
 /// in the original, and doubled after each success up to `MAX_BATCH`, so a large job
@@ -60,6 +87,14 @@ impl Intake {
         let new_job = self.new_job(job_id.clone(), request)?;
         let cap = self.shared.config.max_payload_bytes;
         check_payloads(request.tasks.as_deref().unwrap_or_default(), cap)?;
+        if is_due(delivery) {
+            // Its time has come: the request forms the scheduled job, as any job.
+            if self.shared.store.unschedule(&job_id).await? {
+                tracing::info!(job_id, "scheduled job due");
+            }
+        } else if request.run_at.is_some_and(|run_at| run_at > Utc::now()) {
+            return self.schedule(&new_job, delivery, request).await;
+        }
         if request.in_parts() {
             return self.accept_part(&new_job, &task_type, request).await;
         }
@@ -147,6 +182,7 @@ impl Intake {
             task_timeout_ms: request.task_timeout_ms.map(|ms| ms as i64),
             results_in_event: request.results_in_event,
             stage_plan: self.stage_plan(request)?,
+            run_at: request.run_at,
         })
     }
 
@@ -158,25 +194,47 @@ impl Intake {
         new_job: &NewJob,
         tasks: usize,
     ) -> Result<Option<crate::store::job::Model>, Rejection> {
-        let job_id = &new_job.id;
         match self.shared.store.create_job(new_job).await? {
             None => {
-                tracing::info!(%job_id, job_type = %new_job.job_type, tasks, "job created");
+                let (job_id, job_type) = (&new_job.id, &new_job.job_type);
+                tracing::info!(%job_id, %job_type, tasks, "job created");
                 Ok(None)
             }
-            Some(existing)
-                if existing
-                    .request_digest
-                    .as_ref()
-                    .is_some_and(|first| *first != new_job.request_digest) =>
-            {
-                Err(Rejection::Park(format!(
-                    "job_id {job_id:?} reused with a different request: the job of the first \
-                     request stands"
-                )))
-            }
-            Some(existing) => Ok(Some(existing)),
+            Some(existing) => same_request(existing, new_job).map(Some),
         }
+    }
+
+    /// Stores a job to run at its request's `run_at` ([`crate::store::Store::schedule_job`]):
+    /// the request waits in the outbox of requests until then, and the relay sends it
+    /// back, due. A part or the seal of a scheduled job waits beside the first.
+    async fn schedule(
+        &self,
+        new_job: &NewJob,
+        delivery: &Delivery,
+        request: &JobRequest<Box<RawValue>>,
+    ) -> Result<(), Rejection> {
+        let waiting = NewRequest {
+            job_id: new_job.id.clone(),
+            job_type: request.job_type.clone(),
+            body: String::from_utf8_lossy(&delivery.data).into_owned(),
+            run_at: request.run_at,
+        };
+        let store = &self.shared.store;
+        let Some(existing) = store.schedule_job(new_job, waiting.clone()).await? else {
+            let run_at = request.run_at.map(|at| at.to_rfc3339());
+            tracing::info!(job_id = %new_job.id, run_at, "job scheduled");
+            return Ok(());
+        };
+        let job = same_request(existing, new_job)?;
+        let stage = job.stage.parse::<JobStage>();
+        if matches!(stage, Ok(JobStage::Scheduled)) && request.in_parts() {
+            // A part sent twice waits twice: the part's claim makes the copy nothing.
+            store.add_request(waiting).await?;
+        } else if matches!(stage, Ok(stage) if stage.is_terminal()) {
+            self.answer_duplicate(&job.id, request.on_complete.as_ref())
+                .await?;
+        }
+        Ok(())
     }
 
     /// A producer that resubmits an ended job (after a lost confirm, say) still gets an

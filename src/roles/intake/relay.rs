@@ -1,12 +1,14 @@
-//! The request relay: publishes the `job_requests` outbox ([`crate::submit_in`]) to
-//! the jobs exchange.
+//! The request relay: publishes the `job_requests` outbox to the jobs exchange — the
+//! requests producers wrote in their own transactions ([`crate::submit_in`]) at once,
+//! and those of scheduled jobs once their `run_at` has come, marked due so that the
+//! intake forms the job then.
 //!
 //! One intake pod at a time holds the `request-relay` lease and looks at the outbox
 //! every [`POLL`]; the others try for the lease every [`RENEW`], so an idle outbox
-//! costs one small indexed read per poll and a lease write per renewal. A pass
-//! publishes the oldest rows in id order — at most [`BATCH_ROWS`] rows and
-//! [`BATCH_CHARS`] characters of JSON — waits for the broker's confirms, and deletes
-//! the rows it confirmed. A relay that dies between the confirm and the delete leaves
+//! costs two small indexed reads per poll and a lease write per renewal, however many
+//! scheduled jobs wait. A pass publishes the rows to send now, oldest first — at most
+//! [`BATCH_ROWS`] rows and [`BATCH_CHARS`] characters of JSON — waits for the broker's
+//! confirms, and deletes the rows it confirmed. A relay that dies between the confirm and the delete leaves
 //! rows that the next holder publishes again: each names its job (the body's `job_id`,
 //! or the row's as the message id), so the copy makes nothing new. A row over the
 //! intake's request limit is never published (the broker could refuse it and stall the
@@ -15,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::Intake;
 use crate::amqp::broker::Outgoing;
 use crate::error::Error;
-use crate::protocol::{check_id, check_name, CONTENT_TYPE};
+use crate::protocol::{check_id, check_name, CONTENT_TYPE, DUE_HEADER};
 use crate::store::job_request;
 
 const LEASE_NAME: &str = "request-relay";
@@ -99,7 +102,9 @@ impl Intake {
     /// Publishes and removes the oldest waiting rows; `true` if more may be waiting.
     async fn relay_pass(&self) -> Result<bool, Error> {
         let store = &self.shared.store;
-        let waiting = store.waiting_requests(BATCH_ROWS).await?;
+        let waiting = store
+            .waiting_requests(BATCH_ROWS, chrono::Utc::now())
+            .await?;
         if waiting.is_empty() {
             return Ok(false);
         }
@@ -190,11 +195,17 @@ impl Intake {
 }
 
 /// A request's properties: its row's job id as the message id when it is a valid id,
-/// which names the job of a body without a `job_id`.
+/// which names the job of a body without a `job_id`; the due header on a scheduled
+/// job's request.
 fn properties(row: &job_request::Model) -> BasicProperties {
-    let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into());
-    match check_id("job_id", &row.job_id) {
-        Ok(()) => properties.with_message_id(row.job_id.as_str().into()),
-        Err(_) => properties,
+    let mut properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into());
+    if check_id("job_id", &row.job_id).is_ok() {
+        properties = properties.with_message_id(row.job_id.as_str().into());
     }
+    if row.run_at.is_some() {
+        let mut headers = FieldTable::default();
+        headers.insert(DUE_HEADER.into(), AMQPValue::Boolean(true));
+        properties = properties.with_headers(headers);
+    }
+    properties
 }
