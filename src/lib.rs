@@ -28,11 +28,12 @@ pub mod registry;
 pub mod retention;
 mod retry;
 mod roles;
+pub mod schedule;
 pub mod stages;
 pub mod state;
 pub mod store;
 pub mod summary;
-mod transactional;
+pub(crate) mod transactional;
 
 pub use client::{Client, JobParts, Watch};
 pub use config::{Config, QueueType};

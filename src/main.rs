@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo(args) => cli::demo::run(config, args, shutdown).await,
         Command::Prune(args) => cli::prune::run(&config, args, shutdown).await,
         Command::Dead(args) => cli::dead::run(&config, args).await.map(|()| 0),
+        Command::Schedule(args) => cli::schedule::run(&config, args).await,
         Command::Bench(args) => cli::bench::run(&config, args).await.map(|()| 0),
     }
 }

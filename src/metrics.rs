@@ -35,6 +35,8 @@ const JOBS: &str = "taskmill_jobs";
 const QUEUE_READY: &str = "taskmill_queue_ready_messages";
 const OUTBOX_BACKLOG: &str = "taskmill_outbox_backlog";
 const REQUESTS_WAITING: &str = "taskmill_requests_waiting";
+const SCHEDULE_NEXT_TICK: &str = "taskmill_schedule_next_tick_timestamp_seconds";
+const SCHEDULE_LAST_TICK: &str = "taskmill_schedule_last_tick_timestamp_seconds";
 const BROKER_RECONNECTS: &str = "taskmill_broker_reconnects_total";
 const ROLE_RESTARTS: &str = "taskmill_role_restarts_total";
 const CHANNELS_REOPENED: &str = "taskmill_publisher_channels_reopened_total";
@@ -153,6 +155,14 @@ fn describe() {
     describe_gauge!(
         REQUESTS_WAITING,
         "Job requests committed in producers' transactions but not yet published by the relay (read from the database at scrape)"
+    );
+    describe_gauge!(
+        SCHEDULE_NEXT_TICK,
+        "A periodic job's next tick, Unix time (read from the database at scrape)"
+    );
+    describe_gauge!(
+        SCHEDULE_LAST_TICK,
+        "A periodic job's last tick fired, Unix time; absent until one fired (read from the database at scrape)"
     );
     describe_counter!(
         BROKER_RECONNECTS,
@@ -289,6 +299,18 @@ pub(crate) fn outbox_backlog(count: u64) {
 /// Job requests in the outbox, waiting for the relay.
 pub(crate) fn requests_waiting(count: u64) {
     gauge!(REQUESTS_WAITING).set(count as f64);
+}
+
+/// A schedule's next tick and last tick fired.
+pub(crate) fn schedule_ticks(
+    name: &str,
+    next: chrono::DateTime<chrono::Utc>,
+    last: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    gauge!(SCHEDULE_NEXT_TICK, "schedule" => name.to_owned()).set(next.timestamp() as f64);
+    if let Some(last) = last {
+        gauge!(SCHEDULE_LAST_TICK, "schedule" => name.to_owned()).set(last.timestamp() as f64);
+    }
 }
 
 /// The broker connection came back after a loss.

@@ -31,6 +31,7 @@ use crate::http;
 use crate::known_pools::KnownPools;
 use crate::registry::{HandlerResult, JobType, Registry, TaskContext};
 use crate::roles::{Role, Running, Shared, Vitals};
+use crate::schedule::Schedule;
 use crate::store::Store;
 
 /// Which roles a pod runs.
@@ -90,6 +91,7 @@ pub struct PodBuilder {
     roles: Roles,
     queues: Vec<String>,
     store: Option<Store>,
+    schedules: Vec<Schedule>,
 }
 
 impl PodBuilder {
@@ -159,6 +161,14 @@ impl PodBuilder {
         self
     }
 
+    /// Submits `schedule`'s request on every tick of its cron pattern. The pod writes
+    /// the schedule to the database as it starts (an unchanged one keeps its ticks);
+    /// whichever pod runs the request relay fires it, once per tick.
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Uses an existing store instead of connecting to `config.database_url`.
     pub fn store(mut self, store: Store) -> Self {
         self.store = Some(store);
@@ -179,6 +189,7 @@ impl PodBuilder {
             roles: self.roles,
             queues,
             store: self.store,
+            schedules: self.schedules,
         }
     }
 }
@@ -190,6 +201,7 @@ pub struct Pod {
     roles: Roles,
     queues: Vec<String>,
     store: Option<Store>,
+    schedules: Vec<Schedule>,
 }
 
 impl Pod {
@@ -206,6 +218,7 @@ impl Pod {
             roles: Roles::ALL,
             queues: Vec::new(),
             store: None,
+            schedules: Vec::new(),
         }
     }
 
@@ -256,6 +269,14 @@ impl Pod {
         }
         if self.config.migrate_on_start {
             store.migrate().await?;
+        }
+        for schedule in &self.schedules {
+            if store
+                .put_schedule(&schedule.to_new(chrono::Utc::now())?)
+                .await?
+            {
+                tracing::info!(schedule = schedule.name(), cron = %schedule.cron(), "schedule set");
+            }
         }
         let Some(connection) = link.connection(&shutdown).await else {
             return Ok(());

@@ -25,8 +25,16 @@ use crate::store::{write_requests, NewRequest};
 /// (a fraction of a second) after the commit, as long as some pod runs the intake.
 pub async fn submit_in<C: ConnectionTrait>(
     transaction: &C,
-    mut request: JobRequest,
+    request: JobRequest,
 ) -> Result<String, Error> {
+    let (job_id, rows) = requests_of(request)?;
+    write_requests(transaction, rows).await?;
+    Ok(job_id)
+}
+
+/// The outbox rows of `request`, checked, and its job id (generated when it has none):
+/// one row, or the parts and the seal of a job of more than [`PART_TASKS`] tasks.
+pub(crate) fn requests_of(mut request: JobRequest) -> Result<(String, Vec<NewRequest>), Error> {
     let job_id = request
         .job_id
         .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
@@ -50,8 +58,7 @@ pub async fn submit_in<C: ConnectionTrait>(
             vec![row(&job_id, &request)]
         }
     };
-    write_requests(transaction, rows).await?;
-    Ok(job_id)
+    Ok((job_id, rows))
 }
 
 fn row<T: Serialize>(job_id: &str, request: &JobRequest<T>) -> NewRequest {

@@ -19,8 +19,12 @@ fn bench_reports_every_scenario_as_json() {
             "1",
             "--soak-secs",
             "1",
+            "--waiting-jobs",
+            "50",
+            "--idle-secs",
+            "1",
             "--only",
-            "S1,S3,S4,S6,S8,S9,S10",
+            "S1,S3,S4,S6,S8,S9,S10,S11",
         ])
         // The bench makes its own scratch SQLite file and broker prefix, and removes both.
         .env_remove("DATABASE_URL")
@@ -113,4 +117,17 @@ fn bench_reports_every_scenario_as_json() {
             "SQLite: {job}"
         );
     }
+    // Scheduled jobs: while 50 wait an hour ahead, no task row and no message exist
+    // (only their job rows and requests), and 20 due among them all run.
+    let waiting = &report["waiting"];
+    assert_eq!(waiting["waiting_jobs"], 50, "{waiting}");
+    assert_eq!(waiting["task_rows"], 0, "{waiting}");
+    assert_eq!(waiting["request_rows"], 50, "{waiting}");
+    assert_eq!(waiting["broker_messages"], 0, "{waiting}");
+    assert_eq!(waiting["due_jobs"], 20, "{waiting}");
+    assert_eq!(waiting["all_done"], true, "{waiting}");
+    assert!(
+        waiting["start_late_ms_p50"].as_f64().unwrap() >= 0.0,
+        "{waiting}"
+    );
 }

@@ -124,7 +124,18 @@ async fn the_dashboard_renders_and_its_actions_need_the_token() {
     let env = TestEnv::new(Backend::Postgres).await;
     let (mut config, base) = env.config_with_http();
     config.dashboard_token = taskmill::config::Token::new(TOKEN);
-    let pod = env.start(env.pod().config(config).handler("odd", odd));
+    let nightly = taskmill::schedule::Schedule::new(
+        "nightly",
+        "0 3 * * *",
+        JobRequest::new("odd", vec![json!(2)]),
+    )
+    .unwrap();
+    let pod = env.start(
+        env.pod()
+            .config(config)
+            .handler("odd", odd)
+            .schedule(nightly),
+    );
     let client = env.client().await;
 
     let done = client
@@ -143,7 +154,13 @@ async fn the_dashboard_renders_and_its_actions_need_the_token() {
     common::wait_until(LONG, || async { env.message_count(&parking).await == 1 }).await;
 
     // Without the token nothing is shown; probes and metrics stay open.
-    for page in ["/", "/queues", "/parking", &format!("/jobs/{failed}")] {
+    for page in [
+        "/",
+        "/queues",
+        "/schedules",
+        "/parking",
+        &format!("/jobs/{failed}"),
+    ] {
         let (status, _, body) = get(format!("{base}{page}"), None).await;
         assert_eq!(status, 401, "{page}: {body}");
         assert!(
@@ -211,6 +228,16 @@ async fn the_dashboard_renders_and_its_actions_need_the_token() {
     assert!(queues.contains(&env.topology().work_queue("default")));
     let parked = rendered(&with_token(&format!("{base}/parking"), TOKEN)).await;
     assert!(parked.contains("malformed JSON"), "{parked}");
+    let schedules = rendered(&with_token(&format!("{base}/schedules"), TOKEN)).await;
+    assert!(
+        schedules.contains("nightly") && schedules.contains("0 3 * * *"),
+        "{schedules}"
+    );
+    let (_, _, metrics) = get(format!("{base}/metrics"), None).await;
+    assert!(
+        metrics.contains("taskmill_schedule_next_tick_timestamp_seconds{schedule=\"nightly\"}"),
+        "{metrics}"
+    );
 
     let retry = format!("{base}/jobs/{failed}/retry");
     let wrong = Some("taskmill_token=00".to_owned());

@@ -2,7 +2,7 @@
 //! and database, faults injected for real (kill -9, broker restart, database restart,
 //! rolling SIGTERM, a purged queue, a flood of bad input, an intake killed between the
 //! parts of a job, a request relay killed between its publish and its delete, the only pod killed while
-//! jobs wait for their time), then the same invariants
+//! jobs wait for their time, the pods firing an every-second schedule killed), then the same invariants
 //! checked every time:
 //!
 //! - every job ends in the expected stage, and every task row is terminal;
@@ -54,6 +54,7 @@ on_both_backends!(
     a_killed_cleaner_leaves_no_half_removed_job,
     a_relay_killed_between_publish_and_delete,
     scheduled_jobs_outlive_a_killed_pod,
+    every_tick_fires_once_across_killed_pods,
 );
 
 mod postgres_only {
@@ -658,6 +659,77 @@ async fn scheduled_jobs_outlive_a_killed_pod(backend: Backend) {
     client.close().await.unwrap();
     fleet.stop_all().await;
     eprintln!("scheduled jobs outlive a killed pod: {report}");
+}
+
+/// An every-second schedule that catches missed ticks up, fired by two pods that are
+/// both killed -9 and started again: every second from its first tick to its last
+/// made exactly one job, each with one event, none lost and none twice.
+async fn every_tick_fires_once_across_killed_pods(backend: Backend) {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(backend).await;
+    let audit = env.audit_events().await;
+    env.cli(&[
+        "schedule",
+        "add",
+        "every-second",
+        "--cron",
+        "* * * * * *",
+        "--catch-up",
+        "all",
+        "--type",
+        builtin::ECHO,
+        "--task",
+        "1",
+    ]);
+    let ticks = || async {
+        env.texts("SELECT id FROM jobs WHERE id LIKE 'every-second:%' ORDER BY id")
+            .await
+    };
+    let mut fleet = Fleet::start(&env, 2, &[]).await;
+    common::wait_until(JOB_TIMEOUT, || async { ticks().await.len() >= 3 }).await;
+    fleet.kill_9(0).await;
+    fleet.kill_9(1).await;
+    let killed_at = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.restart(0);
+    fleet.restart(1);
+    // Past the dead holder's lease, the ticks missed meanwhile are caught up, and
+    // firing goes on.
+    let after = format!(
+        "every-second:{}",
+        (killed_at + chrono::TimeDelta::seconds(5)).format("%Y%m%dT%H%M%SZ")
+    );
+    common::wait_until(JOB_TIMEOUT, || async {
+        ticks().await.last().is_some_and(|last| *last > after)
+    })
+    .await;
+    env.cli(&["schedule", "remove", "every-second"]);
+    // Every tick fired is a job once its request is out and taken.
+    let intake = env.topology().intake_queue();
+    common::wait_until(JOB_TIMEOUT, || async {
+        env.count("SELECT COUNT(*) AS n FROM job_requests").await == 0
+            && env.message_count(&intake).await == 0
+    })
+    .await;
+
+    let ids = ticks().await;
+    let seconds: Vec<i64> = ids
+        .iter()
+        .map(|id| {
+            let tick = id.rsplit_once(':').unwrap().1;
+            chrono::NaiveDateTime::parse_from_str(tick, "%Y%m%dT%H%M%SZ")
+                .unwrap()
+                .and_utc()
+                .timestamp()
+        })
+        .collect();
+    for pair in seconds.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1, "every tick once: {ids:?}");
+    }
+    let jobs: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "done")).collect();
+    let report = check_invariants(&env, &jobs, &audit, 0).await;
+    fleet.stop_all().await;
+    eprintln!("{} ticks across two killed pods: {report}", ids.len());
 }
 
 // ---------------------------------------------------------------- the checks

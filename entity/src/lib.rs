@@ -1,6 +1,6 @@
 //! SeaORM entities for taskmill's tables: `jobs`, `tasks`, `job_parts` (a job sent
-//! in parts), the `job_events` and `job_requests` outboxes, `leases`, `pools`, and
-//! `removed_jobs` (what retention removed).
+//! in parts), the `job_events` and `job_requests` outboxes, `leases`, `pools`,
+//! `removed_jobs` (what retention removed) and `schedules` (periodic jobs).
 //!
 //! Only the shape of the rows lives here; every query and state change lives in
 //! `taskmill::store`, so that the dangerous parts are written once.
@@ -12,6 +12,7 @@ pub mod job_request;
 pub mod lease;
 pub mod pool;
 pub mod removed_job;
+pub mod schedule;
 pub mod task;
 
 pub mod prelude {
@@ -22,5 +23,6 @@ pub mod prelude {
     pub use super::lease::Entity as Lease;
     pub use super::pool::Entity as Pool;
     pub use super::removed_job::Entity as RemovedJob;
+    pub use super::schedule::Entity as Schedule;
     pub use super::task::Entity as Task;
 }

@@ -23,6 +23,7 @@ mod m20261206_000017_task_partitions;
 mod m20261206_000018_task_ids_per_partition;
 mod m20261206_000019_job_requests;
 mod m20261206_000020_scheduled_jobs;
+mod m20261206_000021_schedules;
 
 pub struct Migrator;
 
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000018_task_ids_per_partition::Migration),
             Box::new(m20261206_000019_job_requests::Migration),
             Box::new(m20261206_000020_scheduled_jobs::Migration),
+            Box::new(m20261206_000021_schedules::Migration),
         ]
     }
 }

@@ -11,6 +11,7 @@ pub mod progress;
 pub mod prune;
 pub mod results;
 pub mod retry;
+pub mod schedule;
 pub mod status;
 pub mod submit;
 
@@ -118,6 +119,8 @@ pub enum Command {
     Prune(prune::PruneArgs),
     /// The parking lot: list, replay or purge messages that could not be processed.
     Dead(dead::DeadArgs),
+    /// Periodic jobs: add, list or remove a schedule.
+    Schedule(schedule::ScheduleArgs),
     /// Measure the machine's limits and taskmill against them.
     Bench(bench::BenchArgs),
 }

@@ -65,6 +65,14 @@ async fn read_database(endpoint: &Endpoint) {
         Ok(count) => metrics::requests_waiting(count),
         Err(err) => tracing::debug!(%err, "metrics: waiting requests not read"),
     }
+    match endpoint.store.schedules().await {
+        Ok(rows) => {
+            for row in rows {
+                metrics::schedule_ticks(&row.name, row.next_tick, row.last_tick);
+            }
+        }
+        Err(err) => tracing::debug!(%err, "metrics: schedules not read"),
+    }
 }
 
 /// Ready messages of the queues this pod reads, by passive declares; a queue not

@@ -23,6 +23,7 @@ mod rerun;
 mod results;
 mod retention;
 mod rows;
+mod schedules;
 mod stages;
 mod stuck;
 mod task_rows;
@@ -44,10 +45,11 @@ pub use rows::{
     Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, Recorded, StartOutcome,
     TaskOutcome, Transition, WholeJob,
 };
+pub use schedules::{Fired, NewSchedule};
 pub use stuck::SWEEP_WRITE_BATCH;
 pub use views::Throughput;
 
-pub use entity::{job, job_event, job_part, job_request, pool, removed_job, task};
+pub use entity::{job, job_event, job_part, job_request, pool, removed_job, schedule, task};
 
 /// A running job's row as unit tests start from: one task, nothing counted yet.
 #[cfg(test)]

@@ -44,6 +44,12 @@ impl CpuSeconds {
         self.scaled_since(before, 1_000.0 / jobs.max(1) as f64)
     }
 
+    /// What was used between `before` and `self`, over `seconds`, in percent of one
+    /// core.
+    pub fn percent_since(self, before: Self, seconds: f64) -> Self {
+        self.scaled_since(before, 100.0 / seconds.max(f64::EPSILON))
+    }
+
     fn scaled_since(self, before: Self, scale: f64) -> Self {
         Self {
             postgres: (self.postgres - before.postgres) * scale,

@@ -163,6 +163,17 @@ impl BenchDb {
         })
     }
 
+    /// The rows of `table` now.
+    pub async fn rows(&self, table: &str) -> anyhow::Result<i64> {
+        let sql = format!("SELECT COUNT(*) AS n FROM {table}");
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.backend(), sql))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no count"))?;
+        Ok(row.try_get("", "n")?)
+    }
+
     /// Whether PostgreSQL's autovacuum is on; `None` on SQLite, which has none.
     pub async fn autovacuum(&self) -> anyhow::Result<Option<bool>> {
         let row = self

@@ -14,7 +14,9 @@
 //!    timed from its publish to its event; S9 (only when named) the soak, S2-sized
 //!    jobs one after another for `--soak-secs` with a short retention ([`soak`]);
 //!    S10 single-task jobs submitted by the client (`S10/pub`) and the same written
-//!    with `submit_in`, each in a transaction of its own (`S10/tx`).
+//!    with `submit_in`, each in a transaction of its own (`S10/tx`); S11 (only when
+//!    named) 100,000 jobs scheduled an hour ahead, their cost while they wait, and the
+//!    lateness of jobs due among them ([`waiting`]).
 //! 3. A table (or `--json`) with rates, latencies, costs per task, worker memory, and
 //!    the ratios to the baselines: the machine is shared and noisy, so ratios measured
 //!    in the same run are what compare across runs.
@@ -31,6 +33,7 @@ mod report;
 mod scenario;
 mod scratch;
 mod soak;
+mod waiting;
 
 use clap::Args;
 use taskmill::store::Store;
@@ -74,7 +77,13 @@ pub struct BenchArgs {
     /// Seconds S9 submits jobs for.
     #[arg(long, default_value_t = 300.0)]
     pub soak_secs: f64,
-    /// Scenarios to run (default: all but S7 and S9, which run only when named).
+    /// Jobs S11 schedules an hour ahead.
+    #[arg(long, default_value_t = 100_000)]
+    pub waiting_jobs: usize,
+    /// Seconds S11 measures its waiting jobs' cost over.
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_secs: f64,
+    /// Scenarios to run (default: all but S7, S9 and S11, which run only when named).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Print JSON instead of a table.
@@ -207,9 +216,10 @@ async fn measure(
             name.eq_ignore_ascii_case(s) || family.eq_ignore_ascii_case(s)
         })
     };
-    // S7 (100 × N tasks) and S9 (the soak) run only when named: they take minutes.
+    // S7 (100 × N tasks), S9 (the soak) and S11 (100,000 scheduled jobs) run only when
+    // named: they take minutes.
     let selected =
-        |name: &str| (args.only.is_empty() && !["S7", "S9"].contains(&name)) || named(name);
+        |name: &str| (args.only.is_empty() && !["S7", "S9", "S11"].contains(&name)) || named(name);
     specs.retain(|spec| selected(&spec.name));
 
     let counters = database::BenchDb::connect(&config.database_url, 1).await?;
@@ -248,6 +258,18 @@ async fn measure(
         eprintln!("scenario S9: jobs × {} back to back…", 10 * n);
         let sizes = database::BenchDb::connect(&config.database_url, 1).await?;
         report.soak = Some(bench.soak(&sizes, 10 * n, args.soak_secs).await?);
+        sizes.close().await?;
+    }
+    if selected("S11") {
+        eprintln!(
+            "scenario S11: {} jobs scheduled an hour ahead…",
+            args.waiting_jobs
+        );
+        let sizes = database::BenchDb::connect(&config.database_url, 1).await?;
+        let waiting = bench
+            .waiting(&sizes, args.waiting_jobs, args.jobs, args.idle_secs)
+            .await?;
+        report.waiting = Some(waiting);
         sizes.close().await?;
     }
     bench.stop().await;

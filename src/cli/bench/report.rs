@@ -7,6 +7,7 @@ use super::baseline::{BrokerBaseline, DatabaseBaseline};
 use super::open_loop::OpenLoopResult;
 use super::scenario::ScenarioResult;
 use super::soak::SoakResult;
+use super::waiting::WaitingResult;
 
 /// What a run without autovacuum means for its figures.
 pub const AUTOVACUUM_OFF: &str = "dead task rows pile up and large jobs slow down; \
@@ -27,6 +28,7 @@ pub struct Report {
     pub scenarios: Vec<ScenarioResult>,
     pub open_loop: Vec<OpenLoopResult>,
     pub soak: Option<SoakResult>,
+    pub waiting: Option<WaitingResult>,
 }
 
 impl Report {
@@ -58,6 +60,7 @@ impl Report {
             scenarios: Vec::new(),
             open_loop: Vec::new(),
             soak: None,
+            waiting: None,
         }
     }
 
@@ -221,6 +224,9 @@ impl Report {
         if let Some(soak) = &self.soak {
             print_soak(soak);
         }
+        if let Some(waiting) = &self.waiting {
+            print_waiting(waiting);
+        }
     }
 }
 
@@ -313,5 +319,37 @@ fn print_soak(soak: &SoakResult) {
     println!(
         "goal S9 database size, largest of the second half ÷ first half ≤ 1.10:  {}",
         opt(soak.second_half_growth(), 2)
+    );
+}
+
+fn print_waiting(waiting: &WaitingResult) {
+    let cpu = &waiting.idle_cpu_percent;
+    println!();
+    println!(
+        "S11 scheduled jobs: {} single-task jobs an hour ahead, stored in {:.1} s",
+        waiting.waiting_jobs, waiting.stored_s
+    );
+    println!(
+        "  while they wait ({:.0} s): CPU % of a core  PostgreSQL {:.2}  RabbitMQ {:.2}  worker {:.2}",
+        waiting.idle_s, cpu.postgres, cpu.rabbitmq, cpu.workers
+    );
+    println!(
+        "  rows: tasks {}, job_requests {}; broker messages {}; database {:.1} MiB",
+        waiting.task_rows,
+        waiting.request_rows,
+        waiting
+            .broker_messages
+            .map_or("n/a".to_owned(), |m| m.to_string()),
+        waiting.sizes.database_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "  {} jobs due among them: running p50/p99/max {:.0}/{:.0}/{:.0} ms after run_at; ended p50/p99 {:.0}/{:.0} ms{}",
+        waiting.due_jobs,
+        waiting.start_late_ms_p50,
+        waiting.start_late_ms_p99,
+        waiting.start_late_ms_max,
+        waiting.event_late_ms_p50,
+        waiting.event_late_ms_p99,
+        if waiting.all_done { "" } else { "  (not every job done!)" }
     );
 }

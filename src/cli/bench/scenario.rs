@@ -357,6 +357,25 @@ impl Bench {
         submitted
     }
 
+    /// Messages in the queues of the bench's prefix now (management API).
+    pub(super) fn queued_messages(&self) -> Option<i64> {
+        let api = self.api.as_ref()?;
+        let prefix = format!("{}.", self.config.prefix);
+        let queues = api.get(&format!("queues/{}?columns=name,messages", api.vhost))?;
+        Some(
+            queues
+                .as_array()?
+                .iter()
+                .filter(|queue| {
+                    queue["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(&prefix))
+                })
+                .filter_map(|queue| queue["messages"].as_i64())
+                .sum(),
+        )
+    }
+
     /// Removes what the scenarios declared: the names they use over AMQP (the
     /// management API may be off), then anything else under the prefix through the API.
     pub async fn stop(self) {

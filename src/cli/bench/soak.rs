@@ -115,7 +115,11 @@ impl Bench {
     }
 
     /// When job `id`'s event arrived.
-    async fn wait_for_event(&self, id: &str, timeout: Duration) -> anyhow::Result<Instant> {
+    pub(super) async fn wait_for_event(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((at, event)) = self.events.lock().expect("events lock").get(id) {

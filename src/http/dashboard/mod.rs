@@ -52,6 +52,7 @@ pub(super) fn routes(endpoint: Arc<Endpoint>) -> Router<Arc<Endpoint>> {
         .route("/jobs/{id}/cancel", post(cancel))
         .route("/jobs/{id}/retry", post(retry))
         .route("/queues", get(queues))
+        .route("/schedules", get(schedules))
         .route("/parking", get(parking_lot))
         .route("/parking/replay", post(replay))
         .route_layer(middleware::from_fn_with_state(endpoint, require_token))
@@ -227,6 +228,11 @@ async fn queues(State(endpoint): State<Arc<Endpoint>>) -> Result<Markup, Trouble
         rows.push((name, ready));
     }
     Ok(views::queues(&rows, connection.is_some()))
+}
+
+async fn schedules(State(endpoint): State<Arc<Endpoint>>) -> Result<Markup, Trouble> {
+    let rows = read(async { Ok(endpoint.reader.schedules().await?) }).await?;
+    Ok(views::schedules(&rows))
 }
 
 async fn parking_lot(State(endpoint): State<Arc<Endpoint>>) -> Result<Markup, Trouble> {

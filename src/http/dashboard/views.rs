@@ -7,7 +7,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::amqp::parking::Parked;
 use crate::protocol::TaskResult;
 use crate::state::JobStage;
-use crate::store::{job, Throughput};
+use crate::store::{job, schedule, Throughput};
 use crate::summary::{age, rate};
 
 /// Failed tasks shown on a job's page.
@@ -60,6 +60,7 @@ fn page(title: &str, refresh: bool, body: Markup) -> Markup {
                     a.brand href="/" { "taskmill" }
                     a href="/" { "Jobs" }
                     a href="/queues" { "Queues" }
+                    a href="/schedules" { "Schedules" }
                     a href="/parking" { "Parking lot" }
                 }
                 main { (body) }
@@ -321,6 +322,44 @@ pub(super) fn queues(rows: &[(String, Option<u32>)], connected: bool) -> Markup 
                 tbody {
                     @for (name, ready) in rows {
                         tr { td.mono { (name) } td.num { (ready.map_or("-".to_owned(), |n| n.to_string())) } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The schedules of periodic jobs, with their last and next tick.
+pub(super) fn schedules(rows: &[schedule::Model]) -> Markup {
+    let now = Utc::now();
+    let when = |at: chrono::DateTime<Utc>| at.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    page(
+        "Schedules",
+        true,
+        html! {
+            h1 { "Schedules" }
+            p.muted { "Periodic jobs (" code { "taskmill schedule" } "); each tick's job is " code { "<name>:<tick>" } "." }
+            @if rows.is_empty() {
+                p { "None." }
+            } @else {
+                table {
+                    thead { tr {
+                        th { "Schedule" } th { "Cron" } th { "Time zone" } th { "Missed ticks" }
+                        th { "Next tick" } th { "Last tick" } th { "Last job" }
+                    } }
+                    tbody {
+                        @for row in rows {
+                            tr {
+                                td.mono { (row.name) } td.mono { (row.cron) } td { (row.timezone) }
+                                td { (row.catch_up) }
+                                td { (when(row.next_tick)) @if row.next_tick < now { " (due)" } }
+                                td { (row.last_tick.map_or("-".to_owned(), when)) }
+                                td.mono { @match &row.last_job_id {
+                                    Some(id) => a href=(format!("/jobs/{id}")) { (id) },
+                                    None => "-",
+                                } }
+                            }
+                        }
                     }
                 }
             }

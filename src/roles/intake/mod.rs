@@ -18,6 +18,7 @@ mod form;
 mod group;
 mod parts;
 mod relay;
+mod ticks;
 
 pub use super::feed::FEED_DEPTH;
 

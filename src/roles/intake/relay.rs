@@ -67,10 +67,11 @@ impl Intake {
             let wait = if !holding {
                 RENEW
             } else {
-                // A pass dropped half-way leaves its rows for the next: nothing is lost.
+                // A pass dropped half-way leaves its rows for the next: nothing is lost,
+                // and a tick is fired whole or not at all.
                 let passed = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    passed = self.relay_pass() => passed,
+                    passed = self.fire_and_relay() => passed,
                 };
                 match passed {
                     Ok(more) => {
@@ -97,6 +98,15 @@ impl Intake {
         if holding {
             crate::roles::shared::hand_lease_on(store, LEASE_NAME, &holder).await;
         }
+    }
+
+    /// Fires the schedules' due ticks, then relays; a failure to fire delays the
+    /// ticks, not the requests waiting.
+    async fn fire_and_relay(&self) -> Result<bool, Error> {
+        if let Err(err) = self.fire_due_ticks().await {
+            tracing::warn!(%err, "due schedules not fired; trying again");
+        }
+        self.relay_pass().await
     }
 
     /// Publishes and removes the oldest waiting rows; `true` if more may be waiting.
