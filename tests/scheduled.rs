@@ -65,6 +65,11 @@ async fn a_delayed_job_waits_then_runs(backend: Backend) {
         Some(run_at.timestamp_millis())
     );
     assert!(env.cli(&["status", &job_id]).contains("scheduled"));
+    let stages = env.store.unfinished_jobs_by_stage().await.unwrap();
+    assert!(
+        stages.contains(&(taskmill::JobStage::Scheduled, 1)),
+        "the jobs gauge counts it: {stages:?}"
+    );
 
     let ended = env.wait_for_end(&job_id, LONG).await;
     assert_eq!(ended.stage, "done");

@@ -362,10 +362,11 @@ impl Store {
                 .select_only()
                 .column(job::Column::Stage)
                 .column_as(job::Column::Id.count(), "count")
-                .filter(
-                    job::Column::Stage
-                        .is_in([JobStage::Formation.as_str(), JobStage::Running.as_str()]),
-                )
+                .filter(job::Column::Stage.is_in([
+                    JobStage::Scheduled.as_str(),
+                    JobStage::Formation.as_str(),
+                    JobStage::Running.as_str(),
+                ]))
                 .group_by(job::Column::Stage)
                 .into_model::<StageCount>()
                 .all(&self.db)
