@@ -20,6 +20,7 @@ on_both_backends!(
     two_pods_fire_each_tick_once,
     missed_ticks_follow_the_catch_up_policy,
     schedules_are_managed_from_the_command_line,
+    a_broken_schedule_holds_up_no_other,
 );
 
 fn echo() -> JobRequest {
@@ -191,4 +192,33 @@ async fn schedules_are_managed_from_the_command_line(backend: Backend) {
         .contains("removed"));
     env.cli_fails(&["schedule", "remove", "nightly"]);
     assert!(env.cli(&["schedule", "list"]).contains("no schedules"));
+}
+
+/// A schedule row that cannot fire (a pattern edited by hand into nonsense) is put off
+/// for an hour, and the schedule beside it fires on time.
+async fn a_broken_schedule_holds_up_no_other(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let now = Utc::now();
+    let good = Schedule::new("good", "* * * * * *", echo()).unwrap();
+    env.store
+        .put_schedule(&good.to_new(now).unwrap())
+        .await
+        .unwrap();
+    let mut broken = good.to_new(now).unwrap();
+    broken.name = "broken".into();
+    broken.cron = "every now and then".into();
+    broken.next_tick = now - TimeDelta::seconds(1);
+    env.store.put_schedule(&broken).await.unwrap();
+
+    let pod = env.start(env.pod());
+    common::wait_until(LONG, || async { jobs_of(&env, "good").await.len() >= 2 }).await;
+    pod.stop().await;
+    let rows = env.store.schedules().await.unwrap();
+    let broken = rows.iter().find(|row| row.name == "broken").unwrap();
+    assert!(
+        broken.next_tick > now + TimeDelta::minutes(50),
+        "{broken:?}"
+    );
+    assert!(broken.last_tick.is_none());
+    assert!(jobs_of(&env, "broken").await.is_empty());
 }

@@ -27,8 +27,9 @@ impl Intake {
             .await?;
         let mut fired = 0;
         for row in due {
-            let fire = match Schedule::from_row(&row) {
-                Ok(schedule) => ticks_of(&schedule, &row, now)?,
+            // One schedule that cannot fire must not hold up the others.
+            let fire = match Schedule::from_row(&row).and_then(|s| ticks_of(&s, &row, now)) {
+                Ok(fire) => fire,
                 Err(err) => {
                     tracing::error!(schedule = %row.name, %err, "schedule cannot fire; trying again in an hour");
                     postponed(&row, now)
