@@ -163,12 +163,11 @@ impl BenchDb {
         })
     }
 
-    /// The rows of `table` now.
-    pub async fn rows(&self, table: &str) -> anyhow::Result<i64> {
-        let sql = format!("SELECT COUNT(*) AS n FROM {table}");
+    /// The number `sql` counts as `n`.
+    pub async fn count(&self, sql: &str) -> anyhow::Result<i64> {
         let row = self
             .db
-            .query_one_raw(Statement::from_string(self.backend(), sql))
+            .query_one_raw(Statement::from_string(self.backend(), sql.to_owned()))
             .await?
             .ok_or_else(|| anyhow::anyhow!("no count"))?;
         Ok(row.try_get("", "n")?)

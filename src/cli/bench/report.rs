@@ -334,7 +334,7 @@ fn print_waiting(waiting: &WaitingResult) {
         waiting.idle_s, cpu.postgres, cpu.rabbitmq, cpu.workers
     );
     println!(
-        "  rows: tasks {}, job_requests {}; broker messages {}; database {:.1} MiB",
+        "  rows: their tasks {}, job_requests {}; broker messages {}; database {:.1} MiB",
         waiting.task_rows,
         waiting.request_rows,
         waiting

@@ -35,7 +35,7 @@ pub struct WaitingResult {
     /// Messages in the deployment's queues while they wait.
     pub broker_messages: Option<i64>,
     pub sizes: Sizes,
-    /// Rows of `tasks` and `job_requests` while they wait.
+    /// Task rows of the waiting jobs, and rows of `job_requests`, while they wait.
     pub task_rows: i64,
     pub request_rows: i64,
     pub due_jobs: usize,
@@ -81,8 +81,15 @@ impl Bench {
         let idle_cpu_percent = cpu_after.percent_since(cpu_before, idle_s);
         let broker_messages = self.queued_messages();
         let (sizes_db, sizes) = (sizes, sizes.sizes().await?);
-        let task_rows = sizes_db.rows("tasks").await?;
-        let request_rows = sizes_db.rows("job_requests").await?;
+        let task_rows = sizes_db
+            .count(
+                "SELECT COUNT(*) AS n FROM tasks \
+                 WHERE job_id IN (SELECT id FROM jobs WHERE stage = 'scheduled')",
+            )
+            .await?;
+        let request_rows = sizes_db
+            .count("SELECT COUNT(*) AS n FROM job_requests")
+            .await?;
 
         eprintln!("  {due_jobs} jobs due over the next seconds…");
         let now = chrono::Utc::now();
