@@ -18,25 +18,20 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
 use crate::amqp::broker::{Outgoing, Publisher};
-use crate::amqp::events::EventPublisher;
 use crate::amqp::link::BrokerLink;
 use crate::amqp::topology::Topology;
 use crate::config::Config;
 use crate::error::Error;
-use crate::protocol::{JobEvent, JobRequest, Part, Seal, TaskResult};
+use crate::operations;
+use crate::parting::Parting;
+pub use crate::parting::{PART_BYTES, PART_TASKS};
+use crate::protocol::{JobEvent, JobRequest, TaskResult};
 use crate::retry::Delays;
 use crate::state::TaskStatus;
-use crate::store::{Rerun, Store, StoreError};
+use crate::store::Store;
 
 /// How long `connect` and `submit` keep trying while the broker is away.
 const PATIENCE: Duration = Duration::from_secs(60);
-/// Tasks per part of a job sent in parts; a larger job given to [`Client::submit`] is
-/// sent in parts.
-pub const PART_TASKS: usize = 10_000;
-/// Bytes of task JSON per part at most: well under the intake's default limit on a
-/// request (16 MiB), whatever the payloads.
-pub const PART_BYTES: usize = 4 * 1024 * 1024;
-
 /// A producer's handle on taskmill: submits job requests, waits for their events, and
 /// (given a store) cancels jobs.
 pub struct Client {
@@ -229,7 +224,7 @@ impl Client {
         let store = self.store.as_ref().ok_or_else(|| {
             Error::Config("cancelling a job needs a store: Client::with_store".into())
         })?;
-        cancel_job(store, &self.publisher().await?, &self.topology, job_id).await
+        operations::cancel_job(store, &self.publisher().await?, &self.topology, job_id).await
     }
 
     /// Runs a failed job again: its failed and cancelled tasks start over with fresh
@@ -245,7 +240,7 @@ impl Client {
         let store = self.store.as_ref().ok_or_else(|| {
             Error::Config("retrying a job needs a store: Client::with_store".into())
         })?;
-        retry_job(store, job_id).await
+        operations::retry_job(store, job_id).await
     }
 
     /// The job's task results and errors in task order, read from the store a page at
@@ -377,7 +372,7 @@ impl Watch {
         };
         serde_json::from_value(row.body)
             .map(Some)
-            .map_err(|err| unreadable_event(&self.job_id, &err))
+            .map_err(|err| Error::unreadable_event(&self.job_id, &err))
     }
 
     /// Removes the watch queue: it has served its purpose.
@@ -387,14 +382,6 @@ impl Watch {
             .await;
         crate::amqp::broker::close_channel(channel).await;
     }
-}
-
-/// A stored event that does not parse is corrupt, not transient: waiting would not
-/// mend it.
-fn unreadable_event(job_id: &str, err: &serde_json::Error) -> Error {
-    Error::Store(StoreError::Corrupt(format!(
-        "stored event of {job_id} is unreadable: {err}"
-    )))
 }
 
 /// A job being sent in parts ([`Client::open_job`]).
@@ -433,149 +420,4 @@ impl JobParts<'_> {
         }
         Ok(job_id)
     }
-}
-
-/// Cuts a job's tasks into the requests that carry it: parts of at most
-/// [`PART_TASKS`] tasks and [`PART_BYTES`] bytes as they fill, then the seal; or, for
-/// a job that never filled a part, one plain request. What [`JobParts`] publishes and
-/// `submit_in` stores.
-pub(crate) struct Parting {
-    /// The job's settings, repeated by every part and the seal.
-    header: JobRequest<Box<RawValue>>,
-    buffer: Vec<Box<RawValue>>,
-    buffered_bytes: usize,
-    /// Parts cut so far.
-    parts: u32,
-    /// Tasks in the parts cut so far.
-    tasks: u64,
-}
-
-impl Parting {
-    /// Takes the job's settings from `request` (its `tasks` are ignored; its `job_id`
-    /// is generated when absent) and checks them.
-    pub fn new(mut request: JobRequest) -> Result<Self, Error> {
-        request
-            .job_id
-            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-        let header = JobRequest::<Box<RawValue>> {
-            version: request.version,
-            job_id: request.job_id,
-            job_type: request.job_type,
-            task_type: request.task_type,
-            queue: request.queue,
-            params: request.params,
-            tasks: None,
-            max_retries: request.max_retries,
-            retry_delay_ms: request.retry_delay_ms,
-            on_failure: request.on_failure,
-            on_complete: request.on_complete,
-            task_timeout_ms: request.task_timeout_ms,
-            results_in_event: request.results_in_event,
-            reduce_shards: request.reduce_shards,
-            reduce_per_key: request.reduce_per_key,
-            part: None,
-            seal: None,
-            run_at: request.run_at,
-        };
-        header.validate()?;
-        Ok(Self {
-            header,
-            buffer: Vec::new(),
-            buffered_bytes: 0,
-            parts: 0,
-            tasks: 0,
-        })
-    }
-
-    pub fn job_id(&self) -> &str {
-        self.header.job_id.as_deref().unwrap_or_default()
-    }
-
-    /// Adds a task; returns the part it filled, if it did.
-    pub fn push(&mut self, payload: Box<RawValue>) -> Option<JobRequest<Box<RawValue>>> {
-        let mut full = None;
-        if self.buffered_bytes + payload.get().len() > PART_BYTES && !self.buffer.is_empty() {
-            full = Some(self.cut());
-        }
-        self.buffered_bytes += payload.get().len();
-        self.buffer.push(payload);
-        if self.buffer.len() >= PART_TASKS {
-            // A byte-full part leaves one task behind, never PART_TASKS.
-            full = Some(self.cut());
-        }
-        full
-    }
-
-    /// The requests still to send: the job whole if no part was cut, else the last
-    /// part (if any task waits) and the seal.
-    pub fn finish(mut self) -> Vec<JobRequest<Box<RawValue>>> {
-        if self.parts == 0 {
-            let mut whole = self.header;
-            whole.tasks = Some(self.buffer);
-            return vec![whole];
-        }
-        let mut requests = Vec::with_capacity(2);
-        if !self.buffer.is_empty() {
-            requests.push(self.cut());
-        }
-        let mut seal = self.header;
-        seal.seal = Some(Seal {
-            parts: self.parts,
-            tasks: self.tasks,
-        });
-        requests.push(seal);
-        requests
-    }
-
-    /// The waiting tasks as the next part.
-    fn cut(&mut self) -> JobRequest<Box<RawValue>> {
-        let tasks = std::mem::take(&mut self.buffer);
-        let mut part = self.header.clone();
-        part.part = Some(Part {
-            number: self.parts + 1,
-            offset: self.tasks,
-        });
-        self.parts += 1;
-        self.tasks += tasks.len() as u64;
-        self.buffered_bytes = 0;
-        part.tasks = Some(tasks);
-        part
-    }
-}
-
-/// [`Client::cancel`], on any publisher: the dashboard's too.
-pub(crate) async fn cancel_job(
-    store: &Store,
-    publisher: &Publisher,
-    topology: &Topology,
-    job_id: &str,
-) -> Result<Option<JobEvent>, Error> {
-    let Some(event) = store.cancel_job(job_id).await? else {
-        return Ok(None);
-    };
-    let events = EventPublisher::new(publisher.clone(), topology.clone(), store.clone());
-    events.publish_or_defer(std::slice::from_ref(&event)).await;
-    events.close().await;
-    serde_json::from_value(event.body)
-        .map(Some)
-        .map_err(|err| unreadable_event(job_id, &err))
-}
-
-/// [`Client::retry`], for the dashboard too. It sends nothing itself: the rerun's
-/// tasks are a feeder's, as a new job's are (the intakes' orphan scan finds the job
-/// within seconds), so that a retry interrupted after its commit still runs whole and
-/// the pool's feed depth holds.
-pub(crate) async fn retry_job(store: &Store, job_id: &str) -> Result<u64, Error> {
-    let (job, tasks) = match store.rerun_job(job_id).await? {
-        Rerun::Started { job, tasks } => (job, tasks),
-        Rerun::UnknownJob => return Err(Error::UnknownJob(job_id.to_owned())),
-        Rerun::Refused(reason) => {
-            return Err(Error::NotRetried {
-                job_id: job_id.to_owned(),
-                reason,
-            })
-        }
-    };
-    tracing::info!(job_id, run = job.run, tasks, "job retried");
-    Ok(tasks)
 }

@@ -54,6 +54,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// A stored event that does not parse is corrupt, not transient: waiting would not
+    /// mend it.
+    pub(crate) fn unreadable_event(job_id: &str, err: &serde_json::Error) -> Self {
+        Self::Store(StoreError::Corrupt(format!(
+            "stored event of {job_id} is unreadable: {err}"
+        )))
+    }
+
     /// The broker connection is lost (as opposed to one channel closed by the broker,
     /// a nack, an unroutable message, or a database or data problem): reported once
     /// per outage by the broker link rather than once per message.

@@ -459,6 +459,15 @@ fn is_first_run(run: &i32) -> bool {
     *run == 1
 }
 
+/// The attempt that follows `attempts` recorded ones: the one rule that numbers an
+/// attempt, for the first send, a retry and a re-send alike.
+pub(crate) const fn attempt_after(attempts: i32) -> i32 {
+    attempts + 1
+}
+
+/// A task's first attempt: the one a task that never ran is sent as.
+pub(crate) const FIRST_ATTEMPT: i32 = attempt_after(0);
+
 /// How long attempt `attempt` waits after failing: `attempt` × `retry_delay_ms` (the
 /// linear backoff), at least 1 ms and at most [`MAX_DELAY_MS`].
 pub(crate) fn retry_wait_ms(attempt: i32, retry_delay_ms: i64) -> u64 {
@@ -508,7 +517,7 @@ impl TaskMessage {
     /// The next attempt of the same task.
     pub fn next_attempt(&self) -> Self {
         Self {
-            attempt: self.attempt + 1,
+            attempt: attempt_after(self.attempt),
             ..self.clone()
         }
     }

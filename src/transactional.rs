@@ -12,15 +12,15 @@
 use sea_orm::ConnectionTrait;
 use serde::Serialize;
 
-use crate::client::{Parting, PART_TASKS};
 use crate::error::Error;
+use crate::parting::{Parting, PART_TASKS};
 use crate::protocol::JobRequest;
 use crate::store::{write_requests, NewRequest};
 
 /// Writes `request` through `transaction` (a SeaORM `DatabaseTransaction`, or any
 /// connection to the database of taskmill's tables) and returns its job id, generated
 /// when the request has none. The request is checked here as
-/// [`crate::client::Client::submit`] checks it, and a job of more than [`PART_TASKS`] tasks is
+/// `Client::submit` checks it, and a job of more than [`PART_TASKS`] tasks is
 /// written as parts and a seal, each a row. The job starts within a poll of the relay
 /// (a fraction of a second) after the commit, as long as some pod runs the intake.
 pub async fn submit_in<C: ConnectionTrait>(

@@ -16,7 +16,6 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::broker;
-use crate::error::Error;
 use crate::retry::Delays;
 
 /// Longest wait between reconnect attempts.
@@ -83,7 +82,7 @@ impl BrokerLink {
                     }
                     return Some(connection);
                 }
-                Err(err) => self.report(&Error::from(err)),
+                Err(err) => self.report(&err),
             }
             let delay = delays.next().unwrap_or(RECONNECT_CAP);
             tokio::select! {
@@ -119,7 +118,7 @@ impl BrokerLink {
     }
 
     /// Logs a broker failure: at warn for the first of an outage, at debug after.
-    pub fn report(&self, err: &Error) {
+    pub fn report(&self, err: &dyn std::fmt::Display) {
         let mut outage = self.outage.lock().expect("outage lock");
         if outage.is_none() {
             *outage = Some(Instant::now());
@@ -145,15 +144,16 @@ impl BrokerLink {
 /// Runs `role` on the link's connection until it returns `Ok` (a clean shutdown) or
 /// `shutdown` is cancelled; any error restarts it on a live connection after a
 /// backoff wait.
-pub async fn supervise<F, Fut>(
+pub async fn supervise<F, Fut, E>(
     name: &'static str,
     link: Arc<BrokerLink>,
     shutdown: CancellationToken,
     mut role: F,
-) -> Result<(), Error>
+) -> Result<(), E>
 where
     F: FnMut(Arc<Connection>) -> Fut,
-    Fut: Future<Output = Result<(), Error>>,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let mut delays = Delays::reconnect(RECONNECT_CAP);
     loop {

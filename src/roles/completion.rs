@@ -28,9 +28,9 @@ use super::shared::Shared;
 use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{Publisher, CLOSE_TIMEOUT};
 use crate::amqp::consumer::Consumer;
-use crate::amqp::events::EventPublisher;
 use crate::amqp::parking::park;
 use crate::error::Error;
+use crate::messages::events::EventPublisher;
 use crate::protocol::TasksFinished;
 
 /// Finished events taken per batch (and the consumer's prefetch).

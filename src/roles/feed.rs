@@ -37,10 +37,10 @@ use tokio_util::task::TaskTracker;
 
 use super::shared::Shared;
 use crate::amqp::broker::{all_confirmed, close_channel, Publisher};
-use crate::amqp::dispatch;
 use crate::clock;
 use crate::error::Error;
-use crate::protocol::TaskMessage;
+use crate::messages;
+use crate::protocol::{TaskMessage, FIRST_ATTEMPT};
 use crate::state::{JobStage, TaskStatus};
 use crate::store::{job, task};
 
@@ -382,12 +382,18 @@ impl Inner {
 
     /// Publishes attempt 1 of every task in `tasks` never claimed, confirms pipelined.
     async fn publish(&self, job: &job::Model, tasks: &[task::Model]) -> Result<(), Error> {
-        let settings = dispatch::settings_of(job);
+        let settings = messages::settings_of(job);
         let mut pending = Vec::with_capacity(tasks.len());
         for task in tasks.iter().filter(|task| never_claimed(task)) {
-            let message = TaskMessage::new(settings, task.id, &task.task_type, &task.payload, 1);
+            let message = TaskMessage::new(
+                settings,
+                task.id,
+                &task.task_type,
+                &task.payload,
+                FIRST_ATTEMPT,
+            );
             pending.push(
-                dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message)
+                messages::send_task(&self.publisher, &self.shared.topology, &job.queue, &message)
                     .await?,
             );
         }

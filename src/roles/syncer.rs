@@ -37,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::Shared;
 use crate::amqp::broker::{all_confirmed, Publisher};
-use crate::amqp::dispatch;
 use crate::clock;
 use crate::error::Error;
 use crate::external::{Backend, BackendError, ExternalState, ExternalStatus, Report, FETCH_BATCH};
+use crate::messages;
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::store::{job, task, Seen, StoreError, SyncChange, SyncWrite, TaskOutcome};
 
@@ -360,7 +360,7 @@ impl Syncer {
             }
             match &transition.outcome {
                 TaskOutcome::Retrying(_) => {
-                    let settings = dispatch::settings_of(job);
+                    let settings = messages::settings_of(job);
                     let message = TaskMessage::new(
                         settings,
                         task.id,
@@ -369,7 +369,7 @@ impl Syncer {
                         task.attempts,
                     );
                     pending.push(
-                        dispatch::send_retry(&self.publisher, topology, &job.queue, &message)
+                        messages::send_retry(&self.publisher, topology, &job.queue, &message)
                             .await?,
                     );
                 }
@@ -382,7 +382,7 @@ impl Syncer {
             }
         }
         if !finished.is_empty() {
-            pending.push(dispatch::send_finished(&self.publisher, topology, finished).await?);
+            pending.push(messages::send_finished(&self.publisher, topology, finished).await?);
         }
         Ok(all_confirmed(pending).await?)
     }
@@ -474,11 +474,7 @@ impl Rules {
             change,
         };
         let failed = |message: String, update_id| {
-            let outcome = if task.attempts <= job.max_retries {
-                TaskOutcome::Retrying(message)
-            } else {
-                TaskOutcome::Failed(message)
-            };
+            let outcome = TaskOutcome::of_failure(message, task.attempts, job.max_retries);
             write(SyncChange::Ended { outcome, update_id })
         };
         let next_sync_at = clock::after(self.now, self.next_poll);

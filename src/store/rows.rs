@@ -140,6 +140,17 @@ pub enum TaskOutcome {
 }
 
 impl TaskOutcome {
+    /// What a failed attempt comes to: the one retry-or-fail rule. Attempt `attempt`
+    /// is retried while it is at most `max_retries`, so a task runs at most
+    /// `max_retries + 1` times; after that it fails for good.
+    pub fn of_failure(error: String, attempt: i32, max_retries: i32) -> Self {
+        if attempt <= max_retries {
+            Self::Retrying(error)
+        } else {
+            Self::Failed(error)
+        }
+    }
+
     /// The status this outcome gives the task.
     pub fn status(&self) -> TaskStatus {
         match self {

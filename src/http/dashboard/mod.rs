@@ -295,7 +295,7 @@ async fn act(endpoint: &Endpoint, id: &str, action: JobAction) -> Result<Markup,
         .map_err(Error::from)?;
     let (store, topology) = (&endpoint.store, &endpoint.topology);
     let done = match action {
-        JobAction::Cancel => crate::client::cancel_job(store, &publisher, topology, id)
+        JobAction::Cancel => crate::operations::cancel_job(store, &publisher, topology, id)
             .await
             .map(|event| match event {
                 Some(event) => format!(
@@ -304,7 +304,7 @@ async fn act(endpoint: &Endpoint, id: &str, action: JobAction) -> Result<Markup,
                 ),
                 None => format!("Job {id} was not running: nothing was cancelled."),
             }),
-        JobAction::Retry => crate::client::retry_job(store, id)
+        JobAction::Retry => crate::operations::retry_job(store, id)
             .await
             .map(|tasks| format!("Job {id} runs again: {tasks} tasks.")),
     };

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{all_confirmed, Publisher};
-use crate::amqp::dispatch;
 use crate::amqp::topology::Topology;
 use crate::error::Error;
-use crate::protocol::{JobSettings, TaskMessage};
+use crate::messages;
+use crate::protocol::{JobSettings, TaskMessage, FIRST_ATTEMPT};
 use crate::store::{Store, WholeJob};
 
 /// Jobs of at most this many tasks are formed in groups; larger ones alone, streamed
@@ -211,10 +211,15 @@ impl Former {
             };
             for &(task_id, ordinal) in rows {
                 let task = &whole.tasks[ordinal as usize];
-                let message =
-                    TaskMessage::new(settings, task_id, &task.task_type, &task.payload, 1);
+                let message = TaskMessage::new(
+                    settings,
+                    task_id,
+                    &task.task_type,
+                    &task.payload,
+                    FIRST_ATTEMPT,
+                );
                 pending.push(
-                    dispatch::send_task(&self.publisher, &self.topology, &job.queue, &message)
+                    messages::send_task(&self.publisher, &self.topology, &job.queue, &message)
                         .await?,
                 );
             }

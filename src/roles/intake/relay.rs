@@ -1,5 +1,5 @@
 //! The request relay: publishes the `job_requests` outbox to the jobs exchange — the
-//! requests producers wrote in their own transactions ([`crate::submit_in`]) at once,
+//! requests producers wrote in their own transactions (`submit_in`) at once,
 //! and those of scheduled jobs once their `run_at` has come, marked due so that the
 //! intake forms the job then.
 //!

@@ -37,9 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::Shared;
 use crate::amqp::broker::Publisher;
-use crate::amqp::events::EventPublisher;
 use crate::clock;
 use crate::error::Error;
+use crate::messages::events::EventPublisher;
 
 const LEASE_NAME: &str = "sweeper";
 

@@ -8,10 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::amqp::broker::all_confirmed;
-use crate::amqp::dispatch;
 use crate::clock;
 use crate::error::Error;
-use crate::protocol::TaskMessage;
+use crate::messages;
+use crate::protocol::{attempt_after, TaskMessage};
 use crate::state::{JobStage, TaskStatus};
 use crate::store::{job, task};
 
@@ -111,16 +111,16 @@ impl Sweeper {
             task.attempts
         } else {
             report.republished += 1;
-            task.attempts + 1
+            attempt_after(task.attempts)
         };
         let message = TaskMessage::new(
-            dispatch::settings_of(job),
+            messages::settings_of(job),
             task.id,
             &task.task_type,
             &task.payload,
             attempt,
         );
-        dispatch::send_task(&self.publisher, &self.shared.topology, &job.queue, &message).await
+        messages::send_task(&self.publisher, &self.shared.topology, &job.queue, &message).await
     }
 }
 

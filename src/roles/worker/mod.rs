@@ -57,8 +57,8 @@ use super::shared::{take_slot, Shared};
 use crate::amqp::acks::Acks;
 use crate::amqp::broker::Publisher;
 use crate::amqp::consumer::Consumer;
-use crate::amqp::events::EventPublisher;
 use crate::error::Error;
+use crate::messages::events::EventPublisher;
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::store::{Claim, TaskOutcome};
 

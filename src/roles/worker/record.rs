@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::amqp::acks::Settlement;
 use crate::amqp::broker::{all_confirmed, BrokerError, Pending};
-use crate::amqp::dispatch;
 use crate::amqp::parking::park;
 use crate::error::Error;
+use crate::messages;
 use crate::metrics::{self, Outcome};
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
@@ -114,7 +114,7 @@ impl Runner {
                 TaskOutcome::Retrying(_) => Outcome::Retried,
                 TaskOutcome::Failed(_) => Outcome::Failed,
             };
-            let latency = dispatch::since_sent(&finished.delivery);
+            let latency = messages::since_sent(&finished.delivery);
             metrics::task_recorded(&self.pool, &finished.message.task_type, outcome, latency);
         }
         let mut pending = Vec::new();
@@ -260,13 +260,13 @@ impl Runner {
         Ok(())
     }
 
-    /// Sends attempt n+1 into the delay ladder ([`dispatch::send_retry`]).
+    /// Sends attempt n+1 into the delay ladder ([`messages::send_retry`]).
     pub(super) async fn send_retry(&self, message: &TaskMessage) -> Result<Pending, Error> {
-        dispatch::send_retry(&self.publisher, &self.shared.topology, &self.pool, message).await
+        messages::send_retry(&self.publisher, &self.shared.topology, &self.pool, message).await
     }
 
     pub(super) async fn send_finished(&self, tasks: Vec<FinishedTask>) -> Result<Pending, Error> {
-        dispatch::send_finished(&self.publisher, &self.shared.topology, tasks).await
+        messages::send_finished(&self.publisher, &self.shared.topology, tasks).await
     }
 
     pub(super) async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {

@@ -158,13 +158,22 @@ impl Runner {
                 TaskOutcome::Failed(crate::caps::over_cap(&what, bytes, cap))
             }
             Ok((_, value)) => TaskOutcome::Done(value),
-            Err(err) if !err.is_permanent() && message.attempt <= message.max_retries => {
-                tracing::debug!(task_id = message.task_id, attempt = message.attempt, error = %err, "attempt failed; will retry");
-                TaskOutcome::Retrying(err.message().to_owned())
-            }
             Err(err) => {
-                tracing::warn!(task_id = message.task_id, attempt = message.attempt, error = %err, "task failed for good");
-                TaskOutcome::Failed(err.message().to_owned())
+                let error = err.message().to_owned();
+                let outcome = if err.is_permanent() {
+                    TaskOutcome::Failed(error)
+                } else {
+                    TaskOutcome::of_failure(error, message.attempt, message.max_retries)
+                };
+                match outcome {
+                    TaskOutcome::Retrying(_) => {
+                        tracing::debug!(task_id = message.task_id, attempt = message.attempt, error = %err, "attempt failed; will retry")
+                    }
+                    _ => {
+                        tracing::warn!(task_id = message.task_id, attempt = message.attempt, error = %err, "task failed for good")
+                    }
+                }
+                outcome
             }
         };
         let finished = Finished {

@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Fails if the library's modules import each other in a circle.
+"""Fails if the library's modules import each other in a circle, or if one imports a
+module on a floor above its own.
+
+FLOORS lists the library's top-level modules from the bottom up. A module may import
+modules of its own top-level group and of any floor below; never sideways to another
+group of its floor (the broker plumbing and the store know nothing of each other) and
+never up. Every top-level module must sit on a floor, so a new one is placed on purpose.
 
 An edge A -> B is any path from A that names B: `use crate::b::..`, `use super::..`,
 `crate::b::item` in code or in a doc link, and, from a module's own file, a path into
@@ -12,6 +18,26 @@ import re
 import sys
 
 ROOT = "src"
+
+FLOORS = [
+    # Words and numbers every layer speaks.
+    ["clock", "caps", "state", "stages", "metrics"],
+    ["retry", "config", "external"],
+    ["protocol", "registry"],
+    # The two kinds of plumbing, side by side.
+    ["store", "amqp"],
+    # The one error type, holding either kind of failure.
+    ["error"],
+    # Services on the plumbing: the messages taskmill sends, pools, retention, schedules,
+    # the parts of a large job, job summaries, the built-in task types.
+    ["messages", "known_pools", "retention", "schedule", "parting", "summary", "builtin"],
+    # What a producer or an operator does to a job.
+    ["operations", "transactional"],
+    ["client", "roles"],
+    ["http"],
+    ["pod"],
+    [""],
+]
 
 
 def modules():
@@ -113,6 +139,30 @@ def cycles(edges):
     return found
 
 
+def floor_of(module):
+    group = module.split("::")[0]
+    for level, groups in enumerate(FLOORS):
+        if group in groups:
+            return level, group
+    return None, group
+
+
+def upward(edges):
+    """Imports that go sideways or up a floor, and modules on no floor."""
+    found = []
+    for module in sorted(edges):
+        level, group = floor_of(module)
+        if level is None:
+            found.append(f"{module} sits on no floor: add `{group}` to FLOORS")
+            continue
+        for target in sorted(edges[module]):
+            target_level, target_group = floor_of(target)
+            if target_group == group or (target_level is not None and target_level < level):
+                continue
+            found.append(f"{module or '<lib>'} imports {target or '<lib>'}, on its floor or above")
+    return found
+
+
 def main():
     edges = graph(modules())
     if "-v" in sys.argv:
@@ -121,9 +171,12 @@ def main():
     found = cycles(edges)
     for component in found:
         print("modules importing in a circle:", ", ".join(m or "<lib>" for m in component))
-    if found:
+    wrong = upward(edges)
+    for line in wrong:
+        print(line)
+    if found or wrong:
         sys.exit(1)
-    print(f"{len(edges)} modules, no import circles")
+    print(f"{len(edges)} modules on {len(FLOORS)} floors: no import circles, none upward")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! Dispatch: the one way a task message reaches its pool's work queue, for the intake
+//! Task messages: the one way a task message reaches its pool's work queue, for the intake
 //! (first attempts), the sweeper (lost and stuck ones) and anyone else; the way a retry
 //! enters the delay ladder; and the finished events the completion role consumes — for
 //! the worker and the syncer alike.

@@ -335,3 +335,15 @@ fn event_target(event: &job_event::Model) -> Option<Target> {
     let value = event.on_complete.clone()?;
     serde_json::from_value(value).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::amqp::broker::{CLOSE_TIMEOUT, CONFIRM_TIMEOUT};
+    use crate::store::EVENT_CLAIM;
+
+    #[test]
+    fn an_event_claim_outlives_a_slow_confirm() {
+        assert!(EVENT_CLAIM >= 2 * CONFIRM_TIMEOUT);
+        assert!(EVENT_CLAIM > CONFIRM_TIMEOUT + CLOSE_TIMEOUT);
+    }
+}
