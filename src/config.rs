@@ -1,6 +1,6 @@
 //! Configuration: one typed struct, read once from the environment by
-//! [`Config::from_env`] (every variable the README lists), and overridden by CLI flags
-//! in the binary.
+//! [`Config::from_env`] (every variable docs/reference.md lists), and overridden by
+//! CLI flags in the binary.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -245,17 +245,10 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults, overridden by every variable that is set: `AMQP_URL`,
-    /// `DATABASE_URL`, `TASKMILL_PREFIX`, `TASKMILL_QUEUE_TYPE` (`classic` or
-    /// `quorum`), `TASKMILL_KNOWN_POOLS` (comma-separated), `TASKMILL_CONCURRENCY`,
-    /// `TASKMILL_PREFETCH`, `TASKMILL_GRACE_SECS`, `TASKMILL_LEASE_SECS`, `TASKMILL_MAX_REQUEST_BYTES`,
-    /// `TASKMILL_SWEEP_SECS`, `TASKMILL_STUCK_SECS`, `TASKMILL_SWEEPER_SHARDS`,
-    /// `TASKMILL_FORMATION_SECS`, `TASKMILL_TASK_TIMEOUT_SECS`, `TASKMILL_CONSUMER_TIMEOUT_SECS`,
-    /// `TASKMILL_HTTP_ADDR`, `TASKMILL_DASHBOARD_TOKEN`, `TASKMILL_RETENTION`,
-    /// `TASKMILL_RETENTION_FAILED`, `TASKMILL_CLEAN_SECS`, `TASKMILL_PARTITION_SPAN` and
-    /// `TASKMILL_PARKING_MAX`.
-    /// A value that
-    /// does not parse is an error, not a silent default.
+    /// The defaults, overridden by every variable that is set. The variables, their
+    /// defaults and their flags are listed once, in the repository's
+    /// `docs/reference.md` (a test holds that list to this function). A value that does
+    /// not parse is an error, not a silent default.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
     }

@@ -35,9 +35,9 @@ pub enum Error {
     /// A retry that was refused: the job is not failed, or cannot run again.
     #[error("job {job_id} was not retried: {reason}")]
     NotRetried {
-        /// The job.
+        /// The job asked to run again.
         job_id: String,
-        /// Why.
+        /// Why it cannot.
         reason: String,
     },
     /// The pod's HTTP endpoint cannot listen where it was asked to.

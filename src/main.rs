@@ -53,7 +53,7 @@ fn malloc_arenas() {}
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env()
+            EnvFilter::try_from_env("RUST_LOG")
                 .unwrap_or_else(|_| EnvFilter::new("warn,taskmill=info")),
         )
         .with_writer(std::io::stderr);

@@ -1,6 +1,5 @@
-//! Multi-stage jobs: the map → reduce → finalize shape of the map-reduce library
-//! taskmill descends from, as plain data the intake writes on the job row and the
-//! completion check reads.
+//! Multi-stage jobs: the map → reduce → finalize shape, as plain data the intake
+//! writes on the job row and the completion check reads.
 //!
 //! A job type registered with a reduce handler (a `JobType` in the registry) runs its
 //! tasks as the **map** stage; each map task returns a JSON object of key → value (or

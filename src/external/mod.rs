@@ -1,6 +1,5 @@
 //! External tasks: work a task hands to another system (a build farm, a batch
-//! service), kept in sync with it by polling — the build system's sync cron taskmill
-//! descends from.
+//! service), kept in sync with it by polling.
 //!
 //! A task type registered with a [`Backend`] (`PodBuilder::backend`) is not run by a
 //! handler: the worker hands the task to the backend, with `"<task id>:<attempt>"` as the

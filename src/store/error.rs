@@ -17,7 +17,7 @@ pub enum StoreError {
     /// Starting a job found another number of task rows than the job was formed with.
     #[error("job {job_id:?}: expected {expected} task rows, found {found}")]
     TaskCountMismatch {
-        /// The job.
+        /// The job being started.
         job_id: String,
         /// Task rows it was formed with.
         expected: i64,

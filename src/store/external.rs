@@ -26,7 +26,7 @@ use entity::{job, task};
 /// changes the row only if the row still says so.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Seen {
-    /// The task.
+    /// The external task's id.
     pub task_id: i64,
     /// Its job.
     pub job_id: String,

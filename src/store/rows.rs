@@ -66,7 +66,7 @@ pub struct JobFilter {
 /// A job made in one go: its row and every task row ([`Store::create_whole_jobs`](super::handle::Store::create_whole_jobs)).
 #[derive(Clone, Debug)]
 pub struct WholeJob {
-    /// The job.
+    /// Its job row.
     pub job: NewJob,
     /// All its tasks, at least one.
     pub tasks: Vec<NewTask>,

@@ -1,6 +1,6 @@
 //! The sweeper: the safety net for work that should be moving but is not.
 //!
-//! After the build system's sync cron: every `sweep_interval`, the one pod holding the
+//! Every `sweep_interval`, the one pod holding the
 //! `sweeper` lease scans the tasks table in `sweeper_shards` shards (task id modulo)
 //! in parallel, 1,000 keys at a time, for tasks that have not changed for
 //! `stuck_after`:
