@@ -12,48 +12,52 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::periodic::{self, Cadence, Pace, Periodic};
 use super::shared::Shared;
 use crate::error::Error;
-
-const LEASE_NAME: &str = "cleaner";
 
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
     let interval = config.clean_interval;
-    let holder = uuid::Uuid::new_v4().to_string();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cadence = Cadence {
+        lease: "cleaner",
+        lease_for: interval * 3,
+        renew_every: interval,
+        period: interval,
+        failure_wait_max: interval,
+    };
     tracing::info!(?interval, retention = ?config.retention, "cleaner running");
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+    let store = shared.store.clone();
+    periodic::run(&store, cadence, &mut Cleaner { shared }, &shutdown).await
+}
+
+struct Cleaner {
+    shared: Arc<Shared>,
+}
+
+impl Periodic for Cleaner {
+    fn name(&self) -> &'static str {
+        "cleaner"
+    }
+
+    /// Makes the partitions ahead and removes what is past its retention. Each step
+    /// logs its own failure and leaves it to the next pass, so a failure here never
+    /// counts as the pass's.
+    async fn pass(&mut self, holding: &CancellationToken) -> Result<Pace, Error> {
+        let (config, store) = (&self.shared.config, &self.shared.store);
         let now = chrono::Utc::now();
         let span = config.partition_span;
-        let rule = crate::retention::rule(&config.retention, span, now);
-        match shared
-            .store
-            .acquire_lease(LEASE_NAME, &holder, interval * 3)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(err) => {
-                tracing::warn!(%err, "cleaner lease unavailable; skipping this run");
-                continue;
-            }
-        }
         // The partitions jobs created until two spans from now will need.
-        match shared.store.make_partitions(span, now + span * 2).await {
+        match store.make_partitions(span, now + span * 2).await {
             Ok(0) => {}
             Ok(made) => tracing::info!(made, "task partitions made ahead"),
             Err(err) => tracing::warn!(%err, "task partitions not made; the next run retries"),
         }
+        let rule = crate::retention::rule(&config.retention, span, now);
         if rule.is_empty() {
-            continue;
+            return Ok(Pace::Idle);
         }
-        match crate::retention::remove(&shared.store, &rule, interval, &shutdown).await {
+        match crate::retention::remove(store, &rule, config.clean_interval, holding).await {
             Ok(removed) if removed.is_empty() => tracing::debug!("nothing past its retention"),
             Ok(removed) => tracing::info!(
                 jobs = removed.jobs,
@@ -62,7 +66,6 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> Res
             ),
             Err(err) => tracing::warn!(%err, "retention removal failed; the next run retries"),
         }
+        Ok(Pace::Idle)
     }
-    super::shared::hand_lease_on(&shared.store, LEASE_NAME, &holder).await;
-    Ok(())
 }

@@ -8,6 +8,7 @@ pub(crate) mod cleaner;
 pub(crate) mod completion;
 mod feed;
 pub(crate) mod intake;
+mod periodic;
 mod shared;
 pub(crate) mod sweeper;
 pub(crate) mod syncer;

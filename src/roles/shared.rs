@@ -33,13 +33,3 @@ pub(crate) async fn take_slot(
         slot = slots.clone().acquire_owned() => Some(slot.expect("slots are never closed")),
     }
 }
-
-/// Releases a periodic role's lease as its pod stops, so that another pod takes the
-/// role over at its next tick rather than once the lease lapses; a lease that cannot
-/// be released within two seconds (the database away) is left to lapse.
-pub(crate) async fn hand_lease_on(store: &Store, name: &str, holder: &str) {
-    let release = store.release_lease(name, holder);
-    if let Ok(Err(err)) = tokio::time::timeout(std::time::Duration::from_secs(2), release).await {
-        tracing::debug!(%err, lease = name, "lease not released; it lapses");
-    }
-}

@@ -1,8 +1,8 @@
 //! The syncer: keeps external tasks in step with their backends ([`crate::external`]).
 //!
-//! One pod at a time syncs: the one holding the `syncer` lease ([`LEASE`]). Its loop
-//! renews the lease every [`TICK`] whatever the backends are doing, and losing it stops
-//! the sync at once: the calls in flight are dropped before they write. Every tick it
+//! One pod at a time syncs: the one holding the `syncer` lease ([`CADENCE`]). Its loop
+//! renews the lease every second whatever the backends are doing, and losing it stops
+//! the sync at once: the calls in flight are dropped before they write. Every second it
 //! reads the due external tasks, soonest first (up to [`SCAN_LIMIT`]), leaving out the
 //! backends whose last round is still running or that back off, and starts one round
 //! per backend in a task of its own, so a slow or hung backend holds back its own tasks
@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::periodic::{self, Cadence, Pace, Periodic};
 use super::shared::Shared;
 use crate::amqp::broker::{all_confirmed, Publisher};
 use crate::clock;
@@ -44,11 +45,15 @@ use crate::messages;
 use crate::protocol::{FinishedTask, TaskMessage};
 use crate::store::{job, task, Seen, StoreError, SyncChange, SyncWrite, TaskOutcome};
 
-const LEASE_NAME: &str = "syncer";
-/// How long the syncer's lease lasts; its holder renews it every tick.
-const LEASE: Duration = Duration::from_secs(10);
-/// How often the syncer renews its lease and looks for due tasks.
-const TICK: Duration = Duration::from_secs(1);
+/// The syncer's lease lasts 10 s and is renewed every second, when the syncer also
+/// looks for due tasks.
+const CADENCE: Cadence = Cadence {
+    lease: "syncer",
+    lease_for: Duration::from_secs(10),
+    renew_every: Duration::from_secs(1),
+    period: Duration::from_secs(1),
+    failure_wait_max: Duration::from_secs(1),
+};
 /// Due tasks read per tick at most.
 const SCAN_LIMIT: u64 = 4 * FETCH_BATCH as u64;
 /// Tasks written per transaction at most.
@@ -65,96 +70,105 @@ pub(crate) async fn run(
     connection: Arc<Connection>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let syncer = Arc::new(Syncer {
-        publisher: Publisher::open(&connection).await?,
-        shared,
-        holder: uuid::Uuid::new_v4().to_string(),
-    });
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut turns: HashMap<String, Turn> = HashMap::new();
-    let mut rounds: JoinSet<Result<Call, Error>> = JoinSet::new();
-    let mut round_backends: HashMap<tokio::task::Id, String> = HashMap::new();
-    // Live while this pod holds the lease: the rounds it started stop with it.
-    let mut term: Option<CancellationToken> = None;
-    let stopped = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            Some(joined) = rounds.join_next_with_id() => {
-                let (id, call) = match joined {
-                    Ok((id, call)) => (id, call),
-                    Err(err) => {
-                        tracing::error!(%err, "a sync round stopped before its end");
-                        (err.id(), Ok(Call::Answered))
-                    }
-                };
-                let turn = turns
-                    .entry(round_backends.remove(&id).unwrap_or_default())
-                    .or_default();
-                turn.in_flight = false;
-                match call {
-                    Ok(Call::Answered) => *turn = Turn::default(),
-                    Ok(Call::Failed { wait }) => {
-                        turn.failures += 1;
-                        turn.not_before = Some(Instant::now() + wait);
-                    }
-                    Err(err) => break Err(err),
-                }
-                continue;
-            }
-            _ = ticker.tick() => {}
-        }
-        if !syncer.hold_lease().await {
-            if let Some(term) = term.take() {
-                term.cancel();
-                tracing::warn!("syncer lease lost; this pod stops syncing");
-            }
-            continue;
-        }
-        let term = term.get_or_insert_with(|| shutdown.child_token()).clone();
+    let store = shared.store.clone();
+    let mut sync = SyncLoop {
+        syncer: Arc::new(Syncer {
+            publisher: Publisher::open(&connection).await?,
+            shared,
+        }),
+        turns: HashMap::new(),
+        rounds: JoinSet::new(),
+        round_backends: HashMap::new(),
+    };
+    let stopped = periodic::run(&store, CADENCE, &mut sync, &shutdown).await;
+    // A round stopped in its call writes nothing; one writing finishes its
+    // transaction and sends what it caused.
+    let grace = sync.syncer.shared.config.grace_period;
+    let rounds = &mut sync.rounds;
+    let _ =
+        tokio::time::timeout(grace, async { while rounds.join_next().await.is_some() {} }).await;
+    sync.rounds.abort_all();
+    sync.syncer.publisher.close().await;
+    stopped
+}
+
+/// The syncer's state between passes: each backend's turn and the rounds running.
+struct SyncLoop {
+    syncer: Arc<Syncer>,
+    turns: HashMap<String, Turn>,
+    rounds: JoinSet<Result<Call, Error>>,
+    round_backends: HashMap<tokio::task::Id, String>,
+}
+
+impl Periodic for SyncLoop {
+    fn name(&self) -> &'static str {
+        "syncer"
+    }
+
+    /// Settles the rounds that ended since the last pass, then starts one round per
+    /// backend with due tasks that is neither busy nor backing off. The rounds run on
+    /// in tasks of their own, their calls dropped when `holding` ends.
+    async fn pass(&mut self, holding: &CancellationToken) -> Result<Pace, Error> {
+        self.settle_rounds()?;
         let now = Instant::now();
-        let busy: Vec<String> = turns
+        let busy: Vec<String> = self
+            .turns
             .iter()
             .filter(|(_, turn)| turn.busy(now))
             .map(|(name, _)| name.clone())
             .collect();
-        let due = match syncer
+        let due = self
+            .syncer
             .shared
             .store
             .due_external_tasks(Utc::now(), &busy, SCAN_LIMIT)
-            .await
-        {
-            Ok(due) => due,
-            Err(err) => {
-                tracing::warn!(%err, "scanning due external tasks failed; the next tick will retry");
-                continue;
-            }
-        };
+            .await?;
         let mut by_backend: BTreeMap<String, Vec<Due>> = BTreeMap::new();
         for (task, job) in due {
             let backend = task.external_backend.clone().unwrap_or_default();
             by_backend.entry(backend).or_default().push((task, job));
         }
         for (name, due) in by_backend {
-            let turn = turns.entry(name.clone()).or_default();
+            let turn = self.turns.entry(name.clone()).or_default();
             turn.in_flight = true;
-            let round = syncer
-                .clone()
-                .round(name.clone(), due, turn.failures, term.clone());
-            round_backends.insert(rounds.spawn(round).id(), name);
+            let round =
+                self.syncer
+                    .clone()
+                    .round(name.clone(), due, turn.failures, holding.clone());
+            self.round_backends
+                .insert(self.rounds.spawn(round).id(), name);
         }
-    };
-    if let Some(term) = term {
-        term.cancel();
+        Ok(Pace::Idle)
     }
-    // A round stopped in its call writes nothing; one writing finishes its
-    // transaction and sends what it caused.
-    let grace = syncer.shared.config.grace_period;
-    let _ =
-        tokio::time::timeout(grace, async { while rounds.join_next().await.is_some() {} }).await;
-    rounds.abort_all();
-    syncer.publisher.close().await;
-    stopped
+}
+
+impl SyncLoop {
+    /// Frees the turns of the rounds that ended, backing off the backends whose calls
+    /// failed. `Err`: a round lost the broker connection.
+    fn settle_rounds(&mut self) -> Result<(), Error> {
+        while let Some(joined) = self.rounds.try_join_next_with_id() {
+            let (id, call) = match joined {
+                Ok((id, call)) => (id, call),
+                Err(err) => {
+                    tracing::error!(%err, "a sync round stopped before its end");
+                    (err.id(), Ok(Call::Answered))
+                }
+            };
+            let turn = self
+                .turns
+                .entry(self.round_backends.remove(&id).unwrap_or_default())
+                .or_default();
+            turn.in_flight = false;
+            match call? {
+                Call::Answered => *turn = Turn::default(),
+                Call::Failed { wait } => {
+                    turn.failures += 1;
+                    turn.not_before = Some(Instant::now() + wait);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A backend's turn: whether a round of it runs, and how it fared lately.
@@ -194,35 +208,12 @@ fn backoff(poll_interval: Duration, failures: u32) -> Duration {
 struct Syncer {
     shared: Arc<Shared>,
     publisher: Publisher,
-    holder: String,
 }
 
 /// A due task and its job.
 type Due = (task::Model, job::Model);
 
 impl Syncer {
-    /// Takes or renews the lease. A renewal that does not answer well within the lease
-    /// counts as lost: by the time it did, another pod could hold it.
-    async fn hold_lease(&self) -> bool {
-        let store = &self.shared.store;
-        match tokio::time::timeout(
-            LEASE / 2,
-            store.acquire_lease(LEASE_NAME, &self.holder, LEASE),
-        )
-        .await
-        {
-            Ok(Ok(held)) => held,
-            Ok(Err(err)) => {
-                tracing::warn!(%err, "syncer lease unavailable");
-                false
-            }
-            Err(_) => {
-                tracing::warn!("syncer lease not renewed in time");
-                false
-            }
-        }
-    }
-
     /// Polls one backend's due tasks (its calls dropped if `term` ends first) and
     /// writes what they decided. `Err`: only a lost broker connection.
     async fn round(

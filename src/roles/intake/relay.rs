@@ -19,85 +19,57 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Intake;
 use crate::amqp::broker::Outgoing;
 use crate::error::Error;
 use crate::protocol::{check_id, check_name, CONTENT_TYPE, DUE_HEADER};
+use crate::roles::periodic::{self, Cadence, Pace, Periodic};
 use crate::store::job_request;
 
-const LEASE_NAME: &str = "request-relay";
-/// How often the holder looks at the outbox: the most a committed request waits for
-/// its publish while the outbox is otherwise empty.
-const POLL: Duration = Duration::from_millis(200);
-/// How often the holder renews its lease, and the others try for it.
-const RENEW: Duration = Duration::from_secs(5);
-/// The lease outlives two missed renewals, so a slow pass does not let a second relay
-/// start beside it; a dead holder's lease lapses within this.
-const LEASE: Duration = Duration::from_secs(15);
-/// The longest a relay waits after a failed pass, doubling from [`POLL`].
-const FAILURE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The relay's lease: renewed every 5 s, it outlives two missed renewals, so a slow
+/// pass does not let a second relay start beside it, and a dead holder's lapses within
+/// 15 s. The holder looks at the outbox every 200 ms: the most a committed request
+/// waits for its publish while the outbox is otherwise empty.
+const CADENCE: Cadence = Cadence {
+    lease: "request-relay",
+    lease_for: Duration::from_secs(15),
+    renew_every: Duration::from_secs(5),
+    period: Duration::from_millis(200),
+    failure_wait_max: Duration::from_secs(5),
+};
 /// Rows per pass at most.
 const BATCH_ROWS: u64 = 256;
 /// Characters of request JSON per pass at most (one row whatever its size): what a
 /// pass holds in memory.
 const BATCH_CHARS: i64 = 8 * 1024 * 1024;
 
+/// The intake as the relay of the outbox.
+struct Relay(Arc<Intake>);
+
+impl Periodic for Relay {
+    fn name(&self) -> &'static str {
+        "request relay"
+    }
+
+    /// Fires the due ticks and relays one batch; busy while more may be waiting. A
+    /// pass dropped half-way leaves its rows for the next: nothing is lost, and a tick
+    /// is fired whole or not at all.
+    async fn pass(&mut self, _holding: &CancellationToken) -> Result<Pace, Error> {
+        Ok(match self.0.fire_and_relay().await? {
+            true => Pace::Busy,
+            false => Pace::Idle,
+        })
+    }
+}
+
 impl Intake {
-    /// Relays the outbox until `shutdown`, giving the lease up on the way out.
-    pub(super) async fn relay(self: Arc<Self>, shutdown: CancellationToken) {
-        let holder = uuid::Uuid::new_v4().to_string();
-        let store = &self.shared.store;
-        let mut holding = false;
-        let mut renew_at = Instant::now();
-        let mut failure_wait = POLL;
-        loop {
-            if Instant::now() >= renew_at {
-                holding = match store.acquire_lease(LEASE_NAME, &holder, LEASE).await {
-                    Ok(holding) => holding,
-                    Err(err) => {
-                        tracing::warn!(%err, "request relay lease unavailable");
-                        false
-                    }
-                };
-                renew_at = Instant::now() + RENEW;
-            }
-            let wait = if !holding {
-                RENEW
-            } else {
-                // A pass dropped half-way leaves its rows for the next: nothing is lost,
-                // and a tick is fired whole or not at all.
-                let passed = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    passed = self.fire_and_relay() => passed,
-                };
-                match passed {
-                    Ok(more) => {
-                        failure_wait = POLL;
-                        if more {
-                            Duration::ZERO
-                        } else {
-                            POLL
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, wait = ?failure_wait, "request relay pass failed; trying again");
-                        let wait = failure_wait;
-                        failure_wait = (failure_wait * 2).min(FAILURE_WAIT_MAX);
-                        wait
-                    }
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-        if holding {
-            crate::roles::shared::hand_lease_on(store, LEASE_NAME, &holder).await;
-        }
+    /// Relays the outbox until `shutdown` or a lost broker connection, giving the
+    /// lease up on the way out.
+    pub(super) async fn relay(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
+        let store = self.shared.store.clone();
+        periodic::run(&store, CADENCE, &mut Relay(self), &shutdown).await
     }
 
     /// Fires the schedules' due ticks, then relays; a failure to fire delays the

@@ -35,13 +35,12 @@ use std::sync::Arc;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
+use super::periodic::{self, Cadence, Pace, Periodic};
 use super::shared::Shared;
 use crate::amqp::broker::Publisher;
 use crate::clock;
 use crate::error::Error;
 use crate::messages::events::EventPublisher;
-
-const LEASE_NAME: &str = "sweeper";
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +76,17 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let publisher = Publisher::open(&connection).await?;
-    let sweeper = Sweeper {
+    let interval = shared.config.sweep_interval;
+    // The lease outlives a few missed sweeps, so one slow sweep does not let a second
+    // sweeper start beside it.
+    let cadence = Cadence {
+        lease: "sweeper",
+        lease_for: interval * 3,
+        renew_every: interval,
+        period: interval,
+        failure_wait_max: interval,
+    };
+    let mut sweeper = Sweeper {
         events: EventPublisher::new(
             publisher.clone(),
             shared.topology.clone(),
@@ -86,52 +95,34 @@ pub(crate) async fn run(
         shared,
         connection,
         publisher,
-        holder: uuid::Uuid::new_v4().to_string(),
         warned_pools: Default::default(),
     };
-    let interval = sweeper.shared.config.sweep_interval;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(?interval, "sweeper running");
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        let store = &sweeper.shared.store;
-        // The lease outlives a few missed sweeps, so one slow sweep does not let a
-        // second sweeper start beside it.
-        match store
-            .acquire_lease(LEASE_NAME, &sweeper.holder, interval * 3)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(err) => {
-                tracing::warn!(%err, "sweeper lease unavailable; skipping this sweep");
-                continue;
-            }
-        }
-        // A sweep only re-sends what its compare-and-sets claimed: dropping it half-way
-        // at shutdown leaves nothing inconsistent, and the next sweeper carries on.
-        let swept = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            swept = sweeper.sweep() => swept,
-        };
-        match swept {
-            Ok(report) if report.is_empty() => tracing::debug!("sweep found nothing stuck"),
-            Ok(report) => {
-                report.count();
-                tracing::info!(?report, "sweep moved stuck work");
-            }
-            Err(err) if err.is_broker_connection() => return Err(err),
-            Err(err) => tracing::warn!(%err, "sweep failed; the next one will retry"),
-        }
-    }
-    super::shared::hand_lease_on(&sweeper.shared.store, LEASE_NAME, &sweeper.holder).await;
+    let store = sweeper.shared.store.clone();
+    let stopped = periodic::run(&store, cadence, &mut sweeper, &shutdown).await;
     sweeper.events.close().await;
     sweeper.publisher.close().await;
-    Ok(())
+    stopped
+}
+
+impl Periodic for Sweeper {
+    fn name(&self) -> &'static str {
+        "sweeper"
+    }
+
+    /// One sweep, counted. A sweep only re-sends what its compare-and-sets claimed:
+    /// dropped half-way at shutdown, it leaves nothing inconsistent, and the next
+    /// sweeper carries on.
+    async fn pass(&mut self, _holding: &CancellationToken) -> Result<Pace, Error> {
+        let report = self.sweep().await?;
+        if report.is_empty() {
+            tracing::debug!("sweep found nothing stuck");
+        } else {
+            report.count();
+            tracing::info!(?report, "sweep moved stuck work");
+        }
+        Ok(Pace::Idle)
+    }
 }
 
 struct Sweeper {
@@ -139,7 +130,6 @@ struct Sweeper {
     connection: Arc<Connection>,
     publisher: Publisher,
     events: EventPublisher,
-    holder: String,
     warned_pools: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
