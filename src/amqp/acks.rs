@@ -149,7 +149,7 @@ fn coalesce(acked: &[u64], oldest_unsettled: u64) -> (Option<u64>, Vec<u64>) {
 }
 
 /// Acks one delivery, or returns it to the queue.
-pub(crate) async fn settle_one(
+async fn settle_one(
     delivery: &Delivery,
     settlement: Settlement,
 ) -> Result<(), BrokerError> {

@@ -21,14 +21,14 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::Connection;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::feed::Feeder;
-use super::shared::Shared;
-use crate::amqp::acks::{settle_one, Settlement};
+use super::settle::Settler;
+use super::shared::{take_slot, Shared};
 use crate::amqp::broker::{Publisher, CLOSE_TIMEOUT};
 use crate::amqp::consumer::Consumer;
-use crate::amqp::parking::park;
 use crate::error::Error;
 use crate::messages::events::EventPublisher;
 use crate::protocol::TasksFinished;
@@ -65,13 +65,30 @@ pub(crate) async fn run(
     let _stop_feeding = feeding.clone().drop_guard();
     let completion = Completion {
         feeder: Feeder::new(shared.clone(), publisher.clone(), feeding),
+        settler: Settler::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            consumer.queue().to_owned(),
+        ),
         shared,
         publisher,
         events,
     };
-    while let Some(batch) = consumer.next_batch(BATCH, &shutdown).await? {
-        completion.handle_batch(&consumer, batch).await;
+    // One slot per delivery until it is settled, as in every consuming role.
+    let slots = Arc::new(Semaphore::new(BATCH));
+    'consuming: while let Some(batch) = consumer.next_batch(BATCH, &shutdown).await? {
+        let mut held = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            completion.settler.received(&delivery);
+            let Some(slot) = take_slot(&slots, &shutdown).await else {
+                break 'consuming;
+            };
+            held.push((delivery, slot));
+        }
+        completion.handle_batch(&consumer, held).await;
     }
+    // The acks of the last batch go out before the channel closes.
+    consumer.drain(&slots, BATCH, CLOSE_TIMEOUT).await;
     completion.feeder.stop().await;
     // The relay may be waiting on the database or a confirm: give it a moment, then
     // drop it (an unpublished event stays in the outbox for the next relay).
@@ -90,40 +107,43 @@ pub(crate) async fn run(
 struct Completion {
     shared: Arc<Shared>,
     publisher: Publisher,
+    settler: Settler,
     events: EventPublisher,
     feeder: Feeder,
 }
 
 impl Completion {
-    async fn handle_batch(&self, consumer: &Consumer, batch: Vec<Delivery>) {
+    async fn handle_batch(
+        &self,
+        consumer: &Consumer,
+        batch: Vec<(Delivery, OwnedSemaphorePermit)>,
+    ) {
         // A message may report tasks of several jobs, and a job's tasks may come in
         // several messages: each job is checked once per batch.
         let mut jobs_touched: BTreeSet<String> = BTreeSet::new();
         let mut decoded = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            let finished = consumer.decode::<TasksFinished>(&delivery);
-            match finished {
+        for (delivery, slot) in batch {
+            match consumer.decode::<TasksFinished>(&delivery) {
                 Ok(finished) => {
                     jobs_touched.extend(finished.tasks.into_iter().map(|t| t.job_id));
-                    decoded.push(delivery);
+                    decoded.push((delivery, slot));
                 }
                 Err(err) => {
-                    let parked = park(
-                        &self.publisher,
-                        &self.shared.topology,
-                        &delivery,
-                        consumer.queue(),
-                        &err.to_string(),
-                    )
-                    .await;
-                    settle(&delivery, parked.is_ok()).await;
+                    self.settler
+                        .park_and_settle(delivery, slot, &err.to_string())
+                        .await
                 }
             }
         }
         let jobs: Vec<String> = jobs_touched.into_iter().collect();
         let checked = self.check_jobs(&jobs).await;
-        for delivery in decoded {
-            settle(&delivery, checked).await;
+        for (delivery, slot) in decoded {
+            // A failed check was logged once for the batch; on a lost connection the
+            // nacks fail quietly and the broker returns the batch all the same.
+            match checked {
+                true => self.settler.settle(delivery, slot, Ok(())),
+                false => self.settler.requeue(delivery, slot),
+            }
         }
     }
 
@@ -150,16 +170,5 @@ impl Completion {
                 false
             }
         }
-    }
-}
-
-async fn settle(delivery: &Delivery, ok: bool) {
-    let settlement = if ok {
-        Settlement::Ack
-    } else {
-        Settlement::Requeue
-    };
-    if let Err(err) = settle_one(delivery, settlement).await {
-        tracing::warn!(%err, "could not settle finished event; the broker will redeliver");
     }
 }

@@ -9,6 +9,7 @@ pub(crate) mod completion;
 mod feed;
 pub(crate) mod intake;
 mod periodic;
+mod settle;
 mod shared;
 pub(crate) mod sweeper;
 pub(crate) mod syncer;

@@ -27,16 +27,15 @@ use std::sync::Arc;
 use lapin::message::Delivery;
 use lapin::Connection;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use self::group::GroupFormer;
 use super::feed::Feeder;
+use super::settle::Settler;
 use super::shared::{take_slot, Shared};
-use crate::amqp::acks::{settle_one, Settlement};
 use crate::amqp::broker::{BrokerError, Publisher};
 use crate::amqp::consumer::{decode, Consumer};
-use crate::amqp::parking::park;
 use crate::error::Error;
 use crate::messages::events::EventPublisher;
 use crate::protocol::{self, DecodeError, JobRequest, ReplyAddress};
@@ -87,7 +86,11 @@ pub(crate) async fn run(
         shared: shared.clone(),
         publisher: publisher.clone(),
         events,
-        queue: consumer.queue().to_owned(),
+        settler: Settler::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            consumer.queue().to_owned(),
+        ),
         shutdown: shutdown.clone(),
         groups: GroupFormer::start(
             publisher.clone(),
@@ -111,6 +114,7 @@ pub(crate) async fn run(
     let abandoned = CancellationToken::new();
     let _abandon = abandoned.clone().drop_guard();
     while let Some(delivery) = consumer.next(&shutdown).await? {
+        intake.settler.received(&delivery);
         let Some(slot) = take_slot(&slots, &shutdown).await else {
             break;
         };
@@ -122,13 +126,12 @@ pub(crate) async fn run(
                     false => None,
                 };
                 let request = decode(&delivery, max_bytes);
-                intake.handle(delivery, request).await;
+                intake.handle(delivery, slot, request).await;
             };
             tokio::select! {
                 _ = handled => {}
                 _ = abandoned.cancelled() => {}
             }
-            drop(slot);
         });
     }
     // Requests in flight get the grace period to finish.
@@ -149,17 +152,10 @@ struct Intake {
     shared: Arc<Shared>,
     publisher: Publisher,
     events: EventPublisher,
-    queue: String,
+    settler: Settler,
     shutdown: CancellationToken,
     groups: GroupFormer,
     feeder: Feeder,
-}
-
-/// How a request is settled.
-enum Settle {
-    Ack,
-    Park(String),
-    Requeue,
 }
 
 /// Why a request was not turned into a job.
@@ -209,11 +205,12 @@ impl Intake {
     async fn handle(
         &self,
         delivery: Delivery,
+        slot: OwnedSemaphorePermit,
         request: Result<JobRequest<Box<RawValue>>, DecodeError>,
     ) {
         let request = match request {
             Ok(request) => request,
-            Err(err) => return self.settle(&delivery, Settle::Park(err.to_string())).await,
+            Err(err) => return self.park_request(delivery, slot, &err.to_string()).await,
         };
         let mut delays = Delays::transient();
         let verdict = loop {
@@ -222,13 +219,11 @@ impl Intake {
                 Err(Rejection::Park(reason)) => break Err(reason),
                 Err(Rejection::Retry(err)) => err,
             };
-            // A publish on a dead connection's channel may fail first with a channel
-            // error: the connection's status decides. Retrying there would race the
-            // redelivered copy on the new connection (and, once that copy has made the
-            // job, try to park this one as "left formation").
-            if err.is_broker_connection() || !self.publisher.connection().status().connected() {
-                tracing::debug!(%err, "job request left to redelivery: broker connection lost");
-                return;
+            // Retrying on a lost connection would race the redelivered copy on the new
+            // connection (and, once that copy has made the job, try to park this one
+            // as "left formation"): the request is left to the broker.
+            if self.settler.connection_lost(&err) {
+                return self.settler.settle_failed(delivery, slot, &err);
             }
             if !err.is_transient() {
                 break Err(err.to_string());
@@ -242,49 +237,25 @@ impl Intake {
             };
             tracing::warn!(%err, ?delay, "job request failed; retrying");
             tokio::select! {
-                _ = self.shutdown.cancelled() => return self.settle(&delivery, Settle::Requeue).await,
+                _ = self.shutdown.cancelled() => return self.settler.requeue(delivery, slot),
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        let settle = match verdict {
-            Ok(()) => Settle::Ack,
-            Err(reason) => Settle::Park(reason),
-        };
-        self.settle(&delivery, settle).await
+        match verdict {
+            Ok(()) => self.settler.settle(delivery, slot, Ok(())),
+            Err(reason) => self.park_request(delivery, slot, &reason).await,
+        }
     }
 
-    async fn settle(&self, delivery: &Delivery, settle: Settle) {
-        let outcome = match settle {
-            Settle::Ack => settle_one(delivery, Settlement::Ack).await,
-            Settle::Park(reason) => {
-                match park(
-                    &self.publisher,
-                    &self.shared.topology,
-                    delivery,
-                    &self.queue,
-                    &reason,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        let message_id = delivery.properties.message_id().as_ref();
-                        self.answer_rejection(
-                            &delivery.data,
-                            message_id.map(|id| id.as_str()),
-                            &reason,
-                        )
-                        .await;
-                        settle_one(delivery, Settlement::Ack).await
-                    }
-                    Err(err) => Err(err),
-                }
-            }
-            Settle::Requeue => settle_one(delivery, Settlement::Requeue).await,
-        };
-        if let Err(err) = outcome {
-            // The broker will redeliver it; the resume path makes that harmless.
-            tracing::warn!(%err, "could not settle job request");
+    /// Parks a request that makes no job, answers its producer, then acks it.
+    async fn park_request(&self, delivery: Delivery, slot: OwnedSemaphorePermit, reason: &str) {
+        let parked = self.settler.park(&delivery, reason).await;
+        if parked.is_ok() {
+            let message_id = delivery.properties.message_id().as_ref();
+            self.answer_rejection(&delivery.data, message_id.map(|id| id.as_str()), reason)
+                .await;
         }
+        self.settler.settle(delivery, slot, parked);
     }
 
     /// A producer waiting for its job's event hears why there will be none: a

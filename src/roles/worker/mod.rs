@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::settle::Settler;
 use super::shared::{take_slot, Shared};
-use crate::amqp::acks::Acks;
 use crate::amqp::broker::Publisher;
 use crate::amqp::consumer::Consumer;
 use crate::error::Error;
@@ -136,12 +136,15 @@ pub(crate) async fn run(
             shared.store.clone(),
         ),
         publishing: TaskTracker::new(),
+        settler: Settler::new(
+            publisher.clone(),
+            shared.topology.clone(),
+            consumer.queue().to_owned(),
+        ),
         publisher,
-        queue: consumer.queue().to_owned(),
         pool,
         shutdown: shutdown.clone(),
         outcomes,
-        acks: Acks::start(),
         quarantine: capacity.quarantine.clone(),
         pace: capacity.pace.clone(),
         unclaimed: Arc::default(),
@@ -187,7 +190,7 @@ async fn consume(
     let mut depth = pace::Depth::new(config.concurrency, config.prefetch);
     let mut next = consumer.next(shutdown).await?;
     while let Some(first) = next {
-        runner.acks.received(&first);
+        runner.settler.received(&first);
         // Every delivery holds a slot until it is settled. Deliveries taken without
         // one at shutdown stay unacked and return to the queue with the channel.
         let Some(slot) = take_slot(&capacity.slots, shutdown).await else {
@@ -202,7 +205,7 @@ async fn consume(
                 break;
             };
             let delivery = delivery?;
-            runner.acks.received(&delivery);
+            runner.settler.received(&delivery);
             let Some(slot) = take_slot(&capacity.slots, shutdown).await else {
                 break;
             };
@@ -274,10 +277,9 @@ struct Runner {
     /// recording, and the run waits for them before it closes.
     publishing: TaskTracker,
     pool: String,
-    queue: String,
     shutdown: CancellationToken,
     outcomes: mpsc::UnboundedSender<Finished>,
-    acks: Acks,
+    settler: Settler,
     quarantine: Arc<RwLock<()>>,
     pace: Arc<pace::Pace>,
     unclaimed: Arc<unclaimed::Unclaimed>,
@@ -307,8 +309,10 @@ impl Runner {
                     drop(handler);
                     let runner = self.clone();
                     tokio::spawn(async move {
-                        let parked = runner.park(&delivery, &err.to_string()).await;
-                        runner.settle(delivery, slot, parked);
+                        runner
+                            .settler
+                            .park_and_settle(delivery, slot, &err.to_string())
+                            .await
                     });
                     continue;
                 }
@@ -434,9 +438,9 @@ impl Runner {
                 }
                 Ok(None) => {
                     let settled = runner.settle_stale(&delivery, &message).await;
-                    runner.settle(delivery, slot, settled);
+                    runner.settler.settle(delivery, slot, settled);
                 }
-                Err(err) => runner.settle(delivery, slot, Err(err.into())),
+                Err(err) => runner.settler.settle(delivery, slot, Err(err.into())),
             }
         };
         tokio::spawn(attempt.instrument(span));

@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
-use crate::amqp::acks::Settlement;
-use crate::amqp::broker::{all_confirmed, BrokerError, Pending};
-use crate::amqp::parking::park;
+use crate::amqp::broker::{all_confirmed, Pending};
 use crate::error::Error;
 use crate::messages;
 use crate::metrics::{self, Outcome};
@@ -90,13 +88,15 @@ impl Runner {
                         TaskOutcome::Failed(format!("could not record the result: {err}"));
                     return Box::pin(self.record(vec![finished])).await;
                 }
-                return self.settle(finished.delivery, finished.slot, Err(err.into()));
+                return self
+                    .settler
+                    .settle(finished.delivery, finished.slot, Err(err.into()));
             }
             Err(err) => {
                 tracing::error!(%err, outcomes = batch.len(), "recording outcomes failed; returning their messages to the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 for finished in batch {
-                    self.settle(
+                    self.settler.settle(
                         finished.delivery,
                         finished.slot,
                         Err(Error::Other(err.to_string())),
@@ -151,11 +151,13 @@ impl Runner {
                 Err(Error::Broker(err)) => Err(Error::Broker(err.clone())),
                 Err(err) => Err(Error::Other(err.to_string())),
             };
-            self.settle(finished.delivery, finished.slot, result);
+            self.settler
+                .settle(finished.delivery, finished.slot, result);
         }
         for finished in stale {
             let settled = self.settle_stale_after_write(&finished.message).await;
-            self.settle(finished.delivery, finished.slot, settled);
+            self.settler
+                .settle(finished.delivery, finished.slot, settled);
         }
         for event in &ended {
             tracing::info!(job_id = %event.job_id, kind = %event.kind, "job ended");
@@ -170,37 +172,6 @@ impl Runner {
         }
     }
 
-    /// Acks a delivery whose effects are committed and confirmed, or returns it to the
-    /// queue; its slot is freed once that is on its way.
-    pub(super) fn settle(
-        &self,
-        delivery: Delivery,
-        slot: OwnedSemaphorePermit,
-        result: Result<(), Error>,
-    ) {
-        match result {
-            Ok(()) => self.acks.settle(delivery, Settlement::Ack, slot),
-            // The connection is gone: the broker returns the message by itself. A publish
-            // on one of its channels may fail first with a channel error, so its status
-            // decides, and an outage is reported once, by the link, not per message.
-            Err(err)
-                if err.is_broker_connection()
-                    || !self.publisher.connection().status().connected() =>
-            {
-                tracing::debug!(%err, "task message not settled: broker connection lost");
-            }
-            Err(err) => {
-                if let Error::Broker(BrokerError::Returned { .. }) = err {
-                    // A queue this process declared is gone (deleted, a broker reset):
-                    // declare it again on the next send instead of bouncing forever.
-                    self.shared.topology.forget_declared();
-                }
-                tracing::error!(%err, "task message not settled; returning it to the queue");
-                self.acks.settle(delivery, Settlement::Requeue, slot);
-            }
-        }
-    }
-
     /// A message that claimed nothing: a duplicate, a stale attempt, a message for a
     /// cancelled task — or for no task at all, which is parked.
     pub(super) async fn settle_stale(
@@ -210,6 +181,7 @@ impl Runner {
     ) -> Result<(), Error> {
         if self.shared.store.task(message.task_id).await?.is_none() {
             return self
+                .settler
                 .park(
                     delivery,
                     &format!("task {} does not exist", message.task_id),
@@ -267,17 +239,6 @@ impl Runner {
 
     pub(super) async fn send_finished(&self, tasks: Vec<FinishedTask>) -> Result<Pending, Error> {
         messages::send_finished(&self.publisher, &self.shared.topology, tasks).await
-    }
-
-    pub(super) async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {
-        Ok(park(
-            &self.publisher,
-            &self.shared.topology,
-            delivery,
-            &self.queue,
-            reason,
-        )
-        .await?)
     }
 }
 

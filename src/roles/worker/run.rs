@@ -60,13 +60,14 @@ impl Runner {
         let result = if !self.shared.registry.knows_task_type(&message.task_type) {
             drop(handler);
             if let Err(err) = self
+                .settler
                 .park(
                     &delivery,
                     &format!("unknown task type {:?}", message.task_type),
                 )
                 .await
             {
-                return self.settle(delivery, slot, Err(err));
+                return self.settler.settle(delivery, slot, Err(err));
             }
             Err(TaskError::permanent(format!(
                 "unknown task type {:?} in pool {:?}",
@@ -97,9 +98,9 @@ impl Runner {
                     },
                     Ok(None) => {
                         let settled = self.settle_stale(&delivery, &message).await;
-                        return self.settle(delivery, slot, settled);
+                        return self.settler.settle(delivery, slot, settled);
                     }
-                    Err(err) => return self.settle(delivery, slot, Err(err.into())),
+                    Err(err) => return self.settler.settle(delivery, slot, Err(err.into())),
                 }
             } else {
                 // A fresh attempt runs whenever it can — at once unless a quarantined
@@ -130,7 +131,7 @@ impl Runner {
                         let recorded = self
                             .record_hand_off(&delivery, &message, &external_id)
                             .await;
-                        return self.settle(delivery, slot, recorded);
+                        return self.settler.settle(delivery, slot, recorded);
                     }
                     Err(err) => Err(err),
                 }
