@@ -13,9 +13,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use taskmill::{JobRequest, TaskContext, TaskError};
 
-use common::{Backend, TestEnv};
+use common::{Backend, TestEnv, LONG};
 
-const LONG: Duration = Duration::from_secs(120);
 const TOKEN: &str = "correct horse battery staple";
 
 /// Runs headless Chromium with `args` on `url`; its stdout.

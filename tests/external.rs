@@ -22,9 +22,7 @@ use taskmill::protocol::TaskMessage;
 use taskmill::store::{Seen, SyncChange, SyncWrite, TaskOutcome};
 use taskmill::{JobRequest, TaskStatus};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     external_tasks_finish_through_the_syncer,
@@ -606,6 +604,7 @@ async fn a_pod_that_loses_the_syncer_lease_writes_nothing(backend_kind: Backend)
         service.lock().unwrap().slow_in_flight == 0
     })
     .await;
+    // The hung call has returned: time for the pod to (wrongly) write its answer.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let row = env.store.tasks_of_job(&job_id).await.unwrap().remove(0);
     assert_eq!(

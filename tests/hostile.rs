@@ -362,8 +362,8 @@ async fn a_restarted_worker_role_leaves_no_channel_behind(backend: Backend) {
     let serving = || async { env.consumers_if_declared(&queue).await == Some(1) };
     common::wait_until(SOON, serving).await;
     assert_still_serving(&env, &client, "before-restarts").await;
-    // The management API's figures lag: let them settle.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The management API's figures lag: wait until they count every open channel.
+    env.wait_for_current_channel_list().await;
     let before = env.channel_count();
     for _ in 0..6 {
         let connection = env.connection().await;
@@ -546,14 +546,7 @@ async fn requests_for_pools_nobody_serves_are_refused(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
     let pod = env.start(env.pod());
-    let gpu = env.start(
-        env.pod()
-            .roles(taskmill::Roles {
-                worker: true,
-                ..taskmill::Roles::NONE
-            })
-            .queue("gpu"),
-    );
+    let gpu = env.start(env.pod().roles(common::WORKER_ONLY).queue("gpu"));
     let client = env.client().await;
     let watch = client.watch("pool-0").await.unwrap();
     for n in 0..50 {
@@ -630,14 +623,7 @@ async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
         "{status}"
     );
 
-    let later = env.start(
-        env.pod()
-            .roles(taskmill::Roles {
-                worker: true,
-                ..taskmill::Roles::NONE
-            })
-            .queue("later"),
-    );
+    let later = env.start(env.pod().roles(common::WORKER_ONLY).queue("later"));
     assert_eq!(env.wait_for_end("waits", SOON).await.stage, "done");
     assert!(!job_status_text(&env, "waits").await.contains("waiting"));
     later.stop().await;

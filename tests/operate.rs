@@ -9,9 +9,7 @@ use serde_json::{json, Value};
 use taskmill::store::Rerun;
 use taskmill::{Error, JobRequest, TaskContext, TaskError};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     a_failed_job_runs_again_and_ends_once_more,
@@ -497,10 +495,7 @@ async fn a_transaction_outlives_its_dropped_caller() {
     // No pod: the job waits, forming nothing, until it is cancelled.
     let mut request = JobRequest::new(taskmill::builtin::ECHO, vec![json!(1)]);
     request.job_id = Some("dropped-cancel".to_owned());
-    let intake = env.start(env.pod().roles(taskmill::Roles {
-        intake: true,
-        ..taskmill::Roles::NONE
-    }));
+    let intake = env.start(env.pod().roles(common::INTAKE_ONLY));
     client.submit(request).await.unwrap();
     common::wait_until(LONG, || async {
         env.store

@@ -11,11 +11,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use taskmill::protocol::{Part, Seal};
 use taskmill::store::NewTask;
-use taskmill::{builtin, JobRequest, Roles};
+use taskmill::{builtin, JobRequest};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     parts_out_of_order_and_twice_make_one_job,
@@ -227,10 +225,7 @@ async fn a_sealed_job_missing_a_part_fails_naming_it(backend: Backend) {
 async fn an_intake_stopped_between_and_within_parts_resumes(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let job_id = new_job_id();
-    let intake = env.start(env.pod().roles(Roles {
-        intake: true,
-        ..Roles::NONE
-    }));
+    let intake = env.start(env.pod().roles(common::INTAKE_ONLY));
     send(&env, &part(&job_id, 1, 0, 300, "a")).await;
     wait_stored(&env, &job_id, 1).await;
     intake.stop().await;

@@ -12,9 +12,7 @@ use serde_json::json;
 use taskmill::schedule::{CatchUp, Schedule};
 use taskmill::{builtin, JobRequest};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     two_pods_fire_each_tick_once,
@@ -126,6 +124,7 @@ async fn missed_ticks_follow_the_catch_up_policy(backend: Backend) {
         assert_eq!(row.next_tick, hour + TimeDelta::hours(1), "{}", row.name);
         assert_eq!(row.last_tick, Some(hour), "{}", row.name);
     }
+    // A tick run twice would show within this second: none does.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(jobs_of(&env, "catching-up").await.len(), 3, "each once");
     pod.stop().await;

@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use taskmill::protocol::{FinishedTask, TaskMessage, TasksFinished, SCHEMA_VERSION};
-use taskmill::{builtin, JobRequest, Roles, TaskContext, TaskError};
+use taskmill::{builtin, JobRequest, TaskContext, TaskError};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(60);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     thousand_task_job_completes,
@@ -43,11 +41,7 @@ on_both_backends!(
 async fn jobs_end_with_their_last_task(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let pod = env.start(env.pod().roles(Roles {
-        intake: true,
-        worker: true,
-        ..Roles::NONE
-    }));
+    let pod = env.start(env.pod().roles(common::INTAKE_AND_WORKER));
     let client = env.client().await;
     let mut ids = Vec::new();
     for n in 0..20 {
@@ -231,11 +225,7 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
     let runs: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
     let worker = env.start(
         env.pod()
-            .roles(Roles {
-                worker: true,
-                completion: true,
-                ..Roles::NONE
-            })
+            .roles(common::WORKER_AND_COMPLETION)
             .handler("count", counting_handler(&runs)),
     );
     let job = env.wait_for_end(&job_id, LONG).await;
@@ -282,18 +272,9 @@ async fn duplicate_task_messages_count_once(backend: Backend) {
 async fn racing_completion_consumers_send_one_event_per_job(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let producer_side = env.start(env.pod().roles(Roles {
-        intake: true,
-        worker: true,
-        ..Roles::NONE
-    }));
+    let producer_side = env.start(env.pod().roles(common::INTAKE_AND_WORKER));
     let completions: Vec<_> = (0..3)
-        .map(|_| {
-            env.start(env.pod().roles(Roles {
-                completion: true,
-                ..Roles::NONE
-            }))
-        })
+        .map(|_| env.start(env.pod().roles(common::COMPLETION_ONLY)))
         .collect();
     let client = env.client().await;
     let mut job_ids = Vec::new();
@@ -724,10 +705,7 @@ async fn form_job_without_workers(
     // The intake must know the task type to accept the job.
     let intake = env.start(
         env.pod()
-            .roles(Roles {
-                intake: true,
-                ..Roles::NONE
-            })
+            .roles(common::INTAKE_ONLY)
             .handler("count", |_ctx: TaskContext| async { Ok(json!(null)) }),
     );
     let client = env.client().await;
@@ -791,18 +769,16 @@ async fn wait_for_messages(
     queue: &str,
     count: usize,
 ) -> Vec<(Vec<u8>, Option<String>)> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + LONG;
-    while got.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} messages in {queue}",
-            got.len()
-        );
-        got.extend(env.drain_queue(queue).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    got
+    // Each look drains the queue: what it took is kept across looks.
+    let got = Mutex::new(Vec::new());
+    common::wait_until(LONG, || async {
+        let drained = env.drain_queue(queue).await;
+        let mut got = got.lock().unwrap();
+        got.extend(drained);
+        got.len() >= count
+    })
+    .await;
+    got.into_inner().unwrap()
 }
 
 async fn wait_for_rows(
@@ -810,18 +786,16 @@ async fn wait_for_rows(
     job_id: &str,
     count: usize,
 ) -> Vec<taskmill::store::task::Model> {
-    let deadline = Instant::now() + LONG;
-    loop {
-        if let Some(job) = env.store.job(job_id).await.unwrap() {
-            if job.tasks_published {
-                let rows = env.store.tasks_of_job(job_id).await.unwrap();
-                assert_eq!(rows.len(), count);
-                return rows;
-            }
+    common::wait_for_value(LONG, || async {
+        let job = env.store.job(job_id).await.unwrap()?;
+        if !job.tasks_published {
+            return None;
         }
-        assert!(Instant::now() < deadline, "job {job_id} was not formed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let rows = env.store.tasks_of_job(job_id).await.unwrap();
+        assert_eq!(rows.len(), count);
+        Some(rows)
+    })
+    .await
 }
 
 /// Past `concurrency`, a worker holds messages only as many as its handlers run in
@@ -892,13 +866,7 @@ async fn slow_handlers_leave_their_messages_in_the_queue(backend: Backend) {
 async fn a_large_job_is_fed_as_its_pool_drains(backend: Backend) {
     const TASKS: usize = 5_000;
     let env = TestEnv::new(backend).await;
-    let intake_only = taskmill::Roles {
-        intake: true,
-        worker: false,
-        completion: false,
-        sweeper: false,
-    };
-    let intake = env.start(env.pod().roles(intake_only));
+    let intake = env.start(env.pod().roles(common::INTAKE_ONLY));
     let client = env.client().await;
     let tasks = (0..TASKS).map(|n| json!(n)).collect();
     let job_id = client
@@ -908,9 +876,18 @@ async fn a_large_job_is_fed_as_its_pool_drains(backend: Backend) {
     let queue = env.topology().work_queue("default");
     env.wait_for_feeding(&job_id, LONG).await;
     // The feeder keeps looking at the queue, and tops it up only as it drains: after
-    // its last top-up, the count stays.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ready = env.message_count(&queue).await;
+    // its last top-up, the count stays. That top-up is done once the queue holds every
+    // message the job records as fed, and too little room is left for another
+    // (`FEED_CHUNK` in src/roles/feed.rs).
+    const FEED_CHUNK: u32 = 512;
+    let ready = common::wait_for_value(LONG, || async {
+        let job = env.store.job(&job_id).await.unwrap().unwrap();
+        let ready = env.message_count(&queue).await;
+        (i64::from(ready) == job.fed_through + 1 && ready > taskmill::FEED_DEPTH - FEED_CHUNK)
+            .then_some(ready)
+    })
+    .await;
+    // Nothing drains the queue: for a second, the feeder publishes nothing more.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.message_count(&queue).await, ready);
     assert!(ready <= taskmill::FEED_DEPTH, "{ready} messages ready");

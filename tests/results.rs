@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use futures::TryStreamExt;
 use serde_json::{json, Value};
 use taskmill::protocol::RESULTS_IN_EVENT_MAX_BYTES;
@@ -13,9 +11,7 @@ use taskmill::{
     builtin, FailurePolicy, JobRequest, TaskContext, TaskError, TaskResult, TaskStatus,
 };
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     a_large_jobs_results_stream_in_task_order,

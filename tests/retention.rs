@@ -13,9 +13,7 @@ use taskmill::config::Retention;
 use taskmill::store::{RemovalRule, Removed, Rerun};
 use taskmill::{builtin, CancellationToken, Config, JobRequest, JobStage, TaskContext, TaskError};
 
-use common::{wait_until, Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{wait_until, Backend, TestEnv, LONG};
 
 on_both_backends!(
     ended_jobs_leave_whole_and_nothing_else_does,
@@ -254,7 +252,8 @@ async fn the_cleaner_removes_jobs_past_their_retention(backend: Backend) {
     })
     .await;
     assert_eq!(env.rows_of_job(&done).await, [0; 4]);
-    // Failed jobs are kept for ever under this retention.
+    // Failed jobs are kept for ever under this retention: ten clean intervals pass,
+    // and the failed job is still there.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(env.rows_of_job(&failed).await[..2], [1, 1]);
     pod.stop().await;
@@ -448,6 +447,7 @@ async fn partitions_go_whole_and_kept_jobs_are_set_aside(backend: Backend) {
         dropped.iter().all(|name| name != "tasks_default"),
         "{dropped:?}"
     );
+    // Time itself must pass: the next job goes to a later span than the ended ones.
     tokio::time::sleep(SPAN).await;
     env.wait_for_partition().await;
     let running = env.submit("hold", vec![json!({ "test": env.name })]).await;
@@ -459,6 +459,8 @@ async fn partitions_go_whole_and_kept_jobs_are_set_aside(backend: Backend) {
             .then_some(tasks)
     })
     .await;
+    // Time passes again: the running job's span is over too, and its partition must
+    // still stay.
     tokio::time::sleep(SPAN).await;
 
     // A failed job whose retention ends within a span holds its partition: its tasks

@@ -12,9 +12,7 @@ use sea_orm::{Database, TransactionTrait};
 use serde_json::json;
 use taskmill::{builtin, JobRequest};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     a_delayed_job_waits_then_runs,
@@ -98,6 +96,7 @@ async fn a_scheduled_job_outlives_the_pod_that_took_it(backend: Backend) {
     let job_id = client.submit(echo("outlives", 3, run_at)).await.unwrap();
     wait_until_scheduled(&env, &job_id).await;
     first.stop().await;
+    // Its time passes while no pod runs: nothing runs it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         env.store.job(&job_id).await.unwrap().unwrap().stage,

@@ -6,17 +6,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::{json, Value};
 use taskmill::builtin::{self, WORDCOUNT};
 use taskmill::protocol::STAGE;
-use taskmill::{Error as TaskmillError, JobRequest, JobType, Roles, TaskContext};
+use taskmill::{Error as TaskmillError, JobRequest, JobType, TaskContext};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     word_count_equals_a_direct_count,
@@ -135,11 +132,7 @@ async fn word_count_equals_a_direct_count(backend: Backend) {
 /// the sweeper.
 async fn racing_checks_make_the_next_phase_once_and_an_orphan_is_fed(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let no_completion = env.start(env.pod().roles(Roles {
-        intake: true,
-        worker: true,
-        ..Roles::NONE
-    }));
+    let no_completion = env.start(env.pod().roles(common::INTAKE_AND_WORKER));
     let client = env.client().await;
     let texts = corpus(40);
     let job_id = client.submit(wordcount_request(&texts)).await.unwrap();
@@ -164,10 +157,7 @@ async fn racing_checks_make_the_next_phase_once_and_an_orphan_is_fed(backend: Ba
     assert_eq!(rows.len(), 56);
 
     no_completion.stop().await;
-    let no_sweeper = env.start(env.pod().roles(Roles {
-        sweeper: false,
-        ..Roles::ALL
-    }));
+    let no_sweeper = env.start(env.pod().roles(common::NO_SWEEPER));
     // Without a sweeper, only a feeder's orphan scan can publish the reduce tasks.
     let event = tokio::time::timeout(LONG, client.wait(&job_id))
         .await

@@ -8,11 +8,9 @@ use lapin::options::QueuePurgeOptions;
 use serde_json::json;
 use taskmill::amqp::parking;
 use taskmill::store::{NewJob, NewTask, StartOutcome, Store, TaskOutcome, Transition};
-use taskmill::{builtin, FailurePolicy, JobEvent, JobRequest, Roles, TaskContext};
+use taskmill::{builtin, FailurePolicy, JobEvent, JobRequest, TaskContext};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(60);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     purged_task_messages_are_swept_back,
@@ -92,10 +90,7 @@ async fn purge(env: &TestEnv, queue: &str) -> u32 {
 
 async fn purged_task_messages_are_swept_back(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let intake = env.start(env.pod().roles(Roles {
-        intake: true,
-        ..Roles::NONE
-    }));
+    let intake = env.start(env.pod().roles(common::INTAKE_ONLY));
     let client = env.client().await;
     let job_id = client
         .submit(JobRequest::new(
@@ -115,12 +110,11 @@ async fn purged_task_messages_are_swept_back(backend: Backend) {
     // An operator's purge: every task message is gone, the rows say pending.
     let purged = purge(&env, &env.topology().work_queue("default")).await;
     assert_eq!(purged, 200);
-    let rest = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
-        worker: true,
-        completion: true,
-        sweeper: true,
-        ..Roles::NONE
-    }));
+    let rest = env.start(
+        env.pod()
+            .config(eager_sweeper(&env))
+            .roles(common::NO_INTAKE),
+    );
     let job = env.wait_for_end(&job_id, LONG).await;
     assert_eq!((job.stage.as_str(), job.done_count), ("done", 200));
     let rows = env.store.tasks_of_job(&job_id).await.unwrap();
@@ -139,11 +133,7 @@ async fn purged_task_messages_are_swept_back(backend: Backend) {
 async fn lost_finished_events_are_swept_back(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let events = env.event_log().await;
-    let first = env.start(env.pod().roles(Roles {
-        intake: true,
-        worker: true,
-        ..Roles::NONE
-    }));
+    let first = env.start(env.pod().roles(common::INTAKE_AND_WORKER));
     let client = env.client().await;
     let mut request = JobRequest::new(builtin::WORDCOUNT, vec![]);
     request.tasks = None;
@@ -163,11 +153,11 @@ async fn lost_finished_events_are_swept_back(backend: Backend) {
         purged > 0,
         "the map phase's finished events (one message per batch of tasks) were purged"
     );
-    let rest = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
-        completion: true,
-        sweeper: true,
-        ..Roles::NONE
-    }));
+    let rest = env.start(
+        env.pod()
+            .config(eager_sweeper(&env))
+            .roles(common::COMPLETION_AND_SWEEPER),
+    );
     let job = env.wait_for_end(&job_id, LONG).await;
     assert_eq!(job.stage.as_str(), "done");
     let result = job.result.expect("the word count's result");
@@ -191,10 +181,7 @@ async fn stale_formation_fails_the_job(backend: Backend) {
     assert!(env.store.create_job(&new).await.unwrap().is_none());
     let mut config = eager_sweeper(&env);
     config.formation_timeout = Duration::from_millis(500);
-    let pod = env.start(env.pod().config(config).roles(Roles {
-        sweeper: true,
-        ..Roles::NONE
-    }));
+    let pod = env.start(env.pod().config(config).roles(common::SWEEPER_ONLY));
     let job = env.wait_for_end("half-formed", LONG).await;
     assert_eq!(job.stage, "failed");
     assert!(job.first_error.unwrap().contains("did not finish forming"));
@@ -256,10 +243,7 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
     config.formation_timeout = Duration::from_millis(500);
     // Both are due at the first sweep.
     tokio::time::sleep(config.stuck_after + Duration::from_millis(100)).await;
-    let pod = env.start(env.pod().config(config).roles(Roles {
-        sweeper: true,
-        ..Roles::NONE
-    }));
+    let pod = env.start(env.pod().config(config).roles(common::SWEEPER_ONLY));
     let job = env.wait_for_end("half-formed", LONG).await;
     assert_eq!(job.stage, "failed");
     let stuck = store.job("cannot-end").await.unwrap().unwrap();
@@ -524,10 +508,11 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
     for _ in 0..5 {
         env.publish_raw("", &queue, b"backlog", None).await;
     }
-    let sweeper = env.start(env.pod().config(eager_sweeper(&env)).roles(Roles {
-        sweeper: true,
-        ..Roles::NONE
-    }));
+    let sweeper = env.start(
+        env.pod()
+            .config(eager_sweeper(&env))
+            .roles(common::SWEEPER_ONLY),
+    );
     common::wait_until(LONG, || async { env.message_count(&queue).await == 6 }).await;
     sweeper.stop().await;
     let messages = env.drain_queue(&queue).await;

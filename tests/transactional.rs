@@ -5,15 +5,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use serde_json::json;
 use taskmill::{builtin, Config, JobRequest};
 
-use common::{Backend, TestEnv};
-
-const LONG: Duration = Duration::from_secs(120);
+use common::{Backend, TestEnv, LONG};
 
 on_both_backends!(
     a_rolled_back_submit_leaves_nothing,

@@ -13,7 +13,54 @@ use sea_orm::{ConnectionTrait, Database};
 use taskmill::amqp::broker::{self, Outgoing, Publisher};
 use taskmill::amqp::topology::Topology;
 use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobEvent, PodBuilder};
+use taskmill::{CancellationToken, Client, Config, JobEvent, PodBuilder, Roles};
+
+/// The longest a test waits for an outcome (a job ending, a message arriving): long
+/// enough for a loaded 2-core CI machine, which is far slower than a laptop. A test
+/// that passes waits only as long as the outcome takes.
+pub const LONG: Duration = Duration::from_secs(120);
+
+/// Role sets the tests give their pods, named for what they run.
+pub const INTAKE_ONLY: Roles = Roles {
+    intake: true,
+    ..Roles::NONE
+};
+pub const WORKER_ONLY: Roles = Roles {
+    worker: true,
+    ..Roles::NONE
+};
+pub const COMPLETION_ONLY: Roles = Roles {
+    completion: true,
+    ..Roles::NONE
+};
+pub const SWEEPER_ONLY: Roles = Roles {
+    sweeper: true,
+    ..Roles::NONE
+};
+/// Jobs are formed and their tasks run, but nobody ends them.
+pub const INTAKE_AND_WORKER: Roles = Roles {
+    intake: true,
+    worker: true,
+    ..Roles::NONE
+};
+pub const WORKER_AND_COMPLETION: Roles = Roles {
+    worker: true,
+    completion: true,
+    ..Roles::NONE
+};
+pub const COMPLETION_AND_SWEEPER: Roles = Roles {
+    completion: true,
+    sweeper: true,
+    ..Roles::NONE
+};
+pub const NO_INTAKE: Roles = Roles {
+    intake: false,
+    ..Roles::ALL
+};
+pub const NO_SWEEPER: Roles = Roles {
+    sweeper: false,
+    ..Roles::ALL
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -483,6 +530,59 @@ impl TestEnv {
         .read_json()
         .expect("channel list is JSON");
         body.as_array().map_or(0, Vec::len)
+    }
+
+    /// A list from the management API, of this test's vhost: `what` is the path after
+    /// `/vhosts/<vhost>/`, with its query.
+    fn vhost_list(&self, what: &str) -> Vec<serde_json::Value> {
+        let body: serde_json::Value =
+            ureq::get(&format!("{}/vhosts/{}/{what}", rabbit_api(), self.name))
+                .header("Authorization", &rabbit_auth())
+                .call()
+                .expect("a management API list")
+                .body_mut()
+                .read_json()
+                .expect("the list is JSON");
+        match body {
+            serde_json::Value::Array(items) => items,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Waits until the management API's channel list is current: it lags, for the
+    /// broker collects its figures every few seconds. A probe channel is opened and
+    /// awaited in the list: the collection that took it took every channel opened
+    /// before it. The probe is then closed and awaited out of the list, which is left
+    /// as it was.
+    pub async fn wait_for_current_channel_list(&self) {
+        let probe = format!("{}-stats-probe", self.name);
+        let properties =
+            lapin::ConnectionProperties::default().with_connection_name(probe.clone().into());
+        let connection = Connection::connect(&self.config.amqp_url, properties)
+            .await
+            .expect("broker reachable");
+        let channel = connection.create_channel().await.unwrap();
+        // The API names a channel's connection by its address, not by the name the
+        // client gave it, which only the connection list shows.
+        let has_probe_channel = |connection: &str| {
+            self.vhost_list("channels?columns=connection_details")
+                .iter()
+                .any(|channel| channel["connection_details"]["name"] == connection)
+        };
+        let connection_name = wait_for_value(LONG, || async {
+            let name = self
+                .vhost_list("connections?columns=name,user_provided_name")
+                .into_iter()
+                .find(|listed| listed["user_provided_name"] == probe.as_str())?
+                .get("name")?
+                .as_str()?
+                .to_owned();
+            has_probe_channel(&name).then_some(name)
+        })
+        .await;
+        channel.close(200, "done".into()).await.unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+        wait_until(LONG, || async { !has_probe_channel(&connection_name) }).await;
     }
 
     /// Ready messages in a queue, exactly (a passive declare, not the API's sampled stats).
