@@ -7,10 +7,10 @@ use std::time::Duration;
 use lapin::options::QueuePurgeOptions;
 use serde_json::json;
 use taskmill::amqp::parking;
-use taskmill::store::{NewJob, NewTask, StartOutcome, Store, TaskOutcome, Transition};
+use taskmill::store::{NewTask, StartOutcome, Store, TaskOutcome, Transition};
 use taskmill::{builtin, FailurePolicy, JobEvent, JobRequest, TaskContext};
 
-use common::{Backend, TestEnv, LONG};
+use common::{echo_job, echo_tasks, Backend, TestEnv, LONG};
 
 on_both_backends!(
     purged_task_messages_are_swept_back,
@@ -24,36 +24,6 @@ on_both_backends!(
     a_batch_claim_that_fails_claims_nothing,
     a_lost_retry_is_resent_into_a_backlog,
 );
-
-/// A job row as the intake creates it, in `formation`.
-fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
-    NewJob {
-        id: id.into(),
-        job_type: builtin::ECHO.into(),
-        queue: "default".into(),
-        params: json!(null),
-        max_retries: 3,
-        retry_delay_ms: 100,
-        on_failure,
-        on_complete: None,
-        request_digest: format!("digest of {id}"),
-        task_timeout_ms: None,
-        results_in_event: false,
-        stage_plan: None,
-        run_at: None,
-    }
-}
-
-/// Task rows for [`echo_job`], payloads 0, 1, …
-fn echo_tasks(count: i32) -> Vec<NewTask> {
-    (0..count)
-        .map(|n| NewTask {
-            ordinal: n,
-            task_type: builtin::ECHO.into(),
-            payload: json!(n),
-        })
-        .collect()
-}
 
 /// Inserts the rows of a forming job; their `(id, ordinal)` in ordinal order.
 async fn insert_rows(store: &Store, job_id: &str, tasks: &[NewTask]) -> Vec<(i64, i32)> {
@@ -199,7 +169,7 @@ async fn a_job_that_cannot_end_holds_back_no_sweep(backend: Backend) {
         .create_job(&echo_job("cannot-end", FailurePolicy::FailFast))
         .await
         .unwrap();
-    let tasks = echo_tasks(1);
+    let tasks = echo_tasks(0, 1);
     insert_rows(store, "cannot-end", &tasks).await;
     assert!(matches!(
         store.start_job("cannot-end", 1).await.unwrap(),
@@ -257,7 +227,7 @@ async fn an_orphan_behind_a_hundred_fed_jobs_is_found(backend: Backend) {
     const FED: usize = 100;
     let env = TestEnv::new(backend).await;
     let store = &env.store;
-    let tasks = echo_tasks(1);
+    let tasks = echo_tasks(0, 1);
     for n in 0..=FED {
         let job_id = format!("job-{n:03}");
         store
@@ -300,7 +270,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     let store = &env.store;
     let new = echo_job("fast-job", FailurePolicy::FailFast);
     store.create_job(&new).await.unwrap();
-    let tasks = echo_tasks(3);
+    let tasks = echo_tasks(0, 3);
     assert!(store.insert_tasks("fast-job", &tasks).await.unwrap());
     assert!(store.insert_tasks("fast-job", &tasks).await.unwrap());
     let inserted: Vec<i64> = store
@@ -360,7 +330,7 @@ async fn tasks_finished_while_forming_end_the_job_at_start(backend: Backend) {
     );
     assert!(
         !store
-            .insert_tasks("fast-job", &echo_tasks(4))
+            .insert_tasks("fast-job", &echo_tasks(0, 4))
             .await
             .unwrap(),
         "no task row goes into a job that left formation"
@@ -378,7 +348,7 @@ async fn two_outcomes_of_one_attempt_in_a_batch_count_once(backend: Backend) {
         .create_job(&echo_job("twice", FailurePolicy::Continue))
         .await
         .unwrap();
-    let tasks = echo_tasks(2);
+    let tasks = echo_tasks(0, 2);
     let inserted = insert_rows(store, "twice", &tasks).await;
     assert!(matches!(
         store.start_job("twice", 2).await.unwrap(),
@@ -422,7 +392,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
         .create_job(&echo_job("split-claim", FailurePolicy::Continue))
         .await
         .unwrap();
-    let inserted = insert_rows(store, "split-claim", &echo_tasks(2)).await;
+    let inserted = insert_rows(store, "split-claim", &echo_tasks(0, 2)).await;
     store.start_job("split-claim", 2).await.unwrap();
     let (fresh, retried) = (inserted[0].0, inserted[1].0);
     let lease = Duration::from_secs(60);
@@ -486,7 +456,7 @@ async fn a_lost_retry_is_resent_into_a_backlog(backend: Backend) {
         .create_job(&echo_job("lost-retry", FailurePolicy::Continue))
         .await
         .unwrap();
-    let inserted = insert_rows(store, "lost-retry", &echo_tasks(1)).await;
+    let inserted = insert_rows(store, "lost-retry", &echo_tasks(0, 1)).await;
     store.start_job("lost-retry", 1).await.unwrap();
     let task_id = inserted[0].0;
     store

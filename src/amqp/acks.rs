@@ -149,10 +149,7 @@ fn coalesce(acked: &[u64], oldest_unsettled: u64) -> (Option<u64>, Vec<u64>) {
 }
 
 /// Acks one delivery, or returns it to the queue.
-async fn settle_one(
-    delivery: &Delivery,
-    settlement: Settlement,
-) -> Result<(), BrokerError> {
+async fn settle_one(delivery: &Delivery, settlement: Settlement) -> Result<(), BrokerError> {
     match settlement {
         Settlement::Ack => {
             delivery.acker.ack(BasicAckOptions::default()).await?;

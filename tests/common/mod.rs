@@ -12,8 +12,10 @@ use lapin::Connection;
 use sea_orm::{ConnectionTrait, Database};
 use taskmill::amqp::broker::{self, Outgoing, Publisher};
 use taskmill::amqp::topology::Topology;
-use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobEvent, PodBuilder, Roles};
+use taskmill::store::{NewJob, NewTask, Store};
+use taskmill::{
+    builtin, CancellationToken, Client, Config, FailurePolicy, JobEvent, PodBuilder, Roles,
+};
 
 /// The longest a test waits for an outcome (a job ending, a message arriving): long
 /// enough for a loaded 2-core CI machine, which is far slower than a laptop. A test
@@ -116,13 +118,111 @@ fn postgres_url_for(database: &str) -> String {
     format!("{base}/{database}")
 }
 
+/// One test's private database, removed when dropped: all a test of the store alone
+/// needs (no broker).
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub store: Store,
+    name: String,
+    sqlite_path: Option<std::path::PathBuf>,
+}
+
+impl TestDb {
+    /// A new database, migrated.
+    pub async fn new(backend: Backend) -> Self {
+        let db = Self::unmigrated(backend, &format!("tm_{}", uuid::Uuid::new_v4().simple())).await;
+        db.store.migrate().await.expect("migrations apply");
+        db
+    }
+
+    /// A new, empty database named `name`.
+    async fn unmigrated(backend: Backend, name: &str) -> Self {
+        log_warnings();
+        let (url, sqlite_path) = match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
+            }
+            Backend::Postgres => {
+                let admin = Database::connect(postgres_admin_url())
+                    .await
+                    .expect("PostgreSQL reachable");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
+                admin.close().await.unwrap();
+                (postgres_url_for(name), None)
+            }
+        };
+        let store = Store::connect(&url, 8).await.expect("database reachable");
+        Self {
+            backend,
+            url,
+            store,
+            name: name.to_owned(),
+            sqlite_path,
+        }
+    }
+
+    /// Runs each statement, in order.
+    pub async fn execute_sql(&self, statements: &[&str]) {
+        let db = Database::connect(&self.url).await.expect("connect");
+        for statement in statements {
+            db.execute_unprepared(statement)
+                .await
+                .unwrap_or_else(|err| panic!("{statement}: {err}"));
+        }
+        db.close().await.unwrap();
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let backend = self.backend;
+        let sqlite_path = self.sqlite_path.take();
+        // Async cleanup cannot run in drop; a plain thread with its own runtime can.
+        std::thread::spawn(move || match backend {
+            Backend::Sqlite => {
+                if let Some(path) = sqlite_path {
+                    for suffix in ["", "-wal", "-shm"] {
+                        let mut file = path.clone().into_os_string();
+                        file.push(suffix);
+                        let _ = std::fs::remove_file(file);
+                    }
+                }
+            }
+            Backend::Postgres => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    if let Ok(admin) = Database::connect(postgres_admin_url()).await {
+                        let _ = admin
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await;
+                        let _ = admin.close().await;
+                    }
+                });
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
+
 /// One test's private broker vhost and database.
 pub struct TestEnv {
     pub backend: Backend,
     pub config: Config,
     pub store: Store,
     pub name: String,
-    sqlite_path: Option<std::path::PathBuf>,
+    pub db: TestDb,
 }
 
 impl TestEnv {
@@ -143,26 +243,10 @@ impl TestEnv {
         })
         .await
         .unwrap();
-        let (database_url, sqlite_path) = match backend {
-            Backend::Sqlite => {
-                let path = std::env::temp_dir().join(format!("{name}.db"));
-                (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
-            }
-            Backend::Postgres => {
-                let admin = Database::connect(postgres_admin_url())
-                    .await
-                    .expect("PostgreSQL reachable");
-                admin
-                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("create test database");
-                admin.close().await.unwrap();
-                (postgres_url_for(&name), None)
-            }
-        };
+        let db = TestDb::unmigrated(backend, &name).await;
         let config = Config {
             amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
-            database_url,
+            database_url: db.url.clone(),
             prefix: "tm".to_owned(),
             // `TASKMILL_QUEUE_TYPE=quorum` runs a suite on quorum queues.
             queue_type: Config::from_env()
@@ -173,15 +257,12 @@ impl TestEnv {
             http_addr: None,
             ..Config::default()
         };
-        let store = Store::connect(&config.database_url, 8)
-            .await
-            .expect("database reachable");
         Self {
             backend,
             config,
-            store,
+            store: db.store.clone(),
             name,
-            sqlite_path,
+            db,
         }
     }
 
@@ -316,16 +397,7 @@ impl TestEnv {
 
     /// Runs SQL of the test's own (a trigger that injects a fault, say) on its database.
     pub async fn execute_sql(&self, statements: &[&str]) {
-        let admin = Database::connect(&self.config.database_url)
-            .await
-            .expect("database reachable");
-        for statement in statements {
-            admin
-                .execute_unprepared(statement)
-                .await
-                .unwrap_or_else(|err| panic!("{statement}: {err}"));
-        }
-        admin.close().await.unwrap();
+        self.db.execute_sql(statements).await
     }
 
     /// How many leases whose name starts with `prefix` are held now (a feed lease is
@@ -699,41 +771,10 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let backend = self.backend;
-        let sqlite_path = self.sqlite_path.take();
-        // Async cleanup cannot run in drop; a plain thread with its own runtime can.
-        std::thread::spawn(move || {
-            delete_vhost(&name);
-            match backend {
-                Backend::Sqlite => {
-                    if let Some(path) = sqlite_path {
-                        for suffix in ["", "-wal", "-shm"] {
-                            let mut file = path.clone().into_os_string();
-                            file.push(suffix);
-                            let _ = std::fs::remove_file(file);
-                        }
-                    }
-                }
-                Backend::Postgres => {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
-                    runtime.block_on(async {
-                        if let Ok(admin) = Database::connect(postgres_admin_url()).await {
-                            let _ = admin
-                                .execute_unprepared(&format!(
-                                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                                ))
-                                .await;
-                            let _ = admin.close().await;
-                        }
-                    });
-                }
-            }
-        })
-        .join()
-        .unwrap();
+        // The database goes with `db`, dropped after this.
+        std::thread::spawn(move || delete_vhost(&name))
+            .join()
+            .unwrap();
     }
 }
 
@@ -944,4 +985,34 @@ async fn pump(
             }
         }
     }
+}
+
+/// A job row as the intake creates it, in `formation`.
+pub fn echo_job(id: &str, on_failure: FailurePolicy) -> NewJob {
+    NewJob {
+        id: id.into(),
+        job_type: builtin::ECHO.into(),
+        queue: "default".into(),
+        params: serde_json::Value::Null,
+        max_retries: 3,
+        retry_delay_ms: 100,
+        on_failure,
+        on_complete: None,
+        request_digest: format!("digest of {id}"),
+        task_timeout_ms: None,
+        results_in_event: false,
+        stage_plan: None,
+        run_at: None,
+    }
+}
+
+/// Task rows for [`echo_job`] from ordinal `from` on, each ordinal its payload.
+pub fn echo_tasks(from: i32, count: i32) -> Vec<NewTask> {
+    (from..from + count)
+        .map(|n| NewTask {
+            ordinal: n,
+            task_type: builtin::ECHO.into(),
+            payload: serde_json::json!(n),
+        })
+        .collect()
 }
