@@ -11,7 +11,7 @@ An edge A -> B is any path from A that names B: `use crate::b::..`, `use super::
 `crate::b::item` in code or in a doc link, and, from a module's own file, a path into
 one of its children (`child::item`). Splitting one type's `impl` over a parent and its
 children (the parent calls methods defined below it) leaves no path, so it is no edge.
-The binary (`src/main.rs`, `src/cli/`) and unit tests are left out. `-v` prints the graph.
+The binary's `src/main.rs` (one call into `cli`) and unit tests are left out. `-v` prints the graph.
 """
 import os
 import re
@@ -37,6 +37,8 @@ FLOORS = [
     ["http"],
     ["pod"],
     [""],
+    # The command line: it may use anything, and nothing uses it.
+    ["cli"],
 ]
 
 
@@ -45,7 +47,7 @@ def modules():
     for folder, _, files in os.walk(ROOT):
         for name in files:
             path = os.path.join(folder, name)
-            if not name.endswith(".rs") or path == "src/main.rs" or path.startswith("src/cli/"):
+            if not name.endswith(".rs") or path == "src/main.rs":
                 continue
             parts = os.path.relpath(path, ROOT)[:-3].split("/")
             if parts[-1] in ("mod", "lib"):

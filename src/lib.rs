@@ -14,6 +14,11 @@
 pub mod amqp;
 pub mod builtin;
 pub mod caps;
+// The command line's doc comments are clap's help text, which writes `[VARIABLE,
+// default]` and `<VALUE>`: neither links nor markup for rustdoc.
+#[doc(hidden)]
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+pub mod cli;
 pub mod client;
 mod clock;
 pub mod config;

@@ -1,8 +1,8 @@
 //! `taskmill cancel JOB_ID`: cancel a running job and publish its `job.cancelled` event.
 
+use crate::store::Store;
+use crate::{Client, Config};
 use clap::Args;
-use taskmill::store::Store;
-use taskmill::{Client, Config};
 
 #[derive(Args, Debug)]
 pub struct CancelArgs {

@@ -1,10 +1,10 @@
 //! `taskmill dead list|replay|purge`: the parking lot, for operators. Nothing leaves
 //! the parking lot except through these commands.
 
+use crate::amqp::topology::Topology;
+use crate::amqp::{broker, parking};
+use crate::Config;
 use clap::{Args, Subcommand};
-use taskmill::amqp::topology::Topology;
-use taskmill::amqp::{broker, parking};
-use taskmill::Config;
 
 #[derive(Args, Debug)]
 pub struct DeadArgs {

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::builtin;
+use crate::store::Store;
+use crate::{CancellationToken, Client, Config, JobRequest, Pod};
 use clap::Args;
 use serde_json::{json, Value};
-use taskmill::builtin;
-use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobRequest, Pod};
 
 use super::progress::Progress;
 
@@ -155,7 +155,7 @@ pub async fn run(
     }
     println!(
         "database   {}",
-        taskmill::config::redacted(&config.database_url)
+        crate::config::redacted(&config.database_url)
     );
 
     pod_token.cancel();

@@ -1,12 +1,12 @@
 //! `taskmill jobs`: the newest jobs, with their progress, failures, age and rate.
 
+use crate::state::JobStage;
+use crate::store::{JobFilter, Store};
+use crate::summary::{age, rate};
+use crate::Config;
 use chrono::Utc;
 use clap::Args;
 use serde_json::json;
-use taskmill::state::JobStage;
-use taskmill::store::{JobFilter, Store};
-use taskmill::summary::{age, rate};
-use taskmill::Config;
 
 #[derive(Args, Debug)]
 pub struct JobsArgs {

@@ -1,7 +1,7 @@
 //! `taskmill migrate`: apply pending migrations.
 
-use taskmill::store::Store;
-use taskmill::Config;
+use crate::store::Store;
+use crate::Config;
 
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let store = Store::connect(&config.database_url, 1).await?;

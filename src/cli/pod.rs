@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use crate::{CancellationToken, Config, Pod, Roles};
 use clap::{Args, ValueEnum};
-use taskmill::{CancellationToken, Config, Pod, Roles};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {

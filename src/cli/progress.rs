@@ -6,8 +6,8 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use crate::store::Store;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use taskmill::store::Store;
 use tokio::task::JoinHandle;
 
 /// How often a bar is redrawn, and how often a plain line is printed.

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use crate::state::JobStage;
+use crate::store::Store;
+use crate::{CancellationToken, Config};
 use clap::Args;
-use taskmill::state::JobStage;
-use taskmill::store::Store;
-use taskmill::{CancellationToken, Config};
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
@@ -36,9 +36,9 @@ pub async fn run(
     let stages: Vec<JobStage> = args.stage.into_iter().collect();
     let now = chrono::Utc::now();
     let rule = match args.older_than {
-        Some(age) => taskmill::retention::older_than(age, &stages, now),
+        Some(age) => crate::retention::older_than(age, &stages, now),
         None => {
-            let rule = taskmill::retention::rule(&config.retention, config.partition_span, now);
+            let rule = crate::retention::rule(&config.retention, config.partition_span, now);
             match args.stage {
                 Some(stage) => rule.only(stage),
                 None => rule,
@@ -51,7 +51,7 @@ pub async fn run(
         println!("would remove {} jobs ({} tasks)", due.jobs, due.tasks);
         return Ok(0);
     }
-    let removed = taskmill::retention::remove(&store, &rule, Duration::MAX, &shutdown).await?;
+    let removed = crate::retention::remove(&store, &rule, Duration::MAX, &shutdown).await?;
     println!("removed {} jobs ({} tasks)", removed.jobs, removed.tasks);
     Ok(if shutdown.is_cancelled() { 130 } else { 0 })
 }

@@ -2,10 +2,10 @@
 
 use std::io::{BufWriter, ErrorKind, Write};
 
+use crate::store::Store;
+use crate::{Config, TaskResult, TaskStatus};
 use clap::Args;
 use futures::TryStreamExt;
-use taskmill::store::Store;
-use taskmill::{Config, TaskResult, TaskStatus};
 
 #[derive(Args, Debug)]
 pub struct ResultsArgs {

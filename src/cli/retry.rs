@@ -1,8 +1,8 @@
 //! `taskmill retry JOB_ID`: run a failed job's failed and cancelled tasks again.
 
+use crate::store::Store;
+use crate::{Client, Config, Error};
 use clap::Args;
-use taskmill::store::Store;
-use taskmill::{Client, Config, Error};
 
 #[derive(Args, Debug)]
 pub struct RetryArgs {

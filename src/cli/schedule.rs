@@ -1,10 +1,10 @@
 //! `taskmill schedule add|list|remove`: periodic jobs from the command line, written to
 //! the `schedules` table that every deployment's request relay fires from.
 
+use crate::schedule::{CatchUp, Schedule};
+use crate::store::Store;
+use crate::Config;
 use clap::{Args, Subcommand};
-use taskmill::schedule::{CatchUp, Schedule};
-use taskmill::store::Store;
-use taskmill::Config;
 
 use super::submit::SubmitArgs;
 

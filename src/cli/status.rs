@@ -1,11 +1,11 @@
 //! `taskmill status JOB_ID`: a job's stage (and phase), task counts, first error and
 //! result; for a job sent in parts, its parts and seal.
 
+use crate::state::JobStage;
+use crate::store::Store;
+use crate::{known_pools, Config};
 use clap::Args;
 use serde_json::json;
-use taskmill::state::JobStage;
-use taskmill::store::Store;
-use taskmill::{known_pools, Config};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -99,7 +99,7 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
 /// Why a running job may not be moving: its pool has no consumer.
 async fn pool_report(
     store: &Store,
-    job: &taskmill::store::job::Model,
+    job: &crate::store::job::Model,
 ) -> anyhow::Result<Option<String>> {
     if job.stage != JobStage::Running.as_str() {
         return Ok(None);
@@ -113,7 +113,7 @@ async fn pool_report(
 /// A job sent in parts: how many are stored, and its seal.
 async fn parts_report(
     store: &Store,
-    job: &taskmill::store::job::Model,
+    job: &crate::store::job::Model,
 ) -> anyhow::Result<Option<String>> {
     let parts = store.parts(&job.id).await?;
     if parts.is_empty() && job.sealed_parts.is_none() {
@@ -131,7 +131,7 @@ async fn parts_report(
 }
 
 /// What went wrong with the job event's `on_complete` target, if anything.
-fn target_report(event: &Option<taskmill::store::job_event::Model>) -> Option<String> {
+fn target_report(event: &Option<crate::store::job_event::Model>) -> Option<String> {
     let event = event.as_ref()?;
     let error = event.target_error.as_ref()?;
     let next = match event.target_retry_at {

@@ -3,13 +3,13 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use crate::config::DEFAULT_DATABASE_URL;
+use crate::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
+use crate::{CancellationToken, Client, Config, FailurePolicy, JobRequest};
 use anyhow::Context;
 use clap::Args;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use taskmill::config::DEFAULT_DATABASE_URL;
-use taskmill::protocol::{DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY_MS};
-use taskmill::{CancellationToken, Client, Config, FailurePolicy, JobRequest};
 
 use super::progress::Progress;
 
@@ -149,7 +149,7 @@ pub async fn run(
     let event = match answer {
         Ok(event) => event,
         // An answer, not a failure of this command: say why, exit 1 as for a failed job.
-        Err(rejected @ taskmill::Error::Rejected { .. }) => {
+        Err(rejected @ crate::Error::Rejected { .. }) => {
             eprintln!("{rejected}");
             client.close().await?;
             return Ok(1);

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::database::BenchDb;
+use crate::amqp::broker::{self, Outgoing, Publisher};
+use crate::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
-use taskmill::amqp::broker::{self, Outgoing, Publisher};
-use taskmill::Config;
 
 const CONFIRM_WINDOW: usize = 1_000;
 const ACK_EVERY: u64 = 100;

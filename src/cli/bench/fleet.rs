@@ -1,18 +1,10 @@
 //! Worker processes for a scenario: this very binary, `taskmill worker`.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use taskmill::config::DEFAULT_QUEUE;
-use taskmill::Config;
+use crate::Config;
 use tokio::process::{Child, Command};
-
-use super::scenario::Bench;
-
-/// How long fresh workers may take to start consuming.
-const READY_WITHIN: Duration = Duration::from_secs(30);
 
 pub struct Fleet {
     children: Vec<Child>,
@@ -89,49 +81,6 @@ impl Fleet {
                 let _ = child.kill().await;
             }
         }
-    }
-}
-
-impl Bench {
-    /// Waits until the intake, work and completion queues each have a consumer from
-    /// every one of `workers` fresh processes, and returns how long that took: a
-    /// scenario's clock starts once its workers are up, as a running deployment's are,
-    /// so that no timing measures a process starting.
-    pub(super) async fn until_consumed(&self, workers: usize) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        while !self.all_consumed(workers).await? {
-            anyhow::ensure!(
-                started.elapsed() < READY_WITHIN,
-                "the worker processes did not all start consuming within {READY_WITHIN:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(started.elapsed())
-    }
-
-    async fn all_consumed(&self, workers: usize) -> anyhow::Result<bool> {
-        let topology = self.client.topology();
-        let queues = [
-            topology.intake_queue(),
-            topology.work_queue(DEFAULT_QUEUE),
-            topology.completion_queue(),
-        ];
-        let channel = self.listener.create_channel().await?;
-        for queue in queues {
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            // A passive declare of a queue not declared yet fails and closes the channel.
-            let declared = channel
-                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-                .await;
-            if !declared.is_ok_and(|queue| queue.consumer_count() as usize >= workers) {
-                return Ok(false);
-            }
-        }
-        let _ = channel.close(200, "ready".into()).await;
-        Ok(true)
     }
 }
 

@@ -35,16 +35,12 @@ mod scratch;
 mod soak;
 mod waiting;
 
+use crate::store::Store;
+use crate::Config;
 use clap::Args;
-use taskmill::store::Store;
-use taskmill::Config;
 
 use report::Report;
 
-/// S6's first rate, in jobs per second.
-const OPEN_LOOP_RATE: f64 = 200.0;
-/// Where S6's search for the saturation rate stops.
-const MAX_OPEN_LOOP_RATE: f64 = 5_000.0;
 /// S8's reduce tasks.
 const MAP_REDUCE_SHARDS: u32 = 100;
 use scenario::Spec;
@@ -233,7 +229,7 @@ async fn measure(
     }
     if selected("S6") {
         // 200 jobs/s, and half the rate S3 ended jobs at when it ran.
-        let mut rates = vec![OPEN_LOOP_RATE];
+        let mut rates = vec![open_loop::OPEN_LOOP_RATE];
         rates.extend(
             report
                 .scenario("S3")
@@ -245,9 +241,9 @@ async fn measure(
         }
         // Saturation: from 200/s up by half at a time, while every event arrives with
         // p99 under 250 ms.
-        let mut rate = OPEN_LOOP_RATE;
+        let mut rate = open_loop::OPEN_LOOP_RATE;
         let mut kept_up = report.open_loop.first().is_some_and(|s6| s6.kept_up());
-        while kept_up && rate < MAX_OPEN_LOOP_RATE {
+        while kept_up && rate < open_loop::MAX_OPEN_LOOP_RATE {
             rate = (rate * 1.5).round();
             let result = open_loop(&bench, rate, args.open_loop_secs).await?;
             kept_up = result.kept_up();

@@ -6,13 +6,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::{builtin, Client, JobRequest};
 use serde::Serialize;
-use taskmill::{builtin, Client, JobRequest};
 use tokio::sync::Mutex;
 
 use super::cpu::CpuSeconds;
 use super::fleet::Fleet;
 use super::scenario::{percentile, Bench};
+
+/// S6's first rate, in jobs per second.
+pub(super) const OPEN_LOOP_RATE: f64 = 200.0;
+/// Where S6's search for the saturation rate stops.
+pub(super) const MAX_OPEN_LOOP_RATE: f64 = 5_000.0;
 
 /// How long events may still arrive after the last publish before they count missing.
 const DRAIN: Duration = Duration::from_secs(15);
@@ -72,7 +77,7 @@ impl Bench {
                 let at = Instant::now();
                 producer.submit(request).await?;
                 published.lock().await.push((id, at));
-                Ok::<_, taskmill::Error>(())
+                Ok::<_, crate::Error>(())
             });
         }
         while let Some(sent) = sends.join_next().await {

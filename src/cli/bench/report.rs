@@ -1,7 +1,7 @@
 //! The bench report: JSON, or a table with the ratios that compare across runs.
 
+use crate::Config;
 use serde::Serialize;
-use taskmill::Config;
 
 use super::baseline::{BrokerBaseline, DatabaseBaseline};
 use super::open_loop::OpenLoopResult;
@@ -208,7 +208,7 @@ impl Report {
             if let Some(s6) = self
                 .open_loop
                 .iter()
-                .find(|s| s.jobs_per_s == super::OPEN_LOOP_RATE)
+                .find(|s| s.jobs_per_s == super::open_loop::OPEN_LOOP_RATE)
             {
                 println!(
                     "goal S6 at 200 jobs/s p99 < 25 ms:       {:.0} ms{}",

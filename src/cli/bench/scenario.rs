@@ -5,19 +5,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::DEFAULT_QUEUE;
+use crate::store::Store;
+use crate::{builtin, Client, Config, JobEvent, JobRequest};
 use base64::Engine as _;
 use futures::{StreamExt, TryStreamExt};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 use lapin::Connection;
 use serde::Serialize;
 use serde_json::json;
-use taskmill::config::DEFAULT_QUEUE;
-use taskmill::store::Store;
-use taskmill::{builtin, Client, Config, JobEvent, JobRequest};
 
 use super::cpu::CpuSeconds;
 use super::database::{BenchDb, ServerCounters};
 use super::fleet::Fleet;
+
+/// How long fresh workers may take to start consuming.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// How long the broker's and PostgreSQL's statistics may lag behind.
 pub const STATS_SETTLE: Duration = Duration::from_secs(6);
@@ -37,7 +41,7 @@ pub struct Spec {
     /// Submitted as a user would: `taskmill submit --tasks-file` in a process of its
     /// own (whose memory is measured), the file streamed in parts.
     through_cli: bool,
-    /// Submitted with `taskmill::submit_in`, each job in a database transaction of
+    /// Submitted with `crate::submit_in`, each job in a database transaction of
     /// its own, which the request relay publishes after the commit.
     in_transactions: bool,
 }
@@ -63,7 +67,7 @@ impl Spec {
         }
     }
 
-    /// Submit each job with `taskmill::submit_in` in a transaction of its own.
+    /// Submit each job with `crate::submit_in` in a transaction of its own.
     pub fn in_transactions(mut self) -> Self {
         self.in_transactions = true;
         self
@@ -168,7 +172,7 @@ pub struct Bench {
 impl Bench {
     pub async fn start(config: &Config, counters: BenchDb) -> anyhow::Result<Self> {
         let client = Client::connect(config).await?;
-        let listener = taskmill::amqp::broker::connect(&config.amqp_url).await?;
+        let listener = crate::amqp::broker::connect(&config.amqp_url).await?;
         let channel = listener.create_channel().await?;
         let mut consumer = client
             .topology()
@@ -345,7 +349,7 @@ impl Bench {
                 let db = &db;
                 async move {
                     let txn = db.begin().await?;
-                    let id = taskmill::submit_in(&txn, request).await?;
+                    let id = crate::submit_in(&txn, request).await?;
                     txn.commit().await?;
                     Ok::<_, anyhow::Error>((id, Instant::now()))
                 }
@@ -546,5 +550,48 @@ impl ManagementApi {
                 }
             }
         }
+    }
+}
+
+impl Bench {
+    /// Waits until the intake, work and completion queues each have a consumer from
+    /// every one of `workers` fresh processes, and returns how long that took: a
+    /// scenario's clock starts once its workers are up, as a running deployment's are,
+    /// so that no timing measures a process starting.
+    pub(super) async fn until_consumed(&self, workers: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        while !self.all_consumed(workers).await? {
+            anyhow::ensure!(
+                started.elapsed() < READY_WITHIN,
+                "the worker processes did not all start consuming within {READY_WITHIN:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    async fn all_consumed(&self, workers: usize) -> anyhow::Result<bool> {
+        let topology = self.client.topology();
+        let queues = [
+            topology.intake_queue(),
+            topology.work_queue(DEFAULT_QUEUE),
+            topology.completion_queue(),
+        ];
+        let channel = self.listener.create_channel().await?;
+        for queue in queues {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            // A passive declare of a queue not declared yet fails and closes the channel.
+            let declared = channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await;
+            if !declared.is_ok_and(|queue| queue.consumer_count() as usize >= workers) {
+                return Ok(false);
+            }
+        }
+        let _ = channel.close(200, "ready".into()).await;
+        Ok(true)
     }
 }

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::{builtin, JobRequest};
 use serde::Serialize;
-use taskmill::{builtin, JobRequest};
 
 use super::database::{BenchDb, Sizes};
 use super::fleet::Fleet;

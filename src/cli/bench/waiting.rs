@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use crate::store::Store;
+use crate::{builtin, JobRequest, JobStage};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use taskmill::store::Store;
-use taskmill::{builtin, JobRequest, JobStage};
 
 use super::cpu::CpuSeconds;
 use super::database::{BenchDb, Sizes};
