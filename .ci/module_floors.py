@@ -21,7 +21,7 @@ ROOT = "src"
 
 FLOORS = [
     # Words and numbers every layer speaks.
-    ["clock", "caps", "state", "stages", "metrics"],
+    ["clock", "caps", "state", "phases", "metrics"],
     ["retry", "config", "external"],
     ["protocol", "registry"],
     # The two kinds of plumbing, side by side.

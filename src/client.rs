@@ -262,7 +262,7 @@ impl Client {
         Ok(results.map_err(Error::from).boxed())
     }
 
-    /// A multi-stage job's result ([`crate::stages`]): `None` while it runs, for a job of
+    /// A multi-stage job's result ([`crate::phases`]): `None` while it runs, for a job of
     /// one stage, or one that did not end `done`. Needs a store.
     pub async fn job_result(&self, job_id: &str) -> Result<Option<serde_json::Value>, Error> {
         let store = self.store.as_ref().ok_or_else(|| {

@@ -80,7 +80,7 @@ pub struct Config {
     /// may take the task over.
     pub lease: Duration,
     /// Starts of one attempt before the task is failed as a crash loop.
-    pub max_deliveries: i32,
+    pub max_starts: i32,
     /// How long shutdown waits for in-flight handlers.
     pub grace_period: Duration,
     /// Run migrations when a pod starts.
@@ -222,7 +222,7 @@ impl Default for Config {
             concurrency: 32,
             prefetch: DEFAULT_PREFETCH,
             lease: Duration::from_secs(300),
-            max_deliveries: 5,
+            max_starts: 5,
             grace_period: Duration::from_secs(30),
             migrate_on_start: true,
             db_pool_size: 16,

@@ -41,7 +41,7 @@ impl Parting {
             job_id: request.job_id,
             job_type: request.job_type,
             task_type: request.task_type,
-            queue: request.queue,
+            pool: request.pool,
             params: request.params,
             tasks: None,
             max_retries: request.max_retries,

@@ -76,7 +76,7 @@ impl Default for Roles {
 /// How long a pod's roles may take to stop after its shutdown token is cancelled: the
 /// grace period for handlers in flight, plus a margin for settling and closing. Past
 /// it, whatever still waits (on a broker that stopped answering, say) is abandoned:
-/// its messages are unacked and return to their queues. Closing the connection takes
+/// its messages are unacked and return to their pools. Closing the connection takes
 /// at most [`crate::amqp::broker::CLOSE_TIMEOUT`] more, so a pod stops within grace + 3 s.
 fn shutdown_deadline(config: &Config) -> Duration {
     config.grace_period + SHUTDOWN_MARGIN
@@ -89,7 +89,7 @@ pub struct PodBuilder {
     config: Config,
     registry: Registry,
     roles: Roles,
-    queues: Vec<String>,
+    pools: Vec<String>,
     store: Option<Store>,
     schedules: Vec<Schedule>,
 }
@@ -148,9 +148,9 @@ impl PodBuilder {
         self
     }
 
-    /// Adds a worker pool to serve (`default` when none is given).
-    pub fn queue(mut self, pool: impl Into<String>) -> Self {
-        self.queues.push(pool.into());
+    /// Adds a pool to serve (`default` when none is given).
+    pub fn pool(mut self, pool: impl Into<String>) -> Self {
+        self.pools.push(pool.into());
         self
     }
 
@@ -178,16 +178,16 @@ impl PodBuilder {
     /// The pod, its configuration [normalized](Config::normalized); it serves `default`
     /// when no pool was added.
     pub fn build(self) -> Pod {
-        let queues = if self.queues.is_empty() {
+        let pools = if self.pools.is_empty() {
             vec![DEFAULT_QUEUE.to_owned()]
         } else {
-            self.queues
+            self.pools
         };
         Pod {
             config: self.config.normalized(),
             registry: self.registry,
             roles: self.roles,
-            queues,
+            pools,
             store: self.store,
             schedules: self.schedules,
         }
@@ -199,7 +199,7 @@ pub struct Pod {
     config: Config,
     registry: Registry,
     roles: Roles,
-    queues: Vec<String>,
+    pools: Vec<String>,
     store: Option<Store>,
     schedules: Vec<Schedule>,
 }
@@ -216,7 +216,7 @@ impl Pod {
                 registry
             },
             roles: Roles::ALL,
-            queues: Vec::new(),
+            pools: Vec::new(),
             store: None,
             schedules: Vec::new(),
         }
@@ -253,7 +253,7 @@ impl Pod {
                 link.clone(),
                 vitals.clone(),
                 if self.roles.worker {
-                    self.queues.clone()
+                    self.pools.clone()
                 } else {
                     Vec::new()
                 },
@@ -289,7 +289,7 @@ impl Pod {
         if self.roles.worker {
             // Before any intake starts: a request for a pool this pod serves is
             // accepted from the first one on.
-            store.register_pools(&self.queues).await?;
+            store.register_pools(&self.pools).await?;
         }
         let shared = Arc::new(Shared {
             pools: KnownPools::new(&self.config.known_pools),
@@ -309,7 +309,7 @@ impl Pod {
             running.start(Role::intake());
         }
         if self.roles.worker {
-            for pool in self.queues {
+            for pool in self.pools {
                 running.start(Role::worker(pool, &shared.config));
             }
         }

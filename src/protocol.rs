@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::DEFAULT_QUEUE;
-use crate::stages::MAX_REDUCE_SHARDS;
+use crate::phases::MAX_REDUCE_SHARDS;
 use crate::state::JobStage;
 
 /// The schema version every message carries; a message of another version is parked.
@@ -102,9 +102,9 @@ pub struct JobRequest<T = Value> {
     /// The handler that runs each task; the job type when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
-    /// The worker pool whose queue the tasks go to.
-    #[serde(default = "default_queue")]
-    pub queue: String,
+    /// The pool whose work queue the tasks go to; `queue` on the wire.
+    #[serde(rename = "queue", default = "default_pool")]
+    pub pool: String,
     /// Any JSON, kept on the job; the splitter's input when `tasks` is absent. `null`
     /// when absent.
     #[serde(default)]
@@ -190,7 +190,7 @@ pub const MAX_PARTS: u32 = 10_000;
 /// Tasks one job may have at most (task ordinals are 32-bit).
 pub const MAX_JOB_TASKS: u64 = i32::MAX as u64;
 
-fn default_queue() -> String {
+fn default_pool() -> String {
     DEFAULT_QUEUE.to_owned()
 }
 fn default_max_retries() -> u32 {
@@ -208,7 +208,7 @@ impl JobRequest {
             job_id: None,
             job_type: job_type.into(),
             task_type: None,
-            queue: default_queue(),
+            pool: default_pool(),
             params: Value::Null,
             tasks: Some(tasks),
             max_retries: DEFAULT_MAX_RETRIES,
@@ -275,7 +275,7 @@ impl<T> JobRequest<T> {
         let asked = Asked {
             job_type: &self.job_type,
             task_type: self.task_type(),
-            queue: &self.queue,
+            queue: &self.pool,
             params: &self.params,
             tasks: if in_parts { &None } else { &self.tasks },
             max_retries: self.max_retries,
@@ -312,7 +312,7 @@ impl<T> JobRequest<T> {
         }
         check_name("job_type", &self.job_type)?;
         check_name("task_type", self.task_type())?;
-        check_pool(&self.queue)?;
+        check_pool(&self.pool)?;
         if self.max_retries > MAX_RETRIES_LIMIT {
             return Err(DecodeError::Invalid(format!(
                 "max_retries {} is above the limit of {MAX_RETRIES_LIMIT}",
@@ -899,7 +899,7 @@ mod tests {
         let req: JobRequest =
             decode(br#"{"version":1,"job_type":"x","tasks":[1,2]}"#, None, 1024).unwrap();
         req.validate().unwrap();
-        assert_eq!(req.queue, "default");
+        assert_eq!(req.pool, "default");
         assert_eq!(req.max_retries, 3);
         assert_eq!(req.retry_delay_ms, 5000);
         assert_eq!(req.on_failure, FailurePolicy::FailFast);

@@ -3,7 +3,7 @@
 //! A handler is an async function from a [`TaskContext`] to a JSON result or a
 //! [`TaskError`]; a splitter turns a job's `params` into task payloads when the
 //! request carries no `tasks`; a [`JobType`] adds a reduce stage and a finalizer after
-//! its map handler (see [`crate::stages`]).
+//! its map handler (see [`crate::phases`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,8 +16,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::external::Backend;
-use crate::stages::{
-    finalize_task_type, reduce_task_type, FinalizePlan, ReducePlan, StagePlan,
+use crate::phases::{
+    finalize_task_type, reduce_task_type, FinalizePlan, PhasePlan, ReducePlan,
     DEFAULT_REDUCE_SHARDS, MAX_REDUCE_SHARDS,
 };
 
@@ -116,14 +116,14 @@ pub struct Registry {
     handlers: HashMap<String, HandlerFn>,
     splitters: HashMap<String, SplitterFn>,
     timeouts: HashMap<String, Duration>,
-    plans: HashMap<String, StagePlan>,
+    plans: HashMap<String, PhasePlan>,
     backends: HashMap<String, Arc<dyn Backend>>,
 }
 
 /// A job type of up to three stages: its tasks (made by the request or the splitter)
 /// run the **map** handler, whose output the **reduce** handler reduces key by key,
 /// and an optional **finalizer** turns the reduce output into the job's result. See
-/// [`crate::stages`] for the payloads each stage gets.
+/// [`crate::phases`] for the payloads each stage gets.
 ///
 /// ```
 /// use serde_json::{json, Value};
@@ -273,7 +273,7 @@ impl Registry {
             self.handlers.insert(task_type.clone(), finalize);
             FinalizePlan { task_type }
         });
-        let plan = StagePlan {
+        let plan = PhasePlan {
             reduce: ReducePlan {
                 task_type: reduce_type,
                 shards: job_type.shards,
@@ -303,7 +303,7 @@ impl Registry {
     }
 
     /// The stages after the map stage of `job_type`; `None` for a one-stage job type.
-    pub fn plan(&self, job_type: &str) -> Option<&StagePlan> {
+    pub fn plan(&self, job_type: &str) -> Option<&PhasePlan> {
         self.plans.get(job_type)
     }
 

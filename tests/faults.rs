@@ -333,7 +333,7 @@ async fn closed_connections_are_ridden_out(backend: Backend) {
 /// A task that aborts its process, among 31 neighbours on one pod of 32 slots,
 /// restarted whenever it dies (as an orchestrator would): each crash takes down the
 /// neighbours running beside it, yet only the poison task fails — once it was started
-/// more than `max_deliveries` (5) times — and every neighbour is done.
+/// more than `max_starts` (5) times — and every neighbour is done.
 async fn a_poison_task_fails_alone(backend: Backend) {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::new(backend).await;

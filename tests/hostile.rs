@@ -546,7 +546,7 @@ async fn requests_for_pools_nobody_serves_are_refused(backend: Backend) {
     let _quiet = QUIET.read().await;
     let env = TestEnv::new(backend).await;
     let pod = env.start(env.pod());
-    let gpu = env.start(env.pod().roles(common::WORKER_ONLY).queue("gpu"));
+    let gpu = env.start(env.pod().roles(common::WORKER_ONLY).pool("gpu"));
     let client = env.client().await;
     let watch = client.watch("pool-0").await.unwrap();
     for n in 0..50 {
@@ -623,7 +623,7 @@ async fn a_job_waiting_on_a_pool_nobody_consumes_says_so(backend: Backend) {
         "{status}"
     );
 
-    let later = env.start(env.pod().roles(common::WORKER_ONLY).queue("later"));
+    let later = env.start(env.pod().roles(common::WORKER_ONLY).pool("later"));
     assert_eq!(env.wait_for_end("waits", SOON).await.stage, "done");
     assert!(!job_status_text(&env, "waits").await.contains("waiting"));
     later.stop().await;

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use serde_json::json;
+use taskmill::phases::{PhasePlan, ReducePlan};
 use taskmill::protocol::{Part, Seal};
-use taskmill::stages::{ReducePlan, StagePlan};
 use taskmill::store::{
     NewJob, PartClaim, PartsState, Rerun, StartOutcome, Store, TaskOutcome, Transition,
 };
@@ -327,7 +327,7 @@ async fn a_map_phase_over_moves_the_job_to_reduce(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = &db.store;
     let mut job = echo_job("phases", FailurePolicy::Continue);
-    job.stage_plan = Some(StagePlan {
+    job.stage_plan = Some(PhasePlan {
         reduce: ReducePlan {
             task_type: "phases.reduce".into(),
             shards: 2,

@@ -442,7 +442,7 @@ async fn a_batch_claim_that_fails_claims_nothing(backend: Backend) {
         .await
         .unwrap()
         .expect("the fresh task is claimable at once");
-    assert_eq!((claim.deliveries, claim.taken_over), (1, false));
+    assert_eq!((claim.starts, claim.taken_over), (1, false));
 }
 
 /// A retry lost in the delay ladder (a deleted queue, at-most-once dead-lettering)

@@ -6,7 +6,7 @@ use crate::{CancellationToken, Config, Pod, Roles};
 use clap::{Args, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Role {
+pub enum RoleName {
     Intake,
     Worker,
     Completion,
@@ -19,10 +19,10 @@ pub enum Role {
 pub struct PodArgs {
     /// Roles to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub roles: Vec<Role>,
-    /// Worker pools to serve (repeatable; default `default`).
-    #[arg(long = "queue")]
-    pub queues: Vec<String>,
+    pub roles: Vec<RoleName>,
+    /// Pools to serve (repeatable; default `default`).
+    #[arg(long = "pool", alias = "queue")]
+    pub pools: Vec<String>,
     /// Pools job requests may name besides `default` and the pools pods serve
     /// [TASKMILL_KNOWN_POOLS].
     #[arg(long, value_delimiter = ',')]
@@ -118,15 +118,15 @@ impl PodArgs {
     }
 }
 
-pub fn roles(selected: &[Role]) -> Roles {
+pub fn roles(selected: &[RoleName]) -> Roles {
     if selected.is_empty() {
         return Roles::ALL;
     }
     Roles {
-        intake: selected.contains(&Role::Intake),
-        worker: selected.contains(&Role::Worker),
-        completion: selected.contains(&Role::Completion),
-        sweeper: selected.contains(&Role::Sweeper),
+        intake: selected.contains(&RoleName::Intake),
+        worker: selected.contains(&RoleName::Worker),
+        completion: selected.contains(&RoleName::Completion),
+        sweeper: selected.contains(&RoleName::Sweeper),
     }
 }
 
@@ -136,11 +136,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let roles = roles(&args.roles);
-    let queues = args.queues.clone();
+    let pools = args.pools.clone();
     args.apply(&mut config);
     let mut builder = Pod::builder().config(config).roles(roles);
-    for queue in queues {
-        builder = builder.queue(queue);
+    for pool in pools {
+        builder = builder.pool(pool);
     }
     builder.build().run(shutdown).await?;
     tracing::info!("pod stopped");

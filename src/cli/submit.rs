@@ -30,8 +30,9 @@ pub struct SubmitArgs {
     /// Job parameters as JSON (for splitters).
     #[arg(long)]
     pub params: Option<String>,
-    #[arg(long, default_value = "default")]
-    pub queue: String,
+    /// The pool whose workers run the tasks.
+    #[arg(long, alias = "queue", default_value = "default")]
+    pub pool: String,
     #[arg(long, default_value_t = DEFAULT_MAX_RETRIES)]
     pub max_retries: u32,
     #[arg(long, default_value_t = DEFAULT_RETRY_DELAY_MS)]
@@ -82,7 +83,7 @@ pub fn request(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     }
     request.task_type = args.task_type.clone();
     request.job_id = args.job_id.clone();
-    request.queue = args.queue.clone();
+    request.pool = args.pool.clone();
     request.max_retries = args.max_retries;
     request.retry_delay_ms = args.retry_delay_ms;
     request.results_in_event = args.results_in_event;

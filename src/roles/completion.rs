@@ -11,7 +11,7 @@
 //! are over end together in one transaction ([`crate::store::Store::check_jobs`]),
 //! which writes their events to the outbox; the events are published after the
 //! commit, and the batch is acked only after that. A multi-stage job whose phase is
-//! over moves to its next phase in that transaction instead ([`crate::stages`]); after
+//! over moves to its next phase in that transaction instead ([`crate::phases`]); after
 //! the commit this role's feeder publishes the new phase's task messages and its
 //! `job.stage` event goes out.
 

@@ -21,11 +21,11 @@ use super::error::StoreError;
 use super::handle::Store;
 use super::outbox::EVENT_CLAIM;
 use super::pg_batch::{self, one_of};
+use super::phases::{self, Advanced};
 use super::results::{result_for_event, results_for_event};
 use super::rows::{Checked, PhaseChange};
-use super::stages::{self, Advanced};
+use crate::phases::Phase;
 use crate::protocol::{FailurePolicy, JobEvent, SCHEMA_VERSION, STAGE};
-use crate::stages::Phase;
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, job_event, job_request, task};
 
@@ -343,7 +343,7 @@ enum Settled {
 }
 
 /// Decides a locked running job's fate from its counters, and for a multi-stage job
-/// whose phase is over, makes the next phase ([`stages::advance`]) with its payloads
+/// whose phase is over, makes the next phase ([`phases::advance`]) with its payloads
 /// capped at `cap` bytes.
 async fn settle<C: ConnectionTrait>(
     txn: &C,
@@ -353,7 +353,7 @@ async fn settle<C: ConnectionTrait>(
     Ok(match Counters::of(job).verdict() {
         Verdict::Wait => Settled::Wait,
         Verdict::End(to) => Settled::Ends(to, job.first_error.clone(), None),
-        Verdict::Advance => match stages::advance(txn, job, cap).await? {
+        Verdict::Advance => match phases::advance(txn, job, cap).await? {
             Advanced::Moved { job, phase } => {
                 let event = stage_event(&job, phase);
                 Settled::Moved(Box::new(PhaseChange {

@@ -18,7 +18,7 @@ use super::pg_batch::one_of;
 use super::requests::{write_requests, NewRequest};
 use super::rows::{JobFilter, JobStatus, NewJob, NewTask, StartOutcome, WholeJob};
 use super::task_rows::{insert_jobs_task_rows, insert_task_rows};
-use crate::stages::Phase;
+use crate::phases::Phase;
 use crate::state::JobStage;
 use entity::{job, task};
 

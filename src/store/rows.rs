@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::phases::{Phase, PhasePlan};
 use crate::protocol::{FailurePolicy, JobEvent, Target};
-use crate::stages::{Phase, StagePlan};
 use crate::state::TaskStatus;
 use entity::{job, job_event};
 
@@ -36,7 +36,7 @@ pub struct NewJob {
     /// The job event should carry the tasks' results.
     pub results_in_event: bool,
     /// The stages after the map stage, for a multi-stage job type.
-    pub stage_plan: Option<StagePlan>,
+    pub stage_plan: Option<PhasePlan>,
     /// Not before then: the request's `run_at`.
     pub run_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -84,7 +84,7 @@ pub enum StartOutcome {
     Ended(job_event::Model),
 }
 
-/// A multi-stage job that entered a phase ([`crate::stages`]).
+/// A multi-stage job that entered a phase ([`crate::phases`]).
 #[derive(Clone, Debug)]
 pub struct PhaseChange {
     /// The job row as it is now: the new phase's tasks are stored, their messages not
@@ -122,7 +122,7 @@ pub struct JobStatus {
 #[derive(Clone, Copy, Debug)]
 pub struct Claim {
     /// Starts of this attempt's handler so far (a fresh claim counts its own).
-    pub deliveries: i32,
+    pub starts: i32,
     /// The attempt was running already, in a worker that died or lost its channel
     /// (or whose lease ran out): it may be what killed that worker.
     pub taken_over: bool,

@@ -78,7 +78,7 @@ impl Store {
                 .await?;
             if let Some(row) = fresh.into_iter().next() {
                 return Ok(Some(Claim {
-                    deliveries: row.deliveries,
+                    starts: row.deliveries,
                     taken_over: false,
                 }));
             }
@@ -97,7 +97,7 @@ impl Store {
                 .exec_with_returning(&self.db)
                 .await?;
             Ok(taken.into_iter().next().map(|row| Claim {
-                deliveries: row.deliveries,
+                starts: row.deliveries,
                 taken_over: true,
             }))
         })
@@ -375,7 +375,7 @@ async fn claim_by_attempt<C: ConnectionTrait>(
 /// the key of the sweeper's index, cost a claim 1.6 times as much.
 fn claiming(
     attempt: i32,
-    deliveries: SimpleExpr,
+    starts: SimpleExpr,
     token: &str,
     lease: Duration,
 ) -> sea_orm::UpdateMany<task::Entity> {
@@ -385,7 +385,7 @@ fn claiming(
             Expr::value(TaskStatus::Running.as_str()),
         )
         .col_expr(task::Column::Attempts, Expr::value(attempt))
-        .col_expr(task::Column::Deliveries, deliveries)
+        .col_expr(task::Column::Deliveries, starts)
         .col_expr(task::Column::ClaimedBy, Expr::value(token))
         .col_expr(task::Column::LeaseUntil, Expr::value(lease_deadline(lease)))
         .col_expr(

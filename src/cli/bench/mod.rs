@@ -53,9 +53,9 @@ pub struct BenchArgs {
     /// Jobs of S3 (10 tasks each) and of S10 (one task each).
     #[arg(long, default_value_t = 1_000)]
     pub jobs: usize,
-    /// Worker processes for S1–S4.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    /// Pods (`taskmill worker` processes) for S1–S4.
+    #[arg(long, alias = "workers", default_value_t = 1)]
+    pub pods: usize,
     /// Handlers at once per worker process (default: what `taskmill worker` uses,
     /// TASKMILL_CONCURRENCY or 32).
     #[arg(long)]
@@ -141,14 +141,14 @@ async fn measure(
 
     let n = args.tasks;
     let mut specs = vec![
-        Spec::new("S1", format!("1 job × {n}"), 1, n, args.workers),
-        Spec::new("S2", format!("1 job × {}", 10 * n), 1, 10 * n, args.workers),
+        Spec::new("S1", format!("1 job × {n}"), 1, n, args.pods),
+        Spec::new("S2", format!("1 job × {}", 10 * n), 1, 10 * n, args.pods),
         Spec::new(
             "S7",
             format!("1 job × {}, submit --tasks-file", 100 * n),
             1,
             100 * n,
-            args.workers,
+            args.pods,
         )
         .through_cli(),
         Spec::new(
@@ -156,16 +156,9 @@ async fn measure(
             format!("{} jobs × 10", args.jobs),
             args.jobs,
             10,
-            args.workers,
+            args.pods,
         ),
-        Spec::new(
-            "S4",
-            format!("1 job × {n}, 10% fail once"),
-            1,
-            n,
-            args.workers,
-        )
-        .failing_every(10),
+        Spec::new("S4", format!("1 job × {n}, 10% fail once"), 1, n, args.pods).failing_every(10),
     ];
     // The same single-task jobs published by the client, then written in the
     // producers' transactions and published by the relay: what the outbox costs.
@@ -174,7 +167,7 @@ async fn measure(
         format!("{} jobs × 1, Client::submit", args.jobs),
         args.jobs,
         1,
-        args.workers,
+        args.pods,
     ));
     specs.push(
         Spec::new(
@@ -182,7 +175,7 @@ async fn measure(
             format!("{} jobs × 1, submit_in", args.jobs),
             args.jobs,
             1,
-            args.workers,
+            args.pods,
         )
         .in_transactions(),
     );
@@ -192,7 +185,7 @@ async fn measure(
             format!("1 map → reduce job × {n}, {MAP_REDUCE_SHARDS} shards"),
             1,
             n,
-            args.workers,
+            args.pods,
         )
         .map_reduce(MAP_REDUCE_SHARDS),
     );

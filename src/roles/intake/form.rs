@@ -9,9 +9,9 @@ use serde_json::value::RawValue;
 
 use super::group::{Grouped, WHOLE_JOB_TASKS};
 use super::{Intake, Rejection};
+use crate::phases::PhasePlan;
 use crate::protocol::{self, JobRequest, Target, DUE_HEADER};
 use crate::retry::Delays;
-use crate::stages::StagePlan;
 use crate::state::JobStage;
 use crate::store::{job, NewJob, NewRequest, NewTask, StartOutcome, WholeJob};
 
@@ -71,13 +71,13 @@ impl Intake {
         if !self
             .shared
             .pools
-            .contains(&self.shared.store, &request.queue)
+            .contains(&self.shared.store, &request.pool)
             .await?
         {
             return Err(Rejection::Park(format!(
                 "unknown pool {:?}: no pod serves it and it is not among the known pools \
                  (TASKMILL_KNOWN_POOLS)",
-                request.queue
+                request.pool
             )));
         }
         let task_type = request.task_type().to_owned();
@@ -172,7 +172,7 @@ impl Intake {
         Ok(NewJob {
             id,
             job_type: request.job_type.clone(),
-            queue: request.queue.clone(),
+            queue: request.pool.clone(),
             params: request.params.clone(),
             max_retries: request.max_retries as i32,
             retry_delay_ms: request.retry_delay_ms as i64,
@@ -286,7 +286,7 @@ impl Intake {
     fn stage_plan(
         &self,
         request: &JobRequest<Box<RawValue>>,
-    ) -> Result<Option<StagePlan>, Rejection> {
+    ) -> Result<Option<PhasePlan>, Rejection> {
         let asks = request.reduce_shards.is_some() || request.reduce_per_key.is_some();
         let Some(mut plan) = self.shared.registry.plan(&request.job_type).cloned() else {
             if asks {

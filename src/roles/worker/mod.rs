@@ -33,7 +33,7 @@
 //! Poison tasks fail alone: an attempt taken over from a worker that died (or lost its
 //! channel) runs in quarantine — alone in its pod — and only then is its start
 //! counted, so a task that keeps killing its worker fails once it was started more
-//! than `max_deliveries` times, while the tasks that happened to run beside it are
+//! than `max_starts` times, while the tasks that happened to run beside it are
 //! never charged for its crashes. (A task that kills its worker within the second it
 //! runs unclaimed is charged from its redelivery on, which always claims: one crash
 //! more.)
@@ -128,7 +128,7 @@ pub(crate) async fn run(
     .await?;
     crate::metrics::register_pool(&pool, shared.registry.task_types());
     let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
-    let runner = Arc::new(Runner {
+    let runner = Arc::new(Worker {
         shared: shared.clone(),
         events: EventPublisher::new(
             publisher.clone(),
@@ -178,11 +178,11 @@ pub(crate) async fn run(
 }
 
 /// Takes deliveries in batches — whatever the consumer has buffered while handlers
-/// are free, each with its slot and a handler's — and dispatches them, until shutdown
+/// are free, each with its slot and a handler's — and starts them, until shutdown
 /// (`Ok`) or the consumer fails.
 async fn consume(
     consumer: &mut Consumer,
-    runner: &Arc<Runner>,
+    runner: &Arc<Worker>,
     capacity: &Capacity,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
@@ -211,7 +211,7 @@ async fn consume(
             };
             batch.push(Received::decoded(consumer, delivery, slot, handler));
         }
-        runner.dispatch(batch).await;
+        runner.start_batch(batch).await;
         if let Some(prefetch) = depth.next(&capacity.pace) {
             consumer.set_prefetch(prefetch).await?;
         }
@@ -268,7 +268,7 @@ enum Start {
     Unclaimed(unclaimed::Running),
 }
 
-struct Runner {
+struct Worker {
     shared: Arc<Shared>,
     publisher: Publisher,
     /// Publishes the events of the jobs whose last outcomes this worker records.
@@ -285,11 +285,11 @@ struct Runner {
     unclaimed: Arc<unclaimed::Unclaimed>,
 }
 
-impl Runner {
+impl Worker {
     /// Decodes a batch of deliveries, finds which fresh ones may start (one read, or
     /// one claim for external tasks), and starts a handler for each; a redelivery, or
     /// a delivery that may not start as it is, goes the one-task way.
-    async fn dispatch(self: &Arc<Self>, batch: Vec<Received>) {
+    async fn start_batch(self: &Arc<Self>, batch: Vec<Received>) {
         // A handler of this pod starts without a claim: the read finds which attempts
         // may start, and the outcome's compare-and-set counts each once. A hand-off is
         // recorded on a claimed row, so an external task is claimed first.
@@ -368,7 +368,7 @@ impl Runner {
             }
         }
         let fresh_claim = Claim {
-            deliveries: 1,
+            starts: 1,
             taken_over: false,
         };
         let starts = unclaimed

@@ -17,12 +17,12 @@ use crate::protocol::{FinishedTask, TaskMessage};
 use crate::state::TaskStatus;
 use crate::store::{Recorded, StoreError, TaskOutcome, Transition};
 
-use super::{Finished, Runner};
+use super::{Finished, Worker};
 
 /// Outcomes recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
 
-impl Runner {
+impl Worker {
     /// Records outcomes in batches: whatever finished while the previous batch was
     /// being recorded goes into the next one.
     pub(super) async fn record_loop(

@@ -22,7 +22,7 @@ use crate::registry::{TaskContext, TaskError};
 use crate::store::TaskOutcome;
 
 use super::unclaimed::CLAIM_AFTER;
-use super::{Finished, Runner, Start};
+use super::{Finished, Start, Worker};
 
 /// How long a handler whose timeout passed gets to return after its stop token fired,
 /// before it is dropped.
@@ -41,7 +41,7 @@ struct Turn {
     _alone: Option<OwnedRwLockWriteGuard<()>>,
 }
 
-impl Runner {
+impl Worker {
     /// Runs one attempt, claimed or still unclaimed, and hands its outcome to the
     /// recorder.
     pub(super) async fn attempt(
@@ -110,7 +110,7 @@ impl Runner {
                 tokio::select! {
                     biased;
                     beside = self.quarantine.clone().read_owned() => Turn {
-                        starts: claim.map_or(1, |claim| claim.deliveries),
+                        starts: claim.map_or(1, |claim| claim.starts),
                         _handler: handler,
                         _beside: Some(beside),
                         _alone: None,
@@ -119,7 +119,7 @@ impl Runner {
                 }
             };
             let starts = turn.starts;
-            let result = if starts > self.shared.config.max_deliveries {
+            let result = if starts > self.shared.config.max_starts {
                 Err(TaskError::permanent(format!(
                     "attempt {} was started {starts} times without finishing: the task keeps killing its worker",
                     message.attempt

@@ -1,5 +1,5 @@
 //! Moving a multi-stage job to its next phase, inside the completion check's
-//! transaction, under the job's row lock (see [`crate::stages`] for the shape).
+//! transaction, under the job's row lock (see [`crate::phases`] for the shape).
 //!
 //! When every task of the current phase is done, [`advance`] makes the next phase's
 //! tasks and moves the job to it in the same transaction — the reduce tasks by one
@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use super::error::StoreError;
 use super::rows::NewTask;
 use super::task_rows::insert_task_rows;
-use crate::stages::{Phase, StagePlan};
+use crate::phases::{Phase, PhasePlan};
 use crate::state::{JobStage, TaskStatus};
 use entity::{job, task};
 
@@ -65,7 +65,7 @@ pub(super) async fn advance<C: ConnectionTrait>(
     cap: usize,
 ) -> Result<Advanced, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("job {}: {what}", job.id));
-    let plan: StagePlan = job
+    let plan: PhasePlan = job
         .stage_plan
         .clone()
         .map(serde_json::from_value)
@@ -234,7 +234,7 @@ struct LargestShard {
 async fn reduce_input_over_cap<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
-    plan: &StagePlan,
+    plan: &PhasePlan,
     first: i64,
     end: i64,
     cap: usize,
@@ -304,7 +304,7 @@ async fn reduce_input_over_cap<C: ConnectionTrait>(
 async fn insert_reduce_tasks<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
-    plan: &StagePlan,
+    plan: &PhasePlan,
     first: i64,
     end: i64,
 ) -> Result<i64, StoreError> {
@@ -453,7 +453,7 @@ async fn phase_results<C: ConnectionTrait>(
 async fn merged_reduce_output<C: ConnectionTrait>(
     txn: &C,
     job: &job::Model,
-    plan: &StagePlan,
+    plan: &PhasePlan,
     (first, end): (i64, i64),
     (what, cap): (&str, usize),
 ) -> Result<Result<Value, String>, StoreError> {

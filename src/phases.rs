@@ -19,7 +19,7 @@ pub const MAX_REDUCE_SHARDS: u32 = 10_000;
 
 /// What a multi-stage job runs after its map stage, kept on its row (`stage_plan`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StagePlan {
+pub struct PhasePlan {
     /// The reduce stage.
     pub reduce: ReducePlan,
     /// The finalize stage, when the job type has a finalizer.
@@ -75,7 +75,7 @@ impl Phase {
     }
 }
 
-impl StagePlan {
+impl PhasePlan {
     /// The phase after `phase`; `None`: the job ends.
     pub fn after(&self, phase: Phase) -> Option<Phase> {
         match phase {
@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn phases_follow_the_plan() {
-        let mut plan = StagePlan {
+        let mut plan = PhasePlan {
             reduce: ReducePlan {
                 task_type: reduce_task_type("wc"),
                 shards: 4,
