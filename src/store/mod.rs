@@ -13,6 +13,7 @@ mod feed;
 mod handle;
 mod job_ends;
 mod jobs;
+mod leases;
 mod outbox;
 mod partitions;
 mod parts;

@@ -1,84 +1,22 @@
 //! What the sweeper reads and writes: stuck tasks in shards, compare-and-set touches
-//! on their version, stale formations, and named leases (the one that keeps one
-//! sweeper active, a feeder's lease on its job).
+//! on their version, quiet jobs and stale formations.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::error::StoreError;
 use super::handle::Store;
 
-use crate::clock;
 use crate::state::{JobStage, TaskStatus};
-use entity::lease;
 use entity::{job, job_event, task};
 
 /// Rows per write transaction of the sweeper.
 pub const SWEEP_WRITE_BATCH: usize = 25;
 
 impl Store {
-    /// Takes or renews the lease `name` for `holder` for `ttl`; `false` while another
-    /// holder's lease is live.
-    pub async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.retrying("acquire lease", || async {
-            let now = Utc::now();
-            let until = clock::after(now, ttl);
-            let inserted = lease::Entity::insert(lease::ActiveModel {
-                name: Set(name.to_owned()),
-                holder: Set(holder.to_owned()),
-                until: Set(until),
-            })
-            .on_conflict(
-                OnConflict::column(lease::Column::Name)
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&self.db)
-            .await?;
-            if inserted == 1 {
-                return Ok(true);
-            }
-            let taken = lease::Entity::update_many()
-                .col_expr(lease::Column::Holder, Expr::value(holder))
-                .col_expr(lease::Column::Until, Expr::value(until))
-                .filter(lease::Column::Name.eq(name))
-                .filter(
-                    Condition::any()
-                        .add(lease::Column::Holder.eq(holder))
-                        .add(lease::Column::Until.lt(now)),
-                )
-                .exec(&self.db)
-                .await?;
-            Ok(taken.rows_affected == 1)
-        })
-        .await
-    }
-
-    /// Gives up the lease `name` if `holder` holds it, so that the next holder need
-    /// not wait for it to expire.
-    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        self.retrying("release lease", || async {
-            lease::Entity::delete_many()
-                .filter(lease::Column::Name.eq(name))
-                .filter(lease::Column::Holder.eq(holder))
-                .exec(&self.db)
-                .await?;
-            Ok(())
-        })
-        .await
-    }
-
     /// Tasks of shard `shard` (of `shards`, by id modulo) that have stayed put since
     /// `quiet_since` although they should be moving: pending or retrying unchanged
     /// since then (their message may be lost), or running with a lease that ran out
