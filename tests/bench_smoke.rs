@@ -124,6 +124,11 @@ fn bench_reports_every_scenario_as_json() {
     assert_eq!(waiting["task_rows"], 0, "{waiting}");
     assert_eq!(waiting["request_rows"], 50, "{waiting}");
     assert_eq!(waiting["broker_messages"], 0, "{waiting}");
+    assert_eq!(
+        waiting["broker_messages_by_queue"],
+        serde_json::json!({}),
+        "{waiting}"
+    );
     assert_eq!(waiting["due_jobs"], 20, "{waiting}");
     assert_eq!(waiting["all_done"], true, "{waiting}");
     assert!(

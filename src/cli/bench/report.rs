@@ -337,9 +337,7 @@ fn print_waiting(waiting: &WaitingResult) {
         "  rows: their tasks {}, job_requests {}; broker messages {}; database {:.1} MiB",
         waiting.task_rows,
         waiting.request_rows,
-        waiting
-            .broker_messages
-            .map_or("n/a".to_owned(), |m| m.to_string()),
+        waiting.broker_messages,
         waiting.sizes.database_bytes as f64 / (1024.0 * 1024.0)
     );
     println!(

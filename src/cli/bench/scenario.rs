@@ -1,10 +1,11 @@
 //! Running one scenario: fresh worker processes, jobs submitted at once, every job
 //! event awaited, then costs read from the database's and the broker's own counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::amqp::topology;
 use crate::config::DEFAULT_QUEUE;
 use crate::store::Store;
 use crate::{builtin, Client, Config, JobEvent, JobRequest};
@@ -361,23 +362,26 @@ impl Bench {
         submitted
     }
 
-    /// Messages in the queues of the bench's prefix now (management API).
-    pub(super) fn queued_messages(&self) -> Option<i64> {
-        let api = self.api.as_ref()?;
-        let prefix = format!("{}.", self.config.prefix);
-        let queues = api.get(&format!("queues/{}?columns=name,messages", api.vhost))?;
-        Some(
-            queues
-                .as_array()?
-                .iter()
-                .filter(|queue| {
-                    queue["name"]
-                        .as_str()
-                        .is_some_and(|n| n.starts_with(&prefix))
-                })
-                .filter_map(|queue| queue["messages"].as_i64())
-                .sum(),
-        )
+    /// The ready messages in the deployment's queues now, queue by queue (those not
+    /// empty). Counted by passive declares rather than the management API, whose
+    /// figures are samples up to seconds old: on a loaded machine a sample taken
+    /// before an earlier scenario's queues drained outlives the idle window.
+    pub(super) async fn queued_messages(&self) -> anyhow::Result<BTreeMap<String, u32>> {
+        let topology = self.client.topology();
+        let mut queues = topology.fixed_queues();
+        queues.push(topology.work_queue(DEFAULT_QUEUE));
+        let mut queued = BTreeMap::new();
+        for queue in queues {
+            // A missing queue closes the channel: one channel per queue.
+            let channel = self.listener.create_channel().await?;
+            if let Ok(ready) = topology::ready_in(&channel, &queue).await {
+                if ready > 0 {
+                    queued.insert(queue, ready);
+                }
+                let _ = channel.close(200, "counted".into()).await;
+            }
+        }
+        Ok(queued)
     }
 
     /// Removes what the scenarios declared: the names they use over AMQP (the

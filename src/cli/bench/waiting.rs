@@ -4,6 +4,7 @@
 //! RabbitMQ over `--idle-secs` — then `--jobs` more scheduled over the next seconds
 //! among them, and how late each starts after its `run_at`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::store::Store;
@@ -32,8 +33,10 @@ pub struct WaitingResult {
     pub idle_s: f64,
     /// CPU while they wait, in percent of one core.
     pub idle_cpu_percent: CpuSeconds,
-    /// Messages in the deployment's queues while they wait.
-    pub broker_messages: Option<i64>,
+    /// Ready messages in the deployment's queues while they wait, in all and by
+    /// queue (the queues holding any).
+    pub broker_messages: u32,
+    pub broker_messages_by_queue: BTreeMap<String, u32>,
     pub sizes: Sizes,
     /// Task rows of the waiting jobs, and rows of `job_requests`, while they wait.
     pub task_rows: i64,
@@ -79,7 +82,8 @@ impl Bench {
         let cpu_after = CpuSeconds::now(&fleet.pids());
         let idle_s = idle_started.elapsed().as_secs_f64();
         let idle_cpu_percent = cpu_after.percent_since(cpu_before, idle_s);
-        let broker_messages = self.queued_messages();
+        let broker_messages_by_queue = self.queued_messages().await?;
+        let broker_messages = broker_messages_by_queue.values().sum();
         let (sizes_db, sizes) = (sizes, sizes.sizes().await?);
         let task_rows = sizes_db
             .count(
@@ -124,6 +128,7 @@ impl Bench {
             idle_s,
             idle_cpu_percent,
             broker_messages,
+            broker_messages_by_queue,
             sizes,
             task_rows,
             request_rows,
