@@ -26,8 +26,8 @@ FLOORS = [
     ["protocol", "registry"],
     # The two kinds of plumbing, side by side.
     ["store", "amqp"],
-    # The one error type, holding either kind of failure.
-    ["error"],
+    # The one error type, holding either kind of failure; the store handle users hold.
+    ["error", "database"],
     # Services on the plumbing: the messages taskmill sends, pools, retention, schedules,
     # the parts of a large job, job summaries, the built-in task types.
     ["messages", "known_pools", "retention", "schedule", "parting", "summary", "builtin"],

@@ -18,9 +18,7 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use taskmill::external::HttpBackend;
-use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobRequest, Pod};
+use taskmill::{CancellationToken, Client, Config, HttpBackend, JobRequest, Pod, Store};
 
 /// Renders by id: the key it was handed with, its payload, and its steps so far.
 #[derive(Default)]

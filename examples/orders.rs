@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use serde_json::{json, Value};
-use taskmill::store::Store;
-use taskmill::{CancellationToken, Client, Config, JobRequest, Pod, TaskContext, TaskError};
+use taskmill::{CancellationToken, Client, Config, JobRequest, Pod, Store, TaskContext, TaskError};
 
 /// Marks the order in the payload shipped; shipping it twice changes nothing.
 async fn ship(db: DatabaseConnection, ctx: TaskContext) -> Result<Value, TaskError> {

@@ -24,10 +24,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::operations;
 use crate::parting::Parting;
-pub use crate::parting::{PART_BYTES, PART_TASKS};
+pub use crate::parting::PART_TASKS;
 use crate::protocol::{JobEvent, JobRequest, TaskResult};
 use crate::retry::Delays;
 use crate::state::TaskStatus;
+use crate::database;
 use crate::store::Store;
 
 /// How long `connect` and `submit` keep trying while the broker is away.
@@ -103,13 +104,13 @@ impl Client {
     }
 
     /// Lets [`Client::wait`] read the outcome of jobs that already ended.
-    pub fn with_store(mut self, store: Store) -> Self {
-        self.store = Some(store);
+    pub fn with_store(mut self, store: database::Store) -> Self {
+        self.store = Some(store.0);
         self
     }
 
     /// The exchange and queue names the client uses.
-    pub fn topology(&self) -> &Topology {
+    pub(crate) fn topology(&self) -> &Topology {
         &self.topology
     }
 
@@ -262,7 +263,7 @@ impl Client {
         Ok(results.map_err(Error::from).boxed())
     }
 
-    /// A multi-stage job's result ([`crate::phases`]): `None` while it runs, for a job of
+    /// A multi-stage job's result (map → reduce → finalize): `None` while it runs, for a job of
     /// one stage, or one that did not end `done`. Needs a store.
     pub async fn job_result(&self, job_id: &str) -> Result<Option<serde_json::Value>, Error> {
         let store = self.store.as_ref().ok_or_else(|| {
@@ -290,7 +291,7 @@ impl Watch {
     /// whatever it is: the stored event of a job that ended before (a resubmission
     /// hears it on its own target only), or the rejection of a request that reuses
     /// another job's id.
-    pub fn reply_target(&self) -> crate::protocol::Target {
+    pub(crate) fn reply_target(&self) -> crate::protocol::Target {
         crate::protocol::Target {
             exchange: String::new(),
             routing_key: self.queue.clone(),
@@ -396,7 +397,8 @@ impl JobParts<'_> {
         self.parting.job_id()
     }
 
-    /// Adds a task; sends a part once [`PART_TASKS`] tasks or [`PART_BYTES`] bytes are
+    /// Adds a task; sends a part once [`PART_TASKS`] tasks or
+    /// [`PART_BYTES`](crate::parting::PART_BYTES) bytes are
     /// waiting.
     pub async fn push(&mut self, payload: &serde_json::Value) -> Result<(), Error> {
         let raw = serde_json::value::to_raw_value(payload).expect("a JSON value serializes");

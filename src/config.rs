@@ -65,9 +65,9 @@ pub struct Config {
     pub queue_type: QueueType,
     /// Job requests larger than this are parked unread.
     pub max_request_bytes: usize,
-    /// The cap on every payload taskmill makes ([`crate::caps`]): a task's payload or
+    /// The cap on every payload taskmill makes: a task's payload or
     /// result, a reduce or finalize task's input, a job's result. Never above
-    /// `max_request_bytes` less [`crate::caps::ENVELOPE_BYTES`].
+    /// `max_request_bytes` less [`ENVELOPE_BYTES`](crate::caps::ENVELOPE_BYTES).
     pub max_payload_bytes: usize,
     /// Handlers running at once per worker pod and pool.
     pub concurrency: usize,
@@ -192,7 +192,7 @@ impl Token {
     }
 
     /// [`Self::matches`] for bytes.
-    pub fn matches_bytes(&self, given: &[u8]) -> bool {
+    pub(crate) fn matches_bytes(&self, given: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
         self.0.as_bytes().ct_eq(given).into()
     }
@@ -332,7 +332,7 @@ impl Config {
     /// their least workable value (one handler, one shard, a one-second sweep interval
     /// and task timeout); `prefetch` fits `basic.qos` and holds at least `concurrency`
     /// messages, which holds at least one.
-    pub fn normalized(mut self) -> Self {
+    pub(crate) fn normalized(mut self) -> Self {
         self.concurrency = self.concurrency.clamp(1, u16::MAX as usize);
         self.prefetch = self.prefetch.clamp(self.concurrency, u16::MAX as usize);
         self.sweeper_shards = self.sweeper_shards.max(1);

@@ -31,7 +31,8 @@ use crate::http;
 use crate::known_pools::KnownPools;
 use crate::registry::{HandlerResult, JobType, Registry, TaskContext};
 use crate::roles::{Role, Running, Shared, Vitals};
-use crate::schedule::Schedule;
+use crate::schedule::{self, Schedule};
+use crate::database;
 use crate::store::Store;
 
 /// Which roles a pod runs.
@@ -129,8 +130,8 @@ impl PodBuilder {
     }
 
     /// Hands every task of `task_type` to an external system instead of a handler; the
-    /// syncer (which runs with the sweeper role) keeps the tasks in step with it. See
-    /// [`crate::external`].
+    /// syncer (which runs with the sweeper role) keeps the tasks in step with it
+    /// (`docs/protocol.md`, external tasks).
     pub fn backend(mut self, task_type: impl Into<String>, backend: impl Backend) -> Self {
         self.registry.add_backend(task_type, Arc::new(backend));
         self
@@ -170,13 +171,15 @@ impl PodBuilder {
     }
 
     /// Uses an existing store instead of connecting to `config.database_url`.
-    pub fn store(mut self, store: Store) -> Self {
-        self.store = Some(store);
+    pub fn store(mut self, store: database::Store) -> Self {
+        self.store = Some(store.0);
         self
     }
 
-    /// The pod, its configuration [normalized](Config::normalized); it serves `default`
-    /// when no pool was added.
+    /// The pod. Settings that would stall or panic are raised to their least workable
+    /// value (one handler, one shard, a one-second sweep interval and task timeout),
+    /// and `prefetch` fits `basic.qos` and holds at least `concurrency` messages. It
+    /// serves `default` when no pool was added.
     pub fn build(self) -> Pod {
         let pools = if self.pools.is_empty() {
             vec![DEFAULT_QUEUE.to_owned()]
@@ -272,7 +275,7 @@ impl Pod {
         }
         for schedule in &self.schedules {
             if store
-                .put_schedule(&schedule.to_new(chrono::Utc::now())?)
+                .put_schedule(&schedule::row_of(schedule, chrono::Utc::now())?)
                 .await?
             {
                 tracing::info!(schedule = schedule.name(), cron = %schedule.cron(), "schedule set");

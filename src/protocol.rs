@@ -63,7 +63,7 @@ impl FailurePolicy {
 
     /// Reads the form [`Self::as_str`] writes; anything but `continue` is
     /// [`Self::FailFast`].
-    pub fn parse(s: &str) -> Self {
+    pub(crate) fn parse(s: &str) -> Self {
         if s == "continue" {
             Self::Continue
         } else {
@@ -234,7 +234,7 @@ impl JobRequest {
 
 impl<T> JobRequest<T> {
     /// The handler of every task: `task_type` when set, else `job_type`.
-    pub fn task_type(&self) -> &str {
+    pub(crate) fn task_type(&self) -> &str {
         self.task_type.as_deref().unwrap_or(&self.job_type)
     }
 
@@ -243,7 +243,7 @@ impl<T> JobRequest<T> {
     /// jobs, and the second is refused. The answer may differ: resubmitting a job to
     /// hear back on a new `on_complete`, or with `results_in_event`, is the same
     /// request.
-    pub fn digest(&self) -> String
+    pub(crate) fn digest(&self) -> String
     where
         T: Serialize,
     {
@@ -291,13 +291,13 @@ impl<T> JobRequest<T> {
     }
 
     /// Whether the request is a part or the seal of a job sent in parts.
-    pub fn in_parts(&self) -> bool {
+    pub(crate) fn in_parts(&self) -> bool {
         self.part.is_some() || self.seal.is_some()
     }
 
     /// A SHA-256 digest (hex) of a part's place and tasks: a part sent again with
     /// other tasks is refused.
-    pub fn part_digest(&self) -> String
+    pub(crate) fn part_digest(&self) -> String
     where
         T: Serialize,
     {
@@ -359,6 +359,12 @@ impl<T> JobRequest<T> {
         }
         Ok(())
     }
+}
+
+/// [`JobRequest::part_digest`], for the tests that play an intake's part by hand.
+#[cfg(feature = "testing")]
+pub fn part_digest<T: Serialize>(request: &JobRequest<T>) -> String {
+    request.part_digest()
 }
 
 impl<T> JobRequest<T> {
@@ -663,7 +669,7 @@ pub const STAGE: &str = "job.stage";
 
 impl JobEvent {
     /// The answer to a parked request: no job exists, `first_error` says why.
-    pub fn rejected(job_id: &str, job_type: &str, reason: &str) -> Self {
+    pub(crate) fn rejected(job_id: &str, job_type: &str, reason: &str) -> Self {
         let now = Utc::now();
         Self {
             version: SCHEMA_VERSION,
@@ -689,12 +695,12 @@ impl JobEvent {
         }
     }
 
-    /// Whether this reports a phase change ([`STAGE`]) rather than an end.
+    /// Whether this reports a phase change (`job.stage`) rather than an end.
     pub fn is_progress(&self) -> bool {
         self.event == STAGE
     }
 
-    /// Whether this answers a parked request ([`REJECTED`]) rather than an ended job.
+    /// Whether this answers a parked request (`job.rejected`) rather than an ended job.
     pub fn is_rejected(&self) -> bool {
         self.event == REJECTED
     }

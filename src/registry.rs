@@ -122,8 +122,9 @@ pub struct Registry {
 
 /// A job type of up to three stages: its tasks (made by the request or the splitter)
 /// run the **map** handler, whose output the **reduce** handler reduces key by key,
-/// and an optional **finalizer** turns the reduce output into the job's result. See
-/// [`crate::phases`] for the payloads each stage gets.
+/// and an optional **finalizer** turns the reduce output into the job's result. The
+/// repository's `docs/protocol.md` (multi-stage jobs) shows the payloads each stage
+/// gets.
 ///
 /// ```
 /// use serde_json::{json, Value};

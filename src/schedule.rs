@@ -189,36 +189,36 @@ impl Schedule {
     }
 
     /// The request each tick submits, as stored: without `job_id` and `run_at`.
-    pub fn request_json(&self) -> String {
+    pub(crate) fn request_json(&self) -> String {
         let mut request = self.request.clone();
         request.job_id = None;
         request.run_at = None;
         serde_json::to_string(&request).expect("a request serializes")
     }
 
-    /// The schedule's row, starting at its first tick after `now`.
-    pub fn to_new(&self, now: DateTime<Utc>) -> Result<NewSchedule, Error> {
-        let next_tick = self.next_after(now).ok_or_else(|| {
-            Error::Config(format!("schedule {:?} has no tick after now", self.name))
-        })?;
-        Ok(NewSchedule {
-            name: self.name.clone(),
-            cron: self.cron(),
-            timezone: self.timezone_name().to_owned(),
-            request: self.request_json(),
-            catch_up: self.catch_up.as_str().to_owned(),
-            next_tick,
-        })
-    }
-
     /// A schedule as the `schedules` table holds it.
-    pub fn from_row(row: &crate::store::schedule::Model) -> Result<Self, Error> {
+    pub(crate) fn from_row(row: &crate::store::schedule::Model) -> Result<Self, Error> {
         let request = serde_json::from_str(&row.request)
             .map_err(|err| Error::Config(format!("schedule {:?}: its request: {err}", row.name)))?;
         Ok(Self::new(&row.name, &row.cron, request)?
             .timezone(&row.timezone)?
             .catch_up(row.catch_up.parse()?))
     }
+}
+
+/// `schedule`'s row, starting at its first tick after `now`.
+pub fn row_of(schedule: &Schedule, now: DateTime<Utc>) -> Result<NewSchedule, Error> {
+    let next_tick = schedule.next_after(now).ok_or_else(|| {
+        Error::Config(format!("schedule {:?} has no tick after now", schedule.name))
+    })?;
+    Ok(NewSchedule {
+        name: schedule.name.clone(),
+        cron: schedule.cron(),
+        timezone: schedule.timezone_name().to_owned(),
+        request: schedule.request_json(),
+        catch_up: schedule.catch_up.as_str().to_owned(),
+        next_tick,
+    })
 }
 
 /// Five fields from the minute, or six from the second.

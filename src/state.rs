@@ -42,7 +42,7 @@ impl JobStage {
     }
 
     /// The job event kind published when a job ends in this stage.
-    pub const fn event_kind(self) -> &'static str {
+    pub(crate) const fn event_kind(self) -> &'static str {
         match self {
             Self::Failed => "job.failed",
             Self::Cancelled => "job.cancelled",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use taskmill::amqp::topology::DELAY_QUEUES;
+use taskmill::amqp::topology::Topology;
 use taskmill::{builtin, JobRequest};
 
 use common::{Backend, FreezableProxy, TestEnv};
@@ -972,7 +972,10 @@ async fn assert_queue_bound(env: &TestEnv) {
             fixed.push(name);
         }
     }
-    let bound = 3 + DELAY_QUEUES;
+    // The intake, completion and parking queues, and the delay ladder.
+    let bound = Topology::new(&prefix, env.config.queue_type)
+        .fixed_queues()
+        .len();
     assert!(
         fixed.len() <= bound,
         "{} queues, more than the bound of {bound}: {fixed:?}",

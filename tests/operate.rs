@@ -468,7 +468,7 @@ async fn pods_and_clients_given_several_broker_urls_use_the_one_that_answers() {
     let client = taskmill::Client::connect(&config)
         .await
         .unwrap()
-        .with_store(env.store.clone());
+        .with_store(env.store.clone().into());
     let job_id = client
         .submit(JobRequest::new(
             taskmill::builtin::ECHO,

@@ -235,7 +235,12 @@ async fn an_intake_stopped_between_and_within_parts_resumes(backend: Backend) {
     let part_2 = part(&job_id, 2, 300, 300, "a");
     let claim = env
         .store
-        .claim_part(&job_id, part_2.part.unwrap(), 300, &part_2.part_digest())
+        .claim_part(
+            &job_id,
+            part_2.part.unwrap(),
+            300,
+            &taskmill::protocol::part_digest(&part_2),
+        )
         .await
         .unwrap();
     assert_eq!(claim, taskmill::store::PartClaim::Store);

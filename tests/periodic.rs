@@ -97,7 +97,7 @@ async fn missed_ticks_follow_the_catch_up_policy(backend: Backend) {
         let schedule = Schedule::new(name, "0 * * * *", echo())
             .unwrap()
             .catch_up(catch_up);
-        let mut row = schedule.to_new(Utc::now()).unwrap();
+        let mut row = taskmill::schedule::row_of(&schedule, Utc::now()).unwrap();
         row.next_tick = hour - TimeDelta::hours(2);
         assert!(env.store.put_schedule(&row).await.unwrap());
     }
@@ -200,10 +200,10 @@ async fn a_broken_schedule_holds_up_no_other(backend: Backend) {
     let now = Utc::now();
     let good = Schedule::new("good", "* * * * * *", echo()).unwrap();
     env.store
-        .put_schedule(&good.to_new(now).unwrap())
+        .put_schedule(&taskmill::schedule::row_of(&good, now).unwrap())
         .await
         .unwrap();
-    let mut broken = good.to_new(now).unwrap();
+    let mut broken = taskmill::schedule::row_of(&good, now).unwrap();
     broken.name = "broken".into();
     broken.cron = "every now and then".into();
     broken.next_tick = now - TimeDelta::seconds(1);

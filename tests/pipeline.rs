@@ -883,14 +883,18 @@ async fn a_large_job_is_fed_as_its_pool_drains(backend: Backend) {
     let ready = common::wait_for_value(LONG, || async {
         let job = env.store.job(&job_id).await.unwrap().unwrap();
         let ready = env.message_count(&queue).await;
-        (i64::from(ready) == job.fed_through + 1 && ready > taskmill::FEED_DEPTH - FEED_CHUNK)
+        (i64::from(ready) == job.fed_through + 1
+            && ready > taskmill::roles::FEED_DEPTH - FEED_CHUNK)
             .then_some(ready)
     })
     .await;
     // Nothing drains the queue: for a second, the feeder publishes nothing more.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.message_count(&queue).await, ready);
-    assert!(ready <= taskmill::FEED_DEPTH, "{ready} messages ready");
+    assert!(
+        ready <= taskmill::roles::FEED_DEPTH,
+        "{ready} messages ready"
+    );
     let job = env.store.job(&job_id).await.unwrap().unwrap();
     assert!(
         !job.tasks_published,

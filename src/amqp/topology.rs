@@ -56,10 +56,6 @@ pub const DELAY_LEVELS: u32 = 10;
 const _: () =
     assert!(10u64.pow(DELAY_LEVELS - 1) <= MAX_DELAY_MS && MAX_DELAY_MS < 10u64.pow(DELAY_LEVELS));
 
-/// Queues of the delay ladder: digits 1 to 9 at levels 0 to 8, and 1 to 4 at level 9
-/// (4 × 10^9 ms is the largest that fits under [`MAX_DELAY_MS`]).
-pub const DELAY_QUEUES: usize = 85;
-
 /// Queues a retry crosses at most: a wait is rounded to this many leading nonzero
 /// digits.
 pub const DELAY_HOPS: usize = 3;
@@ -190,7 +186,8 @@ impl Topology {
         format!("{}.delay.{level}.{digit}", self.prefix)
     }
 
-    /// Every queue of the delay ladder ([`DELAY_QUEUES`] of them).
+    /// Every queue of the delay ladder, 85: digits 1 to 9 at levels 0 to 8, and 1 to 4
+    /// at level 9 (4 × 10^9 ms is the largest that fits under [`MAX_DELAY_MS`]).
     pub fn delay_queues(&self) -> Vec<String> {
         delay_digits()
             .map(|(level, digit)| self.delay_queue(level, digit))
@@ -746,6 +743,7 @@ mod tests {
 
     #[test]
     fn the_ladder_has_its_documented_queues() {
+        const DELAY_QUEUES: usize = 85;
         let topology = Topology::new("p", QueueType::Classic);
         assert_eq!(topology.delay_queues().len(), DELAY_QUEUES);
         assert_eq!(topology.delay_queue(3, 5), "p.delay.3.5");

@@ -13,7 +13,7 @@ pub struct CancelArgs {
 /// running nor forming.
 pub async fn run(config: &Config, args: CancelArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&config.database_url, 2).await?;
-    let client = Client::connect(config).await?.with_store(store);
+    let client = Client::connect(config).await?.with_store(store.into());
     let cancelled = client.cancel(&args.job_id).await?;
     client.close().await?;
     match cancelled {

@@ -112,11 +112,13 @@ pub async fn run(
     let pod = tokio::spawn(
         Pod::builder()
             .config(config.clone())
-            .store(store.clone())
+            .store(store.clone().into())
             .build()
             .run(pod_token.clone()),
     );
-    let client = Client::connect(&config).await?.with_store(store.clone());
+    let client = Client::connect(&config)
+        .await?
+        .with_store(store.clone().into());
     let mut request = demo_request(&args)?;
     let task_count = request.tasks.as_ref().map_or(0, Vec::len);
     let job_id = uuid::Uuid::new_v4().to_string();

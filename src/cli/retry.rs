@@ -13,7 +13,7 @@ pub struct RetryArgs {
 /// or it cannot be retried (the reason goes to stderr).
 pub async fn run(config: &Config, args: RetryArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&config.database_url, 2).await?;
-    let client = Client::connect(config).await?.with_store(store);
+    let client = Client::connect(config).await?.with_store(store.into());
     let retried = client.retry(&args.job_id).await;
     client.close().await?;
     match retried {

@@ -63,7 +63,9 @@ pub async fn run(config: &Config, args: ScheduleArgs) -> anyhow::Result<i32> {
                 .timezone(&tz)?
                 .catch_up(catch_up.parse::<CatchUp>()?);
             let now = chrono::Utc::now();
-            let changed = store.put_schedule(&schedule.to_new(now)?).await?;
+            let changed = store
+                .put_schedule(&crate::schedule::row_of(&schedule, now)?)
+                .await?;
             let next = store
                 .schedules()
                 .await?

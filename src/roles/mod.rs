@@ -16,6 +16,9 @@ pub(crate) mod syncer;
 mod vitals;
 pub(crate) mod worker;
 
+#[cfg(feature = "testing")]
+pub use feed::FEED_DEPTH;
+
 pub(crate) use shared::Shared;
 pub(crate) use vitals::Vitals;
 

@@ -54,7 +54,7 @@ impl StoreError {
     }
 
     /// [`Self::is_transient`] for a driver error.
-    pub fn db_is_transient(err: &DbErr) -> bool {
+    pub(crate) fn db_is_transient(err: &DbErr) -> bool {
         match err {
             DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
             other => text_is_transient(&other.to_string()),

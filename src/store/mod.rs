@@ -34,23 +34,22 @@ mod views;
 pub use error::StoreError;
 pub use external::{Seen, SyncChange, SyncWrite};
 pub use handle::Store;
-pub use outbox::{TargetOutcome, EVENT_CLAIM};
-pub use partitions::MOVE_CAP;
+pub use outbox::TargetOutcome;
+#[cfg(test)]
+pub(crate) use outbox::EVENT_CLAIM;
 pub use parts::{PartClaim, PartsState};
-pub use pools::SilentPool;
-pub use requests::{write_requests, NewRequest, WaitingRequest};
+pub use requests::{write_requests, NewRequest};
 pub use rerun::{retry_refused, Rerun};
-pub use results::ResultStream;
 pub use retention::{RemovalRule, Removed};
 pub use rows::{
-    Checked, Claim, JobFilter, JobStatus, NewJob, NewTask, PhaseChange, Recorded, StartOutcome,
-    TaskOutcome, Transition, WholeJob,
+    Claim, JobFilter, NewJob, NewTask, PhaseChange, Recorded, StartOutcome, TaskOutcome,
+    Transition, WholeJob,
 };
 pub use schedules::{Fired, NewSchedule};
 pub use stuck::SWEEP_WRITE_BATCH;
 pub use views::Throughput;
 
-pub use entity::{job, job_event, job_part, job_request, pool, removed_job, schedule, task};
+pub use entity::{job, job_event, job_request, schedule, task};
 
 /// A running job's row as unit tests start from: one task, nothing counted yet.
 #[cfg(test)]

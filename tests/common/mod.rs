@@ -325,7 +325,7 @@ impl TestEnv {
     pub fn pod(&self) -> PodBuilder {
         taskmill::Pod::builder()
             .config(self.config.clone())
-            .store(self.store.clone())
+            .store(self.store.clone().into())
     }
 
     pub fn start(&self, builder: PodBuilder) -> Pod {
@@ -338,7 +338,7 @@ impl TestEnv {
         Client::connect(&self.config)
             .await
             .expect("client connects")
-            .with_store(self.store.clone())
+            .with_store(self.store.clone().into())
     }
 
     pub async fn connection(&self) -> Arc<Connection> {
@@ -736,7 +736,7 @@ impl TestEnv {
                 && self
                     .message_count_if_declared(&queue)
                     .await
-                    .is_some_and(|ready| ready > taskmill::FEED_DEPTH / 2)
+                    .is_some_and(|ready| ready > taskmill::roles::FEED_DEPTH / 2)
         })
         .await;
     }

@@ -20,8 +20,6 @@ mod parts;
 mod relay;
 mod ticks;
 
-pub use super::feed::FEED_DEPTH;
-
 use std::sync::Arc;
 
 use lapin::message::Delivery;
