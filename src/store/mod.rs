@@ -29,7 +29,6 @@ mod schedules;
 mod stuck;
 mod task_rows;
 mod tasks;
-mod views;
 
 pub use error::StoreError;
 pub use external::{Seen, SyncChange, SyncWrite};
@@ -47,7 +46,7 @@ pub use rows::{
 };
 pub use schedules::{Fired, NewSchedule};
 pub use stuck::SWEEP_WRITE_BATCH;
-pub use views::Throughput;
+pub use results::Throughput;
 
 pub use entity::{job, job_event, job_request, schedule, task};
 

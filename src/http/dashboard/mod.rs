@@ -8,7 +8,7 @@
 //! tabs cannot slow the pipeline down; and a page costs the same for a job of a
 //! million tasks as for one of ten: the job's counters instead of counting its tasks,
 //! its failed tasks from a window of [`FAILED_WINDOW`] ordinals, its chart from a
-//! sample (see `store/views.rs`).
+//! sample (see `store/results.rs`).
 
 mod views;
 
