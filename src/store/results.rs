@@ -95,7 +95,7 @@ impl Store {
                 let to = (from + PAGE).min(end);
                 let page = store
                     .retrying("read results", || {
-                        results_in(&store.db, &job_id, from, to, &statuses)
+                        results_in(&store.db, &job_id, from, to, &statuses, None)
                     })
                     .await?;
                 Ok(Some((
@@ -117,36 +117,10 @@ impl Store {
         window: i64,
         limit: u64,
     ) -> Result<Vec<TaskResult>, StoreError> {
-        self.retrying("read failed tasks", || async {
-            let rows: Vec<(i64, i32, String, i32, Option<String>)> = task::Entity::find()
-                .select_only()
-                .columns([
-                    task::Column::Id,
-                    task::Column::Ordinal,
-                    task::Column::Status,
-                    task::Column::Attempts,
-                    task::Column::Info,
-                ])
-                .filter(task::Column::JobId.eq(job_id))
-                .filter(task::Column::Ordinal.gte(from))
-                .filter(task::Column::Ordinal.lt(from.saturating_add(window)))
-                .filter(task::Column::Status.eq(TaskStatus::Failed.as_str()))
-                .order_by_asc(task::Column::Ordinal)
-                .limit(limit)
-                .into_tuple()
-                .all(&self.db)
-                .await?;
-            Ok(rows
-                .into_iter()
-                .map(|(task_id, ordinal, status, attempts, error)| TaskResult {
-                    ordinal,
-                    task_id,
-                    status,
-                    attempts,
-                    result: None,
-                    error,
-                })
-                .collect())
+        let failed = [TaskStatus::Failed];
+        let to = from.saturating_add(window);
+        self.retrying("read failed tasks", || {
+            results_in(&self.db, job_id, from, to, &failed, Some(limit))
         })
         .await
     }
@@ -187,13 +161,14 @@ impl Store {
 }
 
 /// The results of the job's tasks with ordinals in `from..to` whose status is one of
-/// `statuses` (any when empty), in ordinal order.
+/// `statuses` (any when empty), in ordinal order, `limit` at most.
 async fn results_in<C: ConnectionTrait>(
     db: &C,
     job_id: &str,
     from: i64,
     to: i64,
     statuses: &[TaskStatus],
+    limit: Option<u64>,
 ) -> Result<Vec<TaskResult>, StoreError> {
     let mut query = task::Entity::find()
         .select_only()
@@ -218,6 +193,7 @@ async fn results_in<C: ConnectionTrait>(
     }
     let rows = query
         .order_by_asc(task::Column::Ordinal)
+        .limit(limit)
         .into_model::<ResultRow>()
         .all(db)
         .await?;
@@ -255,7 +231,7 @@ pub(super) async fn results_for_event<C: ConnectionTrait>(
         ));
     }
     let ended = [TaskStatus::Done, TaskStatus::Failed];
-    let results = results_in(txn, &job.id, 0, job.task_count, &ended).await?;
+    let results = results_in(txn, &job.id, 0, job.task_count, &ended, None).await?;
     let bytes = serde_json::to_vec(&results)
         .expect("results serialize")
         .len();
