@@ -24,6 +24,15 @@ pub const MAX_DELAY_MS: u64 = (1 << 32) - 1;
 pub(crate) const DUE_HEADER: &str = "x-taskmill-due";
 /// How far ahead a request's `run_at` may be: 366 days, a year and a day.
 pub const MAX_RUN_AT_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(366);
+
+/// Why a request whose `run_at` is past [`MAX_RUN_AT_AHEAD`] is refused.
+pub(crate) fn too_far_ahead(run_at: DateTime<Utc>) -> String {
+    format!(
+        "run_at {} is more than {} days ahead",
+        run_at.to_rfc3339(),
+        MAX_RUN_AT_AHEAD.num_days()
+    )
+}
 /// Retries per task of a request that names no `max_retries`: up to 4 attempts.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 /// The `retry_delay_ms` of a request that names none: attempt n then waits n × 5 s.
@@ -342,11 +351,7 @@ impl<T> JobRequest<T> {
         self.validate_parts()?;
         if let Some(run_at) = self.run_at {
             if run_at - Utc::now() > MAX_RUN_AT_AHEAD {
-                return Err(DecodeError::Invalid(format!(
-                    "run_at {} is more than {} days ahead",
-                    run_at.to_rfc3339(),
-                    MAX_RUN_AT_AHEAD.num_days()
-                )));
+                return Err(DecodeError::Invalid(too_far_ahead(run_at)));
             }
         }
         let longest_wait = u64::from(self.max_retries) * self.retry_delay_ms;

@@ -145,12 +145,29 @@ async fn the_outbox_keeps_every_check_and_answer(backend: Backend) {
         other => panic!("a rejection, not {other:?}"),
     }
 
+    // A row SQL wrote with a time past the intake's bound would wait for ever: it is
+    // answered at once, as the intake answers such a request.
+    let far = client.watch("far-ahead").await.unwrap();
+    let far_ahead = (chrono::Utc::now() + chrono::TimeDelta::days(400)).to_rfc3339();
     env.execute_sql(&[
         "INSERT INTO job_requests (job_id, job_type, body) VALUES ('not-json', 'taskmill.echo', 'tea')",
         r#"INSERT INTO job_requests (job_id, job_type, body) VALUES ('by-sql', 'taskmill.echo',
            '{"version": 1, "job_id": "by-sql", "job_type": "taskmill.echo", "tasks": [1, 2, 3]}')"#,
+        &format!(
+            r#"INSERT INTO job_requests (job_id, job_type, body, run_at) VALUES ('far-ahead',
+               'taskmill.echo', '{{"version": 1, "job_id": "far-ahead", "job_type": "taskmill.echo",
+               "tasks": [1]}}', '{far_ahead}')"#
+        ),
     ])
     .await;
+    match tokio::time::timeout(LONG, far.event()).await.unwrap() {
+        Err(taskmill::Error::Rejected { job_id, reason }) => {
+            assert_eq!(job_id, "far-ahead");
+            assert!(reason.contains("days ahead"), "{reason}");
+        }
+        other => panic!("a rejection, not {other:?}"),
+    }
+    assert!(env.store.job("far-ahead").await.unwrap().is_none());
     assert_eq!(env.wait_for_end("by-sql", LONG).await.stage, "done");
     let parking = env.topology().parking_queue();
     common::wait_until(LONG, || async { env.message_count(&parking).await == 1 }).await;

@@ -60,14 +60,16 @@ pub async fn write_requests<C: ConnectionTrait>(
 }
 
 impl Store {
-    /// The requests to publish now, with their sizes, at most `limit`: those to
+    /// The requests to handle now, with their sizes, at most `limit`: those to
     /// publish at once in id order, then those whose `run_at` has come, soonest
-    /// first. Each of the two reads is bounded by its own index, however many wait
-    /// for a later time.
+    /// first, then those whose `run_at` is past `beyond` (written by SQL past the
+    /// intake's bound: the relay answers them). Each read is a range of its own index,
+    /// however many wait for a later time.
     pub async fn waiting_requests(
         &self,
         limit: u64,
         now: DateTime<Utc>,
+        beyond: DateTime<Utc>,
     ) -> Result<Vec<WaitingRequest>, StoreError> {
         self.retrying("list waiting requests", || async {
             let sized = || {
@@ -86,11 +88,17 @@ impl Store {
                 .into_model::<WaitingRequest>()
                 .all(&self.db)
                 .await?;
-            let room = limit - waiting.len() as u64;
-            if room > 0 {
+            for due in [
+                job_request::Column::RunAt.lte(now),
+                job_request::Column::RunAt.gt(beyond),
+            ] {
+                let room = limit - waiting.len() as u64;
+                if room == 0 {
+                    break;
+                }
                 waiting.extend(
                     sized()
-                        .filter(job_request::Column::RunAt.lte(now))
+                        .filter(due)
                         .order_by_asc(job_request::Column::RunAt)
                         .order_by_asc(job_request::Column::Id)
                         .limit(room)

@@ -4,15 +4,17 @@
 //! intake forms the job then.
 //!
 //! One intake pod at a time holds the `request-relay` lease and looks at the outbox
-//! every [`POLL`]; the others try for the lease every [`RENEW`], so an idle outbox
-//! costs two small indexed reads per poll and a lease write per renewal, however many
+//! every 200 ms; the others try for the lease every 5 s ([`CADENCE`]), so an idle outbox
+//! costs three small indexed reads per poll and a lease write per renewal, however many
 //! scheduled jobs wait. A pass publishes the rows to send now, oldest first — at most
 //! [`BATCH_ROWS`] rows and [`BATCH_CHARS`] characters of JSON — waits for the broker's
 //! confirms, and deletes the rows it confirmed. A relay that dies between the confirm and the delete leaves
 //! rows that the next holder publishes again: each names its job (the body's `job_id`,
 //! or the row's as the message id), so the copy makes nothing new. A row over the
-//! intake's request limit is never published (the broker could refuse it and stall the
-//! outbox): it is answered with `job.rejected` and deleted.
+//! intake's request limit (the broker could refuse it and stall the outbox), or with a
+//! `run_at` past the intake's 366 days (it would wait for ever, unanswered), is never
+//! published: SQL can write either past the intake's checks, and each is answered with
+//! `job.rejected` and deleted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use super::Intake;
 use crate::amqp::broker::Outgoing;
 use crate::error::Error;
-use crate::protocol::{check_id, check_name, CONTENT_TYPE, DUE_HEADER};
+use crate::protocol::{
+    check_id, check_name, too_far_ahead, CONTENT_TYPE, DUE_HEADER, MAX_RUN_AT_AHEAD,
+};
 use crate::roles::periodic::{self, Cadence, Pace, Periodic};
 use crate::store::job_request;
 
@@ -41,6 +45,9 @@ const CADENCE: Cadence = Cadence {
 };
 /// Rows per pass at most.
 const BATCH_ROWS: u64 = 256;
+/// A `run_at` further ahead than this is answered, not kept: the intake's bound, and a
+/// day more so that no pod's clock refuses what another pod's intake stored.
+const FAR_AHEAD: chrono::TimeDelta = MAX_RUN_AT_AHEAD.checked_add(&chrono::TimeDelta::days(1)).expect("in range");
 /// Characters of request JSON per pass at most (one row whatever its size): what a
 /// pass holds in memory.
 const BATCH_CHARS: i64 = 8 * 1024 * 1024;
@@ -84,9 +91,9 @@ impl Intake {
     /// Publishes and removes the oldest waiting rows; `true` if more may be waiting.
     async fn relay_pass(&self) -> Result<bool, Error> {
         let store = &self.shared.store;
-        let waiting = store
-            .waiting_requests(BATCH_ROWS, chrono::Utc::now())
-            .await?;
+        let now = chrono::Utc::now();
+        let beyond = now + FAR_AHEAD;
+        let waiting = store.waiting_requests(BATCH_ROWS, now, beyond).await?;
         if waiting.is_empty() {
             return Ok(false);
         }
@@ -108,7 +115,16 @@ impl Intake {
         let mut pending = Vec::with_capacity(rows.len());
         for row in &rows {
             if row.body.len() > limit {
-                self.refuse(row, limit).await;
+                let reason = format!(
+                    "request of {} bytes is over the intake's limit of {limit} bytes",
+                    row.body.len()
+                );
+                self.refuse(row, &reason).await;
+                answered.push(row.id);
+                continue;
+            }
+            if let Some(run_at) = row.run_at.filter(|at| *at > beyond) {
+                self.refuse(row, &too_far_ahead(run_at)).await;
                 answered.push(row.id);
                 continue;
             }
@@ -163,15 +179,12 @@ impl Intake {
         }
     }
 
-    /// A row too large for the intake: answered as the intake answers a request it
-    /// parks, since the parking lot could not hold it either.
-    async fn refuse(&self, row: &job_request::Model, limit: usize) {
-        let reason = format!(
-            "request of {} bytes is over the intake's limit of {limit} bytes",
-            row.body.len()
-        );
+    /// A row the intake would refuse and that must not be published or wait: too large
+    /// (the broker could refuse it, and the parking lot could not hold it), or a
+    /// `run_at` past the bound. Answered as the intake answers a request it parks.
+    async fn refuse(&self, row: &job_request::Model, reason: &str) {
         tracing::error!(job_id = %row.job_id, %reason, "job request in the outbox refused");
-        self.answer_rejection(row.body.as_bytes(), Some(&row.job_id), &reason)
+        self.answer_rejection(row.body.as_bytes(), Some(&row.job_id), reason)
             .await;
     }
 }
